@@ -1,0 +1,56 @@
+"""Turn dataset items into the model's micro-batches.
+
+A micro-batch is what one forward/backward sees: `input_ids`, `position_ids`,
+`attention_mask` and `labels`, where `labels[t]` is the token the model must predict at
+position t (`input_ids[t+1]` when `loss_mask[t+1] == 1`, else -100). Shifting here, once,
+before any split, keeps the targets right however the sequence is cut later.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def labels_from_loss_mask(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """[b, s] -> [b, s]: next-token targets where the next token is trained, else -100."""
+    labels = torch.full_like(input_ids, -100)
+    nxt = loss_mask[:, 1:].bool()
+    labels[:, :-1] = torch.where(nxt, input_ids[:, 1:], labels[:, :-1])
+    return labels
+
+
+def padded_micro_batch(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack right-padded items and cut the columns that are padding in every row."""
+    input_ids = torch.stack([it["input_ids"] for it in items])
+    attention_mask = torch.stack([it["attention_mask"] for it in items])
+    position_ids = torch.stack([it["position_ids"] for it in items])
+    loss_mask = torch.stack([it["loss_mask"] for it in items])
+    width = max(int(attention_mask.sum(dim=1).max()), 1)
+    input_ids, attention_mask = input_ids[:, :width], attention_mask[:, :width]
+    position_ids, loss_mask = position_ids[:, :width], loss_mask[:, :width]
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "attention_mask": attention_mask,
+        "labels": labels_from_loss_mask(input_ids, loss_mask * attention_mask),
+    }
+
+
+def split_micro_batches(items: list[dict[str, torch.Tensor]], micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
+    return [padded_micro_batch(items[i : i + micro_batch_size]) for i in range(0, len(items), micro_batch_size)]
+
+
+def empty_micro_batch(pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """A one-token batch with no target, for a rank that has run out of validation samples
+    (every rank must run the same number of forwards: FSDP's collectives are matched)."""
+    one = torch.ones(1, 1, dtype=torch.long, device=device)
+    return {
+        "input_ids": one * pad_id,
+        "position_ids": one * 0,
+        "attention_mask": one,
+        "labels": one * -100,
+    }
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -1,0 +1,278 @@
+"""Entry point and trainer: `torchrun -m sft.fsdp_sft_trainer key=value ...`.
+
+`main()` composes and validates the config (before anything expensive), starts the process
+group and the meshes, builds `FSDPSFTTrainer` and calls `fit()`. The trainer owns one loop:
+each optimizer step runs this rank's micro-batches with gradient sync only on the last, and
+normalises by the number of target tokens of the whole global batch, so the loss and the
+update do not depend on how the batch is split over ranks and micro-batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torchdata.stateful_dataloader import StatefulDataLoader
+from transformers import GenerationConfig
+
+from sft.batch import empty_micro_batch, padded_micro_batch, split_micro_batches, to_device
+from sft.checkpoint import FSDPCheckpointManager, set_rng_state
+from sft.cli import TrainingError, run_cli
+from sft.data import build_dataset
+from sft.data.sampler import StepBatchSampler, eval_indices
+from sft.distributed import DistContext
+from sft.metrics import MetricsLogger, StepTimer
+from sft.model import build_meta_model, load_hf_config, load_tokenizer, load_weights
+from sft.optim import build_optimizer, build_scheduler
+from sft.parallelize import apply_fsdp
+from sft.schema import SFTConfig, to_dict
+from sft.validate import make_plan
+
+logger = logging.getLogger("sft")
+
+
+class NonFiniteError(TrainingError):
+    pass
+
+
+@dataclass
+class TrainState:
+    global_step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    tokens_seen: int = 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class FSDPSFTTrainer:
+    def __init__(self, cfg: SFTConfig, ctx: DistContext) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        seed_everything(cfg.trainer.seed)
+        self.tokenizer = load_tokenizer(cfg)
+        self.hf_config = load_hf_config(cfg)
+        self.generation_config = self._generation_config()
+        self.train_ds = self._dataset(cfg.data.train_files, cfg.data.train_max_samples)
+        self.val_ds = self._dataset(cfg.data.val_files, cfg.data.val_max_samples) if cfg.data.val_files else None
+        self.plan = make_plan(cfg, ctx.world_size, len(self.train_ds))
+        self.model = self._model()
+        self.optimizer = build_optimizer(
+            self.model, cfg.optim.lr, tuple(cfg.optim.betas), cfg.optim.weight_decay, ctx.device.type
+        )
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            total_steps=self.plan.total_steps,
+            warmup_steps=self.plan.warmup_steps,
+            kind=cfg.optim.lr_scheduler,
+            min_lr_ratio=cfg.optim.min_lr_ratio,
+            num_cycles=cfg.optim.num_cycles,
+            wsd_decay_ratio=cfg.optim.wsd_decay_ratio,
+        )
+        self.sampler = StepBatchSampler(
+            len(self.train_ds), cfg.data.train_batch_size, ctx.dp_rank, ctx.dp_size, cfg.trainer.seed
+        )
+        self.loader = StatefulDataLoader(
+            self.train_ds,
+            batch_sampler=self.sampler,
+            collate_fn=partial(split_micro_batches, micro_batch_size=cfg.data.micro_batch_size_per_gpu),
+        )
+        self.ckpt = FSDPCheckpointManager(
+            cfg.trainer.default_local_dir,
+            ctx,
+            cfg.trainer.checkpoint.save_contents,
+            cfg.trainer.checkpoint.load_contents,
+            cfg.trainer.max_ckpt_to_keep,
+        )
+        self.state = TrainState()
+        run_id = self._maybe_resume()
+        self.metrics = MetricsLogger(
+            cfg.trainer.logger,
+            cfg.trainer.default_local_dir,
+            cfg.trainer.project_name,
+            cfg.trainer.experiment_name,
+            to_dict(cfg),
+            self.plan.total_steps,
+            ctx.rank,
+            resume=run_id is not None,
+            run_id=run_id,
+        )
+
+    # ----- construction -----
+    def _dataset(self, files, max_samples: int):
+        return build_dataset(
+            files, self.tokenizer, self.cfg.data, max_samples, pad_to_max_length=not self.cfg.use_remove_padding
+        )
+
+    def _generation_config(self) -> GenerationConfig | None:
+        try:
+            return GenerationConfig.from_pretrained(self.cfg.model.partial_pretrain)
+        except OSError:  # the folder has no generation_config.json: derive one from the model config
+            return GenerationConfig.from_model_config(self.hf_config)
+
+    def _model(self) -> torch.nn.Module:
+        model = build_meta_model(self.hf_config, self.cfg)
+        apply_fsdp(model, self.cfg, self.ctx)
+        load_weights(model, self.cfg, self.ctx)
+        model.train()
+        return model
+
+    def _maybe_resume(self) -> str | None:
+        path = self.ckpt.find_resume_step(self.cfg.trainer.resume_mode, self.cfg.trainer.resume_from_path)
+        if path is None:
+            return None
+        extra = self.ckpt.load(path, self.model, self.optimizer)
+        logger.info("resumed from %s", path)
+        if extra is None:
+            return None
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.state = TrainState(**extra["train_state"])
+        if extra.get("world_size") == self.ctx.world_size:
+            set_rng_state(extra["rng"])
+        return extra.get("wandb_run_id")
+
+    # ----- one optimizer step -----
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        device, world = self.ctx.device, self.ctx.world_group
+        counts = torch.tensor(
+            [
+                sum(int((mb["labels"] != -100).sum()) for mb in micro_batches),
+                sum(int(mb["attention_mask"].sum()) for mb in micro_batches),
+                sum(mb["attention_mask"].numel() for mb in micro_batches),
+            ],
+            dtype=torch.float64,
+            device=device,
+        )
+        dist.all_reduce(counts, group=world)
+        global_targets, real_tokens, slots = (float(x) for x in counts)
+        assert global_targets > 0, "samples without targets are dropped by the dataset"
+        # FSDP averages gradients over the world; scaling by world/global_targets turns that
+        # average into the sum of token losses divided by the global number of targets.
+        scale = self.ctx.world_size / global_targets
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for i, mb in enumerate(micro_batches):
+            self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+            mb_loss, _ = self.model(**to_device(mb, device))
+            (mb_loss * scale).backward()
+            loss_sum += mb_loss.detach().double()
+        dist.all_reduce(loss_sum, group=world)
+        loss = float(loss_sum) / global_targets
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        step = self.state.global_step + 1
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(
+                f"step {step}: non-finite loss {loss} or grad norm {grad_norm}; the optimizer step was skipped and "
+                "the last checkpoint is untouched; lower optim.lr or check the data of this step"
+            )
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {
+            "train/loss": loss,
+            "train/lr": lr,
+            "train/grad_norm": grad_norm,
+            "train/trained_tokens": global_targets,
+            "train/total_tokens": real_tokens,
+            "train/padding_frac": 1.0 - real_tokens / slots,
+        }
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        ds, mb_size, device = self.val_ds, self.cfg.data.micro_batch_size_per_gpu, self.ctx.device
+        mine = eval_indices(len(ds), self.ctx.dp_rank, self.ctx.dp_size)
+        # Every rank runs the same number of forwards (FSDP's collectives must match).
+        n_mb = math.ceil(math.ceil(len(ds) / self.ctx.dp_size) / mb_size)
+        totals = torch.zeros(2, dtype=torch.float64, device=device)
+        self.model.eval()
+        for k in range(n_mb):
+            idx = mine[k * mb_size : (k + 1) * mb_size]
+            mb = (
+                padded_micro_batch([ds[i] for i in idx])
+                if idx
+                else empty_micro_batch(self.tokenizer.pad_token_id, torch.device("cpu"))
+            )
+            loss_sum, n = self.model(**to_device(mb, device))
+            totals += torch.stack([loss_sum.double(), n.double()])
+        self.model.train()
+        dist.all_reduce(totals, group=self.ctx.world_group)
+        return float(totals[0] / totals[1])
+
+    # ----- loop -----
+    def fit(self) -> None:
+        plan, st, tc = self.plan, self.state, self.cfg.trainer
+        logger.info(
+            "training %d steps (%d per epoch), %d samples, dp=%d sp=%d, %d micro-batch(es) of %d per rank",
+            plan.total_steps,
+            plan.steps_per_epoch,
+            len(self.train_ds),
+            plan.dp_size,
+            plan.sp_size,
+            plan.micro_batches,
+            self.cfg.data.micro_batch_size_per_gpu,
+        )
+        timer = StepTimer(self.ctx.device)
+        while st.global_step < plan.total_steps:
+            if st.step_in_epoch >= plan.steps_per_epoch:
+                st.epoch, st.step_in_epoch = st.epoch + 1, 0
+            self.sampler.set_position(st.epoch, st.step_in_epoch)
+            for micro_batches in self.loader:
+                timer.start()
+                m = self.train_step(micro_batches)
+                elapsed = timer.stop()
+                st.global_step += 1
+                st.step_in_epoch += 1
+                st.tokens_seen += int(m["train/total_tokens"])
+                m["train/step_time_s"] = elapsed
+                m["train/tokens_per_s_per_gpu"] = m["train/total_tokens"] / elapsed / self.ctx.world_size
+                m["train/trained_tokens_per_s_per_gpu"] = m["train/trained_tokens"] / elapsed / self.ctx.world_size
+                m["train/epoch"] = st.epoch
+                if self.ctx.device.type == "cuda":
+                    m["train/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1024**3
+                self.metrics.log(m, st.global_step)
+                last = st.global_step >= plan.total_steps
+                if self.val_ds is not None and (last or (tc.test_freq > 0 and st.global_step % tc.test_freq == 0)):
+                    self.metrics.log({"val/loss": self.validate()}, st.global_step)
+                if last or (tc.save_freq > 0 and st.global_step % tc.save_freq == 0):
+                    self.save()
+                if last:
+                    break
+        self.metrics.close()
+
+    def save(self) -> None:
+        extra = {
+            "train_state": vars(self.state).copy(),
+            "scheduler": self.scheduler.state_dict(),
+            "world_size": self.ctx.world_size,
+            "wandb_run_id": self.metrics.run_id,
+        }
+        self.ckpt.save(
+            self.state.global_step,
+            self.model,
+            self.optimizer,
+            extra,
+            self.hf_config,
+            self.tokenizer,
+            self.generation_config,
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.exit(run_cli(sys.argv[1:] if argv is None else argv, lambda cfg, ctx: FSDPSFTTrainer(cfg, ctx).fit()))
+
+
+if __name__ == "__main__":
+    main()

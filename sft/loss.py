@@ -1,0 +1,39 @@
+"""Token cross-entropy that never materialises the full `[tokens, vocab]` logits.
+
+Only the positions that are targets (label != -100) go through the LM head, in chunks,
+each under activation checkpointing so the backward recomputes a chunk's logits instead
+of keeping them. Returns the fp32 *sum* of token losses: normalising by the global number
+of target tokens is the trainer's job (that is what makes the loss split-invariant).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = (hidden @ weight.t()).float()  # [c, h] @ [h, V] -> [c, V], CE in fp32
+    return F.cross_entropy(logits, labels, reduction="sum")
+
+
+def chunked_linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096
+) -> torch.Tensor:
+    """Sum over target positions of CE(hidden @ weight.T, label). hidden [N, h], labels [N]."""
+    targets = labels != -100
+    h = hidden[targets]  # [n_t, h]
+    y = labels[targets]
+    if h.shape[0] == 0:
+        # Keep the head and the decoder in the graph so every rank's backward (and FSDP's
+        # gradient reduction) sees the same parameters, contributing exactly zero.
+        return _chunk_loss(hidden[:1], weight, torch.zeros_like(labels[:1])) * 0.0
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.shape[0], chunk_size):
+        end = start + chunk_size
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss, h[start:end], weight, y[start:end], use_reentrant=False)
+        else:
+            total = total + _chunk_loss(h[start:end], weight, y[start:end])
+    return total

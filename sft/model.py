@@ -1,0 +1,146 @@
+"""Load the tokenizer, the HF config and the weights of `model.partial_pretrain`.
+
+Every rank builds the model on the meta device (no memory); after sharding, rank 0 alone
+reads the weights from disk and they reach the other ranks' shards by broadcast, so host
+memory holds one full copy, not one per rank. `CausalLMWithLoss` is the FSDP root: it runs
+the decoder and the chunked loss inside one root forward, so the LM head's weight is
+gathered while the loss uses it and logits are never materialised in full.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+from sft.distributed import DistContext
+from sft.loss import chunked_linear_cross_entropy
+from sft.schema import SFTConfig
+
+logger = logging.getLogger("sft")
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def import_external_lib(cfg: SFTConfig) -> None:
+    """`model.external_lib` registers custom architectures with the Auto classes on import."""
+    if cfg.model.external_lib:
+        importlib.import_module(cfg.model.external_lib)
+
+
+def load_tokenizer(cfg: SFTConfig):
+    """Tokenizer of the model folder, with `data.chat_template` applied and a pad token set."""
+    import_external_lib(cfg)
+    tok = AutoTokenizer.from_pretrained(cfg.model.partial_pretrain, trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.data.chat_template:
+        tok.chat_template = cfg.data.chat_template
+    if tok.pad_token_id is None:
+        # Padding is masked out of attention and loss, so any id works; EOS is always present.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_hf_config(cfg: SFTConfig) -> PretrainedConfig:
+    import_external_lib(cfg)
+    hf_config = AutoConfig.from_pretrained(cfg.model.partial_pretrain, trust_remote_code=cfg.model.trust_remote_code)
+    # No KV cache while training: it costs memory and makes torch.compile recompile.
+    hf_config.use_cache = False
+    return hf_config
+
+
+class CausalLMWithLoss(nn.Module):
+    """FSDP root: decoder forward + chunked cross-entropy against `labels` (-100 = no target).
+
+    Returns the sum of token losses and the number of target tokens of this micro-batch.
+    """
+
+    def __init__(self, lm: nn.Module, chunk_size: int = 4096) -> None:
+        super().__init__()
+        self.lm = lm
+        self.chunk_size = chunk_size
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **attn_kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.lm.get_decoder()(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            **attn_kwargs,
+        )
+        hidden = out.last_hidden_state  # [b, s, h]
+        head = self.lm.get_output_embeddings()
+        loss_sum = chunked_linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]), head.weight, labels.reshape(-1), self.chunk_size
+        )
+        return loss_sum, (labels != -100).sum()
+
+
+def check_supported_head(hf_config: PretrainedConfig) -> None:
+    """The loss applies the LM head as a plain linear layer; refuse models whose head does more."""
+    for key in ("final_logit_softcapping", "logit_scale"):
+        if getattr(hf_config, key, None) not in (None, 1.0):
+            raise ValueError(
+                f"model.partial_pretrain: config.{key}={getattr(hf_config, key)} changes the logits after the "
+                "LM head, which sft's fused loss does not apply yet; use a model without it"
+            )
+
+
+def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig) -> CausalLMWithLoss:
+    """The model skeleton on the meta device, in the master-weight dtype."""
+    check_supported_head(hf_config)
+    dtype = DTYPES[cfg.model.fsdp_config.model_dtype]
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(
+            hf_config, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
+        )
+    if cfg.model.enable_gradient_checkpointing:
+        # HF's own per-layer checkpointing keeps parameter names unchanged (checkpoint wrappers would not).
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return CausalLMWithLoss(lm)
+
+
+def load_weights(model: CausalLMWithLoss, cfg: SFTConfig, ctx: DistContext) -> None:
+    """Materialise the sharded model and fill it from rank 0's copy of the checkpoint."""
+    model.to_empty(device=ctx.device)
+    full_sd: dict[str, torch.Tensor] = {}
+    buffers: dict[str, torch.Tensor] = {}
+    if ctx.is_main:
+        dtype = DTYPES[cfg.model.fsdp_config.model_dtype]
+        src = AutoModelForCausalLM.from_pretrained(
+            cfg.model.partial_pretrain,
+            dtype=dtype,
+            trust_remote_code=cfg.model.trust_remote_code,
+            use_cache=False,
+        )
+        full_sd = {f"lm.{k}": v for k, v in src.state_dict().items()}
+        # Non-persistent buffers (rotary inv_freq) are not in the state dict but were garbage
+        # after to_empty: take rank 0's real values.
+        buffers = {f"lm.{k}": b for k, b in src.named_buffers()}
+        del src
+    set_model_state_dict(
+        model,
+        full_sd,
+        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True),
+    )
+    for name, buf in model.named_buffers():
+        src_buf = buffers[name].to(ctx.device) if ctx.is_main else torch.empty_like(buf)
+        dist.broadcast(src_buf, src=0, group=ctx.world_group)
+        buf.copy_(src_buf)
+    model.lm.tie_weights()
+
+
+def model_folder_files(path: str) -> list[str]:
+    return sorted(p.name for p in Path(path).iterdir()) if Path(path).is_dir() else []

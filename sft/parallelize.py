@@ -1,0 +1,55 @@
+"""Sharding of the model with FSDP2 (`fully_shard`), one function per technique.
+
+Each decoder layer is its own FSDP unit (gathered just before it runs, freed after), and the
+root holds the rest (embeddings, final norm, LM head, tied or not). On CUDA parameters are
+gathered in bf16 and gradients reduced in fp32; master weights stay in
+`model.fsdp_config.model_dtype`. On CPU (gloo) everything runs in the master dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+from sft.distributed import DistContext
+from sft.schema import SFTConfig
+
+
+def decoder_layers(lm: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of an HF decoder: the classes the model names in `_no_split_modules`."""
+    names = set(getattr(lm, "_no_split_modules", None) or [])
+    layers = [m for m in lm.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(
+            f"model.partial_pretrain: {type(lm).__name__} declares no `_no_split_modules`, so sft cannot find "
+            "its decoder layers to shard; this architecture is not supported"
+        )
+    return layers
+
+
+def mixed_precision(ctx: DistContext) -> MixedPrecisionPolicy:
+    if ctx.device.type == "cuda":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def offload_policy(cfg: SFTConfig, ctx: DistContext) -> OffloadPolicy:
+    fc = cfg.model.fsdp_config
+    if fc.cpu_offload or fc.offload_params:
+        return CPUOffloadPolicy(pin_memory=ctx.device.type == "cuda")
+    return OffloadPolicy()
+
+
+def apply_fsdp(model: nn.Module, cfg: SFTConfig, ctx: DistContext) -> nn.Module:
+    """Shard every decoder layer, then the root, over the whole world."""
+    kwargs = dict(
+        mesh=ctx.fsdp_mesh,
+        mp_policy=mixed_precision(ctx),
+        offload_policy=offload_policy(cfg, ctx),
+        reshard_after_forward=cfg.model.fsdp_config.reshard_after_forward,
+    )
+    for layer in decoder_layers(model.lm):
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    return model

@@ -1,0 +1,167 @@
+"""Typed configuration of the trainer: the one source of defaults.
+
+Each section is a dataclass registered with Hydra's ConfigStore; `sft/config/sft_trainer.yaml`
+layers the user-facing values on top, and the command line overrides both. `load_config`
+composes the three and returns real dataclasses. Validation that needs no model or process
+group lives in `sft/validate.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra import compose, initialize_config_module
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import MISSING, OmegaConf
+
+
+@dataclass
+class MultiTurnConfig:
+    enable: bool = False
+    messages_key: str = "messages"
+    tools_key: str = "tools"
+    enable_thinking_key: str = "enable_thinking"
+
+
+@dataclass
+class CustomClsConfig:
+    path: Optional[str] = None
+    name: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    # A path or a list of paths (Any because OmegaConf has no Union).
+    train_files: Any = MISSING
+    val_files: Any = None
+    train_batch_size: int = 256
+    micro_batch_size_per_gpu: int = 4
+    # verl's deprecated global micro-batch: rejected with a pointer to the per-GPU key.
+    micro_batch_size: Optional[int] = None
+    train_max_samples: int = -1
+    val_max_samples: int = -1
+    prompt_key: str = "prompt"
+    response_key: str = "response"
+    prompt_dict_keys: Optional[List[str]] = None
+    response_dict_keys: Optional[List[str]] = None
+    multiturn: MultiTurnConfig = field(default_factory=MultiTurnConfig)
+    max_length: int = 1024
+    truncation: str = "error"
+    # The loss is always the exact global token mean; false (a mean of per-rank means) is refused.
+    balance_dp_token: bool = True
+    chat_template: Optional[str] = None
+    custom_cls: CustomClsConfig = field(default_factory=CustomClsConfig)
+    use_shm: bool = False
+    apply_chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class WrapPolicyConfig:
+    min_num_params: int = 0
+
+
+@dataclass
+class FSDPConfig:
+    model_dtype: str = "fp32"
+    cpu_offload: bool = False
+    # verl spells parameter offload both ways; both mean FSDP2's CPUOffloadPolicy here.
+    offload_params: bool = False
+    reshard_after_forward: bool = True
+    wrap_policy: WrapPolicyConfig = field(default_factory=WrapPolicyConfig)
+
+
+@dataclass
+class ModelConfig:
+    partial_pretrain: str = MISSING
+    trust_remote_code: bool = False
+    enable_gradient_checkpointing: bool = True
+    strategy: str = "fsdp2"
+    external_lib: Optional[str] = None
+    use_shm: bool = False
+    fsdp_config: FSDPConfig = field(default_factory=FSDPConfig)
+    lora_rank: int = 0
+    lora_alpha: int = 16
+    target_modules: Any = "all-linear"
+    lora_adapter_path: Optional[str] = None
+    use_liger: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.01
+    lr_warmup_steps_ratio: float = 0.0
+    # -1: use lr_warmup_steps_ratio (verl's convention).
+    lr_warmup_steps: int = -1
+    clip_grad: float = 1.0
+    lr_scheduler: str = "cosine"
+    min_lr_ratio: float = 0.0
+    num_cycles: float = 0.5
+    wsd_decay_ratio: float = 0.1
+
+
+@dataclass
+class CheckpointConfig:
+    save_contents: List[str] = field(default_factory=lambda: ["model", "optimizer", "extra"])
+    load_contents: List[str] = field(default_factory=lambda: ["model", "optimizer", "extra"])
+
+
+@dataclass
+class TrainerConfig:
+    default_local_dir: str = "checkpoints/${trainer.project_name}/${trainer.experiment_name}"
+    default_hdfs_dir: Optional[str] = None
+    project_name: str = "sft"
+    experiment_name: str = "run"
+    total_epochs: int = 1
+    total_training_steps: Optional[int] = None
+    logger: List[str] = field(default_factory=lambda: ["console"])
+    seed: int = 1
+    save_freq: int = -1
+    test_freq: int = -1
+    # verl's launch bookkeeping: checked against the real torchrun world when set.
+    nnodes: Optional[int] = None
+    n_gpus_per_node: Optional[int] = None
+    max_ckpt_to_keep: Optional[int] = None
+    resume_mode: str = "auto"
+    resume_from_path: Optional[str] = None
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    device: str = "auto"
+
+
+@dataclass
+class SFTConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    ulysses_sequence_parallel_size: int = 1
+    use_remove_padding: bool = False
+
+
+SCHEMA_NAME = "sft_trainer_schema"
+
+
+def _register() -> None:
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=SFTConfig)
+
+
+def load_config(overrides: list[str], config_name: str = "sft_trainer") -> SFTConfig:
+    """Compose schema + YAML + command-line overrides into a typed `SFTConfig`.
+
+    Hydra raises on unknown keys and wrong types, naming the key; the caller turns those
+    into one-line errors.
+    """
+    _register()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="sft.config", version_base=None):
+        cfg = compose(config_name=config_name, overrides=list(overrides))
+    OmegaConf.resolve(cfg)
+    return OmegaConf.to_object(cfg)
+
+
+def to_dict(cfg: SFTConfig) -> dict:
+    """Plain nested dict of the config (for loggers and checkpoints)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

@@ -1,0 +1,232 @@
+"""Checks of the composed config that need no model, data or process group.
+
+`validate_config` runs right after composition (before anything expensive) and raises
+`ConfigError` with one line naming the key, the value and the fix. `Plan` holds the values
+derived from the config and the world (per-rank batch, accumulation, steps); they are never
+written back into the config.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from sft.distributed import WorldInfo
+from sft.schema import ModelConfig, SFTConfig
+
+LOGGERS = ("console", "file", "wandb", "tensorboard")
+CONTENTS = ("model", "optimizer", "extra", "hf_model")
+SCHEDULERS = ("cosine", "wsd", "constant")
+MODEL_DTYPES = ("fp32", "float32", "bf16", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message is one line."""
+
+
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _check_files(key: str, value) -> list[str]:
+    files = [value] if isinstance(value, str) else list(value or [])
+    _need(len(files) > 0 and all(isinstance(f, str) for f in files), f"{key}={value!r}: give a path or a list of paths")
+    for f in files:
+        p = Path(f).expanduser()
+        _need(p.exists(), f"{key}: file not found: {p} (check the path)")
+    return files
+
+
+def _check_data(cfg: SFTConfig) -> None:
+    d = cfg.data
+    _check_files("data.train_files", d.train_files)
+    if d.val_files is not None:
+        _check_files("data.val_files", d.val_files)
+    _need(
+        d.micro_batch_size is None,
+        f"data.micro_batch_size={d.micro_batch_size}: verl's deprecated global micro-batch is not supported; "
+        "set data.micro_batch_size_per_gpu instead",
+    )
+    _need(d.train_batch_size > 0, f"data.train_batch_size={d.train_batch_size}: must be > 0")
+    _need(d.micro_batch_size_per_gpu > 0, f"data.micro_batch_size_per_gpu={d.micro_batch_size_per_gpu}: must be > 0")
+    _need(d.max_length > 1, f"data.max_length={d.max_length}: must be > 1")
+    _need(
+        d.truncation in ("left", "right", "error"),
+        f"data.truncation={d.truncation!r}: choose left, right or error",
+    )
+    _need(
+        d.balance_dp_token,
+        "data.balance_dp_token=false: sft always normalises the loss by the global number of target tokens "
+        "(verl's balance_dp_token=true); remove the key or set it to true",
+    )
+    _need(not d.use_shm, "data.use_shm=true: shared-memory copies are not supported; read the files from local disk")
+    _need(
+        (d.custom_cls.path is None) == (d.custom_cls.name is None),
+        "data.custom_cls: set both data.custom_cls.path (a .py file) and data.custom_cls.name (the class)",
+    )
+
+
+def _check_model(cfg: SFTConfig) -> None:
+    m = cfg.model
+    p = Path(m.partial_pretrain).expanduser()
+    _need(p.is_dir(), f"model.partial_pretrain={m.partial_pretrain}: not a directory; give a local Hugging Face model folder")
+    _need(
+        m.strategy == "fsdp2",
+        f"model.strategy={m.strategy!r}: sft supports FSDP2 only; set model.strategy=fsdp2 (or remove the key)",
+    )
+    _need(
+        m.fsdp_config.model_dtype in MODEL_DTYPES,
+        f"model.fsdp_config.model_dtype={m.fsdp_config.model_dtype!r}: choose fp32 or bf16",
+    )
+    _need(
+        m.fsdp_config.wrap_policy.min_num_params == 0,
+        f"model.fsdp_config.wrap_policy.min_num_params={m.fsdp_config.wrap_policy.min_num_params}: sft shards each "
+        "decoder layer and the root; size-based wrapping is not supported, remove the key",
+    )
+    _need(not m.use_shm, "model.use_shm=true: shared-memory model copies are not supported; use a local model folder")
+    defaults = ModelConfig(partial_pretrain="")
+    if m.lora_rank == 0:
+        for key in ("lora_alpha", "target_modules", "lora_adapter_path"):
+            _need(
+                getattr(m, key) == getattr(defaults, key),
+                f"model.{key}={getattr(m, key)!r} is set but model.lora_rank=0: set model.lora_rank>0 to use LoRA "
+                f"or remove model.{key}",
+            )
+    _need(m.lora_rank >= 0, f"model.lora_rank={m.lora_rank}: must be >= 0")
+    _need(m.lora_rank == 0, f"model.lora_rank={m.lora_rank}: LoRA is not supported yet; use model.lora_rank=0")
+    _need(not m.use_liger, "model.use_liger=true: Liger kernels are not supported yet; use model.use_liger=false")
+
+
+def _check_optim(cfg: SFTConfig) -> None:
+    o = cfg.optim
+    _need(o.lr > 0, f"optim.lr={o.lr}: must be > 0")
+    _need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas={o.betas}: two values in [0, 1)")
+    _need(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay}: must be >= 0")
+    _need(0 <= o.lr_warmup_steps_ratio <= 1, f"optim.lr_warmup_steps_ratio={o.lr_warmup_steps_ratio}: in [0, 1]")
+    _need(o.lr_warmup_steps >= -1, f"optim.lr_warmup_steps={o.lr_warmup_steps}: -1 (use the ratio) or >= 0")
+    _need(o.clip_grad > 0, f"optim.clip_grad={o.clip_grad}: must be > 0")
+    _need(o.lr_scheduler in SCHEDULERS, f"optim.lr_scheduler={o.lr_scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+    _need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio}: in [0, 1]")
+    _need(0 < o.wsd_decay_ratio <= 1, f"optim.wsd_decay_ratio={o.wsd_decay_ratio}: in (0, 1]")
+
+
+def _check_trainer(cfg: SFTConfig, world: WorldInfo) -> None:
+    t = cfg.trainer
+    _need(t.total_epochs >= 1, f"trainer.total_epochs={t.total_epochs}: must be >= 1")
+    _need(
+        t.total_training_steps is None or t.total_training_steps > 0,
+        f"trainer.total_training_steps={t.total_training_steps}: null or > 0",
+    )
+    bad = [x for x in t.logger if x not in LOGGERS]
+    _need(not bad, f"trainer.logger: unknown {bad}; choose from {', '.join(LOGGERS)}")
+    for key in ("save_freq", "test_freq"):
+        v = getattr(t, key)
+        _need(v == -1 or v > 0, f"trainer.{key}={v}: -1 (only at the end) or a positive number of steps")
+    _need(t.max_ckpt_to_keep is None or t.max_ckpt_to_keep >= 1, f"trainer.max_ckpt_to_keep={t.max_ckpt_to_keep}: null or >= 1")
+    _need(
+        t.resume_mode in ("auto", "disable", "resume_path"),
+        f"trainer.resume_mode={t.resume_mode!r}: choose auto, disable or resume_path",
+    )
+    _need(
+        t.resume_mode != "resume_path" or bool(t.resume_from_path),
+        "trainer.resume_mode=resume_path needs trainer.resume_from_path=<a global_step_N folder>",
+    )
+    for key in ("save_contents", "load_contents"):
+        bad = [x for x in getattr(t.checkpoint, key) if x not in CONTENTS]
+        _need(not bad, f"trainer.checkpoint.{key}: unknown {bad}; choose from {', '.join(CONTENTS)}")
+    _need(
+        t.default_hdfs_dir is None,
+        "trainer.default_hdfs_dir: copying checkpoints to HDFS is not supported; remove the key and copy "
+        "trainer.default_local_dir yourself",
+    )
+    _need(t.device in ("auto", "cpu", "cuda"), f"trainer.device={t.device!r}: choose auto, cpu or cuda")
+    nnodes = max(1, world.world_size // max(1, world.local_world_size))
+    _need(
+        t.nnodes is None or t.nnodes == nnodes,
+        f"trainer.nnodes={t.nnodes} but torchrun started {nnodes} node(s); remove the key or match --nnodes",
+    )
+    _need(
+        t.n_gpus_per_node is None or t.n_gpus_per_node == world.local_world_size,
+        f"trainer.n_gpus_per_node={t.n_gpus_per_node} but torchrun started {world.local_world_size} process(es) "
+        "per node; remove the key or match --nproc_per_node",
+    )
+
+
+def _check_parallel(cfg: SFTConfig, world: WorldInfo) -> None:
+    sp = cfg.ulysses_sequence_parallel_size
+    _need(sp >= 1, f"ulysses_sequence_parallel_size={sp}: must be >= 1")
+    _need(
+        world.world_size % sp == 0,
+        f"ulysses_sequence_parallel_size={sp} does not divide the world size {world.world_size}; "
+        "choose a divisor of the number of processes",
+    )
+    dp = world.world_size // sp
+    b, mb = cfg.data.train_batch_size, cfg.data.micro_batch_size_per_gpu
+    _need(
+        b % (dp * mb) == 0,
+        f"data.train_batch_size={b} is not divisible by data-parallel ranks ({dp}) x "
+        f"data.micro_batch_size_per_gpu ({mb}) = {dp * mb}; make the global batch a multiple of {dp * mb}",
+    )
+    _need(sp == 1, f"ulysses_sequence_parallel_size={sp}: sequence parallelism is not supported yet; use 1")
+    _need(
+        not cfg.use_remove_padding,
+        "use_remove_padding=true: remove-padding is not supported yet; use use_remove_padding=false",
+    )
+
+
+def validate_config(cfg: SFTConfig, world: WorldInfo) -> None:
+    """Raise ConfigError for the first problem found, before any model or data is loaded."""
+    _check_data(cfg)
+    _check_model(cfg)
+    _check_optim(cfg)
+    _check_trainer(cfg, world)
+    _check_parallel(cfg, world)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Numbers derived from the config, the world and the dataset size."""
+
+    dp_size: int
+    sp_size: int
+    per_rank_batch: int  # samples per data-parallel rank per optimizer step
+    micro_batches: int  # gradient-accumulation steps per optimizer step
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def make_plan(cfg: SFTConfig, world_size: int, train_len: int) -> Plan:
+    sp = cfg.ulysses_sequence_parallel_size
+    dp = world_size // sp
+    b = cfg.data.train_batch_size
+    steps_per_epoch = train_len // b
+    _need(
+        steps_per_epoch > 0,
+        f"data.train_batch_size={b} is larger than the training set ({train_len} usable samples); "
+        "lower data.train_batch_size or add data",
+    )
+    total = cfg.trainer.total_training_steps or steps_per_epoch * cfg.trainer.total_epochs
+    _need(
+        total <= steps_per_epoch * cfg.trainer.total_epochs,
+        f"trainer.total_training_steps={total} needs more than trainer.total_epochs={cfg.trainer.total_epochs} "
+        f"epochs of {steps_per_epoch} steps; raise trainer.total_epochs",
+    )
+    o = cfg.optim
+    warmup = o.lr_warmup_steps if o.lr_warmup_steps >= 0 else int(o.lr_warmup_steps_ratio * total)
+    _need(
+        warmup < total or total == 1,
+        f"optim warmup of {warmup} steps is not shorter than the {total} training steps; "
+        "lower optim.lr_warmup_steps / optim.lr_warmup_steps_ratio",
+    )
+    return Plan(
+        dp_size=dp,
+        sp_size=sp,
+        per_rank_batch=b // dp,
+        micro_batches=math.ceil(b // dp / cfg.data.micro_batch_size_per_gpu),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        warmup_steps=warmup,
+    )
