@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs sft and what it needs into the current Python, from the project's own files.
+# torch comes first and only when missing: `pip install torch==2.13.0` takes the local CPU
+# wheel on our CPU machines, while an unpinned torch would pull gigabytes of CUDA packages.
+# Usage: bash scripts/setup.sh [extra ...]   (extras: dev, trackers, gpu)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  "$PY" -m pip install -q "torch==${SFT_TORCH_VERSION:-2.13.0}"
+fi
+extras=$(IFS=,; echo "${*:-trackers}")
+"$PY" -m pip install -q -e ".[${extras}]"

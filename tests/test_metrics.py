@@ -1,0 +1,228 @@
+"""Metric sinks and FLOP accounting of sft/metrics.py, checked against hand-computed values."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sft.metrics import (
+    MetricsLogger,
+    StepTimer,
+    matmul_params,
+    mfu,
+    model_flops_per_token,
+    peak_flops_per_gpu,
+    useful_flops,
+)
+
+
+def _logger(backends: list[str], out_dir, rank: int = 0, **kw) -> MetricsLogger:
+    return MetricsLogger(
+        backends=backends,
+        out_dir=str(out_dir),
+        project="proj",
+        experiment="exp",
+        config={"optim": {"lr": 3e-4}, "marker": "cfg-marker-7731"},
+        total_steps=10,
+        rank=rank,
+        **kw,
+    )
+
+
+def test_file_appends_across_lifetimes(tmp_path) -> None:
+    out = tmp_path / "a" / "b"  # missing folders are created
+    first = _logger(["file"], out)
+    first.log({"train/loss": 2.5, "train/lr": 1e-5}, step=1)
+    first.log({"train/loss": 2.25, "train/tokens": 512}, step=2)
+    # Flushed per line: readable before close (a crash keeps history).
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    first.close()
+
+    second = _logger(["file"], out, resume=True)
+    second.log({"train/loss": 2.0, "val/loss": 2.1}, step=3)
+    second.close()
+
+    rows = [
+        json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["train/loss"] for r in rows] == [2.5, 2.25, 2.0]
+    assert rows[1]["train/tokens"] == 512 and isinstance(rows[1]["train/tokens"], int)
+    assert rows[2]["val/loss"] == 2.1
+
+
+def test_tensor_values_are_written_as_numbers(tmp_path) -> None:
+    ml = _logger(["file"], tmp_path)
+    ml.log({"train/loss": torch.tensor(1.5)}, step=4)
+    ml.close()
+    ml.close()  # closing twice is harmless
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {
+        "step": 4,
+        "train/loss": 1.5,
+    }
+
+
+def test_nonzero_rank_is_a_noop(tmp_path, monkeypatch) -> None:
+    # A None entry in sys.modules makes `import wandb` fail: rank 1 must not import it.
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    out = tmp_path / "run"
+    ml = _logger(["console", "file", "wandb", "tensorboard"], out, rank=1)
+    ml.log({"train/loss": 1.0}, step=1)
+    ml.close()
+    assert ml.run_id is None
+    assert not out.exists()
+
+
+def test_unknown_backend_message(tmp_path) -> None:
+    with pytest.raises(
+        ValueError, match=r"trainer.logger.*'mlflow'.*console.*tensorboard"
+    ):
+        _logger(["console", "mlflow"], tmp_path)
+    # Refused on every rank, so the other ranks do not wait on a dead rank 0.
+    with pytest.raises(ValueError, match="trainer.logger"):
+        _logger(["mlflow"], tmp_path, rank=3)
+
+
+def test_console_lines(tmp_path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="sft")
+    ml = _logger(["console"], tmp_path)
+    train = {
+        "train/loss": 2.34123,
+        "train/lr": 1.2e-5,
+        "train/grad_norm": 0.871,
+        "train/tokens_per_s_per_gpu": 12345.0,
+        "train/step_time_s": 1.2,
+    }
+    ml.log(train, step=1)
+    ml.log({**train, "val/loss": 2.5}, step=2)
+    ml.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "sft"]
+    assert (
+        lines[0]
+        == "step 1/10 | loss 2.3412 | lr 1.2e-05 | gnorm 0.871 | 12.3k tok/s/gpu | 1.20 s"
+    )
+    assert (
+        lines[1].startswith("step 2/10 | loss 2.3412 |")
+        and "ETA 0:00:00 (20%)" in lines[1]
+    )
+    assert lines[2] == "step 2/10 | val loss 2.5000"
+    assert not list(tmp_path.iterdir())  # the console writes no files
+
+
+def test_tensorboard_event_file(tmp_path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ml = _logger(["tensorboard"], tmp_path)
+    ml.log({"train/loss": 3.0}, step=1)
+    ml.log({"train/loss": 2.0}, step=2)
+    ml.close()
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [
+        (1, 3.0),
+        (2, 2.0),
+    ]
+
+
+def test_wandb_offline(tmp_path, monkeypatch) -> None:
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        pytest.skip("wandb is not installed")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    ml = _logger(["wandb", "file"], tmp_path / "out")
+    ml.log({"train/loss": 1.25}, step=1)
+    run_id = ml.run_id
+    ml.close()
+    assert isinstance(run_id, str) and run_id
+    run_dirs = list((tmp_path / "out" / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(run_dirs) == 1
+    # Offline runs keep the config in the run's record log (run-<id>.wandb, protobuf with
+    # JSON-encoded values); online/synced runs also write files/config.yaml.
+    record = (run_dirs[0] / f"run-{run_id}.wandb").read_bytes()
+    assert b'"cfg-marker-7731"' in record and b'{"lr":0.0003}' in record
+
+
+# A small GQA decoder: hidden 64, 8 heads of d = 64/8 = 8, 2 kv heads, MLP 256, 2 layers.
+_CFG = SimpleNamespace(
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    vocab_size=1000,
+)
+# Per layer: q 64*64 = 4096, o 4096, k 64*(2*8) = 1024, v 1024  -> attention 10240
+#            gate/up/down 3*64*256 = 49152                     -> layer 59392
+# N = 2*59392 + LM head 1000*64 = 118784 + 64000 = 182784 (embedding lookup not counted)
+_N = 182_784
+
+
+def test_matmul_params_by_hand() -> None:
+    assert matmul_params(_CFG) == _N
+    # head_dim decoupled from hidden/heads (Qwen3 style): d = 16, 8 heads, 2 kv heads.
+    # q 64*128 = 8192, o 8192, k 64*32 = 2048, v 2048, MLP 49152 -> layer 69632
+    # N = 2*69632 + 64000 = 203264
+    assert matmul_params(SimpleNamespace(**vars(_CFG), head_dim=16)) == 203_264
+
+
+def test_matmul_params_equals_linear_weights_of_a_real_model() -> None:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(**vars(_CFG), tie_word_embeddings=True)
+    model = Qwen2ForCausalLM(cfg)
+    # Every nn.Linear weight (the tied LM head included) is a matmul; biases are not.
+    linear = sum(
+        m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)
+    )
+    assert matmul_params(cfg) == linear == _N
+
+
+def test_model_flops_per_token_by_hand() -> None:
+    # 6N = 1,096,704; 12*L*H*d*s = 12*2*8*8*128 = 196,608; sum 1,293,312
+    assert model_flops_per_token(_CFG, 128) == 1_293_312
+
+
+def test_useful_flops_by_hand() -> None:
+    # Two real samples of 100 and 28 tokens: T = 128, sum s^2 = 10000 + 784 = 10784.
+    # 6N*T = 1,096,704 * 128 = 140,378,112; 6*L*H*d*sum s^2 = 768 * 10784 = 8,282,112
+    assert useful_flops(_CFG, [100, 28]) == 148_660_224
+    # One full row of s tokens: useful attention is half of the model convention's.
+    model_attn = model_flops_per_token(_CFG, 128) * 128 - 6 * _N * 128
+    assert useful_flops(_CFG, [128]) - 6 * _N * 128 == model_attn / 2
+
+
+def test_peak_flops_and_mfu(monkeypatch) -> None:
+    assert peak_flops_per_gpu(torch.device("cpu")) is None
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 80GB HBM3"
+    )
+    assert peak_flops_per_gpu(cuda) == 989e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H200")
+    assert peak_flops_per_gpu(cuda) == 989e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA A10G")
+    assert peak_flops_per_gpu(cuda) is None
+    # 2 GPUs, 2 s, 989e12 each: 989e12 FLOPs is a quarter of what they could do.
+    assert mfu(989e12, 2.0, 989e12, n_gpus=2) == pytest.approx(0.25)
+    assert mfu(1.0, 1.0, None) is None
+
+
+def test_step_timer_skips_warmup() -> None:
+    timer = StepTimer(torch.device("cpu"), warmup=1)
+    assert timer.median_s is None
+    for _ in range(3):
+        timer.start()
+        elapsed = timer.stop()
+        assert elapsed >= 0.0
+    assert len(timer.times) == 2 and timer.median_s is not None
