@@ -1,0 +1,57 @@
+"""Shared fixtures: the demo assets are written once per test session (no network)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sft.demo import write_demo
+
+
+# ----- core fixtures (lead) -----
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model folder and train/val parquet files, as `python -m sft.demo` writes them."""
+    return write_demo(tmp_path_factory.mktemp("demo"), n_train=256, n_val=40, seed=0)
+
+
+def base_overrides(demo: Path, out: Path) -> list[str]:
+    """A small, fast training configuration over the demo (the tests add what they vary)."""
+    return [
+        f"data.train_files={demo}/train.parquet",
+        "data.multiturn.enable=true",
+        "data.max_length=256",
+        "data.truncation=right",
+        f"model.partial_pretrain={demo}/model",
+        "model.enable_gradient_checkpointing=false",
+        "optim.lr=1e-3",
+        "optim.weight_decay=0.1",
+        "trainer.resume_mode=disable",
+        "trainer.logger=[]",
+        f"trainer.default_local_dir={out}",
+        "trainer.checkpoint.save_contents=[]",
+    ]
+
+
+# ----- data fixtures (data package) -----
+@pytest.fixture(scope="session")
+def demo_tokenizer():
+    """The demo's ChatML tokenizer; tests that change it work on `copy.deepcopy(demo_tokenizer)`."""
+    from sft.demo import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture
+def write_parquet(tmp_path: Path):
+    """`write_parquet(rows, name="data")` writes dict rows to tmp_path/name.parquet, returns the path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def write(rows: list[dict], name: str = "data", schema=None) -> str:
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+        return str(path)
+
+    return write

@@ -1,0 +1,37 @@
+"""Run a function on N gloo processes (real torch.distributed, real fully_shard) from a test.
+
+`run_ranks(fn, world_size, *args)` spawns the ranks with torchrun-like environment variables
+and re-raises a child's exception with its traceback in the parent, so a failure on rank 1
+reads like a failure in the test itself.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, fn, world_size: int, port: int, args: tuple) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        OMP_NUM_THREADS="1",
+    )
+    fn(*args)
+
+
+def run_ranks(fn, world_size: int, *args) -> None:
+    """Call fn(*args) on `world_size` spawned processes; raises if any rank fails."""
+    mp.start_processes(_entry, args=(fn, world_size, _free_port(), args), nprocs=world_size, start_method="spawn")

@@ -1,0 +1,44 @@
+"""Functions that run inside spawned ranks (importable by the children, unlike test modules)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from sft.distributed import WorldInfo, init_distributed, teardown
+from sft.fsdp_sft_trainer import FSDPSFTTrainer
+from sft.schema import load_config
+from sft.validate import validate_config
+
+
+def train_and_dump(overrides: list[str], out_file: str) -> None:
+    """Train with the real trainer, then rank 0 saves the full fp32 weights and per-step metrics."""
+    cfg = load_config(overrides)
+    validate_config(cfg, WorldInfo.from_env())
+    ctx = init_distributed("cpu", cfg.ulysses_sequence_parallel_size)
+    try:
+        trainer = FSDPSFTTrainer(cfg, ctx)
+        logged: list[dict] = []
+        original = trainer.metrics.log
+
+        def capture(metrics: dict, step: int) -> None:
+            logged.append({"step": step, **metrics})
+            original(metrics, step)
+
+        trainer.metrics.log = capture
+        trainer.fit()
+        sd = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if ctx.rank == 0:
+            torch.save({"weights": sd, "metrics": logged}, out_file)
+    finally:
+        teardown()
+
+
+def read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f]
