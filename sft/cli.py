@@ -12,7 +12,13 @@ import sys
 from collections.abc import Callable
 
 from hydra.errors import HydraException
-from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
 
 from sft.distributed import WorldInfo, init_distributed, resolve_device_type, setup_logging, teardown
 from sft.schema import SFTConfig, load_config, to_dict
@@ -41,7 +47,7 @@ def explain_compose_error(exc: BaseException, overrides: list[str]) -> str:
     key = getattr(cause, "full_key", None) or ""
     if isinstance(cause, MissingMandatoryValue):
         return f"{key} is required: pass {key}=..."
-    if isinstance(cause, ConfigKeyError) or "not in struct" in str(cause):
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
         bad = [o for o in overrides if o.lstrip("+~").split("=", 1)[0].endswith(key.split(".")[-1])] if key else []
         where = f" (from {bad[0]})" if bad else ""
         return f"unknown config key '{key}'{where}: it is not in sft/config/sft_trainer.yaml; check the spelling"
@@ -56,6 +62,8 @@ def compose(overrides: list[str]) -> SFTConfig:
         return load_config(overrides)
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(explain_compose_error(exc, overrides)) from exc
+    except ValueError as exc:  # keys appended with `+` beyond the schema
+        raise ConfigError(str(exc)) from exc
 
 
 def run_cli(argv: list[str], fn: Callable[[SFTConfig, object], None]) -> int:

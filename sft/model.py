@@ -108,7 +108,11 @@ def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig) -> CausalLMWit
         )
     if cfg.model.enable_gradient_checkpointing:
         # HF's own per-layer checkpointing keeps parameter names unchanged (checkpoint wrappers would not).
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Renamed activation_checkpointing_enable (with a renamed argument) in newer transformers.
+        if hasattr(lm, "activation_checkpointing_enable"):
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return CausalLMWithLoss(lm)
 
 

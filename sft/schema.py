@@ -8,6 +8,7 @@ group lives in `sft/validate.py`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -159,7 +160,23 @@ def load_config(overrides: list[str], config_name: str = "sft_trainer") -> SFTCo
     with initialize_config_module(config_module="sft.config", version_base=None):
         cfg = compose(config_name=config_name, overrides=list(overrides))
     OmegaConf.resolve(cfg)
+    _reject_unknown_keys(cfg, SFTConfig)
     return OmegaConf.to_object(cfg)
+
+
+def _reject_unknown_keys(node: Any, schema: type, prefix: str = "") -> None:
+    """`+key=value` appends past the schema and OmegaConf.to_object would drop it: refuse instead."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in node.keys():
+        if key not in fields:
+            raise ValueError(
+                f"unknown config key '{prefix}{key}': it is not in sft/config/sft_trainer.yaml; check the spelling"
+            )
+        sub = node[key] if OmegaConf.is_dict(node) else None
+        ftype = fields[key].type
+        target = ftype if isinstance(ftype, type) else globals().get(str(ftype))
+        if target is not None and dataclasses.is_dataclass(target) and OmegaConf.is_config(sub):
+            _reject_unknown_keys(sub, target, f"{prefix}{key}.")
 
 
 def to_dict(cfg: SFTConfig) -> dict:

@@ -1,0 +1,230 @@
+"""Config composition (schema + YAML + overrides) and every validation error, named by key."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sft.cli import compose
+from sft.distributed import WorldInfo
+from sft.schema import SFTConfig
+from sft.validate import ConfigError, make_plan, validate_config
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD2 = WorldInfo(rank=0, local_rank=0, world_size=2, local_world_size=2)
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> list[str]:
+    (tmp_path / "train.parquet").write_bytes(b"")
+    (tmp_path / "model").mkdir()
+    return [f"data.train_files={tmp_path}/train.parquet", f"model.partial_pretrain={tmp_path}/model"]
+
+
+def verl_production(p: list[str]) -> list[str]:
+    """The production command our users run with verl's fsdp_sft_trainer (paths replaced)."""
+    return [
+        p[0],
+        f"data.val_files={p[0].split('=', 1)[1]}",
+        "data.multiturn.enable=true",
+        "data.multiturn.messages_key=messages",
+        "data.max_length=4096",
+        "data.truncation=right",
+        "data.train_batch_size=128",
+        "data.micro_batch_size_per_gpu=2",
+        "data.balance_dp_token=True",
+        p[1],
+        "model.trust_remote_code=true",
+        "model.enable_gradient_checkpointing=true",
+        "model.strategy=fsdp2",
+        "model.fsdp_config.model_dtype=bf16",
+        "optim.lr=2e-5",
+        "optim.lr_warmup_steps_ratio=0.05",
+        "optim.clip_grad=1.0",
+        "optim.lr_scheduler=cosine",
+        "ulysses_sequence_parallel_size=2",
+        "use_remove_padding=true",
+        "trainer.total_epochs=2",
+        "trainer.save_freq=500",
+        "trainer.test_freq=500",
+        "trainer.max_ckpt_to_keep=5",
+        "trainer.default_local_dir=/tmp/x",
+        "trainer.project_name=proj",
+        "trainer.experiment_name=exp",
+        'trainer.logger=["console","wandb"]',
+        "trainer.seed=42",
+        "trainer.resume_mode=auto",
+        'trainer.checkpoint.save_contents=["model","optimizer","extra","hf_model"]',
+    ]
+
+
+def test_yaml_values_equal_schema_defaults():
+    """The YAML shows every schema key, with the schema's default (one source of defaults)."""
+    shown = yaml.safe_load((ROOT / "sft/config/sft_trainer.yaml").read_text())
+    shown.pop("defaults")
+
+    def walk(node, obj, prefix=""):
+        fields = {f.name for f in dataclasses.fields(obj)}
+        assert set(node) == fields, f"{prefix}: yaml keys {sorted(node)} != schema {sorted(fields)}"
+        for name in fields:
+            value = getattr(obj, name)
+            if dataclasses.is_dataclass(value):
+                walk(node[name], value, f"{prefix}{name}.")
+            elif name not in ("train_files", "partial_pretrain", "load_contents", "default_local_dir"):
+                assert node[name] == value, f"{prefix}{name}: yaml {node[name]!r} != schema {value!r}"
+
+    walk(shown, SFTConfig())
+
+
+def test_verl_production_command_parses(paths):
+    cfg = compose(verl_production(paths))
+    assert cfg.data.train_batch_size == 128 and cfg.data.micro_batch_size_per_gpu == 2
+    assert cfg.trainer.logger == ["console", "wandb"]
+    assert cfg.trainer.checkpoint.load_contents == ["model", "optimizer", "extra", "hf_model"]
+    assert cfg.trainer.default_local_dir == "/tmp/x"
+    assert cfg.ulysses_sequence_parallel_size == 2 and cfg.use_remove_padding is True
+
+
+def test_smoke_variant_and_other_verl_keys_parse(paths):
+    extra = [
+        "trainer.total_training_steps=10",
+        "trainer.total_epochs=999",
+        "trainer.save_freq=5",
+        "trainer.test_freq=5",
+        "trainer.resume_mode=disable",
+        'trainer.logger=["console"]',
+        "data.prompt_key=q",
+        "data.response_key=a",
+        "data.prompt_dict_keys=[x,y]",
+        "data.response_dict_keys=[z]",
+        "data.train_max_samples=100",
+        "data.val_max_samples=10",
+        "data.multiturn.tools_key=tools",
+        "data.multiturn.enable_thinking_key=think",
+        "+data.apply_chat_template_kwargs.enable_thinking=false",
+        "data.custom_cls.path=null",
+        "model.external_lib=null",
+        "model.fsdp_config.cpu_offload=true",
+        "model.lora_rank=0",
+        "model.use_liger=false",
+        "optim.betas=[0.9,0.99]",
+        "optim.weight_decay=0.0",
+        "optim.min_lr_ratio=0.1",
+        "optim.lr_warmup_steps=3",
+        "trainer.resume_from_path=null",
+        "trainer.checkpoint.load_contents=[model]",
+        "trainer.device=cpu",
+    ]
+    cfg = compose(verl_production(paths)[:-13] + extra)
+    assert cfg.trainer.total_training_steps == 10 and cfg.optim.betas == [0.9, 0.99]
+    assert cfg.data.apply_chat_template_kwargs == {"enable_thinking": False}
+    assert cfg.trainer.checkpoint.load_contents == ["model"]
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("data.nope=3", "unknown config key 'data.nope'"),
+        ("trainer.totl_epochs=3", "unknown config key 'trainer.totl_epochs'"),
+        ("+data.nope=3", "unknown config key 'data.nope'"),  # `+` must not smuggle a key past the schema
+        ("+foo=1", "unknown config key 'foo'"),
+        ("data.train_batch_size=abc", "data.train_batch_size"),
+        ("trainer.save_freq=often", "trainer.save_freq"),
+    ],
+)
+def test_compose_errors_name_the_key(paths, override, needle):
+    with pytest.raises(ConfigError) as e:
+        compose([*paths, override])
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_required_key():
+    with pytest.raises(ConfigError, match="data.train_files is required"):
+        compose([])
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("data.micro_batch_size=8", "data.micro_batch_size_per_gpu"),
+        ("data.train_batch_size=6", "data.train_batch_size=6 is not divisible"),
+        ("data.micro_batch_size_per_gpu=0", "data.micro_batch_size_per_gpu=0"),
+        ("data.truncation=middle", "data.truncation='middle'"),
+        ("data.balance_dp_token=false", "data.balance_dp_token=false"),
+        ("data.use_shm=true", "data.use_shm=true"),
+        ("data.custom_cls.path=x.py", "data.custom_cls"),
+        ("data.val_files=/does/not/exist.parquet", "data.val_files: file not found: /does/not/exist.parquet"),
+        ("model.strategy=fsdp", "model.strategy='fsdp'"),
+        ("model.fsdp_config.model_dtype=fp8", "model.fsdp_config.model_dtype='fp8'"),
+        ("model.fsdp_config.wrap_policy.min_num_params=100", "wrap_policy.min_num_params=100"),
+        ("model.use_shm=true", "model.use_shm=true"),
+        ("model.lora_alpha=32", "model.lora_alpha=32 is set but model.lora_rank=0"),
+        ("model.lora_rank=8", "model.lora_rank=8: LoRA is not supported yet"),
+        ("model.use_liger=true", "model.use_liger=true"),
+        ("optim.lr=0", "optim.lr=0"),
+        ("optim.betas=[0.9]", "optim.betas"),
+        ("optim.lr_scheduler=linear", "optim.lr_scheduler='linear'"),
+        ("optim.lr_warmup_steps_ratio=1.5", "optim.lr_warmup_steps_ratio=1.5"),
+        ("optim.clip_grad=0", "optim.clip_grad=0"),
+        ("trainer.logger=[console,mlflow]", "trainer.logger: unknown ['mlflow']"),
+        ("trainer.save_freq=0", "trainer.save_freq=0"),
+        ("trainer.max_ckpt_to_keep=0", "trainer.max_ckpt_to_keep=0"),
+        ("trainer.resume_mode=maybe", "trainer.resume_mode='maybe'"),
+        ("trainer.resume_mode=resume_path", "trainer.resume_from_path"),
+        ("trainer.checkpoint.save_contents=[weights]", "trainer.checkpoint.save_contents: unknown ['weights']"),
+        ("trainer.default_hdfs_dir=hdfs://x", "trainer.default_hdfs_dir"),
+        ("trainer.device=tpu", "trainer.device='tpu'"),
+        ("trainer.nnodes=2", "trainer.nnodes=2 but torchrun started 1 node"),
+        ("trainer.n_gpus_per_node=8", "trainer.n_gpus_per_node=8 but torchrun started 2"),
+        ("ulysses_sequence_parallel_size=3", "ulysses_sequence_parallel_size=3 does not divide the world size 2"),
+        ("ulysses_sequence_parallel_size=2", "sequence parallelism is not supported yet"),
+        ("use_remove_padding=true", "remove-padding is not supported yet"),
+        ("trainer.total_epochs=0", "trainer.total_epochs=0"),
+    ],
+)
+def test_validation_errors(paths, override, needle):
+    cfg = compose([*paths, "data.train_batch_size=8", "data.micro_batch_size_per_gpu=2", override])
+    with pytest.raises(ConfigError) as e:
+        validate_config(cfg, WORLD2)
+    assert needle in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_files_are_named(tmp_path):
+    cfg = compose([f"data.train_files={tmp_path}/nope.parquet", f"model.partial_pretrain={tmp_path}"])
+    with pytest.raises(ConfigError, match=f"data.train_files: file not found: {tmp_path}/nope.parquet"):
+        validate_config(cfg, WORLD2)
+
+
+def test_plan_numbers_and_errors(paths):
+    cfg = compose([*paths, "data.train_batch_size=8", "data.micro_batch_size_per_gpu=2", "trainer.total_epochs=3"])
+    plan = make_plan(cfg, world_size=2, train_len=35)
+    assert (plan.dp_size, plan.per_rank_batch, plan.micro_batches) == (2, 4, 2)
+    assert (plan.steps_per_epoch, plan.total_steps, plan.warmup_steps) == (4, 12, 0)
+    with pytest.raises(ConfigError, match="larger than the training set"):
+        make_plan(cfg, world_size=2, train_len=7)
+    cfg = compose([*paths, "data.train_batch_size=8", "trainer.total_training_steps=20"])
+    with pytest.raises(ConfigError, match="raise trainer.total_epochs"):
+        make_plan(cfg, world_size=2, train_len=35)
+    cfg = compose([*paths, "data.train_batch_size=8", "optim.lr_warmup_steps=4"])
+    with pytest.raises(ConfigError, match="warmup of 4 steps"):
+        make_plan(cfg, world_size=2, train_len=35)
+
+
+def test_cli_prints_one_line_and_exit_code_2(paths):
+    r = subprocess.run(
+        [sys.executable, "-m", "sft.fsdp_sft_trainer", *paths, "data.bogus=1"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "sft: config error: unknown config key 'data.bogus' (from data.bogus=1): it is not in "
+        "sft/config/sft_trainer.yaml; check the spelling"
+    ]
