@@ -1,0 +1,92 @@
+"""`MultiTurnSFTDataset`: whole conversations through the tokenizer's chat template.
+
+Each row's messages (plus optional tools and enable_thinking columns) are rendered to text
+once and tokenized once, so the ids are exactly `apply_chat_template(tokenize=True)`'s.
+The trained tokens are those starting inside the character spans of `sft.data.spans`:
+assistant turns with their end-of-turn token, changed by per-message `loss_mask`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from sft.data.messages import ChatRenderer, check_chat_template, clean_messages, parse_tools
+from sft.data.spans import Markers, token_mask, trained_spans
+from sft.data.storage import Encoded, TokenizedDataset
+
+logger = logging.getLogger("sft")
+
+
+class MultiTurnSFTDataset(TokenizedDataset):
+    """Multi-turn chat SFT (`data.multiturn.enable=true`); see `TokenizedDataset` for the items."""
+
+    def _prepare(self) -> None:
+        check_chat_template(self.tokenizer)
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError(
+                f"tokenizer {self.tokenizer.name_or_path!r} is a slow (Python) tokenizer; multi-turn masks need "
+                "character offsets: provide a tokenizer.json (fast tokenizer) in model.partial_pretrain"
+            )
+        self.markers = Markers(self.tokenizer)
+        self.num_misaligned = 0
+        self.num_control_text = 0
+
+    def _columns(self) -> tuple[dict[str, str], list[str]]:
+        mt = self.config.multiturn
+        return {mt.messages_key: "data.multiturn.messages_key"}, [mt.tools_key, mt.enable_thinking_key]
+
+    def _encode_batch(self, rows: range, columns: dict[str, list[Any]]) -> list[Encoded]:
+        mt = self.config.multiturn
+        texts: list[str] = []
+        all_spans = []
+        for k, row in enumerate(rows):
+            where = self.source.where(row)
+            messages, overrides = clean_messages(columns[mt.messages_key][k], where, mt.messages_key)
+            kwargs = dict(self.chat_kwargs)
+            tools = parse_tools(columns[mt.tools_key][k], where, mt.tools_key) if mt.tools_key in columns else None
+            if tools is not None:
+                kwargs["tools"] = tools
+            thinking = columns[mt.enable_thinking_key][k] if mt.enable_thinking_key in columns else None
+            if thinking is not None:
+                kwargs["enable_thinking"] = bool(thinking)
+            renderer = ChatRenderer(self.tokenizer, kwargs, where)
+            text = renderer.render(messages)
+            texts.append(text)
+            all_spans.append(trained_spans(messages, overrides, text, renderer, self.markers))
+            self._note_control_text(messages)
+        # One batched call: the Rust tokenizer encodes the texts in parallel.
+        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        out: list[Encoded] = []
+        for text, spans, ids, offsets in zip(texts, all_spans, enc["input_ids"], enc["offset_mapping"]):
+            mask, aligned = token_mask(np.asarray(offsets, dtype=np.int64).reshape(-1, 2), spans, len(text))
+            self.num_misaligned += not aligned
+            out.append((np.asarray(ids, dtype=np.int32), mask))
+        return out
+
+    def _note_control_text(self, messages: list[dict[str, Any]]) -> None:
+        # A control token written inside a message (e.g. "<|im_end|>") is encoded as that
+        # token, as apply_chat_template does; counted so the user hears about it once.
+        if self.markers.special is None:
+            return
+        if any(self.markers.special.search(m.get("content") or "") for m in messages):
+            self.num_control_text += 1
+
+    def _report(self, seconds: float) -> None:
+        paths = ", ".join(self.source.paths)
+        if self.num_misaligned:
+            logger.warning(
+                "%d rows of %s: a token straddles the edge of a trained span (the template joins a turn's "
+                "text to the next one); such tokens are trained only when they start inside the span",
+                self.num_misaligned,
+                paths,
+            )
+        if self.num_control_text:
+            logger.warning(
+                "%d rows of %s contain special-token text inside a message; it is encoded as the special token",
+                self.num_control_text,
+                paths,
+            )
+        super()._report(seconds)

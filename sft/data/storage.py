@@ -1,0 +1,214 @@
+"""The dataset base class: tokenize every row up front into compact numpy storage.
+
+`TokenizedDataset` reads the parquet files, asks its subclass to encode rows in batches
+(`_encode_batch` -> token ids and a 0/1 loss mask per row), applies `data.truncation`, drops
+rows left with no trained token, and stores the rest as flat int32 ids / uint8 masks with
+int64 offsets. `__getitem__` returns the item contract of DESIGN.md, padded or unpadded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from sft.data.files import ParquetSource
+from sft.schema import DataConfig
+
+logger = logging.getLogger("sft")
+
+TRUNCATIONS = ("left", "right", "error")
+# Rows converted to Python objects at a time; large enough for batched tokenization.
+BATCH_ROWS = 256
+
+Encoded = tuple[np.ndarray, np.ndarray]
+
+
+class TokenizedDataset(Dataset):
+    """Base of the SFT datasets; subclasses define the columns and `_encode_batch`."""
+
+    def __init__(
+        self,
+        parquet_files: str | Sequence[str],
+        tokenizer: PreTrainedTokenizerBase,
+        config: DataConfig,
+        max_samples: int = -1,
+        pad_to_max_length: bool = True,
+    ) -> None:
+        if config.truncation not in TRUNCATIONS:
+            raise ValueError(f"data.truncation={config.truncation!r}: choose one of {', '.join(TRUNCATIONS)}")
+        if config.max_length < 2:
+            raise ValueError(f"data.max_length={config.max_length}: must be at least 2")
+        self.tokenizer = tokenizer
+        self.config = config
+        self.max_length = int(config.max_length)
+        self.truncation = config.truncation
+        self.pad_to_max_length = pad_to_max_length
+        self.chat_kwargs = _chat_kwargs(config.apply_chat_template_kwargs)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        # Padding is masked out of attention and loss, so any valid id works as a fallback.
+        self.pad_token_id = int(pad_id) if pad_id is not None else 0
+        self._prepare()
+        required, optional = self._columns()
+        self.source = ParquetSource(parquet_files, required, optional, max_samples)
+        self._build()
+
+    # -- subclass interface ------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        """Checks and state that need the tokenizer and config, before any row is read."""
+
+    def _columns(self) -> tuple[dict[str, str], list[str]]:
+        """Required columns (name -> the config key that names it) and optional columns."""
+        raise NotImplementedError
+
+    def _encode_batch(self, rows: range, columns: dict[str, list[Any]]) -> list[Encoded]:
+        """(int token ids, 0/1 loss mask) for each row of `rows`, untruncated."""
+        raise NotImplementedError
+
+    # -- storage -----------------------------------------------------------------------
+
+    def _build(self) -> None:
+        t0 = time.perf_counter()
+        # One array per batch (not per row) keeps the build's memory overhead small.
+        ids_parts: list[np.ndarray] = []
+        mask_parts: list[np.ndarray] = []
+        length_parts: list[np.ndarray] = []
+        row_parts: list[np.ndarray] = []
+        self.num_dropped = 0
+        self.num_truncated = 0
+        for rows, columns in self.source.iter_batches(BATCH_ROWS):
+            encoded = self._encode_batch(rows, columns)
+            assert len(encoded) == len(rows), "encode_batch must return one entry per row"
+            kept: list[tuple[int, np.ndarray, np.ndarray]] = []
+            for row, (ids, mask) in zip(rows, encoded):
+                ids, mask = self._fit(row, np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.uint8))
+                # Token 0 has no context to be predicted from, so it can never be a target.
+                if mask[1:].any():
+                    kept.append((row, ids, mask))
+                else:
+                    self.num_dropped += 1
+            if kept:
+                row_parts.append(np.asarray([k[0] for k in kept], dtype=np.int64))
+                ids_parts.append(np.concatenate([k[1] for k in kept]))
+                mask_parts.append(np.concatenate([k[2] for k in kept]))
+                length_parts.append(np.asarray([len(k[1]) for k in kept], dtype=np.int64))
+        self.lengths = np.concatenate(length_parts) if length_parts else np.zeros(0, np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
+        self.input_ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int32)
+        self.loss_mask = np.concatenate(mask_parts) if mask_parts else np.zeros(0, np.uint8)
+        self.loss_mask[self.offsets[:-1]] = 0
+        self.rows = np.concatenate(row_parts) if row_parts else np.zeros(0, np.int64)
+        self._report(time.perf_counter() - t0)
+        if len(self.lengths) == 0:
+            raise ValueError(
+                f"{', '.join(self.source.paths)}: no sample to train on ({self.source.num_rows} rows read, "
+                f"{self.num_dropped} dropped with no trained token); check the files, data.max_length and data.truncation"
+            )
+
+    def _fit(self, row: int, ids: np.ndarray, mask: np.ndarray) -> Encoded:
+        assert ids.shape == mask.shape, f"{self.source.where(row)}: ids and loss mask differ in length"
+        n = len(ids)
+        if n <= self.max_length:
+            return ids, mask
+        if self.truncation == "error":
+            raise ValueError(
+                f"{self.source.where(row)}: {n} tokens > data.max_length={self.max_length}; "
+                "raise data.max_length or set data.truncation=left or right"
+            )
+        self.num_truncated += 1
+        if self.truncation == "left":
+            return ids[-self.max_length :], mask[-self.max_length :]
+        return ids[: self.max_length], mask[: self.max_length]
+
+    def _report(self, seconds: float) -> None:
+        paths = ", ".join(self.source.paths)
+        if self.num_dropped:
+            logger.warning(
+                "%d of %d rows of %s dropped: no trained token left (after truncation to data.max_length=%d)",
+                self.num_dropped,
+                self.source.num_rows,
+                paths,
+                self.max_length,
+            )
+        if self.num_truncated:
+            logger.info(
+                "%d rows of %s truncated (%s) to %d tokens", self.num_truncated, paths, self.truncation, self.max_length
+            )
+        logger.info(
+            "tokenized %d rows of %s in %.1fs: %d samples, %d tokens, %d trained",
+            self.source.num_rows,
+            paths,
+            seconds,
+            len(self),
+            int(self.lengths.sum()),
+            int(self.loss_mask.sum()),
+        )
+
+    # -- access ------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def origin(self, index: int) -> tuple[str, int]:
+        """(parquet path, row in that file) that sample `index` came from."""
+        return self.source.origin(int(self.rows[index]))
+
+    def where(self, index: int) -> str:
+        return self.source.where(int(self.rows[index]))
+
+    def token_ids(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Unpadded (ids, loss mask) of sample `index` as numpy views of the storage."""
+        start, end = self.offsets[index], self.offsets[index + 1]
+        return self.input_ids[start:end], self.loss_mask[start:end]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} out of range for a dataset of {len(self)}")
+        ids, mask = self.token_ids(index)
+        n = len(ids)
+        size = self.max_length if self.pad_to_max_length else n
+        input_ids = torch.full((size,), self.pad_token_id, dtype=torch.long)
+        input_ids[:n] = torch.from_numpy(ids.astype(np.int64))
+        attention_mask = torch.zeros(size, dtype=torch.long)
+        attention_mask[:n] = 1
+        position_ids = torch.zeros(size, dtype=torch.long)
+        position_ids[:n] = torch.arange(n)
+        loss_mask = torch.zeros(size, dtype=torch.long)
+        loss_mask[:n] = torch.from_numpy(mask.astype(np.int64))
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "loss_mask": loss_mask,
+        }
+
+
+# Arguments the datasets set themselves; passing them again would clash or break the masks.
+RESERVED_KWARGS = (
+    "conversation",
+    "tokenize",
+    "add_generation_prompt",
+    "continue_final_message",
+    "return_dict",
+    "return_assistant_tokens_mask",
+    "sanitize_control_tokens",
+)
+
+
+def _chat_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    kwargs = dict(kwargs or {})
+    for key in RESERVED_KWARGS:
+        if key in kwargs:
+            raise ValueError(
+                f"data.apply_chat_template_kwargs.{key}={kwargs[key]!r}: set by the dataset itself; remove it"
+            )
+    return kwargs
