@@ -73,7 +73,9 @@ class FSDPCheckpointManager:
         save_contents: list[str],
         load_contents: list[str],
         max_keep: int | None,
+        hf_dtype: torch.dtype = torch.bfloat16,
     ) -> None:
+        self.hf_dtype = hf_dtype
         self.root = Path(root).expanduser()
         self.ctx = ctx
         self.save_contents = set(save_contents)
@@ -138,7 +140,7 @@ class FSDPCheckpointManager:
         if self.ctx.is_main:
             out.mkdir(parents=True, exist_ok=True)
             export_config = copy.deepcopy(hf_config)
-            export_config.dtype = torch.bfloat16
+            export_config.dtype = self.hf_dtype
             export_config.use_cache = True  # the export is for inference
             export_config.save_pretrained(out)
             tokenizer.save_pretrained(out)
@@ -150,7 +152,7 @@ class FSDPCheckpointManager:
         keep = set(lm.state_dict().keys())
         tensors = [(n, p) for n, p in lm.named_parameters()]  # deduplicates tied weights
         tensors += [(n, b) for n, b in lm.named_buffers() if n in keep]
-        dtype = torch.bfloat16  # what users load and serve; master weights may be fp32
+        dtype = self.hf_dtype
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for name, t in tensors:

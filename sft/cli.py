@@ -21,6 +21,8 @@ from omegaconf.errors import (
 )
 
 from sft.distributed import WorldInfo, init_distributed, resolve_device_type, setup_logging, teardown
+from sft.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
+from sft.preemption import Preempted
 from sft.schema import SFTConfig, load_config, to_dict
 from sft.validate import ConfigError, validate_config
 
@@ -91,6 +93,9 @@ def run_cli(argv: list[str], fn: Callable[[SFTConfig, object], None]) -> int:
     ctx = init_distributed(device_type, cfg.ulysses_sequence_parallel_size)
     try:
         fn(cfg, ctx)
+    except Preempted as exc:
+        logger.warning("%s", exc)
+        return PREEMPTED_EXIT_CODE
     except (ValueError, TrainingError) as exc:  # found while loading data/model or training: one line
         if world.rank == 0 or isinstance(exc, TrainingError):
             print(f"sft: error: {exc}", file=sys.stderr)

@@ -30,9 +30,10 @@ from sft.data import build_dataset
 from sft.data.sampler import StepBatchSampler, eval_indices
 from sft.distributed import DistContext
 from sft.metrics import MetricsLogger, StepTimer
-from sft.model import build_meta_model, load_hf_config, load_tokenizer, load_weights
+from sft.model import DTYPES, build_meta_model, load_hf_config, load_tokenizer, load_weights
 from sft.optim import build_optimizer, build_scheduler
 from sft.parallelize import apply_fsdp
+from sft.preemption import Preempted, PreemptionWatcher
 from sft.schema import SFTConfig, to_dict
 from sft.validate import make_plan
 
@@ -94,7 +95,9 @@ class FSDPSFTTrainer:
             cfg.trainer.checkpoint.save_contents,
             cfg.trainer.checkpoint.load_contents,
             cfg.trainer.max_ckpt_to_keep,
+            DTYPES[cfg.trainer.checkpoint.hf_dtype],
         )
+        self.preemption = PreemptionWatcher(ctx.world_group, ctx.device)
         self.state = TrainState()
         run_id = self._maybe_resume()
         self.metrics = MetricsLogger(
@@ -246,11 +249,21 @@ class FSDPSFTTrainer:
                 last = st.global_step >= plan.total_steps
                 if self.val_ds is not None and (last or (tc.test_freq > 0 and st.global_step % tc.test_freq == 0)):
                     self.metrics.log({"val/loss": self.validate()}, st.global_step)
-                if last or (tc.save_freq > 0 and st.global_step % tc.save_freq == 0):
+                saved = last or (tc.save_freq > 0 and st.global_step % tc.save_freq == 0)
+                if saved:
                     self.save()
+                if self.preemption.requested():
+                    if not saved:
+                        self.save()
+                    self.metrics.close()
+                    raise Preempted(
+                        f"preempted: checkpoint of step {st.global_step} saved in {self.cfg.trainer.default_local_dir}; "
+                        "relaunch the same command to resume"
+                    )
                 if last:
                     break
         self.metrics.close()
+        self.preemption.close()
 
     def save(self) -> None:
         extra = {

@@ -108,6 +108,8 @@ class OptimConfig:
 class CheckpointConfig:
     save_contents: List[str] = field(default_factory=lambda: ["model", "optimizer", "extra"])
     load_contents: List[str] = field(default_factory=lambda: ["model", "optimizer", "extra"])
+    # dtype of the safetensors weights in huggingface/ (with hf_model): bf16, or fp32 for exact copies.
+    hf_dtype: str = "bf16"
 
 
 @dataclass

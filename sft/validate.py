@@ -137,6 +137,10 @@ def _check_trainer(cfg: SFTConfig, world: WorldInfo) -> None:
         bad = [x for x in getattr(t.checkpoint, key) if x not in CONTENTS]
         _need(not bad, f"trainer.checkpoint.{key}: unknown {bad}; choose from {', '.join(CONTENTS)}")
     _need(
+        t.checkpoint.hf_dtype in ("bf16", "fp32"),
+        f"trainer.checkpoint.hf_dtype={t.checkpoint.hf_dtype!r}: choose bf16 or fp32",
+    )
+    _need(
         t.default_hdfs_dir is None,
         "trainer.default_hdfs_dir: copying checkpoints to HDFS is not supported; remove the key and copy "
         "trainer.default_local_dir yourself",
