@@ -36,10 +36,6 @@ def padded_micro_batch(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.
     }
 
 
-def split_micro_batches(items: list[dict[str, torch.Tensor]], micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
-    return [padded_micro_batch(items[i : i + micro_batch_size]) for i in range(0, len(items), micro_batch_size)]
-
-
 def empty_micro_batch(pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
     """A one-token batch with no target, for a rank that has run out of validation samples
     (every rank must run the same number of forwards: FSDP's collectives are matched)."""
@@ -52,5 +48,5 @@ def empty_micro_batch(pad_id: int, device: torch.device) -> dict[str, torch.Tens
     }
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -31,7 +31,7 @@ class WorldInfo:
     local_world_size: int
 
     @staticmethod
-    def from_env() -> "WorldInfo":
+    def from_env() -> WorldInfo:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         return WorldInfo(
             rank=int(os.environ.get("RANK", "0")),
@@ -119,9 +119,7 @@ def init_distributed(device_type: str, sp_size: int, timeout_s: int = 1800) -> D
         )
     assert info.world_size % sp_size == 0, "validated before: sp divides the world"
     fsdp_mesh = init_device_mesh(device_type, (info.world_size,), mesh_dim_names=("fsdp",))
-    dp_sp_mesh = init_device_mesh(
-        device_type, (info.world_size // sp_size, sp_size), mesh_dim_names=("dp", "sp")
-    )
+    dp_sp_mesh = init_device_mesh(device_type, (info.world_size // sp_size, sp_size), mesh_dim_names=("dp", "sp"))
     return DistContext(
         rank=info.rank,
         world_size=info.world_size,

@@ -13,20 +13,18 @@ import logging
 import math
 import random
 import sys
-import time
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import GenerationConfig
 
-from sft.batch import empty_micro_batch, padded_micro_batch, split_micro_batches, to_device
+from sft.batch import to_device
 from sft.checkpoint import FSDPCheckpointManager, set_rng_state
 from sft.cli import TrainingError, run_cli
 from sft.data import build_dataset
+from sft.data.loader import MicroBatchBuilder, build_train_loader
 from sft.data.sampler import StepBatchSampler, eval_indices
 from sft.distributed import DistContext
 from sft.metrics import MetricsLogger, StepTimer
@@ -81,14 +79,19 @@ class FSDPSFTTrainer:
             num_cycles=cfg.optim.num_cycles,
             wsd_decay_ratio=cfg.optim.wsd_decay_ratio,
         )
+        budget = cfg.data.max_token_len_per_gpu
         self.sampler = StepBatchSampler(
-            len(self.train_ds), cfg.data.train_batch_size, ctx.dp_rank, ctx.dp_size, cfg.trainer.seed
+            len(self.train_ds),
+            cfg.data.train_batch_size,
+            ctx.dp_rank,
+            ctx.dp_size,
+            cfg.trainer.seed,
+            cfg.data.micro_batch_size_per_gpu,
+            lengths=self.train_ds.lengths,
+            # Each GPU of an SP group holds 1/sp of the packed row: the row may be sp times the budget.
+            token_budget=budget * ctx.sp_size if budget else None,
         )
-        self.loader = StatefulDataLoader(
-            self.train_ds,
-            batch_sampler=self.sampler,
-            collate_fn=partial(split_micro_batches, micro_batch_size=cfg.data.micro_batch_size_per_gpu),
-        )
+        self.loader = build_train_loader(self.sampler, self._builder(self.train_ds))
         self.ckpt = FSDPCheckpointManager(
             cfg.trainer.default_local_dir,
             ctx,
@@ -117,6 +120,26 @@ class FSDPSFTTrainer:
         return build_dataset(
             files, self.tokenizer, self.cfg.data, max_samples, pad_to_max_length=not self.cfg.use_remove_padding
         )
+
+    def _builder(self, ds) -> MicroBatchBuilder:
+        return MicroBatchBuilder(
+            ds, self.cfg.use_remove_padding, self.tokenizer.pad_token_id, self.ctx.sp_rank, self.ctx.sp_size
+        )
+
+    def _forward(self, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the model on one micro-batch (moved to the device); packed rows carry varlen metadata."""
+        mb = to_device(mb, self.ctx.device)
+        mb.pop("real_mask", None)
+        if "cu_seq_lens" in mb:
+            cu, max_len = mb.pop("cu_seq_lens"), mb.pop("max_length")
+            mb.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
+            if self.ctx.sp_size > 1:
+                mb["sp_group"] = self.ctx.sp_group
+        return self.model(**mb)
+
+    @staticmethod
+    def _real_mask(mb: dict) -> torch.Tensor:
+        return mb["real_mask"] if "real_mask" in mb else mb["attention_mask"]
 
     def _generation_config(self) -> GenerationConfig | None:
         try:
@@ -151,8 +174,8 @@ class FSDPSFTTrainer:
         counts = torch.tensor(
             [
                 sum(int((mb["labels"] != -100).sum()) for mb in micro_batches),
-                sum(int(mb["attention_mask"].sum()) for mb in micro_batches),
-                sum(mb["attention_mask"].numel() for mb in micro_batches),
+                sum(int(self._real_mask(mb).sum()) for mb in micro_batches),
+                sum(self._real_mask(mb).numel() for mb in micro_batches),
             ],
             dtype=torch.float64,
             device=device,
@@ -166,7 +189,7 @@ class FSDPSFTTrainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for i, mb in enumerate(micro_batches):
             self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-            mb_loss, _ = self.model(**to_device(mb, device))
+            mb_loss, _ = self._forward(mb)
             (mb_loss * scale).backward()
             loss_sum += mb_loss.detach().double()
         dist.all_reduce(loss_sum, group=world)
@@ -197,18 +220,13 @@ class FSDPSFTTrainer:
     def validate(self) -> float:
         ds, mb_size, device = self.val_ds, self.cfg.data.micro_batch_size_per_gpu, self.ctx.device
         mine = eval_indices(len(ds), self.ctx.dp_rank, self.ctx.dp_size)
+        build = self._builder(ds)
         # Every rank runs the same number of forwards (FSDP's collectives must match).
         n_mb = math.ceil(math.ceil(len(ds) / self.ctx.dp_size) / mb_size)
         totals = torch.zeros(2, dtype=torch.float64, device=device)
         self.model.eval()
         for k in range(n_mb):
-            idx = mine[k * mb_size : (k + 1) * mb_size]
-            mb = (
-                padded_micro_batch([ds[i] for i in idx])
-                if idx
-                else empty_micro_batch(self.tokenizer.pad_token_id, torch.device("cpu"))
-            )
-            loss_sum, n = self.model(**to_device(mb, device))
+            loss_sum, n = self._forward(build(mine[k * mb_size : (k + 1) * mb_size]))
             totals += torch.stack([loss_sum.double(), n.double()])
         self.model.train()
         dist.all_reduce(totals, group=self.ctx.world_group)

@@ -65,9 +65,7 @@ class _Console:
     def log(self, metrics: dict[str, float], step: int) -> None:
         head = [f"step {step}/{self.total_steps}"]
         if any(k.startswith("train/") for k in metrics):
-            fields = [
-                fmt(float(metrics[k])) for k, fmt in _TRAIN_FIELDS if k in metrics
-            ]
+            fields = [fmt(float(metrics[k])) for k, fmt in _TRAIN_FIELDS if k in metrics]
             eta = self._eta(step)
             logger.info(" | ".join(head + fields + ([eta] if eta else [])))
         val = sorted((k[4:], v) for k, v in metrics.items() if k.startswith("val/"))
@@ -169,8 +167,7 @@ class MetricsLogger:
         for name in backends:
             if name not in LOGGER_BACKENDS:
                 raise ValueError(
-                    f"trainer.logger contains {name!r}, which is not a logger; "
-                    f"choose from {list(LOGGER_BACKENDS)}."
+                    f"trainer.logger contains {name!r}, which is not a logger; choose from {list(LOGGER_BACKENDS)}."
                 )
         self.run_id: str | None = None
         self._sinks: list[Any] = []
@@ -262,10 +259,7 @@ def useful_flops(hf_config: Any, seq_lens: Sequence[int]) -> float:
     """
     n_tokens = sum(int(s) for s in seq_lens)
     sum_sq = sum(int(s) ** 2 for s in seq_lens)
-    return (
-        6.0 * matmul_params(hf_config) * n_tokens
-        + 6.0 * _attn_flops_unit(hf_config) * sum_sq
-    )
+    return 6.0 * matmul_params(hf_config) * n_tokens + 6.0 * _attn_flops_unit(hf_config) * sum_sq
 
 
 # Dense bf16 peak of one SXM GPU; the measured matmul ceiling is lower (~790e12 on H100).
@@ -283,9 +277,7 @@ def peak_flops_per_gpu(device: torch.device) -> float | None:
     return None
 
 
-def mfu(
-    flops: float, seconds: float, peak: float | None, n_gpus: int = 1
-) -> float | None:
+def mfu(flops: float, seconds: float, peak: float | None, n_gpus: int = 1) -> float | None:
     """Model FLOPs utilisation as a fraction: flops / (seconds * peak * n_gpus)."""
     if peak is None or seconds <= 0:
         return None

@@ -9,6 +9,7 @@ gathered while the loss uses it and logits are never materialised in full.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 from pathlib import Path
@@ -19,9 +20,11 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
+from sft.attention import register_varlen_attention
 from sft.distributed import DistContext
 from sft.loss import chunked_linear_cross_entropy
 from sft.schema import SFTConfig
+from sft.ulysses import check_sp_heads
 
 logger = logging.getLogger("sft")
 
@@ -102,10 +105,22 @@ def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig) -> CausalLMWit
     """The model skeleton on the meta device, in the master-weight dtype."""
     check_supported_head(hf_config)
     dtype = DTYPES[cfg.model.fsdp_config.model_dtype]
+    extra = {}
+    if cfg.use_remove_padding:
+        # Packed rows: attention goes through our varlen function, found by name in transformers'
+        # attention registry (no model code is patched).
+        extra["attn_implementation"] = register_varlen_attention()
+        n_heads = hf_config.num_attention_heads
+        kv_heads = getattr(hf_config, "num_key_value_heads", None) or n_heads
+        check_sp_heads(n_heads, kv_heads, cfg.ulysses_sequence_parallel_size)
     with torch.device("meta"):
+        # A copy: from_config records the attention choice in the config object it is given, and
+        # the original is exported with checkpoints (where "sft_varlen" would not load).
         lm = AutoModelForCausalLM.from_config(
-            hf_config, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
+            copy.deepcopy(hf_config), dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, **extra
         )
+    if cfg.use_remove_padding:
+        assert lm.config._attn_implementation == extra["attn_implementation"], "varlen attention not selected"
     if cfg.model.enable_gradient_checkpointing:
         # HF's own per-layer checkpointing keeps parameter names unchanged (checkpoint wrappers would not).
         # Renamed activation_checkpointing_enable (with a renamed argument) in newer transformers.

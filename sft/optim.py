@@ -60,9 +60,7 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **backend)
 
 
-def resolve_warmup_steps(
-    total_steps: int, warmup_steps: int, warmup_ratio: float
-) -> int:
+def resolve_warmup_steps(total_steps: int, warmup_steps: int, warmup_ratio: float) -> int:
     """Warmup length in optimizer steps.
 
     An explicit `warmup_steps >= 0` wins (verl's `optim.lr_warmup_steps`, where -1 means
@@ -80,9 +78,7 @@ def resolve_warmup_steps(
 
 def _check_kind(kind: str) -> None:
     if kind not in SCHEDULER_KINDS:
-        raise ValueError(
-            f"optim.lr_scheduler={kind!r} is not supported; choose one of {list(SCHEDULER_KINDS)}."
-        )
+        raise ValueError(f"optim.lr_scheduler={kind!r} is not supported; choose one of {list(SCHEDULER_KINDS)}.")
 
 
 def lr_multiplier(
@@ -134,10 +130,7 @@ class _LambdaLR(LambdaLR):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        lrs = [
-            base * fn(self.last_epoch)
-            for base, fn in zip(self.base_lrs, self.lr_lambdas)
-        ]
+        lrs = [base * fn(self.last_epoch) for base, fn in zip(self.base_lrs, self.lr_lambdas)]
         for group, lr in zip(self.optimizer.param_groups, lrs):
             group["lr"] = lr
         self._last_lr = lrs

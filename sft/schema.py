@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
@@ -28,8 +28,8 @@ class MultiTurnConfig:
 
 @dataclass
 class CustomClsConfig:
-    path: Optional[str] = None
-    name: Optional[str] = None
+    path: str | None = None
+    name: str | None = None
 
 
 @dataclass
@@ -39,23 +39,25 @@ class DataConfig:
     val_files: Any = None
     train_batch_size: int = 256
     micro_batch_size_per_gpu: int = 4
+    # Token budget per GPU per micro-batch (packed mode): replaces the fixed sample count.
+    max_token_len_per_gpu: int | None = None
     # verl's deprecated global micro-batch: rejected with a pointer to the per-GPU key.
-    micro_batch_size: Optional[int] = None
+    micro_batch_size: int | None = None
     train_max_samples: int = -1
     val_max_samples: int = -1
     prompt_key: str = "prompt"
     response_key: str = "response"
-    prompt_dict_keys: Optional[List[str]] = None
-    response_dict_keys: Optional[List[str]] = None
+    prompt_dict_keys: list[str] | None = None
+    response_dict_keys: list[str] | None = None
     multiturn: MultiTurnConfig = field(default_factory=MultiTurnConfig)
     max_length: int = 1024
     truncation: str = "error"
     # The loss is always the exact global token mean; false (a mean of per-rank means) is refused.
     balance_dp_token: bool = True
-    chat_template: Optional[str] = None
+    chat_template: str | None = None
     custom_cls: CustomClsConfig = field(default_factory=CustomClsConfig)
     use_shm: bool = False
-    apply_chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)
+    apply_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -79,20 +81,20 @@ class ModelConfig:
     trust_remote_code: bool = False
     enable_gradient_checkpointing: bool = True
     strategy: str = "fsdp2"
-    external_lib: Optional[str] = None
+    external_lib: str | None = None
     use_shm: bool = False
     fsdp_config: FSDPConfig = field(default_factory=FSDPConfig)
     lora_rank: int = 0
     lora_alpha: int = 16
     target_modules: Any = "all-linear"
-    lora_adapter_path: Optional[str] = None
+    lora_adapter_path: str | None = None
     use_liger: bool = False
 
 
 @dataclass
 class OptimConfig:
     lr: float = 1e-5
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.01
     lr_warmup_steps_ratio: float = 0.0
     # -1: use lr_warmup_steps_ratio (verl's convention).
@@ -106,8 +108,8 @@ class OptimConfig:
 
 @dataclass
 class CheckpointConfig:
-    save_contents: List[str] = field(default_factory=lambda: ["model", "optimizer", "extra"])
-    load_contents: List[str] = field(default_factory=lambda: ["model", "optimizer", "extra"])
+    save_contents: list[str] = field(default_factory=lambda: ["model", "optimizer", "extra"])
+    load_contents: list[str] = field(default_factory=lambda: ["model", "optimizer", "extra"])
     # dtype of the safetensors weights in huggingface/ (with hf_model): bf16, or fp32 for exact copies.
     hf_dtype: str = "bf16"
 
@@ -115,21 +117,21 @@ class CheckpointConfig:
 @dataclass
 class TrainerConfig:
     default_local_dir: str = "checkpoints/${trainer.project_name}/${trainer.experiment_name}"
-    default_hdfs_dir: Optional[str] = None
+    default_hdfs_dir: str | None = None
     project_name: str = "sft"
     experiment_name: str = "run"
     total_epochs: int = 1
-    total_training_steps: Optional[int] = None
-    logger: List[str] = field(default_factory=lambda: ["console"])
+    total_training_steps: int | None = None
+    logger: list[str] = field(default_factory=lambda: ["console"])
     seed: int = 1
     save_freq: int = -1
     test_freq: int = -1
     # verl's launch bookkeeping: checked against the real torchrun world when set.
-    nnodes: Optional[int] = None
-    n_gpus_per_node: Optional[int] = None
-    max_ckpt_to_keep: Optional[int] = None
+    nnodes: int | None = None
+    n_gpus_per_node: int | None = None
+    max_ckpt_to_keep: int | None = None
     resume_mode: str = "auto"
-    resume_from_path: Optional[str] = None
+    resume_from_path: str | None = None
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     device: str = "auto"
 

@@ -71,7 +71,10 @@ def _check_data(cfg: SFTConfig) -> None:
 def _check_model(cfg: SFTConfig) -> None:
     m = cfg.model
     p = Path(m.partial_pretrain).expanduser()
-    _need(p.is_dir(), f"model.partial_pretrain={m.partial_pretrain}: not a directory; give a local Hugging Face model folder")
+    _need(
+        p.is_dir(),
+        f"model.partial_pretrain={m.partial_pretrain}: not a directory; give a local Hugging Face model folder",
+    )
     _need(
         m.strategy == "fsdp2",
         f"model.strategy={m.strategy!r}: sft supports FSDP2 only; set model.strategy=fsdp2 (or remove the key)",
@@ -124,7 +127,10 @@ def _check_trainer(cfg: SFTConfig, world: WorldInfo) -> None:
     for key in ("save_freq", "test_freq"):
         v = getattr(t, key)
         _need(v == -1 or v > 0, f"trainer.{key}={v}: -1 (only at the end) or a positive number of steps")
-    _need(t.max_ckpt_to_keep is None or t.max_ckpt_to_keep >= 1, f"trainer.max_ckpt_to_keep={t.max_ckpt_to_keep}: null or >= 1")
+    _need(
+        t.max_ckpt_to_keep is None or t.max_ckpt_to_keep >= 1,
+        f"trainer.max_ckpt_to_keep={t.max_ckpt_to_keep}: null or >= 1",
+    )
     _need(
         t.resume_mode in ("auto", "disable", "resume_path"),
         f"trainer.resume_mode={t.resume_mode!r}: choose auto, disable or resume_path",
@@ -168,15 +174,31 @@ def _check_parallel(cfg: SFTConfig, world: WorldInfo) -> None:
     )
     dp = world.world_size // sp
     b, mb = cfg.data.train_batch_size, cfg.data.micro_batch_size_per_gpu
+    budget = cfg.data.max_token_len_per_gpu
     _need(
-        b % (dp * mb) == 0,
-        f"data.train_batch_size={b} is not divisible by data-parallel ranks ({dp}) x "
-        f"data.micro_batch_size_per_gpu ({mb}) = {dp * mb}; make the global batch a multiple of {dp * mb}",
+        sp == 1 or cfg.use_remove_padding,
+        f"ulysses_sequence_parallel_size={sp} needs use_remove_padding=true: sequence parallelism splits "
+        "the packed, padding-free row",
     )
-    _need(sp == 1, f"ulysses_sequence_parallel_size={sp}: sequence parallelism is not supported yet; use 1")
+    if budget is None:
+        _need(
+            b % (dp * mb) == 0,
+            f"data.train_batch_size={b} is not divisible by data-parallel ranks ({dp}) x "
+            f"data.micro_batch_size_per_gpu ({mb}) = {dp * mb}; make the global batch a multiple of {dp * mb}",
+        )
+        return
     _need(
-        not cfg.use_remove_padding,
-        "use_remove_padding=true: remove-padding is not supported yet; use use_remove_padding=false",
+        cfg.use_remove_padding,
+        f"data.max_token_len_per_gpu={budget} needs use_remove_padding=true (token budgets pack samples)",
+    )
+    _need(
+        budget * sp >= cfg.data.max_length,
+        f"data.max_token_len_per_gpu={budget} x ulysses_sequence_parallel_size={sp} is below "
+        f"data.max_length={cfg.data.max_length}: a sample of full length would not fit; raise it",
+    )
+    _need(
+        b % dp == 0,
+        f"data.train_batch_size={b} is not divisible by the {dp} data-parallel ranks; make it a multiple of {dp}",
     )
 
 

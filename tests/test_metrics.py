@@ -47,9 +47,7 @@ def test_file_appends_across_lifetimes(tmp_path) -> None:
     second.log({"train/loss": 2.0, "val/loss": 2.1}, step=3)
     second.close()
 
-    rows = [
-        json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
-    ]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert [r["train/loss"] for r in rows] == [2.5, 2.25, 2.0]
     assert rows[1]["train/tokens"] == 512 and isinstance(rows[1]["train/tokens"], int)
@@ -79,9 +77,7 @@ def test_nonzero_rank_is_a_noop(tmp_path, monkeypatch) -> None:
 
 
 def test_unknown_backend_message(tmp_path) -> None:
-    with pytest.raises(
-        ValueError, match=r"trainer.logger.*'mlflow'.*console.*tensorboard"
-    ):
+    with pytest.raises(ValueError, match=r"trainer.logger.*'mlflow'.*console.*tensorboard"):
         _logger(["console", "mlflow"], tmp_path)
     # Refused on every rank, so the other ranks do not wait on a dead rank 0.
     with pytest.raises(ValueError, match="trainer.logger"):
@@ -102,14 +98,8 @@ def test_console_lines(tmp_path, caplog) -> None:
     ml.log({**train, "val/loss": 2.5}, step=2)
     ml.close()
     lines = [r.getMessage() for r in caplog.records if r.name == "sft"]
-    assert (
-        lines[0]
-        == "step 1/10 | loss 2.3412 | lr 1.2e-05 | gnorm 0.871 | 12.3k tok/s/gpu | 1.20 s"
-    )
-    assert (
-        lines[1].startswith("step 2/10 | loss 2.3412 |")
-        and "ETA 0:00:00 (20%)" in lines[1]
-    )
+    assert lines[0] == "step 1/10 | loss 2.3412 | lr 1.2e-05 | gnorm 0.871 | 12.3k tok/s/gpu | 1.20 s"
+    assert lines[1].startswith("step 2/10 | loss 2.3412 |") and "ETA 0:00:00 (20%)" in lines[1]
     assert lines[2] == "step 2/10 | val loss 2.5000"
     assert not list(tmp_path.iterdir())  # the console writes no files
 
@@ -182,9 +172,7 @@ def test_matmul_params_equals_linear_weights_of_a_real_model() -> None:
     cfg = Qwen2Config(**vars(_CFG), tie_word_embeddings=True)
     model = Qwen2ForCausalLM(cfg)
     # Every nn.Linear weight (the tied LM head included) is a matmul; biases are not.
-    linear = sum(
-        m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)
-    )
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert matmul_params(cfg) == linear == _N
 
 
@@ -205,9 +193,7 @@ def test_useful_flops_by_hand() -> None:
 def test_peak_flops_and_mfu(monkeypatch) -> None:
     assert peak_flops_per_gpu(torch.device("cpu")) is None
     cuda = torch.device("cuda", 0)
-    monkeypatch.setattr(
-        torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 80GB HBM3"
-    )
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 80GB HBM3")
     assert peak_flops_per_gpu(cuda) == 989e12
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H200")
     assert peak_flops_per_gpu(cuda) == 989e12

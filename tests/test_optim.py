@@ -177,11 +177,7 @@ def _train(model: torch.nn.Module, opt, sched, steps: range) -> list[float]:
 def test_scheduler_matches_pure_function_and_resumes() -> None:
     base = 2e-3
     expected = [
-        base
-        * lr_multiplier(
-            s, total_steps=12, warmup_steps=3, kind="cosine", min_lr_ratio=0.2
-        )
-        for s in range(12)
+        base * lr_multiplier(s, total_steps=12, warmup_steps=3, kind="cosine", min_lr_ratio=0.2) for s in range(12)
     ]
     torch.manual_seed(0)
     m = _Tiny()

@@ -1,0 +1,172 @@
+"""Varlen (packed, padding-free) causal attention, registered with transformers' attention registry.
+
+The trainer packs a micro-batch into one row with per-sample `position_ids` and passes
+`cu_seq_lens_q/k` and `max_length_q/k` to the model's forward; the function registered here
+under `ATTN_NAME` attends within each sample only (flash-attn, torch's varlen kernel, or a
+per-sample SDPA reference on CPU) and hands over to Ulysses when an `sp_group` kwarg is given.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from sft.ulysses import ulysses_attention
+
+ATTN_NAME = "sft_varlen"
+
+try:  # flash-attn is optional (source-only wheels); when present on CUDA it is preferred.
+    from flash_attn import flash_attn_varlen_func
+except ImportError:
+    flash_attn_varlen_func = None
+
+try:  # torch >= 2.10 ships a varlen kernel; older torch or CPU-only builds may lack it.
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+
+# torch 2.11 takes fewer KV heads without a flag; later versions ask for `enable_gqa=True`.
+_VARLEN_TAKES_GQA_FLAG = varlen_attn is not None and "enable_gqa" in inspect.signature(varlen_attn).parameters
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _reference_varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Causal SDPA per segment: correct everywhere, used on CPU and for dtypes the kernels lack."""
+    total, heads, _ = q.shape
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != total or any(nxt < cur for cur, nxt in zip(bounds[:-1], bounds[1:])):
+        raise ValueError(f"cu_seq_lens {bounds} must rise from 0 to the packed length {total}")
+    rep = heads // k.shape[1]
+    # GQA: query head i reads KV head i // rep, which is what repeat_interleave lays out.
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        # [n, h, d] -> [h, n, d] -> SDPA -> [n, h, d]
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1))
+    return torch.cat(outs, dim=0)
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_length_q: int,
+    max_length_k: int,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention within each packed segment: q `[T, h, d]`, k/v `[T, h_kv, d]` -> `[T, h, d]`.
+
+    The backend is picked by device and dtype: flash-attn, then torch's varlen kernel on CUDA
+    (half precision only), else the per-segment SDPA reference.
+    """
+    assert q.shape[1] % k.shape[1] == 0, f"{q.shape[1]} query heads vs {k.shape[1]} KV heads"
+    if q.is_cuda and q.dtype in _KERNEL_DTYPES:
+        if flash_attn_varlen_func is not None:
+            return flash_attn_varlen_func(
+                q, k, v, cu_seqlens_q, cu_seqlens_k, max_length_q, max_length_k, softmax_scale=scale, causal=True
+            )
+        if varlen_attn is None:
+            raise RuntimeError(
+                f"{ATTN_NAME} attention on CUDA needs flash-attn or torch.nn.attention.varlen (torch >= 2.10); "
+                f"this torch {torch.__version__} has neither"
+            )
+        gqa = {"enable_gqa": True} if _VARLEN_TAKES_GQA_FLAG and q.shape[1] != k.shape[1] else {}
+        # window_size=(-1, 0) is how this kernel spells "causal".
+        return varlen_attn(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_length_q, max_length_k, scale=scale, window_size=(-1, 0), **gqa
+        )
+    if not torch.equal(cu_seqlens_q, cu_seqlens_k):
+        raise ValueError(f"{ATTN_NAME} is self-attention: cu_seq_lens_q and cu_seq_lens_k must be equal")
+    return _reference_varlen(q, k, v, cu_seqlens_q, scale)
+
+
+def _check_module(module: torch.nn.Module, dropout: float, kwargs: dict[str, Any]) -> None:
+    """Refuse what this function would otherwise compute wrongly instead of silently ignoring it."""
+    if dropout:
+        raise ValueError(
+            f"attention dropout {dropout} is not supported by the {ATTN_NAME} attention; set `attention_dropout` "
+            "to 0.0 in the model's config.json (it only acts in training mode)"
+        )
+    window = kwargs.get("sliding_window")
+    if window is None:
+        window = getattr(module, "sliding_window", None)
+    if window is not None:
+        raise NotImplementedError(
+            f"{type(module).__name__} uses sliding-window attention (window {window}); {ATTN_NAME} computes full "
+            "causal attention only. Disable `use_sliding_window` in the model config or use a model without it"
+        )
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError(f"{type(module).__name__} uses attention logit softcapping; {ATTN_NAME} has none")
+    if getattr(module, "is_causal", True) is False or kwargs.get("is_causal") is False:
+        raise NotImplementedError(f"{type(module).__name__} is not causal; {ATTN_NAME} is causal attention only")
+
+
+def sft_varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The registered function: q `[b, h, s, d]`, k/v `[b, h_kv, s, d]` -> (`[b, s, h, d]`, None).
+
+    Needs `cu_seq_lens_q/k` (int32 `[n+1]`, over the whole flattened `b*s` row, or over the full
+    sequence-parallel row) and `max_length_q/k`. With `sp_group` (size > 1) each rank holds a
+    contiguous `s/sp` slice, in group-rank order, and Ulysses gathers the sequence.
+    """
+    _check_module(module, dropout, kwargs)
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None or kwargs.get("max_length_q") is None:
+        raise ValueError(
+            f"attn_implementation={ATTN_NAME!r} needs packed inputs: pass cu_seq_lens_q/k and max_length_q/k to the "
+            "model's forward (a padded batch with only an attention_mask cannot be attended this way)"
+        )
+    if attention_mask is not None:
+        raise ValueError(f"{ATTN_NAME} got a dense attention_mask; packed rows are delimited by cu_seq_lens only")
+    cu_k = cu_q if cu_k is None else cu_k
+    max_q = int(kwargs["max_length_q"])
+    max_k = int(kwargs.get("max_length_k") or max_q)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    b, heads, s, d = query.shape
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        cu_q32, cu_k32 = (c.to(device=q.device, dtype=torch.int32) for c in (cu_q, cu_k))
+        return varlen_attention(q, k, v, cu_q32, cu_k32, max_q, max_k, scale)
+
+    # [b, h, s, d] -> [b*s, h, d]: tokens first, as the varlen kernels and the all-to-all want.
+    q, k, v = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (query, key, value))
+    group: dist.ProcessGroup | None = kwargs.get("sp_group")
+    if group is not None and dist.get_world_size(group) > 1:
+        assert b == 1, f"sequence parallelism packs one row per micro-batch, got batch {b}"
+        out = ulysses_attention(q, k, v, group, attend)  # [s/sp, h, d]
+    else:
+        out = attend(q, k, v)  # [b*s, h, d]
+    return out.view(b, s, heads, d), None
+
+
+def _no_dense_mask(*args: Any, **kwargs: Any) -> None:
+    """Packed rows are delimited by cu_seq_lens, so no `[b, 1, s, s]` mask is ever built."""
+    return None
+
+
+def register_varlen_attention() -> str:
+    """Register the attention and (empty) mask functions under `ATTN_NAME`; idempotent. Returns the name."""
+    AttentionInterface.register(ATTN_NAME, sft_varlen_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, _no_dense_mask)
+    return ATTN_NAME

@@ -1,0 +1,57 @@
+"""The training data loader: one item per optimizer step, holding this rank's micro-batches.
+
+The sampler yields a step's plan (micro-batches as lists of dataset indices); `StepFetcher`
+turns it into model-ready micro-batches, padded (`use_remove_padding=false`) or packed and
+sliced for this sequence-parallel rank (`true`). torchdata's StatefulDataLoader drives it,
+so worker processes can be added without changing the trainer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from sft.batch import empty_micro_batch, padded_micro_batch
+from sft.data.packing import empty_packed_batch, packed_micro_batch, sp_slice
+from sft.data.sampler import StepBatchSampler
+
+
+class MicroBatchBuilder:
+    """Dataset indices -> one micro-batch for this rank (an empty list -> a batch with no target)."""
+
+    def __init__(self, dataset: Dataset, packed: bool, pad_id: int, sp_rank: int, sp_size: int) -> None:
+        self.dataset, self.packed, self.pad_id = dataset, packed, pad_id
+        self.sp_rank, self.sp_size = sp_rank, sp_size
+
+    def __call__(self, indices: list[int]) -> dict:
+        if self.packed:
+            if not indices:
+                return sp_slice(empty_packed_batch(self.pad_id, self.sp_size), self.sp_rank, self.sp_size)
+            row = packed_micro_batch([self.dataset[i] for i in indices], self.pad_id, self.sp_size)
+            return sp_slice(row, self.sp_rank, self.sp_size)
+        if not indices:
+            return empty_micro_batch(self.pad_id, torch.device("cpu"))
+        return padded_micro_batch([self.dataset[i] for i in indices])
+
+
+class StepFetcher(Dataset):
+    """A map-style view whose keys are step plans (list of micro-batches of indices)."""
+
+    def __init__(self, build: MicroBatchBuilder) -> None:
+        self.build = build
+
+    def __len__(self) -> int:
+        return len(self.build.dataset)
+
+    def __getitem__(self, plan: list[list[int]]) -> list[dict]:
+        return [self.build(mb) for mb in plan]
+
+
+def _as_is(step: list[dict]) -> list[dict]:
+    return step
+
+
+def build_train_loader(sampler: StepBatchSampler, build: MicroBatchBuilder) -> StatefulDataLoader:
+    # batch_size=None: each sampler item (a step plan) is fetched whole; no default collation.
+    return StatefulDataLoader(StepFetcher(build), sampler=sampler, batch_size=None, collate_fn=_as_is)
