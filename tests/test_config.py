@@ -182,8 +182,9 @@ def test_missing_required_key():
         ("trainer.nnodes=2", "trainer.nnodes=2 but torchrun started 1 node"),
         ("trainer.n_gpus_per_node=8", "trainer.n_gpus_per_node=8 but torchrun started 2"),
         ("ulysses_sequence_parallel_size=3", "ulysses_sequence_parallel_size=3 does not divide the world size 2"),
-        ("ulysses_sequence_parallel_size=2", "sequence parallelism is not supported yet"),
-        ("use_remove_padding=true", "remove-padding is not supported yet"),
+        ("ulysses_sequence_parallel_size=2", "ulysses_sequence_parallel_size=2 needs use_remove_padding=true"),
+        ("data.max_token_len_per_gpu=4096", "data.max_token_len_per_gpu=4096 needs use_remove_padding=true"),
+        ("trainer.checkpoint.hf_dtype=fp16", "trainer.checkpoint.hf_dtype='fp16'"),
         ("trainer.total_epochs=0", "trainer.total_epochs=0"),
     ],
 )
@@ -193,6 +194,20 @@ def test_validation_errors(paths, override, needle):
         validate_config(cfg, WORLD2)
     assert needle in str(e.value), str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_token_budget_rules(paths):
+    base = [*paths, "use_remove_padding=true", "data.max_length=1024", "data.train_batch_size=6"]
+    cfg = compose([*base, "data.max_token_len_per_gpu=512"])
+    with pytest.raises(ConfigError, match="below data.max_length=1024: a sample of full length would not fit"):
+        validate_config(cfg, WORLD2)
+    # With sp=2 each GPU holds half of the packed row, so 512 per GPU fits a 1024-token sample;
+    # a token budget needs only the global batch to split over dp ranks (6 % 1), not micro-batches.
+    cfg = compose([*base, "data.max_token_len_per_gpu=512", "ulysses_sequence_parallel_size=2"])
+    validate_config(cfg, WORLD2)
+    cfg = compose([*base, "data.train_batch_size=7", "data.max_token_len_per_gpu=2048"])
+    with pytest.raises(ConfigError, match="data.train_batch_size=7 is not divisible by the 2 data-parallel ranks"):
+        validate_config(cfg, WORLD2)
 
 
 def test_missing_files_are_named(tmp_path):

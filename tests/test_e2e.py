@@ -55,3 +55,31 @@ def test_two_process_run_learns_and_exports(demo_dir, tmp_path):
     with torch.no_grad():
         logits = model(ids).logits
     assert torch.isfinite(logits).all() and logits.shape[-1] == model.config.vocab_size
+
+
+def test_verl_production_command_runs_on_two_cpu_processes(demo_dir, tmp_path, monkeypatch):
+    """The foundation issue's production command (sp=2, remove-padding, bf16, wandb), one step."""
+    import os
+
+    from test_config import verl_production
+
+    out = tmp_path / "prod"
+    paths = [f"data.train_files={demo_dir}/train.parquet", f"model.partial_pretrain={demo_dir}/model"]
+    drop = ("trainer.default_local_dir", "data.val_files")
+    overrides = [o for o in verl_production(paths) if not o.startswith(drop)]
+    overrides += [
+        f"data.val_files={demo_dir}/val.parquet",
+        f"trainer.default_local_dir={out}",
+        "trainer.total_training_steps=1",
+        "data.train_batch_size=32",
+    ]
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    r = torchrun(2, overrides)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "dp=1 sp=2" in r.stderr
+    hf = out / "global_step_1" / "huggingface"
+    assert (hf / "model.safetensors").exists() and (out / "global_step_1" / "COMPLETE").exists()
+    config = json.loads((hf / "config.json").read_text())
+    assert "sft_varlen" not in json.dumps(config)  # the export loads with stock attention
+    assert any(os.scandir(out / "wandb"))
