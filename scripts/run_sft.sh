@@ -28,7 +28,10 @@ else
   launch=(--standalone --nnodes=1)
 fi
 
-exec torchrun "${launch[@]}" --nproc_per_node="$NPROC_PER_NODE" -m sft.fsdp_sft_trainer \
+# --max-restarts: when a worker dies, torchrun restarts all of them and trainer.resume_mode=auto
+# continues from the newest complete checkpoint. After a preemption (exit code 143, the
+# checkpoint saved), requeue the job with this same command: it resumes by itself.
+exec torchrun "${launch[@]}" --max-restarts="${MAX_RESTARTS:-3}" --nproc_per_node="$NPROC_PER_NODE" -m sft.fsdp_sft_trainer \
   data.train_files="$TRAIN_FILES" \
   data.val_files="$VAL_FILES" \
   data.multiturn.enable=true \

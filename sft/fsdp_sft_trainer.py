@@ -100,7 +100,7 @@ class FSDPSFTTrainer:
             cfg.trainer.max_ckpt_to_keep,
             DTYPES[cfg.trainer.checkpoint.hf_dtype],
         )
-        self.preemption = PreemptionWatcher(ctx.world_group, ctx.device)
+        self.preemption = PreemptionWatcher(ctx.world_group, ctx.device, cfg.trainer.preempt_grace_s)
         self.state = TrainState()
         run_id = self._maybe_resume()
         self.metrics = MetricsLogger(
@@ -274,6 +274,7 @@ class FSDPSFTTrainer:
                     if not saved:
                         self.save()
                     self.metrics.close()
+                    self.preemption.close()
                     raise Preempted(
                         f"preempted: checkpoint of step {st.global_step} saved in {self.cfg.trainer.default_local_dir}; "
                         "relaunch the same command to resume"

@@ -3,13 +3,17 @@
 Schedulers (SLURM, Kubernetes, torchrun's own teardown) send SIGTERM some time before they
 kill a job. The handler only sets a flag; the trainer asks `requested()` after every
 optimizer step, and all ranks agree through one all-reduce (a signal may reach the ranks at
-different steps), so they all save the same step and leave together.
+different steps), so they all save the same step and leave together. If that takes longer
+than the grace time, a watchdog ends the process: saves are atomic, so the previous complete
+checkpoint stays the latest.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import threading
 
 import torch
 import torch.distributed as dist
@@ -24,16 +28,30 @@ class Preempted(Exception):
 
 
 class PreemptionWatcher:
-    def __init__(self, group: dist.ProcessGroup, device: torch.device) -> None:
-        self.group, self.device = group, device
+    def __init__(self, group: dist.ProcessGroup, device: torch.device, grace_s: float) -> None:
+        self.group, self.device, self.grace_s = group, device, grace_s
         self.flag = False
         self.signum: int | None = None
+        self._watchdog: threading.Timer | None = None
         self._previous = {}
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
         self.flag, self.signum = True, signum
+        if self._watchdog is None:
+            self._watchdog = threading.Timer(self.grace_s, self._out_of_time)
+            self._watchdog.daemon = True
+            self._watchdog.start()
+
+    def _out_of_time(self) -> None:
+        logger.error(
+            "preemption: trainer.preempt_grace_s=%s passed before the checkpoint was complete; exiting. The previous "
+            "complete checkpoint stays the latest",
+            self.grace_s,
+        )
+        logging.shutdown()
+        os._exit(EXIT_CODE)
 
     def requested(self) -> bool:
         """True on every rank when any rank received a signal (a collective: call on all ranks)."""
@@ -42,5 +60,7 @@ class PreemptionWatcher:
         return bool(t.item() > 0)
 
     def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)

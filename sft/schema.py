@@ -134,6 +134,8 @@ class TrainerConfig:
     resume_from_path: str | None = None
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     device: str = "auto"
+    # After SIGTERM/SIGUSR1: seconds allowed to finish the step and save before exiting anyway.
+    preempt_grace_s: float = 300.0
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 
+import torch
 import torch.multiprocessing as mp
 
 
@@ -29,6 +30,9 @@ def _entry(rank: int, fn, world_size: int, port: int, args: tuple) -> None:
         LOCAL_WORLD_SIZE=str(world_size),
         OMP_NUM_THREADS="1",
     )
+    # torch is already imported here (unpickling fn imported it), so the variable alone is too
+    # late: match torchrun's one thread per rank, or matmul reductions differ from a torchrun run.
+    torch.set_num_threads(1)
     fn(*args)
 
 

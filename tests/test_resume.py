@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import base_overrides
+from distributed_helper import run_ranks
 from safetensors.torch import load_file
 from test_e2e import ROOT, torchrun
+from workers import die_during_save
 
 STEPS = 8
 
@@ -98,29 +100,52 @@ def test_sigterm_then_sigkill_resume_is_exact(uninterrupted, demo_dir, tmp_path)
     assert "resumed from" in r.stderr
     ref, got = losses(uninterrupted), losses(out)
     assert sorted(got) == list(range(1, STEPS + 1))
-    assert got == ref  # bitwise: the same floats
+    # The logged loss is a float32 sum whose vectorised reduction order can follow buffer
+    # alignment (last-bit differences); the training state itself is compared bitwise below.
+    assert got == pytest.approx(ref, rel=1e-6)
     a, b = final_weights(uninterrupted), final_weights(out)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
 
-def test_resume_on_fewer_ranks(uninterrupted, demo_dir, tmp_path):
-    """A 2-process checkpoint of step 4 resumes on 1 process and continues the same run."""
-    out = tmp_path / "one"
-    ov = overrides(demo_dir, out) + [
-        "trainer.resume_mode=resume_path",
-        f"trainer.resume_from_path={uninterrupted}/global_step_4",
-    ]
-    r = torchrun(1, ov)
+def test_reshard_2_to_1_to_2_with_sequence_parallelism(uninterrupted, demo_dir, tmp_path):
+    """A 2-process checkpoint (step 4) resumes on 1 process; that run's checkpoint (step 6) resumes
+    on 2 processes as dp=1 x sp=2 with packed rows. The position is (epoch, step) in global
+    batches, which do not depend on the process count, so the run continues unchanged."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    ov = overrides(demo_dir, one) + ["trainer.resume_mode=resume_path"]
+    r = torchrun(1, ov + [f"trainer.resume_from_path={uninterrupted}/global_step_4"])
     assert r.returncode == 0, r.stderr[-3000:]
-    ref, got = losses(uninterrupted), losses(out)
-    assert sorted(got) == list(range(5, STEPS + 1))
-    for step in got:
-        assert got[step] == pytest.approx(ref[step], rel=1e-5)
+    ov = overrides(demo_dir, two) + ["trainer.resume_mode=resume_path", "use_remove_padding=true"]
+    ov += ["ulysses_sequence_parallel_size=2", f"trainer.resume_from_path={one}/global_step_6"]
+    r = torchrun(2, ov)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref, got_one, got_two = losses(uninterrupted), losses(one), losses(two)
+    assert sorted(got_one) == list(range(5, STEPS + 1)) and sorted(got_two) == [7, 8]
+    for step, value in [*got_one.items(), *got_two.items()]:
+        assert value == pytest.approx(ref[step], rel=1e-5), step
+    for out in (one, two):
+        a, b = final_weights(uninterrupted), final_weights(out)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=5e-5)
+
+
+def test_rank_death_during_a_save_leaves_the_previous_checkpoint(uninterrupted, demo_dir, tmp_path):
+    """Every rank dies half way through saving step 6: the folder stays incomplete, the tracker
+    keeps 4, and relaunching the same command resumes from 4 and ends bitwise equal."""
+    out = tmp_path / "run"
+    ov = overrides(demo_dir, out)
+    with pytest.raises(Exception, match="exit"):
+        run_ranks(die_during_save, 2, ov, 6)
+    assert (out / "global_step_6" / "dcp").exists() and not (out / "global_step_6" / "COMPLETE").exists()
+    assert (out / "latest_checkpointed_iteration.txt").read_text() == "4"
+    r = torchrun(2, ov)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {out}/global_step_4" in r.stderr
+    assert losses(out) == pytest.approx(losses(uninterrupted), rel=1e-6)
     a, b = final_weights(uninterrupted), final_weights(out)
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-5)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_incomplete_checkpoint_is_ignored_and_retention_counts_disk(uninterrupted, demo_dir, tmp_path):

@@ -42,3 +42,21 @@ def read_jsonl(path: str) -> list[dict]:
         return []
     with open(path) as f:
         return [json.loads(line) for line in f]
+
+
+def die_during_save(overrides: list[str], kill_step: int) -> None:
+    """Train like the real command, but every rank dies abruptly in the middle of saving
+    `kill_step` (after the sharded state is written, before the checkpoint is complete)."""
+    import sft.checkpoint as ck
+
+    original = ck.FSDPCheckpointManager._export_hf
+
+    def dying(self, out, *args, **kwargs):
+        if out.parent.name == f"global_step_{kill_step}":
+            os._exit(9)
+        return original(self, out, *args, **kwargs)
+
+    ck.FSDPCheckpointManager._export_hf = dying
+    cfg = load_config(overrides)
+    ctx = init_distributed("cpu", cfg.ulysses_sequence_parallel_size)
+    FSDPSFTTrainer(cfg, ctx).fit()

@@ -1,0 +1,110 @@
+"""`python -m sft.bench` on CPU: the JSON contract, packed vs padded accounting, the synthetic
+length distribution, and the optional TRL baseline's missing-package path."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+
+from sft import bench
+from sft.bench_data import LENGTH_TARGETS, TRL_CHAT_TEMPLATE, synthetic_conversations
+from sft.demo import build_tokenizer
+
+KEYS = {
+    "shape", "device", "world_size", "steps", "tokens_per_s_per_gpu", "trained_tokens_per_s_per_gpu", "model_mfu",
+    "useful_mfu", "peak_mem_gb", "padding_frac", "time_to_first_step_s", "step_time_s_median", "overrides",
+}  # fmt: skip
+
+
+@pytest.fixture
+def fresh_world(monkeypatch):
+    # init_distributed picks a free port when MASTER_ADDR is unset; restore that state after each run.
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+
+
+def run_bench(args: list[str], capsys) -> dict:
+    assert bench.main(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    return json.loads(lines[-1])
+
+
+def check_run(out: dict, mode: str) -> None:
+    assert out["mode"] == mode and out["timed_steps"] == 3
+    assert out["tokens_per_s_per_gpu"] > 0 and out["trained_tokens_per_s_per_gpu"] > 0
+    assert out["trained_tokens_per_s_per_gpu"] < out["tokens_per_s_per_gpu"]
+    assert out["model_mfu"] is None and out["useful_mfu"] is None and out["peak_mem_gb"] is None  # no CPU peak
+    assert out["time_to_first_step_s"] > 0 and out["step_time_s_median"] > 0
+    assert out["sample_lengths_match"]  # the recomputed step layout agrees with the trainer's token counts
+    if mode == "packed":
+        assert out["padding_frac"] == pytest.approx(0.0, abs=1e-9)
+        assert "data.max_token_len_per_gpu=2048" in out["overrides"]
+    else:
+        assert out["padding_frac"] > 0.2
+        assert "use_remove_padding=false" in out["overrides"]
+        assert "data.max_token_len_per_gpu=null" in out["overrides"]
+
+
+def test_tiny_bench_packed_and_padded(tmp_path, capsys, fresh_world):
+    # One process: packed (the default) first, then the padded baseline on the same data and global batch.
+    args = ["--shape", "tiny", "--steps", "3", "--warmup", "0", "--baseline", "padded", "--workdir", str(tmp_path)]
+    out = run_bench(args, capsys)
+    assert KEYS <= out.keys()
+    assert out["shape"] == "tiny" and out["device"] == "cpu" and out["world_size"] == 1 and out["steps"] == 3
+    check_run(out, "packed")
+    (padded,) = out["baseline_runs"]
+    assert KEYS - {"shape", "device", "world_size", "steps"} <= padded.keys()
+    check_run(padded, "padded")
+    assert padded["tokens_per_step"] == out["tokens_per_step"]  # same data, same global batch
+    assert out["speedup_vs_baseline"] == pytest.approx(out["tokens_per_s_per_gpu"] / padded["tokens_per_s_per_gpu"])
+
+
+def test_synthetic_lengths_follow_targets():
+    tokenizer = build_tokenizer()
+    rows, lengths = synthetic_conversations(1200, 0, tokenizer, max_length=8192)
+    texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in rows]
+    n = np.array([len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]])
+    assert (n == lengths).all()  # the generator hits its target lengths exactly
+    for q, key in ((0.5, "median"), (0.9, "p90"), (0.99, "p99")):
+        assert np.quantile(n, q) == pytest.approx(LENGTH_TARGETS[key], rel=0.15), key
+    turns = [sum(m["role"] == "assistant" for m in r["messages"]) for r in rows]
+    assert set(turns) == {1, 2, 3}
+    words = lambda role: sum(len(m["content"].split()) for r in rows for m in r["messages"] if m["role"] == role)  # noqa: E731
+    assert words("assistant") > 2 * words("user")  # assistant-heavy
+    again, _ = synthetic_conversations(50, 0, tokenizer, max_length=8192)
+    assert again == rows[:50]  # deterministic by seed
+    capped, capped_len = synthetic_conversations(200, 0, tokenizer, max_length=1024)
+    assert capped_len.max() == 1024
+
+
+def test_trl_template_renders_like_the_demo():
+    tokenizer = build_tokenizer()
+    trl_tok = copy.deepcopy(tokenizer)
+    trl_tok.chat_template = TRL_CHAT_TEMPLATE
+    rows, _ = synthetic_conversations(20, 1, tokenizer, max_length=1024)
+    for row in rows:
+        text = tokenizer.apply_chat_template(row["messages"], tokenize=False)
+        assert trl_tok.apply_chat_template(row["messages"], tokenize=False) == text
+        enc = trl_tok.apply_chat_template(
+            row["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        replies = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+        assert sum(enc["assistant_masks"]) == sum(len(r.split()) + 1 for r in replies)  # words + <|im_end|>
+
+
+def test_trl_baseline_without_trl(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(bench, "trl_available", lambda: False)
+    assert bench.main(["--shape", "tiny", "--baseline", "trl", "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == bench.TRL_MISSING and "pip install trl datasets" in err
+    assert not any(tmp_path.iterdir())  # refused before writing anything
+
+
+def test_bench_owned_keys_are_refused(capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--shape", "tiny", "trainer.total_training_steps=7"])
+    assert exc.value.code == 2
+    assert "set by the benchmark" in capsys.readouterr().err
