@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,7 @@ class FSDPCheckpointManager:
         path = self.root / f"global_step_{step}"
         if step in complete_steps(self.root):
             return path
+        start = time.perf_counter()
         if self.ctx.is_main:
             if path.exists():  # left behind by a save that was killed: never counted, safe to drop
                 shutil.rmtree(path)
@@ -121,7 +123,8 @@ class FSDPCheckpointManager:
             os.replace(tmp, self.root / TRACKER)
             self._apply_retention(step)
         dist.barrier(group=self.ctx.world_group)
-        logger.info("saved checkpoint %s", path)
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if self.ctx.is_main else 0
+        logger.info("saved checkpoint %s in %.1f s (%.2f GB)", path, time.perf_counter() - start, size / 1e9)
         return path
 
     def _apply_retention(self, newest: int) -> None:

@@ -104,14 +104,13 @@ def init_distributed(device_type: str, sp_size: int, timeout_s: int = 1800) -> D
     else:
         device = torch.device("cpu")
         backend = "gloo"
-    if "MASTER_ADDR" not in os.environ:  # not launched by torchrun: a world of one
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(_free_port())
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
+    # Not launched by torchrun: a world of one on a free local port (passed explicitly, not
+    # through os.environ, which child processes would inherit).
+    init_method = None if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend,
+            init_method=init_method,
             rank=info.rank,
             world_size=info.world_size,
             timeout=timedelta(seconds=timeout_s),

@@ -7,9 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+import torch.nn.functional as F
 from conftest import base_overrides
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sft.batch import labels_from_loss_mask
+from sft.cli import compose
+from sft.data import build_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +40,7 @@ def test_two_process_run_learns_and_exports(demo_dir, tmp_path):
         "trainer.save_freq=12",
         'trainer.logger=["console","file"]',
         'trainer.checkpoint.save_contents=["model","optimizer","extra","hf_model"]',
+        "trainer.checkpoint.hf_dtype=fp32",
     ]
     r = torchrun(2, overrides)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -44,17 +51,22 @@ def test_two_process_run_learns_and_exports(demo_dir, tmp_path):
     assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:2]) / 2, losses
     assert vals[1] < vals[0]
     assert (out / "latest_checkpointed_iteration.txt").read_text() == "24"
-    # The export loads with plain transformers and predicts like the trained model did.
+    # The export loads with plain transformers and predicts like the trained model did: its token-mean
+    # loss over the validation set equals the trainer's own final val/loss.
     hf = out / "global_step_24" / "huggingface"
-    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(hf)
-    text = tok.apply_chat_template(
-        [{"role": "user", "content": "Repeat: paper light ocean"}], add_generation_prompt=True, tokenize=False
-    )
-    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+    cfg = compose(overrides)
+    val = build_dataset(f"{demo_dir}/val.parquet", tok, cfg.data, -1, pad_to_max_length=False)
+    total, count = 0.0, 0
     with torch.no_grad():
-        logits = model(ids).logits
-    assert torch.isfinite(logits).all() and logits.shape[-1] == model.config.vocab_size
+        for i in range(len(val)):
+            item = val[i]
+            labels = labels_from_loss_mask(item["input_ids"][None], item["loss_mask"][None])
+            logits = model(item["input_ids"][None]).logits.float()
+            total += float(F.cross_entropy(logits[0], labels[0], reduction="sum", ignore_index=-100))
+            count += int((labels != -100).sum())
+    assert total / count == pytest.approx(vals[1], rel=1e-5)
 
 
 def test_verl_production_command_runs_on_two_cpu_processes(demo_dir, tmp_path, monkeypatch):
