@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,17 @@ from sft.demo import write_demo
 
 
 # ----- core fixtures (lead) -----
+@pytest.fixture(autouse=True)
+def _restore_sft_logger():
+    """CLI entry points run in-process (bench, inspect_data) configure the `sft` logger for a real
+    run (rank-0 handler, no propagation); undo that so later tests' caplog still sees records."""
+    log = logging.getLogger("sft")
+    handlers, propagate, level = list(log.handlers), log.propagate, log.level
+    yield
+    log.handlers[:] = handlers
+    log.propagate, log.level = propagate, level
+
+
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model folder and train/val parquet files, as `python -m sft.demo` writes them."""
