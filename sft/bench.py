@@ -1,16 +1,24 @@
-"""Throughput benchmark of the real trainer: `python -m sft.bench --shape qwen2.5-1.5b --steps 10 [key=value ...]`.
+"""Throughput benchmark of the real trainer: `python -m sft.bench --shape qwen2.5-1.5b [key=value ...]`.
 
-Under torchrun for several GPUs: `torchrun --nproc_per_node=N -m sft.bench ...`. Rank 0 of
-each node writes a random-weight model of the shape and a synthetic multi-turn parquet
-(sft.bench_data), then `FSDPSFTTrainer` trains `--warmup` + `--steps` optimizer steps; any
-further `key=value` arguments are trainer overrides. Per-step metrics come from wrapping
-`trainer.metrics.log`; a step's time is the wall time between two logged steps (data
-loading included; the trainer synchronizes the GPU before it logs). Sample lengths of each
-step are recomputed from `trainer.sampler` and `trainer.train_ds.lengths` for the two MFUs
-of DESIGN.md ("Measuring speed honestly"). Prints a table and, last, one JSON line.
+Several GPUs: `torchrun --nproc_per_node=N -m sft.bench ...`. Local rank 0 of each node writes
+a random-weight model of the shape and a synthetic multi-turn parquet (sft.bench_data), then
+`FSDPSFTTrainer` trains `--warmup` + `--steps` optimizer steps; further `key=value` arguments
+are trainer overrides. Per-step metrics come from wrapping `trainer.metrics.log`.
 
-`--baseline padded` trains again with `use_remove_padding=false` (same data, same global
-batch); `--baseline trl` runs TRL's SFTTrainer (optional `trl` + `datasets`).
+Measures (medians over the timed steps; DESIGN.md "Measuring speed honestly"):
+- a step's time is the wall time between two logged steps: data loading included, the
+  end-of-run checkpoint excluded; the trainer synchronizes the GPU before it logs;
+- tokens_per_s_per_gpu counts all real tokens, trained_tokens_per_s_per_gpu the targets;
+- model_mfu: (6N + 12LHd*s) FLOPs for every slot of every micro-batch row, s = row length
+  (padded width, or packed row length); useful_mfu: 6N*T + 6LHd*sum(s_i^2) over the real
+  sample lengths. Each step's samples and micro-batches are recomputed from
+  `trainer.sampler` and `trainer.train_ds.lengths` (checked against the logged token count:
+  `sample_lengths_match`); null without a known peak (CPU);
+- time_to_first_step_s: from building the trainer (data, model, sharding) to the end of step 1.
+Prints a table and, last, one JSON line.
+
+`--baseline padded` trains again with `use_remove_padding=false` and no token budget (same data,
+same global batch); `--baseline trl` runs TRL's SFTTrainer (optional `trl` + `datasets`).
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ import gc
 import importlib.util
 import json
 import logging
+import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -45,22 +55,14 @@ TRL_MISSING = "sft.bench: --baseline trl needs the optional packages trl and dat
 # Keys the benchmark owns (they fix which data, which model and how many steps).
 OWNED = ("data.train_files", "model.partial_pretrain", "trainer.total_training_steps", "trainer.total_epochs",
          "trainer.resume_mode", "trainer.default_local_dir")  # fmt: skip
+# Per shape kind: samples per data-parallel rank per step (the global batch scales with dp, so the
+# work per GPU stays the same), micro-batch size (padded mode), data.max_length, checkpointing,
+# and the token budget per GPU of a packed micro-batch (data.max_token_len_per_gpu).
 SHAPE_DEFAULTS = {
     # CPU-sized: the tiny model's CPU attention is a per-sample loop, so rows stay short.
-    "tiny": {
-        "data.train_batch_size": 8,
-        "data.micro_batch_size_per_gpu": 8,
-        "data.max_length": 1024,
-        "model.enable_gradient_checkpointing": "false",
-    },
-    "large": {
-        "data.train_batch_size": 32,
-        "data.micro_batch_size_per_gpu": 4,
-        "data.max_length": 4096,
-        "model.enable_gradient_checkpointing": "true",
-    },
+    "tiny": {"batch_per_dp": 8, "micro_batch": 8, "max_length": 1024, "checkpointing": "false", "budget": 2048},
+    "large": {"batch_per_dp": 32, "micro_batch": 4, "max_length": 4096, "checkpointing": "true", "budget": 16384},
 }
-TOKEN_BUDGET = {"tiny": 2048, "large": 16384}  # data.max_token_len_per_gpu default in packed mode
 
 
 def _key(override: str) -> str:
@@ -76,32 +78,44 @@ def merge(*groups: list[str]) -> list[str]:
     return list(out.values())
 
 
-def bench_overrides(shape: str, user: list[str], workdir: Path, steps: int, cfg_probe=None) -> list[str]:
-    kind = "tiny" if shape == "tiny" else "large"
+def bench_overrides(
+    shape: str, user: list[str], steps: int, dp: int, workdir: Path, parquet: Path, probe=None
+) -> list[str]:
+    """Defaults for the shape, then the user's overrides, then the keys the benchmark owns.
+
+    With `probe` (the config composed from a first pass) the defaults that depend on the user's
+    choices are added: a micro-batch size that divides the per-rank batch, and a token budget
+    when packed (remove-padding) mode is on.
+    """
+    d = SHAPE_DEFAULTS["tiny" if shape == "tiny" else "large"]
     base = [
         "use_remove_padding=true",
         "data.multiturn.enable=true",
+        f"data.train_batch_size={d['batch_per_dp'] * dp}",
+        f"data.micro_batch_size_per_gpu={d['micro_batch']}",
+        f"data.max_length={d['max_length']}",
+        f"model.enable_gradient_checkpointing={d['checkpointing']}",
         "trainer.logger=[]",
         "trainer.checkpoint.save_contents=[]",
-        *(f"{k}={v}" for k, v in SHAPE_DEFAULTS[kind].items()),
     ]
     owned = [
-        f"data.train_files={workdir}/PENDING.parquet",
+        f"data.train_files={parquet}",
         f"model.partial_pretrain={workdir}/model-{shape}",
         f"trainer.total_training_steps={steps}",
         "trainer.total_epochs=1",
         "trainer.resume_mode=disable",
-        f"trainer.default_local_dir={workdir}/ckpt",
+        f"trainer.default_local_dir={workdir}/ckpt-sft",
     ]
     merged = merge(base, user, owned)
-    if cfg_probe is not None and cfg_probe.use_remove_padding and "data.max_token_len_per_gpu" not in map(_key, user):
-        budget = max(TOKEN_BUDGET[kind], cfg_probe.data.max_length)
-        merged = merge(merged, [f"data.max_token_len_per_gpu={budget}"])
+    if probe is None:
+        return merged
+    keys = set(map(_key, user))
+    if "data.micro_batch_size_per_gpu" not in keys:
+        mbs = max(1, min(d["micro_batch"], probe.data.train_batch_size // dp))
+        merged = merge(merged, [f"data.micro_batch_size_per_gpu={mbs}"])
+    if probe.use_remove_padding and "data.max_token_len_per_gpu" not in keys:
+        merged = merge(merged, [f"data.max_token_len_per_gpu={max(d['budget'], probe.data.max_length)}"])
     return merged
-
-
-def with_key(overrides: list[str], key: str, value: Any) -> list[str]:
-    return merge(overrides, [f"{key}={value}"])
 
 
 # ----------------------------------------------------------------- accounting
@@ -289,32 +303,50 @@ def _trl_once(impl, cfg, ctx, model_dir, parquet, warmup, tokens_per_step) -> di
         kwargs["fsdp_config"] = {"version": 2, "reshard_after_forward": True, "activation_checkpointing": gc_on}
     else:
         kwargs.update({ckpt: gc_on, f"{ckpt}_kwargs": {"use_reentrant": False}})
-    pending: list[list[float]] = []  # this step's micro-batches: [tokens, trained, model flops, useful flops]
-    steps: list[list[float]] = []
-    times: list[float] = []
+    # Batches are kept as they come and counted after the step's clock is read, so counting
+    # neither syncs the GPU mid-step nor lands inside a timed interval.
+    pending: list[dict] = []
+    steps: list[list[float]] = []  # per step: [tokens, trained tokens, model FLOPs, useful FLOPs]
+    ends: list[float] = []  # clock at each step's end (GPU synchronized)
+    resumes: list[float] = []  # clock when the bookkeeping after it was done (the next interval starts)
+
+    def count(batch: dict) -> list[float]:
+        ids, labels, mask = batch["input_ids"], batch["labels"], batch.get("attention_mask")
+        rows, row = ids.shape[0], ids.shape[-1]
+        if "position_ids" in batch:  # padding-free: positions restart at 0 at each sample
+            pos = batch["position_ids"].flatten().tolist()
+            starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+            samples = [b - a for a, b in zip(starts, starts[1:])]
+        else:
+            samples = mask.sum(-1).tolist() if mask is not None else [row] * rows
+        return [
+            float(mask.sum()) if mask is not None else float(ids.numel()),
+            float((labels[..., 1:] != -100).sum()),
+            rows * row * model_flops_per_token(hf_config, row),
+            useful_flops(hf_config, samples),
+        ]
 
     class Counting(trl.SFTTrainer):
         def training_step(self, model, inputs, *args, **kw):
-            ids, labels = inputs["input_ids"], inputs["labels"]
-            mask = inputs.get("attention_mask")
-            n = int(mask.sum()) if mask is not None else ids.numel()
-            pos = inputs["position_ids"].flatten().tolist()
-            starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
-            seq = [b - a for a, b in zip(starts, starts[1:])]
-            row = ids.shape[-1]
             pending.append(
-                [n, int((labels[..., 1:] != -100).sum()), ids.shape[0] * row * model_flops_per_token(hf_config, row),
-                 useful_flops(hf_config, seq)]
-            )  # fmt: skip
+                {k: inputs[k] for k in ("input_ids", "labels", "position_ids", "attention_mask") if k in inputs}
+            )
             return super().training_step(model, inputs, *args, **kw)
 
     class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if not resumes:  # the first step starts here (after model load and data preparation)
+                if cuda:
+                    torch.cuda.synchronize(ctx.device)
+                resumes.append(time.perf_counter())
+
         def on_step_end(self, args, state, control, **kw):
             if cuda:
                 torch.cuda.synchronize(ctx.device)
-            times.append(time.perf_counter())
-            steps.append([sum(col) for col in zip(*pending)] if pending else [0.0] * 4)
+            ends.append(time.perf_counter())
+            steps.append([sum(col) for col in zip(*map(count, pending))] if pending else [0.0] * 4)
             pending.clear()
+            resumes.append(time.perf_counter())
 
     if cuda:
         torch.cuda.empty_cache()
@@ -331,9 +363,9 @@ def _trl_once(impl, cfg, ctx, model_dir, parquet, warmup, tokens_per_step) -> di
     totals = torch.tensor(steps, dtype=torch.float64, device=ctx.device)
     dist.all_reduce(totals, group=ctx.world_group)  # every rank counted its own micro-batches
     per_step = [
-        {"step": i + 1, "t": t, "dt": t - (times[i - 1] if i else t_start), "tokens": s[0], "trained": s[1],
-         "slots": s[0], "model_flops": s[2], "useful_flops": s[3]}
-        for i, (t, s) in enumerate(zip(times, totals.tolist()))
+        {"step": i + 1, "t": t, "dt": t - resumes[i], "tokens": s[0], "trained": s[1], "slots": s[0],
+         "model_flops": s[2], "useful_flops": s[3]}
+        for i, (t, s) in enumerate(zip(ends, totals.tolist()))
     ]  # fmt: skip
     out = {"name": f"trl-{impl}", "mode": "trl bfd packing, padding-free"}
     out.update(summarize(per_step, warmup, t_start, ctx.world_size, peak_flops_per_gpu(ctx.device)))
@@ -368,7 +400,12 @@ def print_table(results: list[dict]) -> None:
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(prog="python -m sft.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m sft.bench",
+        usage="%(prog)s [--shape SHAPE] [--steps N] [--warmup W] [--baseline B] [key=value ...]",
+        description=__doc__.split("\n\n")[0],
+        epilog="key=value: trainer overrides (sft/config/sft_trainer.yaml), e.g. model.enable_gradient_checkpointing=false",
+    )
     p.add_argument("--shape", choices=SHAPE_NAMES, default="tiny")
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps before them")
@@ -395,15 +432,66 @@ def _shared_workdir(requested: Path | None, ctx: DistContext) -> Path:
     return Path(box[0])
 
 
+def report(args: argparse.Namespace, ctx: DistContext, results: list[dict], setup_s: float) -> dict:
+    ours, others = results[0], [r for r in results[1:] if r.get("tokens_per_s_per_gpu")]
+    best = max(others, key=lambda r: r["tokens_per_s_per_gpu"]) if others else None
+    return {
+        "shape": args.shape,
+        "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
+        "world_size": ctx.world_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        **{k: v for k, v in ours.items() if k != "name"},
+        "setup_s": setup_s,
+        "baseline": None if args.baseline == "none" else args.baseline,
+        "baseline_runs": results[1:],
+        "best_baseline": best["name"] if best else None,
+        "speedup_vs_baseline": ours["tokens_per_s_per_gpu"] / best["tokens_per_s_per_gpu"] if best else None,
+    }
+
+
+def run_all(args: argparse.Namespace, user: list[str], probe, dp: int, ctx: DistContext) -> dict | None:
+    """Assets, our run, the baseline; the report on rank 0 (None elsewhere)."""
+    total = args.warmup + args.steps
+    workdir = _shared_workdir(args.workdir, ctx)
+    t0 = time.perf_counter()
+    spec = (workdir, args.shape, probe.data.train_batch_size * total, probe.data.max_length, args.seed)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # each node writes its own copy (deterministic)
+        ensure_assets(*spec)
+    dist.barrier(group=ctx.world_group)
+    model_dir, parquet = asset_paths(*spec)
+    setup_s = time.perf_counter() - t0
+    overrides = bench_overrides(args.shape, user, total, dp, workdir, parquet, probe)
+    results = [run_ours("sft", overrides, ctx, args.warmup)]
+    if args.baseline == "padded":
+        padded = merge(
+            overrides,
+            [
+                "use_remove_padding=false",
+                "data.max_token_len_per_gpu=null",
+                f"trainer.default_local_dir={workdir}/ckpt-padded",
+            ],
+        )
+        results.append(run_ours("sft-padded", padded, ctx, args.warmup))
+    elif args.baseline == "trl":
+        results += run_trl(compose(overrides), ctx, model_dir, parquet, args.warmup, results[0]["tokens_per_step"])
+    dist.barrier(group=ctx.world_group)
+    if args.workdir is None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        shutil.rmtree(workdir, ignore_errors=True)  # a temp dir of ours (a 7B model is 15 GB)
+    return report(args, ctx, results, setup_s) if ctx.rank == 0 else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args, user = parse_args(sys.argv[1:] if argv is None else argv)
     if args.baseline == "trl" and not trl_available():
         print(TRL_MISSING, file=sys.stderr)
         return 2
     world = WorldInfo.from_env()
-    total = args.warmup + args.steps
-    try:
-        probe = compose(bench_overrides(args.shape, user, Path("/pending"), total))
+    total, pending = args.warmup + args.steps, Path("/pending")
+    try:  # compose twice: the defaults that scale with dp need the sp size the user chose
+        first = compose(bench_overrides(args.shape, user, total, 1, pending, pending))
+        dp = world.world_size // first.ulysses_sequence_parallel_size
+        probe = compose(bench_overrides(args.shape, user, total, dp, pending, pending))
         device_type = resolve_device_type(probe.trainer.device)
     except ValueError as exc:
         print(f"sft.bench: config error: {exc}", file=sys.stderr)
@@ -415,60 +503,22 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     ctx = init_distributed(device_type, probe.ulysses_sequence_parallel_size)
     try:
-        workdir = _shared_workdir(args.workdir, ctx)
-        t0 = time.perf_counter()
-        spec = (workdir, args.shape, probe.data.train_batch_size * total, probe.data.max_length, args.seed)
-        if world.local_rank == 0:  # each node writes its own copy (deterministic), for multi-node runs
-            ensure_assets(*spec)
-        dist.barrier(group=ctx.world_group)
-        model_dir, parquet = asset_paths(*spec)
-        setup_s = time.perf_counter() - t0
-        overrides = merge(
-            bench_overrides(args.shape, user, workdir, total, probe),
-            [f"data.train_files={parquet}", f"trainer.default_local_dir={workdir}/ckpt-sft"],
-        )
-        try:
-            results = [run_ours("sft", overrides, ctx, args.warmup)]
-            if args.baseline == "padded":
-                padded = with_key(
-                    with_key(overrides, "use_remove_padding", "false"), "data.max_token_len_per_gpu", "null"
-                )
-                results.append(run_ours("sft-padded", with_key(padded, "trainer.default_local_dir", f"{workdir}/ckpt-padded"),
-                                        ctx, args.warmup))  # fmt: skip
-            elif args.baseline == "trl":
-                cfg = compose(overrides)
-                results += run_trl(cfg, ctx, model_dir, parquet, args.warmup, results[0]["tokens_per_step"])
-        except ValueError as exc:
-            if ctx.rank == 0:
-                print(f"sft.bench: error: {exc}", file=sys.stderr)
-            return 2 if isinstance(exc, ConfigError) else 3
-        if ctx.rank != 0:
-            return 0
-        ours, others = results[0], [r for r in results[1:] if r.get("tokens_per_s_per_gpu")]
-        best = max(others, key=lambda r: r["tokens_per_s_per_gpu"]) if others else None
-        report = {
-            "shape": args.shape,
-            "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
-            "world_size": ctx.world_size,
-            "steps": args.steps,
-            "warmup": args.warmup,
-            **{k: v for k, v in ours.items() if k != "name"},
-            "setup_s": setup_s,
-            "workdir": str(workdir),
-            "baseline": None if args.baseline == "none" else args.baseline,
-            "baseline_runs": results[1:],
-            "speedup_vs_baseline": ours["tokens_per_s_per_gpu"] / best["tokens_per_s_per_gpu"] if best else None,
-        }
-        print_table(results)
-        if best is not None:
-            print(f"speedup vs {best['name']}: {report['speedup_vs_baseline']:.2f}x (tokens/s per GPU)")
-        line = json.dumps(report)
+        result = run_all(args, user, probe, dp, ctx)
+    except ValueError as exc:  # config found wrong once files exist, or the data/model: one line
+        if world.rank == 0:
+            print(f"sft.bench: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 3
+    finally:
+        teardown()
+    if result is not None:
+        print_table([{"name": "sft", **result}, *result["baseline_runs"]])
+        if result["best_baseline"]:
+            print(f"speedup vs {result['best_baseline']}: {result['speedup_vs_baseline']:.2f}x (tokens/s per GPU)")
+        line = json.dumps(result)
         if args.out:
             args.out.write_text(line + "\n")
         print(line, flush=True)
-        return 0
-    finally:
-        teardown()
+    return 0
 
 
 if __name__ == "__main__":

@@ -82,16 +82,20 @@ def model_config(shape: str, tokenizer: PreTrainedTokenizerBase) -> Qwen2Config:
 
 @torch.no_grad()
 def _random_model(config: Qwen2Config, seed: int) -> Qwen2ForCausalLM:
-    """bf16 weights ~ N(0, 0.02), norms 1, biases 0; built in place (no fp32 copy of a 7B model)."""
+    """bf16 weights ~ N(0, 0.02), norms 1, biases 0; built in place (no fp32 copy of a 7B model).
+
+    The random numbers are drawn on the GPU when there is one (seconds instead of minutes for 7B).
+    """
     with torch.device("meta"):
         model = Qwen2ForCausalLM(config).to(torch.bfloat16)
     model.to_empty(device="cpu")
-    gen = torch.Generator().manual_seed(seed)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    gen = torch.Generator(device=device).manual_seed(seed)
     for name, p in model.named_parameters():  # shared (tied) parameters are listed once
         if p.ndim == 1:
             p.fill_(1.0 if "norm" in name else 0.0)
         else:
-            p.normal_(0.0, 0.02, generator=gen)
+            p.copy_(torch.empty(p.shape, dtype=p.dtype, device=device).normal_(0.0, 0.02, generator=gen))
     model.tie_weights()
     return model
 

@@ -21,7 +21,7 @@ KEYS = {
 
 @pytest.fixture
 def fresh_world(monkeypatch):
-    # init_distributed picks a free port when MASTER_ADDR is unset; restore that state after each run.
+    # A world of one on a free port, whatever launcher variables the test process inherited.
     for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
 
