@@ -30,7 +30,7 @@ from sft.distributed import DistContext
 from sft.metrics import MetricsLogger, StepTimer
 from sft.model import DTYPES, build_meta_model, load_hf_config, load_tokenizer, load_weights
 from sft.optim import build_optimizer, build_scheduler
-from sft.parallelize import apply_fsdp
+from sft.parallelize import apply_compile, apply_fsdp
 from sft.preemption import Preempted, PreemptionWatcher
 from sft.schema import SFTConfig, to_dict
 from sft.validate import make_plan
@@ -149,6 +149,8 @@ class FSDPSFTTrainer:
 
     def _model(self) -> torch.nn.Module:
         model = build_meta_model(self.hf_config, self.cfg)
+        if self.cfg.model.compile:
+            apply_compile(model)
         apply_fsdp(model, self.cfg, self.ctx)
         load_weights(model, self.cfg, self.ctx)
         model.train()

@@ -41,6 +41,17 @@ def offload_policy(cfg: SFTConfig, ctx: DistContext) -> OffloadPolicy:
     return OffloadPolicy()
 
 
+def apply_compile(model: nn.Module) -> None:
+    """Compile every decoder layer in place (`model.compile=true`), before sharding.
+
+    Per layer rather than whole-model: the layers are identical, so one compiled graph is
+    reused by all of them, and FSDP's per-layer gather/free hooks stay outside the graph.
+    Packed rows change length every micro-batch: dynamic shapes avoid a recompile per length.
+    """
+    for layer in decoder_layers(model.lm):
+        layer.compile(dynamic=True)
+
+
 def apply_fsdp(model: nn.Module, cfg: SFTConfig, ctx: DistContext) -> nn.Module:
     """Shard every decoder layer, then the root, over the whole world."""
     kwargs = dict(

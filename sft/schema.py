@@ -89,6 +89,8 @@ class ModelConfig:
     target_modules: Any = "all-linear"
     lora_adapter_path: str | None = None
     use_liger: bool = False
+    # torch.compile each decoder layer (fuses norms, activations and rotary into fewer kernels).
+    compile: bool = False
 
 
 @dataclass
