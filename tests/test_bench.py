@@ -96,7 +96,7 @@ def test_trl_template_renders_like_the_demo():
 
 
 def test_trl_baseline_without_trl(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(bench, "trl_available", lambda: False)
+    monkeypatch.setattr(bench, "_trl_available", lambda: False)
     assert bench.main(["--shape", "tiny", "--baseline", "trl", "--workdir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == bench.TRL_MISSING and "pip install trl datasets" in err
