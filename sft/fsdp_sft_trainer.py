@@ -26,6 +26,7 @@ from sft.cli import TrainingError, run_cli
 from sft.data import build_dataset
 from sft.data.loader import MicroBatchBuilder, build_train_loader
 from sft.data.sampler import StepBatchSampler, eval_indices
+from sft.data.storage import TokenizeShard
 from sft.distributed import DistContext
 from sft.metrics import MetricsLogger, StepTimer
 from sft.model import DTYPES, build_meta_model, load_hf_config, load_tokenizer, load_weights
@@ -117,8 +118,15 @@ class FSDPSFTTrainer:
 
     # ----- construction -----
     def _dataset(self, files, max_samples: int):
+        # Every rank needs the whole dataset; each tokenizes 1/world of it and they exchange.
+        shard = TokenizeShard(self.ctx.rank, self.ctx.world_size, self.ctx.world_group)
         return build_dataset(
-            files, self.tokenizer, self.cfg.data, max_samples, pad_to_max_length=not self.cfg.use_remove_padding
+            files,
+            self.tokenizer,
+            self.cfg.data,
+            max_samples,
+            pad_to_max_length=not self.cfg.use_remove_padding,
+            shard=shard if self.ctx.world_size > 1 else None,
         )
 
     def _builder(self, ds) -> MicroBatchBuilder:

@@ -12,7 +12,7 @@ def rows(start: int, n: int) -> list[dict]:
 
 
 def prompts(source: ParquetSource) -> list[str]:
-    return [p for _, cols in source.iter_batches(2) for p in cols["prompt"]]
+    return [p for _, _, cols in source.iter_batches(2) for p in cols["prompt"]]
 
 
 def test_several_files_concatenate_in_order(write_parquet):

@@ -60,3 +60,32 @@ def die_during_save(overrides: list[str], kill_step: int) -> None:
     cfg = load_config(overrides)
     ctx = init_distributed("cpu", cfg.ulysses_sequence_parallel_size)
     FSDPSFTTrainer(cfg, ctx).fit()
+
+
+def build_sharded(override_sets: list[list[str]], out_file: str) -> None:
+    """For each config, every rank tokenizes its share of the batches; rank 0 saves what each rank
+    ended with (the exchanged arrays, or the error message)."""
+    import torch.distributed as dist
+
+    from sft.data import build_dataset
+    from sft.data.storage import TokenizeShard
+    from sft.model import load_tokenizer
+
+    ctx = init_distributed("cpu", 1)
+    try:
+        shard = TokenizeShard(ctx.rank, ctx.world_size, ctx.world_group)
+        saved = []
+        for overrides in override_sets:
+            cfg = load_config(overrides)
+            try:
+                ds = build_dataset(cfg.data.train_files, load_tokenizer(cfg), cfg.data, -1, False, shard=shard)
+                result = {k: getattr(ds, k) for k in ("input_ids", "loss_mask", "lengths", "rows", "num_dropped")}
+            except ValueError as e:
+                result = {"error": str(e)}
+            results = [None] * ctx.world_size
+            dist.all_gather_object(results, result)
+            saved.append(results)
+        if ctx.rank == 0:
+            torch.save(saved, out_file)
+    finally:
+        teardown()

@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from sft.data.multiturn import MultiTurnSFTDataset
 from sft.data.single_turn import SFTDataset
+from sft.data.storage import TokenizeShard
 from sft.schema import DataConfig
 
 
@@ -52,8 +53,13 @@ def build_dataset(
     data_cfg: DataConfig,
     max_samples: int = -1,
     pad_to_max_length: bool = True,
+    shard: TokenizeShard | None = None,
 ) -> Dataset:
-    """The dataset of one split (train or val) as training uses it."""
+    """The dataset of one split (train or val) as training uses it.
+
+    `shard` splits the tokenization of the built-in datasets over processes (a user's class
+    is built with the documented five arguments only).
+    """
     custom = data_cfg.custom_cls
     if custom.path or custom.name:
         cls = load_custom_class(custom.path, custom.name)
@@ -68,6 +74,8 @@ def build_dataset(
         max_samples=max_samples,
         pad_to_max_length=pad_to_max_length,
     )
+    if cls in (MultiTurnSFTDataset, SFTDataset) and shard is not None:
+        return cls(**kwargs, shard=shard)
     try:
         inspect.signature(cls).bind(**kwargs)
     except TypeError as e:

@@ -70,17 +70,25 @@ class ParquetSource:
         path, local = self.origin(row)
         return f"{path} row {local}"
 
-    def iter_batches(self, batch_rows: int) -> Iterator[tuple[range, dict[str, list[Any]]]]:
-        """Yield (global row range, {column: Python values}) a few hundred rows at a time.
+    def iter_batches(
+        self, batch_rows: int, rank: int = 0, world: int = 1
+    ) -> Iterator[tuple[int, range, dict[str, list[Any]]]]:
+        """Yield (batch index, global row range, {column: Python values}) a few hundred rows at a
+        time; with `world` > 1 only the batches with index % world == rank (the others are not
+        converted at all).
 
         Converting slice by slice keeps peak memory at one batch of Python objects.
         """
+        index = -1
         for k, table in enumerate(self.tables):
             for start in range(0, table.num_rows, batch_rows):
+                index += 1
+                if index % world != rank:
+                    continue
                 part = table.slice(start, batch_rows)
                 first = int(self.starts[k]) + start
                 columns = {name: part.column(name).to_pylist() for name in part.column_names}
-                yield range(first, first + part.num_rows), columns
+                yield index, range(first, first + part.num_rows), columns
 
 
 def _read(path: str, required: Mapping[str, str], optional: Sequence[str]) -> pa.Table:

@@ -4,6 +4,8 @@
 (`_encode_batch` -> token ids and a 0/1 loss mask per row), applies `data.truncation`, drops
 rows left with no trained token, and stores the rest as flat int32 ids / uint8 masks with
 int64 offsets. `__getitem__` returns the item contract of DESIGN.md, padded or unpadded.
+Given a `TokenizeShard`, the ranks tokenize every world-th batch each and exchange the
+arrays, so start-up time falls with the number of processes; the result is identical.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
@@ -30,6 +34,15 @@ BATCH_ROWS = 256
 Encoded = tuple[np.ndarray, np.ndarray]
 
 
+@dataclass(frozen=True)
+class TokenizeShard:
+    """Split tokenization over the processes of `group` (rank `rank` of `world`)."""
+
+    rank: int
+    world: int
+    group: Any  # torch.distributed.ProcessGroup
+
+
 class TokenizedDataset(Dataset):
     """Base of the SFT datasets; subclasses define the columns and `_encode_batch`."""
 
@@ -40,7 +53,9 @@ class TokenizedDataset(Dataset):
         config: DataConfig,
         max_samples: int = -1,
         pad_to_max_length: bool = True,
+        shard: TokenizeShard | None = None,
     ) -> None:
+        self.shard = shard
         if config.truncation not in TRUNCATIONS:
             raise ValueError(f"data.truncation={config.truncation!r}: choose one of {', '.join(TRUNCATIONS)}")
         if config.max_length < 2:
@@ -76,29 +91,25 @@ class TokenizedDataset(Dataset):
 
     def _build(self) -> None:
         t0 = time.perf_counter()
-        # One array per batch (not per row) keeps the build's memory overhead small.
-        ids_parts: list[np.ndarray] = []
-        mask_parts: list[np.ndarray] = []
-        length_parts: list[np.ndarray] = []
-        row_parts: list[np.ndarray] = []
         self.num_dropped = 0
         self.num_truncated = 0
-        for rows, columns in self.source.iter_batches(BATCH_ROWS):
-            encoded = self._encode_batch(rows, columns)
-            assert len(encoded) == len(rows), "encode_batch must return one entry per row"
-            kept: list[tuple[int, np.ndarray, np.ndarray]] = []
-            for row, (ids, mask) in zip(rows, encoded):
-                ids, mask = self._fit(row, np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.uint8))
-                # Token 0 has no context to be predicted from, so it can never be a target.
-                if mask[1:].any():
-                    kept.append((row, ids, mask))
-                else:
-                    self.num_dropped += 1
-            if kept:
-                row_parts.append(np.asarray([k[0] for k in kept], dtype=np.int64))
-                ids_parts.append(np.concatenate([k[1] for k in kept]))
-                mask_parts.append(np.concatenate([k[2] for k in kept]))
-                length_parts.append(np.asarray([len(k[1]) for k in kept], dtype=np.int64))
+        rank, world = (self.shard.rank, self.shard.world) if self.shard else (0, 1)
+        # One array per batch (not per row) keeps the build's memory overhead small.
+        batches: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        error: str | None = None
+        try:
+            for index, rows, columns in self.source.iter_batches(BATCH_ROWS, rank, world):
+                part = self._encode_part(rows, columns)
+                if part is not None:
+                    batches.append((index, *part))
+        except ValueError as e:
+            if world == 1:
+                raise
+            error = str(e)  # raised on every rank below: a lone raise would leave the others waiting
+        if world > 1:
+            batches, error = self._exchange(batches, error)
+        batches.sort(key=lambda b: b[0])  # batch order = row order, whatever rank encoded it
+        row_parts, ids_parts, mask_parts, length_parts = ([b[i] for b in batches] for i in range(1, 5))
         self.lengths = np.concatenate(length_parts) if length_parts else np.zeros(0, np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
         self.input_ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int32)
@@ -111,6 +122,39 @@ class TokenizedDataset(Dataset):
                 f"{', '.join(self.source.paths)}: no sample to train on ({self.source.num_rows} rows read, "
                 f"{self.num_dropped} dropped with no trained token); check the files, data.max_length and data.truncation"
             )
+
+    def _encode_part(self, rows: range, columns: dict[str, list[Any]]) -> tuple[np.ndarray, ...] | None:
+        """(rows, ids, masks, lengths) of the rows of one batch that keep a trained token."""
+        encoded = self._encode_batch(rows, columns)
+        assert len(encoded) == len(rows), "encode_batch must return one entry per row"
+        kept: list[tuple[int, np.ndarray, np.ndarray]] = []
+        for row, (ids, mask) in zip(rows, encoded):
+            ids, mask = self._fit(row, np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.uint8))
+            # Token 0 has no context to be predicted from, so it can never be a target.
+            if mask[1:].any():
+                kept.append((row, ids, mask))
+            else:
+                self.num_dropped += 1
+        if not kept:
+            return None
+        return (
+            np.asarray([k[0] for k in kept], dtype=np.int64),
+            np.concatenate([k[1] for k in kept]),
+            np.concatenate([k[2] for k in kept]),
+            np.asarray([len(k[1]) for k in kept], dtype=np.int64),
+        )
+
+    def _exchange(self, batches: list, error: str | None) -> tuple[list, None]:
+        """All-gather every rank's encoded batches and counters; re-raise any rank's data error."""
+        mine = (batches, error, self.num_dropped, self.num_truncated)
+        gathered: list[Any] = [None] * self.shard.world
+        dist.all_gather_object(gathered, mine, group=self.shard.group)
+        errors = [g[1] for g in gathered if g[1] is not None]
+        if errors:
+            raise ValueError(errors[0])
+        self.num_dropped = sum(g[2] for g in gathered)
+        self.num_truncated = sum(g[3] for g in gathered)
+        return [b for g in gathered for b in g[0]], None
 
     def _fit(self, row: int, ids: np.ndarray, mask: np.ndarray) -> Encoded:
         assert ids.shape == mask.shape, f"{self.source.where(row)}: ids and loss mask differ in length"
