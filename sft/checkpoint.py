@@ -6,6 +6,14 @@ RNG, data position, trainer counters) and `huggingface/` (config, generation con
 tokenizer, and with `hf_model` the full weights as safetensors). A folder counts only once
 its `COMPLETE` marker exists; `latest_checkpointed_iteration.txt` is replaced atomically
 after every rank finished, so a kill at any moment leaves the previous checkpoint usable.
+
+Faults: a write that fails on any rank (disk full, unwritable folder) is agreed on by all
+ranks before the marker; every rank raises `CheckpointWriteError`, the incomplete folder is
+removed and the tracker and earlier checkpoints stay as they were. On auto-resume, a complete
+checkpoint that does not load (files deleted or corrupt) is skipped with a warning and the
+previous complete one is tried, newest first (its marker is renamed to `BROKEN` so the step is
+saved afresh); we prefer losing a few steps to stopping a relaunched job. An explicit
+`trainer.resume_from_path` never falls back: it fails instead.
 """
 
 from __future__ import annotations
@@ -24,8 +32,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from transformers import GenerationConfig
 
@@ -35,6 +45,7 @@ logger = logging.getLogger("sft")
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MARKER = "COMPLETE"
+BROKEN = "BROKEN"
 STEP_DIR = re.compile(r"^global_step_(\d+)$")
 SHARD_BYTES = 5 * 1024**3
 
@@ -49,6 +60,31 @@ def complete_steps(root: Path) -> list[int]:
         if m and (p / MARKER).exists():
             steps.append(int(m.group(1)))
     return sorted(steps)
+
+
+class CheckpointWriteError(ValueError):
+    """A checkpoint could not be written (disk full, permissions); raised on every rank with one line."""
+
+
+class CheckpointLoadError(ValueError):
+    """No checkpoint to resume from could be loaded."""
+
+
+def _free_space(path: Path) -> str:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return f"{shutil.disk_usage(path).free / 1e9:.2f} GB free on {path}"
+    except OSError:
+        return f"free space of {path} unknown"
+
+
+def _describe(err: BaseException) -> str:
+    """One line for an error; DCP's CheckpointException wraps the ranks' errors with tracebacks: take the first."""
+    if isinstance(err, CheckpointException) and err.failures:
+        rank, (inner, _) = next(iter(sorted(err.failures.items())))
+        return f"rank {rank}: {_describe(inner)}"
+    return " ".join(f"{type(err).__name__}: {err}".split())[:300]
 
 
 def rng_state() -> dict:
@@ -83,6 +119,8 @@ class FSDPCheckpointManager:
         self.load_contents = set(load_contents)
         self.max_keep = max_keep
         self.resumed_from: int | None = None
+        self.loaded_path: Path | None = None
+        self.fallback = False
 
     # ----- save -----
     def save(
@@ -99,33 +137,72 @@ class FSDPCheckpointManager:
         if step in complete_steps(self.root):
             return path
         start = time.perf_counter()
+        err: BaseException | None = None
         if self.ctx.is_main:
-            if path.exists():  # left behind by a save that was killed: never counted, safe to drop
-                shutil.rmtree(path)
-            path.mkdir(parents=True)
-        dist.barrier(group=self.ctx.world_group)
-        if self.save_contents & {"model", "optimizer"}:
-            msd, osd = get_state_dict(model, optimizer)
-            state = {}
-            if "model" in self.save_contents:
-                state["model"] = msd
-            if "optimizer" in self.save_contents:
-                state["optimizer"] = osd
-            dcp.save(state, checkpoint_id=str(path / "dcp"), process_group=self.ctx.world_group)
-        if "extra" in self.save_contents:
-            torch.save({**extra, "rng": rng_state()}, path / f"extra_state_rank_{self.ctx.rank}.pt")
-        self._export_hf(path / "huggingface", model, hf_config, tokenizer, generation_config)
-        dist.barrier(group=self.ctx.world_group)
+            try:
+                if path.exists():  # left behind by a failed or killed save: never counted, safe to drop
+                    shutil.rmtree(path)
+                path.mkdir(parents=True)
+            except OSError as exc:
+                err = exc
+        self._agree_saved(path, err)
+        try:
+            if self.save_contents & {"model", "optimizer"}:
+                msd, osd = get_state_dict(model, optimizer)
+                state = {}
+                if "model" in self.save_contents:
+                    state["model"] = msd
+                if "optimizer" in self.save_contents:
+                    state["optimizer"] = osd
+                # Collective; DCP hands a failed write on one rank to every rank as CheckpointException.
+                dcp.save(state, checkpoint_id=str(path / "dcp"), process_group=self.ctx.world_group)
+        except (OSError, CheckpointException) as exc:
+            err = exc
+        if err is None and "extra" in self.save_contents:
+            try:
+                torch.save({**extra, "rng": rng_state()}, path / f"extra_state_rank_{self.ctx.rank}.pt")
+            except OSError as exc:
+                err = exc
+        # Every rank joins the export's gathers (as long as the ranks agree so far), even after a local error.
+        err = self._export_hf(path / "huggingface", model, hf_config, tokenizer, generation_config, err)
+        self._agree_saved(path, err)
         if self.ctx.is_main:
-            (path / MARKER).write_text(json.dumps({"step": step, "world_size": self.ctx.world_size}))
-            tmp = self.root / f".{TRACKER}.tmp"
-            tmp.write_text(str(step))
-            os.replace(tmp, self.root / TRACKER)
+            try:
+                (path / MARKER).write_text(json.dumps({"step": step, "world_size": self.ctx.world_size}))
+                tmp = self.root / f".{TRACKER}.tmp"
+                tmp.write_text(str(step))
+                os.replace(tmp, self.root / TRACKER)
+            except OSError as exc:
+                err = exc
+        self._agree_saved(path, err)
+        if self.ctx.is_main:
             self._apply_retention(step)
         dist.barrier(group=self.ctx.world_group)
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if self.ctx.is_main else 0
         logger.info("saved checkpoint %s in %.1f s (%.2f GB)", path, time.perf_counter() - start, size / 1e9)
         return path
+
+    def _agree_saved(self, path: Path, err: BaseException | None) -> None:
+        """All ranks learn whether any rank failed (a lone raise would leave the others hanging in a
+        collective); on failure the folder is dropped and every rank raises the same line."""
+        failed = torch.tensor([int(err is not None)], device=self.ctx.device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.ctx.world_group)
+        if not failed.item():
+            return
+        errors: list[str | None] = [None] * self.ctx.world_size
+        mine = None if err is None else _describe(err)
+        dist.all_gather_object(errors, mine, group=self.ctx.world_group)
+        rank, first = next((r, e) for r, e in enumerate(errors) if e is not None)
+        if self.ctx.is_main:
+            shutil.rmtree(path, ignore_errors=True)  # never counted (no marker is left); frees the space it took
+        dist.barrier(group=self.ctx.world_group)
+        tracker = self.root / TRACKER
+        kept = f"step {tracker.read_text().strip()}" if tracker.exists() else "none"
+        raise CheckpointWriteError(
+            f"could not write checkpoint {path} (rank {rank}: {first}); {_free_space(self.root)}; the incomplete "
+            f"folder was removed and the last complete checkpoint ({kept}) is untouched; free space or point "
+            "trainer.default_local_dir at a writable disk, then relaunch to resume"
+        )
 
     def _apply_retention(self, newest: int) -> None:
         if self.max_keep is None:
@@ -138,19 +215,27 @@ class FSDPCheckpointManager:
             if s not in keep:
                 shutil.rmtree(self.root / f"global_step_{s}", ignore_errors=True)
 
-    def _export_hf(self, out: Path, model: nn.Module, hf_config, tokenizer, generation_config) -> None:
-        """Config + tokenizer always; full weights streamed one parameter at a time to rank 0."""
-        if self.ctx.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            export_config = copy.deepcopy(hf_config)
-            export_config.dtype = self.hf_dtype
-            export_config.use_cache = True  # the export is for inference
-            export_config.save_pretrained(out)
-            tokenizer.save_pretrained(out)
-            if generation_config is not None:
-                generation_config.save_pretrained(out)
+    def _export_hf(
+        self, out: Path, model: nn.Module, hf_config, tokenizer, generation_config, err: BaseException | None
+    ) -> BaseException | None:
+        """Config + tokenizer always; full weights streamed one parameter at a time to rank 0.
+
+        Returns this rank's first write error (rank 0 writes; a failure there must not skip the gathers
+        the other ranks are already in)."""
+        if self.ctx.is_main and err is None:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                export_config = copy.deepcopy(hf_config)
+                export_config.dtype = self.hf_dtype
+                export_config.use_cache = True  # the export is for inference
+                export_config.save_pretrained(out)
+                tokenizer.save_pretrained(out)
+                if generation_config is not None:
+                    generation_config.save_pretrained(out)
+            except OSError as exc:
+                err = exc
         if "hf_model" not in self.save_contents:
-            return
+            return err
         lm = model.lm
         keep = set(lm.state_dict().keys())
         tensors = [(n, p) for n, p in lm.named_parameters()]  # deduplicates tied weights
@@ -160,7 +245,7 @@ class FSDPCheckpointManager:
         size = 0
         for name, t in tensors:
             full = t.full_tensor() if hasattr(t, "full_tensor") else t  # collective: every rank
-            if self.ctx.is_main:
+            if self.ctx.is_main and err is None:
                 cpu = full.detach().to(dtype=dtype if full.is_floating_point() else full.dtype, device="cpu")
                 if size + cpu.numel() * cpu.element_size() > SHARD_BYTES and shards[-1]:
                     shards.append({})
@@ -168,11 +253,16 @@ class FSDPCheckpointManager:
                 shards[-1][name] = cpu.contiguous()
                 size += cpu.numel() * cpu.element_size()
             del full
-        if self.ctx.is_main:
-            _write_safetensors(out, shards)
+        if self.ctx.is_main and err is None:
+            try:
+                _write_safetensors(out, shards)
+            except (OSError, SafetensorError) as exc:  # safetensors reports I/O errors (disk full) as its own
+                err = exc
+        return err
 
     # ----- load -----
     def find_resume_step(self, mode: str, resume_from_path: str | None) -> Path | None:
+        self.fallback = mode == "auto"  # only a checkpoint we picked ourselves may be swapped for an older one
         if mode == "disable":
             return None
         if mode == "resume_path":
@@ -184,7 +274,45 @@ class FSDPCheckpointManager:
         return self.root / f"global_step_{steps[-1]}" if steps else None
 
     def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
-        """Load what `trainer.checkpoint.load_contents` asks for; returns this rank's extra state."""
+        """Load what `trainer.checkpoint.load_contents` asks for; returns this rank's extra state.
+
+        On auto-resume, a checkpoint that fails to load on any rank is skipped for the previous
+        complete one (all ranks agree); `self.loaded_path` names the one actually loaded."""
+        m = STEP_DIR.match(path.name)
+        older = [s for s in complete_steps(self.root) if m and s < int(m.group(1))] if self.fallback else []
+        candidates = [path] + [self.root / f"global_step_{s}" for s in reversed(older)]
+        failures = []
+        for candidate in candidates:
+            err: BaseException | None = None
+            try:
+                extra = self._load_one(candidate, model, optimizer)
+            except (Exception, CheckpointException) as exc:  # any damage (missing file, bad pickle): try older
+                err, extra = exc, None
+            failed = torch.tensor([int(err is not None)], device=self.ctx.device)
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.ctx.world_group)
+            if not failed.item():
+                m = STEP_DIR.match(candidate.name)
+                self.resumed_from = int(m.group(1)) if m else None
+                self.loaded_path = candidate
+                if candidate != path:
+                    logger.warning("resuming from %s instead of %s, which could not be loaded", candidate, path)
+                return extra
+            why = _describe(err) if err is not None else "failed on another rank"
+            failures.append(f"{candidate} ({why})")
+            if not self.fallback:
+                break
+            logger.warning("checkpoint %s could not be loaded (%s); trying the previous complete one", candidate, why)
+            if self.ctx.is_main and (candidate / MARKER).exists():
+                # No longer counted as complete: a later save of this step writes it afresh instead of skipping it.
+                os.replace(candidate / MARKER, candidate / BROKEN)
+            dist.barrier(group=self.ctx.world_group)
+        raise CheckpointLoadError(
+            f"no checkpoint could be loaded: {'; '.join(failures)}; remove the damaged folders from "
+            f"{self.root} (or set trainer.resume_mode=disable to start afresh)"
+        )
+
+    def _load_one(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
+        # A failed attempt may leave some tensors overwritten; the next attempt loads the same keys over them.
         msd, osd = get_state_dict(model, optimizer)
         state = {}
         if "model" in self.load_contents:
@@ -199,8 +327,6 @@ class FSDPCheckpointManager:
                 model_state_dict=state.get("model", msd),
                 optim_state_dict=state.get("optimizer", osd),
             )
-        m = STEP_DIR.match(path.name)
-        self.resumed_from = int(m.group(1)) if m else None
         if "extra" not in self.load_contents:
             return None
         extra_file = path / f"extra_state_rank_{self.ctx.rank}.pt"

@@ -34,7 +34,7 @@ from sft.optim import build_optimizer, build_scheduler
 from sft.parallelize import apply_compile, apply_fsdp
 from sft.preemption import Preempted, PreemptionWatcher
 from sft.schema import SFTConfig, to_dict
-from sft.validate import make_plan
+from sft.validate import check_vocab, make_plan
 
 logger = logging.getLogger("sft")
 
@@ -63,6 +63,7 @@ class FSDPSFTTrainer:
         seed_everything(cfg.trainer.seed)
         self.tokenizer = load_tokenizer(cfg)
         self.hf_config = load_hf_config(cfg)
+        check_vocab(self.tokenizer, self.hf_config)  # before the datasets: ids beyond the embedding
         self.generation_config = self._generation_config()
         self.train_ds = self._dataset(cfg.data.train_files, cfg.data.train_max_samples)
         self.val_ds = self._dataset(cfg.data.val_files, cfg.data.val_max_samples) if cfg.data.val_files else None
@@ -169,7 +170,7 @@ class FSDPSFTTrainer:
         if path is None:
             return None
         extra = self.ckpt.load(path, self.model, self.optimizer)
-        logger.info("resumed from %s", path)
+        logger.info("resumed from %s", self.ckpt.loaded_path or path)
         if extra is None:
             return None
         self.scheduler.load_state_dict(extra["scheduler"])

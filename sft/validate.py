@@ -8,7 +8,9 @@ written back into the config.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +102,85 @@ def _check_model(cfg: SFTConfig) -> None:
     _need(m.lora_rank >= 0, f"model.lora_rank={m.lora_rank}: must be >= 0")
     _need(m.lora_rank == 0, f"model.lora_rank={m.lora_rank}: LoRA is not supported yet; use model.lora_rank=0")
     _need(not m.use_liger, "model.use_liger=true: Liger kernels are not supported yet; use model.use_liger=false")
+
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.partial_pretrain: cannot read {path}: {exc}; repair or replace the file") from exc
+
+
+def _has_chat_template(folder: Path) -> bool:
+    """transformers reads the template from any of these places (checked without loading the tokenizer)."""
+    if (folder / "chat_template.jinja").is_file() or (folder / "additional_chat_templates").is_dir():
+        return True
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        f = folder / name
+        if f.is_file() and _read_json(f).get("chat_template"):
+            return True
+    return False
+
+
+def _check_model_folder(cfg: SFTConfig) -> None:
+    """Cheap checks of the model folder (json files only), so a broken folder fails before anything loads."""
+    p = Path(cfg.model.partial_pretrain).expanduser()
+    _need(
+        (p / "config.json").is_file(),
+        f"model.partial_pretrain={p}: not a Hugging Face model folder: no config.json in {p}",
+    )
+    config = _read_json(p / "config.json")
+    _need(
+        any(any(p.glob(pat)) for pat in WEIGHT_PATTERNS),
+        f"model.partial_pretrain={p}: no weights in {p}; expected model.safetensors or pytorch_model.bin "
+        "(or sharded files with their .index.json), as save_pretrained writes them",
+    )
+    _need(
+        any((p / f).is_file() for f in TOKENIZER_FILES),
+        f"model.partial_pretrain={p}: no tokenizer files in {p} (expected one of {', '.join(TOKENIZER_FILES)}); "
+        "copy the tokenizer of the model into the folder (tokenizer.save_pretrained)",
+    )
+    _need(
+        not cfg.data.multiturn.enable or bool(cfg.data.chat_template) or _has_chat_template(p),
+        f"data.multiturn.enable=true but the tokenizer in {p} has no chat template; set data.chat_template "
+        "or add chat_template to tokenizer_config.json",
+    )
+    vocab = config.get("vocab_size")
+    _need(
+        vocab is None or (isinstance(vocab, int) and vocab > 0),
+        f"model.partial_pretrain={p}: config.json has vocab_size={vocab!r}; it must be a positive integer",
+    )
+
+
+def check_vocab(tokenizer, hf_config) -> None:
+    """Token ids beyond the embedding would index out of range (a CUDA assert, or garbage): refuse early."""
+    rows = getattr(hf_config, "vocab_size", None)
+    n = len(tokenizer)
+    _need(
+        rows is None or n <= rows,
+        f"tokenizer has {n} tokens but the model's embedding has {rows} rows: ids >= {rows} would index out of "
+        "range; use the tokenizer that belongs to model.partial_pretrain or resize the embedding and save the model",
+    )
+
+
+def _check_output_dir(cfg: SFTConfig) -> None:
+    """The final checkpoint is always saved: find out now, not after training, if it cannot be written."""
+    out = Path(cfg.trainer.default_local_dir).expanduser().absolute()
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    _need(
+        existing.is_dir(),
+        f"trainer.default_local_dir={out}: {existing} is a file, not a directory; choose another output folder",
+    )
+    _need(
+        os.access(existing, os.W_OK | os.X_OK),
+        f"trainer.default_local_dir={out}: {existing} is not writable; choose a writable output folder",
+    )
 
 
 def _check_optim(cfg: SFTConfig) -> None:
@@ -210,6 +291,9 @@ def validate_config(cfg: SFTConfig, world: WorldInfo) -> None:
     _check_optim(cfg)
     _check_trainer(cfg, world)
     _check_parallel(cfg, world)
+    # Last: these read the file system; the config-only checks above name the cheaper fixes first.
+    _check_model_folder(cfg)
+    _check_output_dir(cfg)
 
 
 @dataclass(frozen=True)

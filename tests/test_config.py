@@ -22,7 +22,12 @@ WORLD2 = WorldInfo(rank=0, local_rank=0, world_size=2, local_world_size=2)
 @pytest.fixture
 def paths(tmp_path: Path) -> list[str]:
     (tmp_path / "train.parquet").write_bytes(b"")
-    (tmp_path / "model").mkdir()
+    model = tmp_path / "model"
+    model.mkdir()
+    # The least that validate_config's model-folder checks accept (they read json files only).
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"")
+    (model / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
     return [f"data.train_files={tmp_path}/train.parquet", f"model.partial_pretrain={tmp_path}/model"]
 
 
