@@ -90,7 +90,7 @@ def run_cli(argv: list[str], fn: Callable[[SFTConfig, object], None]) -> int:
         return 2
     setup_logging(world.rank)
     _quiet_libraries()
-    ctx = init_distributed(device_type, cfg.ulysses_sequence_parallel_size)
+    ctx = init_distributed(device_type, cfg.ulysses_sequence_parallel_size, cfg.trainer.dist_timeout_s)
     try:
         fn(cfg, ctx)
     except Preempted as exc:

@@ -138,6 +138,8 @@ class TrainerConfig:
     device: str = "auto"
     # After SIGTERM/SIGUSR1: seconds allowed to finish the step and save before exiting anyway.
     preempt_grace_s: float = 300.0
+    # Seconds a collective may wait for the other ranks (NCCL/gloo) before the run fails.
+    dist_timeout_s: int = 1800
 
 
 @dataclass

@@ -234,6 +234,7 @@ def _check_trainer(cfg: SFTConfig, world: WorldInfo) -> None:
     )
     _need(t.device in ("auto", "cpu", "cuda"), f"trainer.device={t.device!r}: choose auto, cpu or cuda")
     _need(t.preempt_grace_s > 0, f"trainer.preempt_grace_s={t.preempt_grace_s}: must be > 0 seconds")
+    _need(t.dist_timeout_s > 0, f"trainer.dist_timeout_s={t.dist_timeout_s}: must be > 0 seconds")
     nnodes = max(1, world.world_size // max(1, world.local_world_size))
     _need(
         t.nnodes is None or t.nnodes == nnodes,

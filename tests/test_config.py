@@ -191,6 +191,8 @@ def test_missing_required_key():
         ("data.max_token_len_per_gpu=4096", "data.max_token_len_per_gpu=4096 needs use_remove_padding=true"),
         ("trainer.checkpoint.hf_dtype=fp16", "trainer.checkpoint.hf_dtype='fp16'"),
         ("trainer.total_epochs=0", "trainer.total_epochs=0"),
+        ("trainer.dist_timeout_s=0", "trainer.dist_timeout_s=0"),
+        ("trainer.preempt_grace_s=0", "trainer.preempt_grace_s=0"),
     ],
 )
 def test_validation_errors(paths, override, needle):

@@ -201,3 +201,25 @@ def test_resume_skips_a_newest_checkpoint_with_deleted_files(demo_dir, tmp_path)
     assert (out / "global_step_4" / "COMPLETE").exists() and not (out / "global_step_4" / "BROKEN").exists()
     assert list((out / "global_step_4" / "dcp").glob("*.distcp"))
     assert (out / "latest_checkpointed_iteration.txt").read_text() == "6"
+
+
+def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoint(demo_dir, tmp_path):
+    """A NaN loss at step 3 stops the run with one line naming the step, before the optimizer
+    step; the checkpoint of step 2 stays the latest and complete."""
+    from workers import nan_at_step
+
+    out = tmp_path / "run"
+    overrides = base_overrides(demo_dir, out) + [
+        "data.train_batch_size=8",
+        "data.micro_batch_size_per_gpu=4",
+        "trainer.total_training_steps=5",
+        "trainer.save_freq=2",
+        'trainer.checkpoint.save_contents=["model","optimizer","extra"]',
+    ]
+    run_ranks(nan_at_step, 2, overrides, 3, str(tmp_path / "result.pt"))
+    result = torch.load(tmp_path / "result.pt", weights_only=False)
+    assert result["code"] == 3
+    assert "sft: error: step 3: non-finite loss nan" in result["stderr"]
+    assert "the optimizer step was skipped" in result["stderr"]
+    assert (out / "latest_checkpointed_iteration.txt").read_text() == "2"
+    assert (out / "global_step_2" / "COMPLETE").exists() and not (out / "global_step_3").exists()

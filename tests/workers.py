@@ -89,3 +89,29 @@ def build_sharded(override_sets: list[list[str]], out_file: str) -> None:
             torch.save(saved, out_file)
     finally:
         teardown()
+
+
+def nan_at_step(overrides: list[str], bad_step: int, result_file: str) -> None:
+    """The real CLI path, with the loss turned to NaN at `bad_step`; saves the exit code and stderr."""
+    import contextlib
+    import io
+
+    import sft.fsdp_sft_trainer as trainer_module
+    from sft.cli import run_cli
+
+    original = trainer_module.FSDPSFTTrainer._forward
+    calls = {"n": 0}
+
+    def forward(self, mb):
+        loss, n = original(self, mb)
+        if self.state.global_step + 1 == bad_step:
+            loss = loss * float("nan")
+        calls["n"] += 1
+        return loss, n
+
+    trainer_module.FSDPSFTTrainer._forward = forward
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = run_cli(overrides, lambda cfg, ctx: trainer_module.FSDPSFTTrainer(cfg, ctx).fit())
+    if int(os.environ["RANK"]) == 0:
+        torch.save({"code": code, "stderr": err.getvalue()}, result_file)
