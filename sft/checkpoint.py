@@ -148,12 +148,7 @@ class FSDPCheckpointManager:
         self._agree_saved(path, err)
         try:
             if self.save_contents & {"model", "optimizer"}:
-                msd, osd = get_state_dict(model, optimizer)
-                state = {}
-                if "model" in self.save_contents:
-                    state["model"] = msd
-                if "optimizer" in self.save_contents:
-                    state["optimizer"] = osd
+                state, _, _ = _dcp_state(model, optimizer, self.save_contents)
                 # Collective; DCP hands a failed write on one rank to every rank as CheckpointException.
                 dcp.save(state, checkpoint_id=str(path / "dcp"), process_group=self.ctx.world_group)
         except (OSError, CheckpointException) as exc:
@@ -313,12 +308,7 @@ class FSDPCheckpointManager:
 
     def _load_one(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
         # A failed attempt may leave some tensors overwritten; the next attempt loads the same keys over them.
-        msd, osd = get_state_dict(model, optimizer)
-        state = {}
-        if "model" in self.load_contents:
-            state["model"] = msd
-        if "optimizer" in self.load_contents:
-            state["optimizer"] = osd
+        state, msd, osd = _dcp_state(model, optimizer, self.load_contents)
         if state:
             dcp.load(state, checkpoint_id=str(path / "dcp"), process_group=self.ctx.world_group)
             set_state_dict(
@@ -333,6 +323,13 @@ class FSDPCheckpointManager:
         if not extra_file.exists():
             extra_file = path / "extra_state_rank_0.pt"  # a different world size: counters are shared
         return torch.load(extra_file, weights_only=False)
+
+
+def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer, contents: set[str]) -> tuple[dict, dict, dict]:
+    """The part of {model, optimizer} sharded state that `contents` names, plus both full dicts."""
+    msd, osd = get_state_dict(model, optimizer)
+    state = {k: v for k, v in (("model", msd), ("optimizer", osd)) if k in contents}
+    return state, msd, osd
 
 
 def _write_safetensors(out: Path, shards: list[dict[str, torch.Tensor]]) -> None:
