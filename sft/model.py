@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import importlib
 import logging
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -159,7 +158,3 @@ def load_weights(model: CausalLMWithLoss, cfg: SFTConfig, ctx: DistContext) -> N
         dist.broadcast(src_buf, src=0, group=ctx.world_group)
         buf.copy_(src_buf)
     model.lm.tie_weights()
-
-
-def model_folder_files(path: str) -> list[str]:
-    return sorted(p.name for p in Path(path).iterdir()) if Path(path).is_dir() else []

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sft.distributed import WorldInfo
+from sft.optim import resolve_warmup_steps
 from sft.schema import ModelConfig, SFTConfig
 
 LOGGERS = ("console", "file", "wandb", "tensorboard")
@@ -327,7 +328,7 @@ def make_plan(cfg: SFTConfig, world_size: int, train_len: int) -> Plan:
         f"epochs of {steps_per_epoch} steps; raise trainer.total_epochs",
     )
     o = cfg.optim
-    warmup = o.lr_warmup_steps if o.lr_warmup_steps >= 0 else int(o.lr_warmup_steps_ratio * total)
+    warmup = resolve_warmup_steps(total, o.lr_warmup_steps, o.lr_warmup_steps_ratio)
     _need(
         warmup < total or total == 1,
         f"optim warmup of {warmup} steps is not shorter than the {total} training steps; "
