@@ -44,6 +44,7 @@ from sft.cli import compose
 from sft.distributed import DistContext, WorldInfo, init_distributed, resolve_device_type, setup_logging, teardown
 from sft.fsdp_sft_trainer import FSDPSFTTrainer
 from sft.metrics import mfu, model_flops_per_token, peak_flops_per_gpu, useful_flops
+from sft.profiling import StepProfiler
 from sft.validate import ConfigError, validate_config
 
 logger = logging.getLogger("sft")
@@ -176,7 +177,10 @@ def summarize(per_step: list[dict], warmup: int, t_start: float, world: int, pea
 # ----------------------------------------------------------------- our trainer
 
 
-def run_ours(name: str, overrides: list[str], ctx: DistContext, warmup: int) -> dict:
+def run_ours(
+    name: str, overrides: list[str], ctx: DistContext, warmup: int, until: int, profiler: StepProfiler | None = None
+) -> dict:
+    """Train with `overrides`; steps warmup+1..until are timed (a later one may be profiled)."""
     cfg = compose(overrides)
     validate_config(cfg, WorldInfo.from_env())
     if ctx.device.type == "cuda":
@@ -190,10 +194,13 @@ def run_ours(name: str, overrides: list[str], ctx: DistContext, warmup: int) -> 
     def capture(metrics: dict, step: int) -> None:
         if "train/loss" in metrics:
             logged.append((step, time.perf_counter(), dict(metrics)))
+            if profiler is not None:
+                profiler.on_step_logged(step)
         original(metrics, step)
 
     trainer.metrics.log = capture
     trainer.fit()
+    logged = [entry for entry in logged if entry[0] <= until]  # a profiled extra step is not timed
     per_step, prev_t, all_match = [], None, True
     for step, t, m in logged:
         lengths, rows = step_layout(trainer, step)
@@ -284,6 +291,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and the synthetic data")
     p.add_argument("--baseline", choices=("none", "padded", "trl"), default="none")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON result to this file")
+    p.add_argument("--profile", type=Path, default=None, help="profile one extra step: trace + top ops here")
     args, rest = p.parse_known_args(argv)
     bad = [a for a in rest if a.startswith("-") or "=" not in a]
     if bad:
@@ -323,7 +331,7 @@ def report(args: argparse.Namespace, ctx: DistContext, results: list[dict], setu
 
 def run_all(args: argparse.Namespace, user: list[str], probe, dp: int, ctx: DistContext) -> dict | None:
     """Assets, our run, the baseline; the report on rank 0 (None elsewhere)."""
-    total = args.warmup + args.steps
+    total = args.warmup + args.steps + (1 if args.profile else 0)
     workdir = _shared_workdir(args.workdir, ctx)
     t0 = time.perf_counter()
     spec = (workdir, args.shape, probe.data.train_batch_size * total, probe.data.max_length, args.seed)
@@ -333,7 +341,9 @@ def run_all(args: argparse.Namespace, user: list[str], probe, dp: int, ctx: Dist
     model_dir, parquet = asset_paths(*spec)
     setup_s = time.perf_counter() - t0
     overrides = bench_overrides(args.shape, user, total, dp, workdir, parquet, probe)
-    results = [run_ours("sft", overrides, ctx, args.warmup)]
+    profiler = StepProfiler(args.profile, total, ctx.rank) if args.profile else None
+    until = args.warmup + args.steps
+    results = [run_ours("sft", overrides, ctx, args.warmup, until, profiler)]
     if args.baseline == "padded":
         padded = merge(
             overrides,
@@ -343,7 +353,7 @@ def run_all(args: argparse.Namespace, user: list[str], probe, dp: int, ctx: Dist
                 f"trainer.default_local_dir={workdir}/ckpt-padded",
             ],
         )
-        results.append(run_ours("sft-padded", padded, ctx, args.warmup))
+        results.append(run_ours("sft-padded", padded, ctx, args.warmup, until))
     elif args.baseline == "trl":
         results += _run_trl(compose(overrides), ctx, model_dir, parquet, args.warmup, results[0]["tokens_per_step"])
     dist.barrier(group=ctx.world_group)
@@ -358,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         print(TRL_MISSING, file=sys.stderr)
         return 2
     world = WorldInfo.from_env()
-    total, pending = args.warmup + args.steps, Path("/pending")
+    total, pending = args.warmup + args.steps + (1 if args.profile else 0), Path("/pending")
     try:  # compose twice: the defaults that scale with dp need the sp size the user chose
         first = compose(bench_overrides(args.shape, user, total, 1, pending, pending))
         dp = world.world_size // first.ulysses_sequence_parallel_size

@@ -2,7 +2,7 @@
 
 Only the positions that are targets (label != -100) go through the LM head, in chunks,
 each under activation checkpointing so the backward recomputes a chunk's logits instead
-of keeping them. Returns the fp32 *sum* of token losses: normalising by the global number
+of keeping them (or through Liger's fused kernel on CUDA, see sft/kernels.py). Returns the fp32 *sum* of token losses: normalising by the global number
 of target tokens is the trainer's job (that is what makes the loss split-invariant).
 """
 
@@ -18,17 +18,31 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     return F.cross_entropy(logits, labels, reduction="sum")
 
 
-def chunked_linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096
+def target_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    index: torch.Tensor,
+    chunk_size: int = 4096,
+    fused: bool = False,
 ) -> torch.Tensor:
-    """Sum over target positions of CE(hidden @ weight.T, label). hidden [N, h], labels [N]."""
-    targets = labels != -100
-    h = hidden[targets]  # [n_t, h]
-    y = labels[targets]
-    if h.shape[0] == 0:
+    """Sum of CE(hidden @ weight.T, label) over the positions `index` (the targets). hidden [N, h],
+    labels [N], index [n_t] on the same device.
+
+    The index is computed on the host from the batch, so the number of targets (and the chunk
+    loop) is known without waiting for the GPU. `fused` uses Liger's kernel, which computes the
+    gradients in the forward and so needs no recompute in the backward.
+    """
+    if index.numel() == 0:
         # Keep the head and the decoder in the graph so every rank's backward (and FSDP's
         # gradient reduction) sees the same parameters, contributing exactly zero.
         return _chunk_loss(hidden[:1], weight, torch.zeros_like(labels[:1])) * 0.0
+    h = hidden.index_select(0, index)  # [n_t, h]
+    y = labels.index_select(0, index)
+    if fused:
+        from sft.kernels import liger_linear_cross_entropy
+
+        return liger_linear_cross_entropy(h, weight, y)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], chunk_size):
         end = start + chunk_size
@@ -37,3 +51,11 @@ def chunked_linear_cross_entropy(
         else:
             total = total + _chunk_loss(h[start:end], weight, y[start:end])
     return total
+
+
+def chunked_linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096
+) -> torch.Tensor:
+    """Sum over target positions of CE(hidden @ weight.T, label). hidden [N, h], labels [N]."""
+    index = (labels != -100).nonzero().squeeze(1)
+    return target_linear_cross_entropy(hidden, weight, labels, index, chunk_size)

@@ -51,9 +51,12 @@ def check_run(out: dict, mode: str) -> None:
 def test_tiny_bench_packed_and_padded(tmp_path, capsys, fresh_world):
     # One process: packed (the default) first, then the padded baseline on the same data and global batch.
     args = ["--shape", "tiny", "--steps", "3", "--warmup", "0", "--baseline", "padded", "--workdir", str(tmp_path)]
-    out = run_bench(args, capsys)
+    out = run_bench(args + ["--profile", str(tmp_path / "prof")], capsys)
     assert KEYS <= out.keys()
     assert out["shape"] == "tiny" and out["device"] == "cpu" and out["world_size"] == 1 and out["steps"] == 3
+    assert out["timed_steps"] == 3  # the profiled 4th step is not one of the timed ones
+    assert "aten::mm" in (tmp_path / "prof" / "ops.txt").read_text()
+    assert (tmp_path / "prof" / "trace_step4.json").stat().st_size > 0
     check_run(out, "packed")
     (padded,) = out["baseline_runs"]
     assert KEYS - {"shape", "device", "world_size", "steps"} <= padded.keys()

@@ -1,0 +1,98 @@
+"""Fused kernels and activation-checkpointing policies for the decoder.
+
+`model.use_liger=true` swaps the decoder's RMSNorm, SwiGLU MLP and rotary embedding for
+Liger's Triton kernels (CUDA only, the model types Liger supports). The loss backend is
+chosen here too: Liger's fused linear cross-entropy (gradients computed in the forward, no
+logits kept) on CUDA when liger-kernel is installed, else sft's chunked PyTorch loss.
+`selective_checkpoint_context` is `model.gradient_checkpointing_mode=selective`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import logging
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+logger = logging.getLogger("sft")
+
+LIGER_MISSING = "model.use_liger=true needs the liger-kernel package: pip install liger-kernel (CUDA machines only)"
+
+
+def liger_installed() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def check_liger(device_type: str) -> None:
+    """Before anything loads: Liger's kernels are Triton code for CUDA GPUs."""
+    if device_type != "cuda":
+        raise ValueError(
+            f"model.use_liger=true: Liger's kernels run on CUDA GPUs only (this run uses {device_type}); "
+            "set model.use_liger=false"
+        )
+    if not liger_installed():
+        raise ValueError(LIGER_MISSING)
+
+
+def apply_liger(lm: nn.Module) -> None:
+    """Patch RMSNorm, SwiGLU and RoPE of the (meta-device) model in place, before sharding.
+
+    The patched modules keep their parameter names, so checkpoints and the HF export are
+    unchanged. Liger's own loss patch is not used: the loss runs in `CausalLMWithLoss`.
+    """
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    model_type = lm.config.model_type
+    apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
+    if apply is None:
+        supported = ", ".join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))
+        raise ValueError(
+            f"model.use_liger=true: Liger has no kernels for model type {model_type!r} (supported: {supported}); "
+            "set model.use_liger=false"
+        )
+    wanted = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False}
+    wanted["fused_linear_cross_entropy"] = False
+    accepted = inspect.signature(apply).parameters
+    apply(model=lm, **{k: v for k, v in wanted.items() if k in accepted})
+    logger.info("Liger kernels applied to %s: %s", model_type, sorted(k for k in wanted if k in accepted))
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def liger_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum over target positions of CE(hidden @ weight.T, label) by Liger's fused kernel.
+
+    Only target rows are passed (the caller filters), so no work is spent on ignored positions;
+    the weight gradient is accumulated in fp32 inside the kernel.
+    """
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return liger_fused_linear_cross_entropy(hidden, weight, labels, reduction="sum", accum_dtype=torch.float32)
+
+
+def use_liger_loss(device_type: str) -> bool:
+    """Liger's fused linear CE whenever it can run: CUDA and the package installed."""
+    return device_type == "cuda" and liger_installed()
+
+
+# Ops whose outputs selective checkpointing keeps: the matmuls and attention, i.e. the expensive
+# work. Everything else (norms, activations, rotary, casts) is recomputed in the backward.
+_SAVE_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+
+def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    name = str(op)
+    if op in _SAVE_OPS or "attention" in name or "attn" in name:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def selective_checkpoint_context() -> Callable:
+    """`context_fn` for torch.utils.checkpoint: save matmul/attention outputs, recompute the rest."""
+    return partial(create_selective_checkpoint_contexts, _policy)
