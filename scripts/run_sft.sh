@@ -5,6 +5,8 @@
 # Multi-node: set NNODES, NODE_RANK and RDZV_ENDPOINT=host:port on every node.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Fewer out-of-memory failures from fragmentation when packed micro-batches change shape every step.
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 NPROC_PER_NODE=${NPROC_PER_NODE:-$([ "$gpus" -gt 0 ] && echo "$gpus" || echo 2)}

@@ -291,6 +291,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and the synthetic data")
     p.add_argument("--baseline", choices=("none", "padded", "trl"), default="none")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON result to this file")
+    p.add_argument("--sample-length", type=int, default=None, help="every sample this many tokens (long context)")
     p.add_argument("--profile", type=Path, default=None, help="profile one extra step: trace + top ops here")
     args, rest = p.parse_known_args(argv)
     bad = [a for a in rest if a.startswith("-") or "=" not in a]
@@ -334,7 +335,14 @@ def run_all(args: argparse.Namespace, user: list[str], probe, dp: int, ctx: Dist
     total = args.warmup + args.steps + (1 if args.profile else 0)
     workdir = _shared_workdir(args.workdir, ctx)
     t0 = time.perf_counter()
-    spec = (workdir, args.shape, probe.data.train_batch_size * total, probe.data.max_length, args.seed)
+    spec = (
+        workdir,
+        args.shape,
+        probe.data.train_batch_size * total,
+        probe.data.max_length,
+        args.seed,
+        args.sample_length,
+    )
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # each node writes its own copy (deterministic)
         ensure_assets(*spec)
     dist.barrier(group=ctx.world_group)

@@ -201,14 +201,23 @@ def write_parquet(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def asset_paths(workdir: Path, shape: str, n_rows: int, max_length: int, seed: int) -> tuple[Path, Path]:
+def asset_paths(
+    workdir: Path, shape: str, n_rows: int, max_length: int, seed: int, sample_length: int | None = None
+) -> tuple[Path, Path]:
     """(model folder, train parquet) of this spec under `workdir`."""
-    return workdir / f"model-{shape}", workdir / f"train-{n_rows}x{max_length}-seed{seed}.parquet"
+    fixed = f"-len{sample_length}" if sample_length else ""
+    return workdir / f"model-{shape}", workdir / f"train-{n_rows}x{max_length}{fixed}-seed{seed}.parquet"
 
 
-def ensure_assets(workdir: Path, shape: str, n_rows: int, max_length: int, seed: int) -> tuple[Path, Path]:
-    """Write the model folder and the train parquet unless a previous run wrote the same spec."""
-    model_dir, parquet = asset_paths(workdir, shape, n_rows, max_length, seed)
+def ensure_assets(
+    workdir: Path, shape: str, n_rows: int, max_length: int, seed: int, sample_length: int | None = None
+) -> tuple[Path, Path]:
+    """Write the model folder and the train parquet unless a previous run wrote the same spec.
+
+    `sample_length`: every conversation renders to this many tokens (long-context runs)
+    instead of following the default length distribution.
+    """
+    model_dir, parquet = asset_paths(workdir, shape, n_rows, max_length, seed, sample_length)
     spec = {"shape": shape, "seed": seed}
     marker = model_dir / MARKER
     if not (marker.exists() and json.loads(marker.read_text()) == spec):
@@ -216,7 +225,8 @@ def ensure_assets(workdir: Path, shape: str, n_rows: int, max_length: int, seed:
         marker.write_text(json.dumps(spec))
     if not parquet.exists():
         tokenizer = build_tokenizer(seed=0)
-        rows, _ = synthetic_conversations(n_rows, seed, tokenizer, max_length)
+        fixed = {q: sample_length for q in LENGTH_TARGETS} if sample_length else {}
+        rows, _ = synthetic_conversations(n_rows, seed, tokenizer, max_length, **fixed)
         tmp = parquet.with_suffix(".tmp")
         write_parquet(rows, tmp)
         tmp.replace(parquet)  # atomic: a killed run never leaves a half-written parquet to reuse

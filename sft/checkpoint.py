@@ -3,7 +3,8 @@
 `global_step_N/` holds the sharded model and optimizer (torch.distributed.checkpoint, so a
 checkpoint loads on any number of ranks), one `extra_state_rank_R.pt` per rank (scheduler,
 RNG, data position, trainer counters) and `huggingface/` (config, generation config,
-tokenizer, and with `hf_model` the full weights as safetensors). A folder counts only once
+tokenizer, and with `hf_model` the full weights as safetensors, LoRA merged in), plus
+`lora_adapter/` for LoRA runs (PEFT's layout). A folder counts only once
 its `COMPLETE` marker exists; `latest_checkpointed_iteration.txt` is replaced atomically
 after every rank finished, so a kill at any moment leaves the previous checkpoint usable.
 
@@ -40,6 +41,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from transformers import GenerationConfig
 
 from sft.distributed import DistContext
+from sft.lora import adapter_config, adapter_state, is_lora, merged_tensors, write_adapter
 
 logger = logging.getLogger("sft")
 
@@ -160,6 +162,14 @@ class FSDPCheckpointManager:
                 err = exc
         # Every rank joins the export's gathers (as long as the ranks agree so far), even after a local error.
         err = self._export_hf(path / "huggingface", model, hf_config, tokenizer, generation_config, err)
+        if is_lora(model.lm):  # small, so always written: loads with PeftModel.from_pretrained on the base model
+            state = adapter_state(model.lm)  # collective: every rank gathers
+            if self.ctx.is_main and err is None:
+                try:
+                    config = adapter_config(model.lm, getattr(hf_config, "_name_or_path", None))
+                    write_adapter(path / "lora_adapter", state, config)
+                except (OSError, SafetensorError) as exc:
+                    err = exc
         self._agree_saved(path, err)
         if self.ctx.is_main:
             try:
@@ -235,6 +245,8 @@ class FSDPCheckpointManager:
         keep = set(lm.state_dict().keys())
         tensors = [(n, p) for n, p in lm.named_parameters()]  # deduplicates tied weights
         tensors += [(n, b) for n, b in lm.named_buffers() if n in keep]
+        if is_lora(lm):  # plain HF names, each adapter folded into its base weight (still one gather at a time)
+            tensors = merged_tensors(lm, tensors)
         dtype = self.hf_dtype
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0

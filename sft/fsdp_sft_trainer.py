@@ -26,6 +26,7 @@ from sft.cli import TrainingError, run_cli
 from sft.data import build_dataset
 from sft.data.loader import MicroBatchBuilder, build_train_loader
 from sft.data.sampler import StepBatchSampler, eval_indices
+from sft.data.scan import write_bad_samples
 from sft.data.storage import TokenizeShard
 from sft.distributed import DistContext
 from sft.metrics import MetricsLogger, StepTimer
@@ -67,6 +68,7 @@ class FSDPSFTTrainer:
         self.generation_config = self._generation_config()
         self.train_ds = self._dataset(cfg.data.train_files, cfg.data.train_max_samples)
         self.val_ds = self._dataset(cfg.data.val_files, cfg.data.val_max_samples) if cfg.data.val_files else None
+        write_bad_samples(cfg.trainer.default_local_dir, {"train": self.train_ds, "val": self.val_ds}, ctx.rank)
         self.plan = make_plan(cfg, ctx.world_size, len(self.train_ds))
         self.model = self._model()
         self.optimizer = build_optimizer(
@@ -137,6 +139,8 @@ class FSDPSFTTrainer:
 
     def _forward(self, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the model on one micro-batch (moved to the device); packed rows carry varlen metadata."""
+        # Target positions found on the host: the loss then needs no device sync to size its work.
+        mb = dict(mb, target_index=(mb["labels"].reshape(-1) != -100).nonzero().squeeze(1))
         mb = to_device(mb, self.ctx.device)
         mb.pop("real_mask", None)
         if "cu_seq_lens" in mb:

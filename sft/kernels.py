@@ -39,6 +39,20 @@ def check_liger(device_type: str) -> None:
         raise ValueError(LIGER_MISSING)
 
 
+def liger_wanted(setting: bool | str, device_type: str, model_type: str) -> bool:
+    """`model.use_liger`: true always (checked before loading), false never, auto when it can run."""
+    if setting != "auto":
+        return bool(setting)
+    if device_type != "cuda" or not liger_installed():
+        return False
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        logger.info("model.use_liger=auto: Liger has no kernels for model type %s; using the model's own", model_type)
+        return False
+    return True
+
+
 def apply_liger(lm: nn.Module) -> None:
     """Patch RMSNorm, SwiGLU and RoPE of the (meta-device) model in place, before sharding.
 

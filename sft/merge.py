@@ -3,7 +3,9 @@
 `python -m sft.merge CKPT/global_step_N OUT [--dtype bf16|fp32] [--shard-size-gb 5]` reads the
 model entries of `dcp/` (never the optimizer) a few tensors at a time with DCP's single-process
 load, writes safetensors shards (+ index), and copies config, generation config and tokenizer
-from `huggingface/`. No torchrun or process group; refusals are one stderr line, exit code 2.
+from `huggingface/`; a LoRA checkpoint's adapters are folded into their base weights
+(plain names, scaling from `lora_adapter/adapter_config.json`). No torchrun or process group;
+refusals are one stderr line, exit code 2.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from transformers import AutoConfig
 
 from sft.checkpoint import MARKER
+from sft.lora import OfflineMerge
 
 PREFIX = "model.lm."  # "model" is the save_contents entry, "lm." the trainer's wrapper attribute
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -65,8 +68,8 @@ def plan_shards(items: list[tuple[str, TensorStorageMetadata]], dtype: torch.dty
     return shards
 
 
-def read_shard(dcp_dir: Path, entries: list) -> dict[str, torch.Tensor]:
-    """Load `entries` from DCP in batches of READ_BYTES and cast each batch at once."""
+def read_shard(dcp_dir: Path, entries: list, lora: OfflineMerge | None = None) -> dict[str, torch.Tensor]:
+    """Load `entries` from DCP in batches of READ_BYTES and cast each batch at once (LoRA folded in first)."""
     out: dict[str, torch.Tensor] = {}
     batch: dict[str, torch.Tensor] = {}
     casts: dict[str, torch.dtype] = {}
@@ -76,7 +79,10 @@ def read_shard(dcp_dir: Path, entries: list) -> dict[str, torch.Tensor]:
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
             dcp.load(batch, storage_reader=FileSystemReader(str(dcp_dir)), no_dist=True)
         for key, t in batch.items():
-            out[key[len(PREFIX) :]] = t.to(casts[key]).contiguous()
+            name = key[len(PREFIX) :]
+            if lora is not None:
+                name, t = lora.apply(name, t)
+            out[name] = t.to(casts[key]).contiguous()
         batch.clear()
 
     size = 0
@@ -92,6 +98,17 @@ def read_shard(dcp_dir: Path, entries: list) -> dict[str, torch.Tensor]:
     return out
 
 
+def lora_merge(ckpt: Path, items: list[tuple[str, TensorStorageMetadata]]) -> OfflineMerge | None:
+    """For a LoRA checkpoint: its (small) adapter tensors, read once, and the scaling; None otherwise."""
+    lora = [(k, m, m.properties.dtype) for k, m in items if OfflineMerge.is_lora_key(k)]
+    if not lora:
+        return None
+    try:
+        return OfflineMerge(read_shard(ckpt / "dcp", lora), ckpt / "lora_adapter")
+    except ValueError as exc:
+        raise MergeError(f"{ckpt}: LoRA checkpoint without a readable lora_adapter/ ({exc})") from exc
+
+
 def merge(ckpt: Path, out: Path, dtype: torch.dtype, shard_bytes: int) -> tuple[int, int, int]:
     """Write the merged folder to `out`; returns (tensors, bytes, files)."""
     if not (ckpt / MARKER).exists():
@@ -105,6 +122,9 @@ def merge(ckpt: Path, out: Path, dtype: torch.dtype, shard_bytes: int) -> tuple[
     config = AutoConfig.from_pretrained(hf_dir)
     if getattr(config, "tie_word_embeddings", False):  # as save_pretrained does: the head is the embedding
         items = [(k, m) for k, m in items if k != PREFIX + "lm_head.weight"]
+    lora = lora_merge(ckpt, items)
+    if lora is not None:  # adapters are folded into their base weights, not written
+        items = [(k, m) for k, m in items if not OfflineMerge.is_lora_key(k)]
 
     # Build in a hidden sibling and rename at the end, so a crash never leaves a loadable-looking half.
     tmp = out.parent / f".{out.name}.merge-{os.getpid()}"
@@ -124,7 +144,7 @@ def merge(ckpt: Path, out: Path, dtype: torch.dtype, shard_bytes: int) -> tuple[
         )
         weight_map, total = {}, 0
         for name, entries in zip(names, shards):
-            tensors = read_shard(ckpt / "dcp", entries)
+            tensors = read_shard(ckpt / "dcp", entries, lora)
             save_file(tensors, tmp / name, metadata={"format": "pt"})
             for k, t in tensors.items():
                 weight_map[k] = name

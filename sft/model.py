@@ -20,8 +20,10 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from sft.attention import register_varlen_attention
-from sft.distributed import DistContext
-from sft.loss import chunked_linear_cross_entropy
+from sft.distributed import DistContext, resolve_device_type
+from sft.kernels import apply_liger, liger_wanted, selective_checkpoint_context, use_liger_loss
+from sft.lora import add_lora
+from sft.loss import target_linear_cross_entropy
 from sft.schema import SFTConfig
 from sft.ulysses import check_sp_heads
 
@@ -62,10 +64,12 @@ class CausalLMWithLoss(nn.Module):
     Returns the sum of token losses and the number of target tokens of this micro-batch.
     """
 
-    def __init__(self, lm: nn.Module, chunk_size: int = 4096) -> None:
+    def __init__(self, lm: nn.Module, chunk_size: int = 4096, fused_loss: bool = False) -> None:
         super().__init__()
         self.lm = lm
         self.chunk_size = chunk_size
+        # Liger's fused linear CE (CUDA): gradients in the forward, no chunk recompute in backward.
+        self.fused_loss = fused_loss
 
     def forward(
         self,
@@ -73,6 +77,7 @@ class CausalLMWithLoss(nn.Module):
         position_ids: torch.Tensor,
         labels: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        target_index: torch.Tensor | None = None,
         **attn_kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.lm.get_decoder()(
@@ -84,8 +89,11 @@ class CausalLMWithLoss(nn.Module):
         )
         hidden = out.last_hidden_state  # [b, s, h]
         head = self.lm.get_output_embeddings()
-        loss_sum = chunked_linear_cross_entropy(
-            hidden.reshape(-1, hidden.shape[-1]), head.weight, labels.reshape(-1), self.chunk_size
+        hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)  # [b*s, h], [b*s]
+        if target_index is None:  # (costs a device sync; the trainer passes it from the host)
+            target_index = (labels != -100).nonzero().squeeze(1)
+        loss_sum = target_linear_cross_entropy(
+            hidden, head.weight, labels, target_index, self.chunk_size, fused=self.fused_loss
         )
         return loss_sum, (labels != -100).sum()
 
@@ -118,16 +126,24 @@ def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig) -> CausalLMWit
         lm = AutoModelForCausalLM.from_config(
             copy.deepcopy(hf_config), dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, **extra
         )
+        add_lora(lm, cfg.model)  # no-op unless model.lora_rank > 0
     if cfg.use_remove_padding:
         assert lm.config._attn_implementation == extra["attn_implementation"], "varlen attention not selected"
+    if liger_wanted(cfg.model.use_liger, resolve_device_type(cfg.trainer.device), hf_config.model_type):
+        apply_liger(lm)
     if cfg.model.enable_gradient_checkpointing:
         # HF's own per-layer checkpointing keeps parameter names unchanged (checkpoint wrappers would not).
         # Renamed activation_checkpointing_enable (with a renamed argument) in newer transformers.
+        ac_kwargs = {"use_reentrant": False}
+        if cfg.model.gradient_checkpointing_mode == "selective":
+            ac_kwargs["context_fn"] = selective_checkpoint_context()
         if hasattr(lm, "activation_checkpointing_enable"):
-            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=ac_kwargs)
         else:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return CausalLMWithLoss(lm)
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ac_kwargs)
+    fused = use_liger_loss(resolve_device_type(cfg.trainer.device))
+    logger.info("loss: %s", "Liger fused linear cross-entropy" if fused else "chunked linear cross-entropy")
+    return CausalLMWithLoss(lm, fused_loss=fused)
 
 
 def load_weights(model: CausalLMWithLoss, cfg: SFTConfig, ctx: DistContext) -> None:
@@ -143,6 +159,7 @@ def load_weights(model: CausalLMWithLoss, cfg: SFTConfig, ctx: DistContext) -> N
             trust_remote_code=cfg.model.trust_remote_code,
             use_cache=False,
         )
+        add_lora(src, cfg.model, load_adapter=True)  # same names as the meta model; A random, B zero or the adapter
         full_sd = {f"lm.{k}": v for k, v in src.state_dict().items()}
         # Non-persistent buffers (rotary inv_freq) are not in the state dict but were garbage
         # after to_empty: take rank 0's real values.

@@ -24,6 +24,8 @@ class MultiTurnConfig:
     messages_key: str = "messages"
     tools_key: str = "tools"
     enable_thinking_key: str = "enable_thinking"
+    # Which assistant turns are trained by default: all of them, or only the last one.
+    train_on: str = "all"
 
 
 @dataclass
@@ -52,6 +54,8 @@ class DataConfig:
     multiturn: MultiTurnConfig = field(default_factory=MultiTurnConfig)
     max_length: int = 1024
     truncation: str = "error"
+    # A bad row (schema, role, content, length, template): stop with its file and row, or skip it.
+    on_bad_sample: str = "error"
     # The loss is always the exact global token mean; false (a mean of per-rank means) is refused.
     balance_dp_token: bool = True
     chat_template: str | None = None
@@ -80,6 +84,9 @@ class ModelConfig:
     partial_pretrain: str = MISSING
     trust_remote_code: bool = False
     enable_gradient_checkpointing: bool = True
+    # With checkpointing on: `full` recomputes each decoder layer in the backward; `selective`
+    # keeps matmul and attention outputs and recomputes only norms, activations and rotary.
+    gradient_checkpointing_mode: str = "full"
     strategy: str = "fsdp2"
     external_lib: str | None = None
     use_shm: bool = False
@@ -88,7 +95,9 @@ class ModelConfig:
     lora_alpha: int = 16
     target_modules: Any = "all-linear"
     lora_adapter_path: str | None = None
-    use_liger: bool = False
+    # Liger's Triton kernels for RMSNorm/SwiGLU/RoPE: true (required), false, or auto (on when
+    # the run is on CUDA, liger-kernel is installed and supports the model type).
+    use_liger: Any = "auto"
     # torch.compile each decoder layer (fuses norms, activations and rotary into fewer kernels).
     compile: bool = False
 

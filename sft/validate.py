@@ -8,13 +8,16 @@ written back into the config.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sft.distributed import WorldInfo
+from sft.data.files import expand_paths
+from sft.distributed import WorldInfo, resolve_device_type
+from sft.kernels import check_liger
 from sft.optim import resolve_warmup_steps
 from sft.schema import ModelConfig, SFTConfig
 
@@ -36,10 +39,11 @@ def _need(ok: bool, msg: str) -> None:
 def _check_files(key: str, value) -> list[str]:
     files = [value] if isinstance(value, str) else list(value or [])
     _need(len(files) > 0 and all(isinstance(f, str) for f in files), f"{key}={value!r}: give a path or a list of paths")
-    for f in files:
-        p = Path(f).expanduser()
-        _need(p.exists(), f"{key}: file not found: {p} (check the path)")
-    return files
+    try:
+        # Files, globs and folders: each must give at least one data file.
+        return expand_paths(files, key)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _check_data(cfg: SFTConfig) -> None:
@@ -58,6 +62,14 @@ def _check_data(cfg: SFTConfig) -> None:
     _need(
         d.truncation in ("left", "right", "error"),
         f"data.truncation={d.truncation!r}: choose left, right or error",
+    )
+    _need(
+        d.on_bad_sample in ("error", "skip"),
+        f"data.on_bad_sample={d.on_bad_sample!r}: choose error (stop at the first bad row) or skip (drop bad rows)",
+    )
+    _need(
+        d.multiturn.train_on in ("all", "last"),
+        f"data.multiturn.train_on={d.multiturn.train_on!r}: choose all (every assistant turn) or last",
     )
     _need(
         d.balance_dp_token,
@@ -101,8 +113,61 @@ def _check_model(cfg: SFTConfig) -> None:
                 f"or remove model.{key}",
             )
     _need(m.lora_rank >= 0, f"model.lora_rank={m.lora_rank}: must be >= 0")
-    _need(m.lora_rank == 0, f"model.lora_rank={m.lora_rank}: LoRA is not supported yet; use model.lora_rank=0")
-    _need(not m.use_liger, "model.use_liger=true: Liger kernels are not supported yet; use model.use_liger=false")
+    if m.lora_rank > 0:
+        _check_lora(m)
+    _need(
+        m.gradient_checkpointing_mode in ("full", "selective"),
+        f"model.gradient_checkpointing_mode={m.gradient_checkpointing_mode!r}: choose full or selective",
+    )
+    _need(
+        m.enable_gradient_checkpointing or m.gradient_checkpointing_mode == "full",
+        f"model.gradient_checkpointing_mode={m.gradient_checkpointing_mode} needs "
+        "model.enable_gradient_checkpointing=true (or remove the mode)",
+    )
+    _need(
+        m.use_liger in (True, False, "auto"),
+        f"model.use_liger={m.use_liger!r}: choose true, false or auto",
+    )
+    _need(
+        not (m.compile and m.gradient_checkpointing_mode == "selective"),
+        "model.gradient_checkpointing_mode=selective with model.compile=true: the compiled layer hides its matmuls "
+        "from the checkpoint policy; use gradient_checkpointing_mode=full with compile",
+    )
+    if m.use_liger is True:
+        try:
+            check_liger(resolve_device_type(cfg.trainer.device))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def _check_lora(m: ModelConfig) -> None:
+    """LoRA keys that need no model; module names are checked against the model (on meta) when it is built."""
+    _need(m.lora_alpha > 0, f"model.lora_alpha={m.lora_alpha}: must be > 0 (the update is scaled by alpha / rank)")
+    t = m.target_modules
+    _need(
+        (isinstance(t, str) and bool(t)) or (isinstance(t, list) and bool(t) and all(isinstance(x, str) for x in t)),
+        f"model.target_modules={t!r}: give all-linear or a list of module names, e.g. [q_proj,v_proj]",
+    )
+    if m.lora_adapter_path is None:
+        return
+    p = Path(m.lora_adapter_path).expanduser()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        _need(
+            (p / name).is_file(),
+            f"model.lora_adapter_path={p}: no {name} in it; point it at a folder PeftModel.save_pretrained wrote "
+            "(e.g. a checkpoint's global_step_N/lora_adapter)",
+        )
+    try:
+        saved = json.loads((p / "adapter_config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.lora_adapter_path: cannot read {p / 'adapter_config.json'}: {exc}") from exc
+    for key, ours in (("r", m.lora_rank), ("lora_alpha", m.lora_alpha)):
+        cfg_key = "lora_rank" if key == "r" else key
+        _need(
+            saved.get(key) == ours,
+            f"model.lora_adapter_path={p}: the adapter has {key}={saved.get(key)} but model.{cfg_key}={ours}; "
+            f"set model.{cfg_key}={saved.get(key)}",
+        )
 
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
@@ -206,6 +271,12 @@ def _check_trainer(cfg: SFTConfig, world: WorldInfo) -> None:
     )
     bad = [x for x in t.logger if x not in LOGGERS]
     _need(not bad, f"trainer.logger: unknown {bad}; choose from {', '.join(LOGGERS)}")
+    for tracker in ("wandb", "tensorboard"):  # optional packages: missing ones fail here, not after the model loads
+        _need(
+            tracker not in t.logger or importlib.util.find_spec(tracker) is not None,
+            f"trainer.logger contains {tracker!r} but the {tracker} package is not installed; "
+            f"`pip install {tracker}` (or `bash scripts/setup.sh trackers`), or remove it from trainer.logger",
+        )
     for key in ("save_freq", "test_freq"):
         v = getattr(t, key)
         _need(v == -1 or v > 0, f"trainer.{key}={v}: -1 (only at the end) or a positive number of steps")

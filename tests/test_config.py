@@ -169,8 +169,18 @@ def test_missing_required_key():
         ("model.fsdp_config.wrap_policy.min_num_params=100", "wrap_policy.min_num_params=100"),
         ("model.use_shm=true", "model.use_shm=true"),
         ("model.lora_alpha=32", "model.lora_alpha=32 is set but model.lora_rank=0"),
-        ("model.lora_rank=8", "model.lora_rank=8: LoRA is not supported yet"),
-        ("model.use_liger=true", "model.use_liger=true"),
+        ("model.lora_rank=-1", "model.lora_rank=-1: must be >= 0"),
+        ("model.lora_adapter_path=/x", "model.lora_adapter_path='/x' is set but model.lora_rank=0"),
+        ("model.use_liger=true", "model.use_liger=true: Liger's kernels run on CUDA GPUs only"),
+        (
+            "model.gradient_checkpointing_mode=some",
+            "model.gradient_checkpointing_mode='some': choose full or selective",
+        ),
+        ("model.use_liger=maybe", "model.use_liger='maybe': choose true, false or auto"),
+        (
+            "model.compile=true model.gradient_checkpointing_mode=selective",
+            "model.gradient_checkpointing_mode=selective with model.compile=true",
+        ),
         ("optim.lr=0", "optim.lr=0"),
         ("optim.betas=[0.9]", "optim.betas"),
         ("optim.lr_scheduler=linear", "optim.lr_scheduler='linear'"),
@@ -196,7 +206,7 @@ def test_missing_required_key():
     ],
 )
 def test_validation_errors(paths, override, needle):
-    cfg = compose([*paths, "data.train_batch_size=8", "data.micro_batch_size_per_gpu=2", override])
+    cfg = compose([*paths, "data.train_batch_size=8", "data.micro_batch_size_per_gpu=2", *override.split(" ")])
     with pytest.raises(ConfigError) as e:
         validate_config(cfg, WORLD2)
     assert needle in str(e.value), str(e.value)

@@ -42,7 +42,7 @@ def test_home_is_expanded(tmp_path, monkeypatch, write_parquet):
 
 def test_missing_file_names_the_path(tmp_path):
     missing = tmp_path / "nope.parquet"
-    with pytest.raises(ValueError, match=f"parquet file not found: {missing}"):
+    with pytest.raises(ValueError, match=f"data.train_files / data.val_files: file not found: {missing}"):
         ParquetSource([str(missing)], {"prompt": "data.prompt_key"})
 
 

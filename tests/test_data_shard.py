@@ -1,5 +1,6 @@
-"""Tokenization split over ranks gives exactly the single-process dataset, and a data error
-found by one rank stops every rank with the same message (no rank is left waiting)."""
+"""Tokenization split over ranks gives exactly the single-process dataset (also when bad rows
+are skipped: every rank keeps the same rows), and a data error found by one rank stops every
+rank with the same message (no rank is left waiting)."""
 
 from __future__ import annotations
 
@@ -22,16 +23,27 @@ def test_sharded_tokenization(demo_dir, tmp_path):
     base = base_overrides(demo_dir, tmp_path) + [f"data.train_files={tmp_path}/train.parquet"]
     good = base + ["data.max_length=64"]  # truncation and drops happen
     bad = base + ["data.truncation=error", "data.max_length=40"]
-    run_ranks(build_sharded, 2, [good, bad], str(tmp_path / "out.pt"))
-    good_results, bad_results = torch.load(tmp_path / "out.pt", weights_only=False)
+    # data.on_bad_sample=skip: rows refused by the scan (every rank) and while tokenizing (one rank each).
+    rows = pa.concat_tables([table, table, table]).to_pylist()
+    long = [{"role": "user", "content": "apple " * 300}, {"role": "assistant", "content": "pear"}]
+    for r in (5, 300):  # over-long: in batch 0 (rank 0) and batch 1 (rank 1)
+        rows[r] = {"messages": long, "tools": None}
+    for r in (7, 700):  # unknown role
+        rows[r]["messages"][0]["role"] = "robot"
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), tmp_path / "skip.parquet")
+    skip = base + [f"data.train_files={tmp_path}/skip.parquet", "data.truncation=error", "data.on_bad_sample=skip"]
+    run_ranks(build_sharded, 2, [good, bad, skip], str(tmp_path / "out.pt"))
+    good_results, bad_results, skip_results = torch.load(tmp_path / "out.pt", weights_only=False)
 
-    cfg = compose(good)
-    ref = build_dataset(cfg.data.train_files, load_tokenizer(cfg), cfg.data, -1, False)
-    assert len(ref) > 512  # three batches of 256 rows: both ranks really had work
-    for got in good_results:  # both ranks hold the whole dataset, as one process builds it
-        for key in ("input_ids", "loss_mask", "lengths", "rows"):
-            np.testing.assert_array_equal(got[key], getattr(ref, key), err_msg=key)
-        assert got["num_dropped"] == ref.num_dropped
+    for results, overrides in ((good_results, good), (skip_results, skip)):
+        cfg = compose(overrides)
+        ref = build_dataset(cfg.data.train_files, load_tokenizer(cfg), cfg.data, -1, False)
+        assert len(ref) > 512  # three batches of 256 rows: both ranks really had work
+        for got in results:  # both ranks hold the whole dataset, as one process builds it
+            for key in ("input_ids", "loss_mask", "lengths", "rows"):
+                np.testing.assert_array_equal(got[key], getattr(ref, key), err_msg=key)
+            assert got["num_dropped"] == ref.num_dropped
+    assert {5, 7, 300, 700} <= set(ref.bad_rows.samples) and not {5, 7, 300, 700} & set(ref.rows.tolist())
 
     assert all("error" in r for r in bad_results)
     assert bad_results[0]["error"] == bad_results[1]["error"]

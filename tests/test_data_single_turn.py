@@ -68,5 +68,6 @@ def test_prompt_as_chat_messages(demo_tokenizer, write_parquet):
 
 
 def test_non_string_response(demo_tokenizer, write_parquet):
-    with pytest.raises(ValueError, match=r"row 0: response from column 'response' is a int"):
+    # Found by the scan before tokenizing: the whole column has the wrong type.
+    with pytest.raises(ValueError, match=r"data.parquet: column 'response' has type int64; it must be a string"):
         build(write_parquet([{"prompt": "x", "response": 3}]), demo_tokenizer)

@@ -3,21 +3,26 @@
 Each row's messages (plus optional tools and enable_thinking columns) are rendered to text
 once and tokenized once, so the ids are exactly `apply_chat_template(tokenize=True)`'s.
 The trained tokens are those starting inside the character spans of `sft.data.spans`:
-assistant turns with their end-of-turn token, changed by per-message `loss_mask`.
+assistant turns (all, or the last with `data.multiturn.train_on=last`) with their
+end-of-turn token, changed by per-message `loss_mask`.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from sft.data.messages import ChatRenderer, check_chat_template, clean_messages, parse_tools
+from sft.data.scan import scan_messages
 from sft.data.spans import Markers, token_mask, trained_spans
 from sft.data.storage import Encoded, TokenizedDataset
 
 logger = logging.getLogger("sft")
+
+TRAIN_ON = ("all", "last")
 
 
 class MultiTurnSFTDataset(TokenizedDataset):
@@ -25,6 +30,8 @@ class MultiTurnSFTDataset(TokenizedDataset):
 
     def _prepare(self) -> None:
         check_chat_template(self.tokenizer)
+        if self.config.multiturn.train_on not in TRAIN_ON:
+            raise ValueError(f"data.multiturn.train_on={self.config.multiturn.train_on!r}: choose all or last")
         if not getattr(self.tokenizer, "is_fast", False):
             raise ValueError(
                 f"tokenizer {self.tokenizer.name_or_path!r} is a slow (Python) tokenizer; multi-turn masks need "
@@ -38,7 +45,10 @@ class MultiTurnSFTDataset(TokenizedDataset):
         mt = self.config.multiturn
         return {mt.messages_key: "data.multiturn.messages_key"}, [mt.tools_key, mt.enable_thinking_key]
 
-    def _encode_batch(self, rows: range, columns: dict[str, list[Any]]) -> list[Encoded]:
+    def _check_table(self, table: Any, path: str, checks: Any) -> None:
+        scan_messages(table, path, checks, self.config.multiturn.messages_key)
+
+    def _encode_batch(self, rows: Sequence[int], columns: dict[str, list[Any]]) -> list[Encoded]:
         mt = self.config.multiturn
         texts: list[str] = []
         all_spans = []
@@ -55,7 +65,8 @@ class MultiTurnSFTDataset(TokenizedDataset):
             renderer = ChatRenderer(self.tokenizer, kwargs, where)
             text = renderer.render(messages)
             texts.append(text)
-            all_spans.append(trained_spans(messages, overrides, text, renderer, self.markers))
+            last_only = mt.train_on == "last"
+            all_spans.append(trained_spans(messages, overrides, text, renderer, self.markers, last_only))
             self._note_control_text(messages)
         # One batched call: the Rust tokenizer encodes the texts in parallel.
         enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)

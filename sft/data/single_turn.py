@@ -8,11 +8,13 @@ Trained: exactly the response tokens and the EOS.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from sft.data.messages import ChatRenderer, check_chat_template, clean_messages
+from sft.data.scan import scan_single_turn
 from sft.data.storage import Encoded, TokenizedDataset
 
 
@@ -68,7 +70,15 @@ class SFTDataset(TokenizedDataset):
             )
         return value
 
-    def _encode_batch(self, rows: range, columns: dict[str, list[Any]]) -> list[Encoded]:
+    def _check_table(self, table: Any, path: str, checks: Any) -> None:
+        cfg = self.config
+        columns = {
+            cfg.prompt_key: (cfg.prompt_dict_keys, "data.prompt_dict_keys", True),
+            cfg.response_key: (cfg.response_dict_keys, "data.response_dict_keys", False),
+        }
+        scan_single_turn(table, path, checks, columns)
+
+    def _encode_batch(self, rows: Sequence[int], columns: dict[str, list[Any]]) -> list[Encoded]:
         cfg = self.config
         prompts: list[str] = []
         responses: list[str] = []

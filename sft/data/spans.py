@@ -76,14 +76,18 @@ def trained_spans(
     text: str,
     renderer: ChatRenderer,
     markers: Markers,
+    last_only: bool = False,
 ) -> list[Span]:
     """Sorted, non-overlapping character spans of `text` (the whole rendered conversation)
-    that are training targets: assistant turns, changed by per-message `loss_mask`."""
+    that are training targets: assistant turns (only the last one with `last_only`),
+    changed by per-message `loss_mask`."""
     spans: list[Span] = []
     cursor = 0
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
     for i, msg in enumerate(messages):
         role = msg["role"]
-        train = role == "assistant" if overrides[i] is None else bool(overrides[i])
+        default = role == "assistant" and (not last_only or i == last)
+        train = default if overrides[i] is None else bool(overrides[i])
         content = msg.get("content") or ""
         if role == "assistant":
             start, end = _assistant_span(i, messages, text, renderer, markers, cursor)

@@ -1,9 +1,10 @@
 """The dataset base class: tokenize every row up front into compact numpy storage.
 
-`TokenizedDataset` reads the parquet files, asks its subclass to encode rows in batches
-(`_encode_batch` -> token ids and a 0/1 loss mask per row), applies `data.truncation`, drops
-rows left with no trained token, and stores the rest as flat int32 ids / uint8 masks with
-int64 offsets. `__getitem__` returns the item contract of DESIGN.md, padded or unpadded.
+`TokenizedDataset` reads the data files, scans them for bad rows (`sft.data.scan`, before any
+tokenization), asks its subclass to encode rows in batches (`_encode_batch` -> token ids and
+a 0/1 loss mask per row), applies `data.truncation`, drops rows left with no trained token
+(and, with `data.on_bad_sample=skip`, bad rows), and stores the rest as flat int32 ids /
+uint8 masks with int64 offsets. `__getitem__` returns the item contract of DESIGN.md, padded or unpadded.
 Given a `TokenizeShard`, the ranks tokenize every world-th batch each and exchange the
 arrays, so start-up time falls with the number of processes; the result is identical.
 """
@@ -23,6 +24,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from sft.data.files import ParquetSource
+from sft.data.scan import ON_BAD_SAMPLE, BadRows, scan_source
 from sft.schema import DataConfig
 
 logger = logging.getLogger("sft")
@@ -58,6 +60,8 @@ class TokenizedDataset(Dataset):
         self.shard = shard
         if config.truncation not in TRUNCATIONS:
             raise ValueError(f"data.truncation={config.truncation!r}: choose one of {', '.join(TRUNCATIONS)}")
+        if config.on_bad_sample not in ON_BAD_SAMPLE:
+            raise ValueError(f"data.on_bad_sample={config.on_bad_sample!r}: choose error or skip")
         if config.max_length < 2:
             raise ValueError(f"data.max_length={config.max_length}: must be at least 2")
         self.tokenizer = tokenizer
@@ -72,6 +76,7 @@ class TokenizedDataset(Dataset):
         self._prepare()
         required, optional = self._columns()
         self.source = ParquetSource(parquet_files, required, optional, max_samples)
+        self._scan()
         self._build()
 
     # -- subclass interface ------------------------------------------------------------
@@ -83,9 +88,30 @@ class TokenizedDataset(Dataset):
         """Required columns (name -> the config key that names it) and optional columns."""
         raise NotImplementedError
 
-    def _encode_batch(self, rows: range, columns: dict[str, list[Any]]) -> list[Encoded]:
+    def _encode_batch(self, rows: Sequence[int], columns: dict[str, list[Any]]) -> list[Encoded]:
         """(int token ids, 0/1 loss mask) for each row of `rows`, untruncated."""
         raise NotImplementedError
+
+    def _check_table(self, table: Any, path: str, checks: Any) -> None:
+        """Vectorised checks of one file's columns (`sft.data.scan`), before any tokenization."""
+
+    # -- bad rows ----------------------------------------------------------------------
+
+    def _scan(self) -> None:
+        t0 = time.perf_counter()
+        # Every rank scans every file: the result is the same everywhere without communication.
+        self.skip_rows, self.bad_rows = scan_source(self.source, self._check_table)
+        logger.debug("scanned %d rows in %.2fs", self.source.num_rows, time.perf_counter() - t0)
+        if self.bad_rows.count and self.config.on_bad_sample == "error":
+            row, reason = self.bad_rows.first()
+            raise ValueError(
+                f"{self.source.where(row)}: {reason} ({self.bad_rows.count} of {self.source.num_rows} rows have "
+                "such problems; fix them, or set data.on_bad_sample=skip to drop them)"
+            )
+
+    def _refuse(self, row: int, error: ValueError) -> None:
+        """Note a row that failed while tokenizing (skip mode); its reason without the location."""
+        self.bad_rows.add(row, str(error).removeprefix(f"{self.source.where(row)}: "))
 
     # -- storage -----------------------------------------------------------------------
 
@@ -97,8 +123,12 @@ class TokenizedDataset(Dataset):
         # One array per batch (not per row) keeps the build's memory overhead small.
         batches: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         error: str | None = None
+        skip = self.skip_rows if self.bad_rows.count else None
+        scanned = self.bad_rows
+        # From here on only the rows this rank refuses while tokenizing; merged after the exchange.
+        self.bad_rows = BadRows()
         try:
-            for index, rows, columns in self.source.iter_batches(BATCH_ROWS, rank, world):
+            for index, rows, columns in self.source.iter_batches(BATCH_ROWS, rank, world, skip):
                 part = self._encode_part(rows, columns)
                 if part is not None:
                     batches.append((index, *part))
@@ -108,6 +138,7 @@ class TokenizedDataset(Dataset):
             error = str(e)  # raised on every rank below: a lone raise would leave the others waiting
         if world > 1:
             batches, error = self._exchange(batches, error)
+        self.bad_rows.merge(scanned)
         batches.sort(key=lambda b: b[0])  # batch order = row order, whatever rank encoded it
         row_parts, ids_parts, mask_parts, length_parts = ([b[i] for b in batches] for i in range(1, 5))
         self.lengths = np.concatenate(length_parts) if length_parts else np.zeros(0, np.int64)
@@ -120,16 +151,47 @@ class TokenizedDataset(Dataset):
         if len(self.lengths) == 0:
             raise ValueError(
                 f"{', '.join(self.source.paths)}: no sample to train on ({self.source.num_rows} rows read, "
-                f"{self.num_dropped} dropped with no trained token); check the files, data.max_length and data.truncation"
+                f"{self.num_dropped} dropped with no trained token, {self.bad_rows.count} bad); check the files, "
+                "data.max_length and data.truncation"
             )
 
-    def _encode_part(self, rows: range, columns: dict[str, list[Any]]) -> tuple[np.ndarray, ...] | None:
-        """(rows, ids, masks, lengths) of the rows of one batch that keep a trained token."""
-        encoded = self._encode_batch(rows, columns)
+    def _encode_rows(self, rows: Sequence[int], columns: dict[str, list[Any]]) -> list[Encoded | None]:
+        """Encoded and fitted rows; in skip mode a row that fails is noted and None."""
+        skip = self.config.on_bad_sample == "skip"
+        try:
+            encoded = self._encode_batch(rows, columns)
+        except ValueError as e:
+            if not skip:
+                raise ValueError(f"{e} (or set data.on_bad_sample=skip to drop such rows)") from e
+            if len(rows) == 1:
+                self._refuse(rows[0], e)
+                return [None]
+            # Encode the batch again row by row to find the rows that fail.
+            return [
+                item
+                for k, row in enumerate(rows)
+                for item in self._encode_rows([row], {name: [v[k]] for name, v in columns.items()})
+            ]
         assert len(encoded) == len(rows), "encode_batch must return one entry per row"
-        kept: list[tuple[int, np.ndarray, np.ndarray]] = []
+        out: list[Encoded | None] = []
         for row, (ids, mask) in zip(rows, encoded):
-            ids, mask = self._fit(row, np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.uint8))
+            try:
+                out.append(self._fit(row, np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.uint8)))
+            except ValueError as e:
+                if not skip:
+                    raise ValueError(f"{e} (or set data.on_bad_sample=skip to drop such rows)") from e
+                self._refuse(row, e)
+                out.append(None)
+        return out
+
+    def _encode_part(self, rows: Sequence[int], columns: dict[str, list[Any]]) -> tuple[np.ndarray, ...] | None:
+        """(rows, ids, masks, lengths) of the rows of one batch that keep a trained token."""
+        encoded = self._encode_rows(rows, columns)
+        kept: list[tuple[int, np.ndarray, np.ndarray]] = []
+        for row, item in zip(rows, encoded):
+            if item is None:
+                continue
+            ids, mask = item
             # Token 0 has no context to be predicted from, so it can never be a target.
             if mask[1:].any():
                 kept.append((row, ids, mask))
@@ -146,7 +208,7 @@ class TokenizedDataset(Dataset):
 
     def _exchange(self, batches: list, error: str | None) -> tuple[list, None]:
         """All-gather every rank's encoded batches and counters; re-raise any rank's data error."""
-        mine = (batches, error, self.num_dropped, self.num_truncated)
+        mine = (batches, error, self.num_dropped, self.num_truncated, self.bad_rows)
         gathered: list[Any] = [None] * self.shard.world
         dist.all_gather_object(gathered, mine, group=self.shard.group)
         errors = [g[1] for g in gathered if g[1] is not None]
@@ -154,6 +216,9 @@ class TokenizedDataset(Dataset):
             raise ValueError(errors[0])
         self.num_dropped = sum(g[2] for g in gathered)
         self.num_truncated = sum(g[3] for g in gathered)
+        self.bad_rows = BadRows()
+        for g in gathered:
+            self.bad_rows.merge(g[4])
         return [b for g in gathered for b in g[0]], None
 
     def _fit(self, row: int, ids: np.ndarray, mask: np.ndarray) -> Encoded:
@@ -173,6 +238,16 @@ class TokenizedDataset(Dataset):
 
     def _report(self, seconds: float) -> None:
         paths = ", ".join(self.source.paths)
+        if self.bad_rows.count:
+            row, reason = self.bad_rows.first()
+            logger.warning(
+                "%d of %d rows of %s skipped as bad (data.on_bad_sample=skip); the first: %s: %s",
+                self.bad_rows.count,
+                self.source.num_rows,
+                paths,
+                self.source.where(row),
+                reason,
+            )
         if self.num_dropped:
             logger.warning(
                 "%d of %d rows of %s dropped: no trained token left (after truncation to data.max_length=%d)",
