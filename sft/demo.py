@@ -3,7 +3,8 @@
 `python -m sft.demo DIR` writes `DIR/model/` (weights, config, generation config, tokenizer
 with a ChatML chat template) and `DIR/train.parquet`, `DIR/val.parquet`. Nothing is
 downloaded and every output is a pure function of the seed, so tests and smoke runs can
-rely on it. `check_answer` grades a generated final answer for accuracy demos.
+rely on it. `check_answer` grades a generated final answer for accuracy demos;
+`python -m sft.demo train` (sft/demo_train.py) shows training raise that accuracy.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -279,8 +281,15 @@ def write_demo(out_dir: str | Path, n_train: int = 2000, n_val: int = 200, seed:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sft.demo", description=__doc__)
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # `python -m sft.demo train [...]`: the before/after accuracy demo
+        from sft.demo_train import main_train
+
+        return main_train(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="python -m sft.demo", description=__doc__, epilog="`python -m sft.demo train --help`: the training demo"
+    )
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--n-val", type=int, default=200)
@@ -294,7 +303,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"model:  {out / 'model'} ({n_params:,} parameters, vocab {model.config.vocab_size})")
     print(f"train:  {out / 'train.parquet'} ({args.n_train} rows)")
     print(f"val:    {out / 'val.parquet'} ({args.n_val} rows)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

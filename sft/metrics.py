@@ -8,11 +8,14 @@ DESIGN.md) and the GPU peak for MFU; `StepTimer` times steps honestly.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import importlib.util
 import json
 import logging
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,23 +34,33 @@ def _human(x: float) -> str:
     return f"{x:.0f}"
 
 
-# Keys shown on the console train line, in order. Every key still reaches the
-# file/wandb/tensorboard sinks; the console line stays short on purpose.
+# Keys shown on the console train line / progress bar, in order. Every key still reaches
+# the file/wandb/tensorboard sinks; the console stays short on purpose.
 _TRAIN_FIELDS: tuple[tuple[str, Callable[[float], str]], ...] = (
     ("train/loss", lambda v: f"loss {v:.4f}"),
     ("train/lr", lambda v: f"lr {v:.3g}"),
     ("train/grad_norm", lambda v: f"gnorm {v:.3g}"),
     ("train/tokens_per_s_per_gpu", lambda v: f"{_human(v)} tok/s/gpu"),
     ("train/mfu_model", lambda v: f"mfu {v:.1%}"),
+    ("train/peak_mem_gb", lambda v: f"mem {v:.1f} GB"),
     ("train/step_time_s", lambda v: f"{v:.2f} s"),
 )
 
 
 class _Console:
-    """One compact line per logged step; ETA from the mean wall time per step."""
+    """Rank 0's console: a live progress bar on a terminal, plain log lines otherwise.
+
+    The bar (tqdm, on stderr where the log goes) shows steps, elapsed time, ETA and the
+    train fields; other log lines are routed through it so they do not tear it. When
+    stderr is not a terminal (a log file, `| tee`, CI) carriage-return bars would be
+    garbage, so each step becomes one line with its own ETA.
+    """
 
     def __init__(self, total_steps: int) -> None:
         self.total_steps = total_steps
+        self.use_bar = sys.stderr.isatty()
+        self._bar: Any = None
+        self._redirect = contextlib.ExitStack()
         # The first logged step is the anchor: it carries compile/warm-up cost, and
         # measuring from it makes the mean robust to logging only every k steps.
         self._anchor: tuple[int, float] | None = None
@@ -62,18 +75,42 @@ class _Console:
         pct = 100.0 * step / max(1, self.total_steps)
         return f"ETA {datetime.timedelta(seconds=round(left))} ({pct:.0f}%)"
 
+    def _advance_bar(self, step: int, fields: list[str]) -> None:
+        if self._bar is None:
+            from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            # Created at the first logged step with it counted as done (a resumed run starts
+            # mid-way), so tqdm's rate and ETA leave out the warm-up step.
+            self._bar = tqdm(
+                total=self.total_steps, initial=step, unit="step", desc="train", file=sys.stderr, dynamic_ncols=True
+            )
+            # Route the `sft` log lines (checkpoints, val loss) above the bar; only when
+            # setup_logging gave it a console handler, else tqdm's would print them twice.
+            if logger.handlers:
+                self._redirect.enter_context(logging_redirect_tqdm(loggers=[logger]))
+        else:
+            self._bar.update(step - self._bar.n)
+        self._bar.set_postfix_str(" | ".join(fields))
+
     def log(self, metrics: dict[str, float], step: int) -> None:
         head = [f"step {step}/{self.total_steps}"]
         if any(k.startswith("train/") for k in metrics):
             fields = [fmt(float(metrics[k])) for k, fmt in _TRAIN_FIELDS if k in metrics]
-            eta = self._eta(step)
-            logger.info(" | ".join(head + fields + ([eta] if eta else [])))
+            if self.use_bar:
+                self._advance_bar(step, fields)
+            else:
+                eta = self._eta(step)
+                logger.info(" | ".join(head + fields + ([eta] if eta else [])))
         val = sorted((k[4:], v) for k, v in metrics.items() if k.startswith("val/"))
         if val:
             logger.info(" | ".join(head + [f"val {k} {v:.4f}" for k, v in val]))
 
     def close(self) -> None:
-        pass
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self._redirect.close()
 
 
 def _jsonable(value: Any) -> Any:
@@ -126,7 +163,12 @@ class _Wandb:
         self.run.log({k: _jsonable(v) for k, v in metrics.items()}, step=step)
 
     def close(self) -> None:
+        import wandb
+
         self.run.finish()
+        # finish() returns before wandb's service has flushed the run log; teardown waits for
+        # it, so an offline run folder is complete (ready for `wandb sync`) once close() returns.
+        wandb.teardown()
 
 
 class _TensorBoard:
@@ -168,6 +210,12 @@ class MetricsLogger:
             if name not in LOGGER_BACKENDS:
                 raise ValueError(
                     f"trainer.logger contains {name!r}, which is not a logger; choose from {list(LOGGER_BACKENDS)}."
+                )
+            # Found before training (and on every rank) rather than as an ImportError on rank 0.
+            if name in ("wandb", "tensorboard") and importlib.util.find_spec(name) is None:
+                raise ValueError(
+                    f"trainer.logger contains {name!r} but the {name} package is not installed; "
+                    f"`pip install {name}` (or `bash scripts/setup.sh trackers`), or remove it from trainer.logger."
                 )
         self.run_id: str | None = None
         self._sinks: list[Any] = []

@@ -19,8 +19,10 @@ from sft.demo import (
     check_answer,
     main,
     make_conversations,
+    reference_answer,
     write_demo,
 )
+from sft.demo_train import evaluate, format_report, generate_answers, task_name
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 DEFAULT_SYSTEM_TURN = f"{IM_START}system\nYou are a helpful assistant.{IM_END}\n"
@@ -227,3 +229,68 @@ def test_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "parameters" in out and "(8 rows)" in out and "(4 rows)" in out
     assert pq.read_table(tmp_path / "cli" / "train.parquet").num_rows == 8
+
+
+# ----- the training demo's grading (sft/demo_train.py); the multi-minute run itself is not a test -----
+
+
+class _Oracle:
+    """Stands in for a model: `generate` appends the right answer for even rows, a wrong one for odd rows."""
+
+    def __init__(self, tok, rows: list[dict]) -> None:
+        self.tok, self.rows, self.calls = tok, rows, 0
+
+    def eval(self) -> None:
+        pass
+
+    def generate(self, input_ids, attention_mask, **kwargs):
+        out = []
+        for ids in input_ids:
+            i = self.calls
+            self.calls += 1
+            answer = reference_answer(self.rows[i]["messages"]) + ("" if i % 2 == 0 else " apple")
+            new = self.tok(answer + IM_END, add_special_tokens=False)["input_ids"]
+            out.append(ids.tolist() + new)
+        width = max(map(len, out))
+        return torch.tensor([row + [self.tok.pad_token_id] * (width - len(row)) for row in out])
+
+
+def test_evaluate_grades_new_tokens_per_task(tok):
+    rows = make_conversations(12, 7)
+    scores = evaluate(_Oracle(tok, rows), tok, rows)
+    tasks = [task_name(r) for r in rows]
+    assert scores["all"] == (6, 12)  # even rows right, odd rows wrong: the prompt is not graded
+    for task in set(tasks):
+        right = sum(1 for i, t in enumerate(tasks) if t == task and i % 2 == 0)
+        assert scores[task] == (right, tasks.count(task))
+    assert set(tasks) <= {"Repeat", "Reverse", "Sort", "Uppercase", "Follow-up", "Lookup"}
+    report = format_report({"all": (0, 12)}, scores).splitlines()
+    assert report[-1].split() == ["all", "12", "0.0%", "50.0%"]
+
+
+def test_batched_generation_equals_one_by_one(demo):
+    model, loaded = AutoModelForCausalLM.from_pretrained(demo / "model"), AutoTokenizer.from_pretrained(demo / "model")
+    with torch.no_grad():  # larger weights: varied answers, so left padding has something to break
+        for p in model.parameters():
+            p.mul_(8)
+    rows = make_conversations(6, 5)  # prompts of different lengths: padded in a batch
+    batched = generate_answers(model, loaded, rows, batch_size=3, max_new_tokens=8)
+    assert len(set(batched)) > 1
+    assert batched == generate_answers(model, loaded, rows, batch_size=1, max_new_tokens=8)
+
+
+def test_demo_train_pipeline(tmp_path, capsys):
+    """`python -m sft.demo train` end to end, tiny: torchrun trainer -> export -> grading -> plot.
+
+    Two steps cannot teach the model anything, so the demo reports that accuracy did not rise
+    (exit status 1); the real run (README) takes a few minutes.
+    """
+    argv = ["train", "--work", str(tmp_path), "--steps", "2", "--batch", "8", "--n-train", "32", "--n-eval", "6"]
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    export = tmp_path / "run" / "global_step_2" / "huggingface"
+    assert f"(model: {export})" in out and (export / "model.safetensors").is_file()
+    assert out.splitlines()[-3].split()[:2] == ["all", "6"]  # the report's last row: 6 graded rows
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2] and any("val/loss" in r for r in rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import sys
@@ -66,8 +67,9 @@ def test_tensor_values_are_written_as_numbers(tmp_path) -> None:
 
 
 def test_nonzero_rank_is_a_noop(tmp_path, monkeypatch) -> None:
-    # A None entry in sys.modules makes `import wandb` fail: rank 1 must not import it.
-    monkeypatch.setitem(sys.modules, "wandb", None)
+    # Rank 1 must build no sink: the wandb/tensorboard ones would import their packages.
+    for sink in ("_Wandb", "_TensorBoard", "_JsonlFile", "_Console"):
+        monkeypatch.setattr(f"sft.metrics.{sink}", lambda *a, **k: pytest.fail("a sink was built on rank 1"))
     out = tmp_path / "run"
     ml = _logger(["console", "file", "wandb", "tensorboard"], out, rank=1)
     ml.log({"train/loss": 1.0}, step=1)
@@ -82,6 +84,25 @@ def test_unknown_backend_message(tmp_path) -> None:
     # Refused on every rank, so the other ranks do not wait on a dead rank 0.
     with pytest.raises(ValueError, match="trainer.logger"):
         _logger(["mlflow"], tmp_path, rank=3)
+
+
+@pytest.mark.parametrize("rank", [0, 3])
+def test_missing_tracker_package_message(tmp_path, monkeypatch, rank) -> None:
+    # A None entry in sys.modules makes the package unimportable (find_spec returns None).
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(ValueError, match=r"trainer.logger contains 'wandb' but .* not installed; `pip install wandb`"):
+        _logger(["console", "wandb"], tmp_path, rank=rank)
+
+
+def test_missing_tracker_package_is_a_config_error(monkeypatch) -> None:
+    from sft.cli import compose
+    from sft.distributed import WorldInfo
+    from sft.validate import ConfigError, _check_trainer
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    cfg = compose(["data.train_files=t.parquet", "model.partial_pretrain=m", "trainer.logger=[console,tensorboard]"])
+    with pytest.raises(ConfigError, match=r"trainer.logger contains 'tensorboard' but .* `pip install tensorboard`"):
+        _check_trainer(cfg, WorldInfo(rank=0, local_rank=0, world_size=1, local_world_size=1))
 
 
 def test_console_lines(tmp_path, caplog) -> None:
@@ -102,6 +123,45 @@ def test_console_lines(tmp_path, caplog) -> None:
     assert lines[1].startswith("step 2/10 | loss 2.3412 |") and "ETA 0:00:00 (20%)" in lines[1]
     assert lines[2] == "step 2/10 | val loss 2.5000"
     assert not list(tmp_path.iterdir())  # the console writes no files
+    caplog.clear()
+    ml = _logger(["console"], tmp_path)
+    ml.log({"train/loss": 1.0, "train/peak_mem_gb": 12.345}, step=1)
+    assert caplog.records[-1].getMessage() == "step 1/10 | loss 1.0000 | mem 12.3 GB"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_on_a_terminal(tmp_path, monkeypatch) -> None:
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    log = logging.getLogger("sft")  # as setup_logging configures it on rank 0
+    log.handlers[:] = [logging.StreamHandler(term)]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    ml = _logger(["console"], tmp_path)
+    for step in (4, 5, 6):  # a resumed run: the bar starts at its first logged step
+        ml.log({"train/loss": 2.0 / step, "train/lr": 1e-4, "train/tokens_per_s_per_gpu": 2500.0}, step=step)
+    ml.log({"val/loss": 0.75}, step=6)
+    bar_lines = term.getvalue().split("\r")
+    ml.close()
+    assert any("6/10" in part and "loss 0.3333 | lr 0.0001 | 2.5k tok/s/gpu" in part for part in bar_lines)
+    assert "step 6/10 | val loss 0.7500\n" in term.getvalue()  # printed above the bar, whole
+    assert "step 4/10 | loss" not in term.getvalue()  # no plain train lines on a terminal
+    assert log.handlers and isinstance(log.handlers[0], logging.StreamHandler)  # redirect undone
+    assert log.handlers[0].stream is term
+
+
+def test_plain_lines_when_not_a_terminal(tmp_path, monkeypatch, caplog) -> None:
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    caplog.set_level(logging.INFO, logger="sft")
+    ml = _logger(["console"], tmp_path)
+    ml.log({"train/loss": 1.5}, step=1)
+    ml.close()
+    assert [r.getMessage() for r in caplog.records] == ["step 1/10 | loss 1.5000"]
+    assert "\r" not in sys.stderr.getvalue()
 
 
 def test_tensorboard_event_file(tmp_path) -> None:
@@ -141,6 +201,16 @@ def test_wandb_offline(tmp_path, monkeypatch) -> None:
     # JSON-encoded values); online/synced runs also write files/config.yaml.
     record = (run_dirs[0] / f"run-{run_id}.wandb").read_bytes()
     assert b'"cfg-marker-7731"' in record and b'{"lr":0.0003}' in record
+
+    # A resumed run (the id comes back from the checkpoint) continues the same run id;
+    # offline, wandb writes a second folder with that id, merged by `wandb sync`.
+    resumed = _logger(["wandb"], tmp_path / "out", resume=True, run_id=run_id)
+    resumed.log({"train/loss": 1.0}, step=2)
+    resumed.close()
+    assert resumed.run_id == run_id
+    run_dirs = sorted((tmp_path / "out" / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(run_dirs) == 2
+    assert b'"cfg-marker-7731"' in (run_dirs[1] / f"run-{run_id}.wandb").read_bytes()
 
 
 # A small GQA decoder: hidden 64, 8 heads of d = 64/8 = 8, 2 kv heads, MLP 256, 2 layers.
