@@ -2,8 +2,9 @@
 # Issue 8 on nvidia-h200-x2 (two GPUs, NCCL), one device-tool call per PART (each < 10 min):
 #   PART=equiv  0.5B shape, 20 steps: dp=2 ≡ 1 GPU and sp=2 ≡ sp=1 (same global batch), then a
 #               checkpoint saved on 2 GPUs resumed on 1 and one saved on 1 resumed on 2;
-#   PART=7b     Qwen2.5-7B shape: sft.bench over 2 GPUs (max_length 4096, global batch 128), then
-#               scripts/run_sft.sh with its defaults for 3 steps + a checkpoint with HF export;
+#   PART=7b     Qwen2.5-7B shape: sft.bench over 2 GPUs (max_length 4096, global batch 128);
+#   PART=ckpt   scripts/run_sft.sh with its defaults on the 7B shape for 3 steps + a checkpoint with
+#               HF export (time and size);
 #   PART=long   7B shape, one conversation per GPU group: the longest of LONG_SP2 that trains with
 #               sp=2, and of LONG_SP1 with sp=1 (dp=2), tokens/s at each length.
 # Results in $OUT (*.json, *.log, summary.txt). Carry .whl (../shared/gpu/fetch_wheels.sh).
@@ -39,7 +40,8 @@ print(f"{sys.argv[4]}: steps {steps[0]}..{steps[-1]} ({len(steps)}), max |dloss|
 PY
 }
 
-if [ "${PART:-equiv}" = equiv ]; then
+has() { [[ " ${PART:-equiv} " == *" $1 "* ]]; }  # PART may list several parts: PART="ckpt long"
+if has equiv; then
   N=${EQ_STEPS:-20}; H=$((N / 2))
   read -r model data < <(assets ${EQ_SHAPE:-qwen2.5-0.5b} $((32 * N)) ${EQ_LEN:-4096})
   BASE=(data.train_files=$data data.multiturn.enable=true model.partial_pretrain=$model data.max_length=${EQ_LEN:-4096}
@@ -61,22 +63,28 @@ if [ "${PART:-equiv}" = equiv ]; then
   done
 fi
 
-if [ "${PART:-}" = 7b ]; then
+if has 7b || has ckpt; then
+  rm -rf $W/one_gpu $W/dp2 $W/sp2 $W/resume_on1 $W/resume_on2 $W/ckpt-sft $W/run_sft  # disk: a 7B checkpoint is ~60 GB
   t0=$(date +%s); read -r model data < <(assets qwen2.5-7b 1024 4096); echo "7B assets $(( $(date +%s) - t0 )) s" | tee -a "$OUT/summary.txt"
+fi
+if has 7b; then
   torchrun --standalone --nproc_per_node=2 -m sft.bench --shape qwen2.5-7b --steps ${STEPS:-3} --warmup 2 --workdir $W \
     data.max_length=4096 data.train_batch_size=128 use_remove_padding=true data.max_token_len_per_gpu=${BUDGET:-32768} \
     --out "$OUT/bench_7b.json" >"$OUT/bench_7b.log" 2>&1; echo "bench_7b exit $?" | tee -a "$OUT/summary.txt"
   tail -4 "$OUT/bench_7b.log" | head -3 | tee -a "$OUT/summary.txt"
+fi
+if has ckpt; then
   # What a user who copies the README sees: run_sft.sh defaults, 3 steps, a checkpoint with HF export.
   t0=$(date +%s)
   MODEL_PATH=$model TRAIN_FILES=$data SAVE_DIR=$W/run_sft LOGGER='["console","file"]' MAX_RESTARTS=0 \
     timeout 420 bash scripts/run_sft.sh trainer.total_training_steps=3 trainer.save_freq=3 >"$OUT/run_sft.log" 2>&1
   echo "run_sft exit $? in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/summary.txt"
-  grep -E "step 3|saved|checkpoint" "$OUT/run_sft.log" | tail -5 | tee -a "$OUT/summary.txt"
+  grep -E "step [0-9]/3|saved|error" "$OUT/run_sft.log" | tail -5 | tee -a "$OUT/summary.txt"
   du -sh $W/run_sft/global_step_3 $W/run_sft/global_step_3/* 2>/dev/null | tee -a "$OUT/summary.txt"
+  rm -rf $W/run_sft
 fi
 
-if [ "${PART:-}" = long ]; then
+if has long; then
   long() {  # sp length
     local sp=$1 len=$2 name=long_sp$1_$2
     torchrun --standalone --nproc_per_node=2 -m sft.bench --shape qwen2.5-7b --steps 2 --warmup 1 --workdir $W \

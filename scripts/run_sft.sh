@@ -18,6 +18,9 @@ SAVE_DIR=${SAVE_DIR:-checkpoints/${PROJECT_NAME:-sft}/${EXPERIMENT_NAME:-run}}
 MAX_LENGTH=${MAX_LENGTH:-4096}
 TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-128}
 MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-2}
+# Token budget per GPU of one packed micro-batch (remove-padding): many samples per forward instead of
+# MICRO_BATCH_SIZE, the fast path (docs/PERFORMANCE.md). Empty: MICRO_BATCH_SIZE samples.
+MAX_TOKEN_LEN=${MAX_TOKEN_LEN-16384}
 LR=${LR:-2e-5}
 EPOCHS=${EPOCHS:-2}
 SP_SIZE=${SP_SIZE:-2}
@@ -42,6 +45,7 @@ exec torchrun "${launch[@]}" --max-restarts="${MAX_RESTARTS:-3}" --nproc_per_nod
   data.truncation=right \
   data.train_batch_size="$TRAIN_BATCH_SIZE" \
   data.micro_batch_size_per_gpu="$MICRO_BATCH_SIZE" \
+  data.max_token_len_per_gpu="${MAX_TOKEN_LEN:-null}" \
   data.balance_dp_token=true \
   model.partial_pretrain="$MODEL_PATH" \
   model.trust_remote_code=true \

@@ -58,6 +58,8 @@ def apply_liger(lm: nn.Module) -> None:
 
     The patched modules keep their parameter names, so checkpoints and the HF export are
     unchanged. Liger's own loss patch is not used: the loss runs in `CausalLMWithLoss`.
+    Liger also replaces the RoPE function and the norm/MLP classes of the transformers module
+    (process-wide): later models of that type built in the same process get its kernels too.
     """
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
@@ -73,7 +75,9 @@ def apply_liger(lm: nn.Module) -> None:
     wanted["fused_linear_cross_entropy"] = False
     accepted = inspect.signature(apply).parameters
     apply(model=lm, **{k: v for k, v in wanted.items() if k in accepted})
-    logger.info("Liger kernels applied to %s: %s", model_type, sorted(k for k in wanted if k in accepted))
+    logger.info(
+        "Liger kernels applied to %s: %s", model_type, sorted(k for k, on in wanted.items() if on and k in accepted)
+    )
 
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
