@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Callable
 
 from hydra.errors import HydraException
@@ -87,7 +88,7 @@ def run_cli(argv: list[str], fn: Callable[[SFTConfig, object], None]) -> int:
     except ValueError as exc:
         if world.rank == 0:
             print(f"sft: config error: {exc}", file=sys.stderr)
-        return 2
+        return _after_rank0_printed(2, world.rank)
     setup_logging(world.rank)
     _quiet_libraries()
     ctx = init_distributed(device_type, cfg.ulysses_sequence_parallel_size, cfg.trainer.dist_timeout_s)
@@ -100,10 +101,21 @@ def run_cli(argv: list[str], fn: Callable[[SFTConfig, object], None]) -> int:
         if world.rank == 0 or isinstance(exc, TrainingError):
             print(f"sft: error: {exc}", file=sys.stderr)
         logger.debug("traceback", exc_info=True)
-        return 3
+        return 3 if isinstance(exc, TrainingError) else _after_rank0_printed(3, world.rank)
     finally:
         teardown()
     return 0
+
+
+# torchrun stops every worker as soon as the first one exits: the ranks that do not print the
+# one-line error wait this long, so that rank 0 has written it before it can be stopped.
+ERROR_EXIT_DELAY_S = 2.0
+
+
+def _after_rank0_printed(code: int, rank: int) -> int:
+    if rank != 0:
+        time.sleep(ERROR_EXIT_DELAY_S)
+    return code
 
 
 def _quiet_libraries() -> None:

@@ -250,15 +250,20 @@ class FSDPSFTTrainer:
     # ----- loop -----
     def fit(self) -> None:
         plan, st, tc = self.plan, self.state, self.cfg.trainer
+        budget = self.cfg.data.max_token_len_per_gpu
+        micro = (
+            f"micro-batches packed up to {budget} tokens per GPU"
+            if budget
+            else f"{plan.micro_batches} micro-batch(es) of {self.cfg.data.micro_batch_size_per_gpu} per rank"
+        )
         logger.info(
-            "training %d steps (%d per epoch), %d samples, dp=%d sp=%d, %d micro-batch(es) of %d per rank",
+            "training %d steps (%d per epoch), %d samples, dp=%d sp=%d, %s",
             plan.total_steps,
             plan.steps_per_epoch,
             len(self.train_ds),
             plan.dp_size,
             plan.sp_size,
-            plan.micro_batches,
-            self.cfg.data.micro_batch_size_per_gpu,
+            micro,
         )
         timer = StepTimer(self.ctx.device)
         while st.global_step < plan.total_steps:
