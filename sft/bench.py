@@ -24,13 +24,11 @@ same global batch); `--baseline trl` runs TRL's SFTTrainer (optional `trl` + `da
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import logging
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -40,10 +38,11 @@ import torch
 import torch.distributed as dist
 
 from sft.bench_data import SHAPE_NAMES, asset_paths, ensure_assets
+from sft.bench_stats import median, peak_mem_gb, step_layout, summarize
 from sft.cli import compose
 from sft.distributed import DistContext, WorldInfo, init_distributed, resolve_device_type, setup_logging, teardown
 from sft.fsdp_sft_trainer import FSDPSFTTrainer
-from sft.metrics import mfu, model_flops_per_token, peak_flops_per_gpu, useful_flops
+from sft.metrics import model_flops_per_token, peak_flops_per_gpu, useful_flops
 from sft.profiling import StepProfiler
 from sft.validate import ConfigError, validate_config
 
@@ -116,64 +115,6 @@ def bench_overrides(
     return merged
 
 
-# ----------------------------------------------------------------- accounting
-
-
-def step_layout(trainer: FSDPSFTTrainer, step: int) -> tuple[list[int], list[tuple[int, int]]]:
-    """(sample lengths, [(rows, row length)] of every micro-batch on every dp rank) of global step `step`.
-
-    The same computation as the trainer's: the sampler's epoch order and its micro-batch plan,
-    asked for each dp rank in turn (a shallow copy with another dp_rank), without touching it.
-    """
-    sampler, lengths, sp = trainer.sampler, trainer.train_ds.lengths, trainer.ctx.sp_size
-    epoch, k = divmod(step - 1, trainer.plan.steps_per_epoch)
-    b = sampler.global_batch
-    batch = sampler.epoch_order(epoch)[k * b : (k + 1) * b].tolist()
-    rows: list[tuple[int, int]] = []
-    for r in range(sampler.dp_size):
-        view = copy.copy(sampler)
-        view.dp_rank = r
-        for mb in view.micro_batches(batch):
-            ls = [int(lengths[i]) for i in mb]
-            if trainer.cfg.use_remove_padding:
-                rows.append((1, -(-max(sum(ls), 1) // sp) * sp))  # one packed row, padded to a multiple of sp
-            elif ls:
-                rows.append((len(ls), max(ls)))  # padded to the longest sample of the micro-batch
-    return [int(lengths[i]) for i in batch], rows
-
-
-def _median(xs: list[float | None]) -> float | None:
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
-def _peak_mem_gb(ctx_device: torch.device, group=None) -> float | None:
-    if ctx_device.type != "cuda":
-        return None
-    t = torch.tensor([torch.cuda.max_memory_allocated(ctx_device)], dtype=torch.float64, device=ctx_device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return float(t) / 1024**3
-
-
-def summarize(per_step: list[dict], warmup: int, t_start: float, world: int, peak: float | None) -> dict:
-    """Medians over the timed steps (those after `warmup`) of per-step rates and MFUs."""
-    timed = [s for s in per_step if s["step"] > warmup] or per_step[-1:]
-    rate = lambda key: [s[key] / s["dt"] / world for s in timed]  # noqa: E731
-    tokens, slots = sum(s["tokens"] for s in timed), sum(s["slots"] for s in timed)
-    return {
-        "tokens_per_s_per_gpu": _median(rate("tokens")),
-        "trained_tokens_per_s_per_gpu": _median(rate("trained")),
-        "model_mfu": _median([mfu(s["model_flops"], s["dt"], peak, world) for s in timed]),
-        "useful_mfu": _median([mfu(s["useful_flops"], s["dt"], peak, world) for s in timed]),
-        "padding_frac": 1.0 - tokens / slots if slots else None,
-        "time_to_first_step_s": per_step[0]["t"] - t_start,
-        "step_time_s_median": _median([s["dt"] for s in timed]),
-        "tokens_per_step": tokens / len(timed),
-        "timed_steps": len(timed),
-    }
-
-
 # ----------------------------------------------------------------- our trainer
 
 
@@ -226,9 +167,9 @@ def run_ours(
     out = {"name": name, "mode": "packed" if cfg.use_remove_padding else "padded"}
     out.update(summarize(per_step, warmup, t_start, ctx.world_size, peak))
     out.update(
-        train_step_s_median=_median([s["train_step_s"] for s in per_step if s["step"] > warmup]),
-        peak_mem_gb=_peak_mem_gb(ctx.device, ctx.world_group),
-        micro_batches_per_step=_median([s["micro_batches"] for s in per_step if s["step"] > warmup]),
+        train_step_s_median=median([s["train_step_s"] for s in per_step if s["step"] > warmup]),
+        peak_mem_gb=peak_mem_gb(ctx.device, ctx.world_group),
+        micro_batches_per_step=median([s["micro_batches"] for s in per_step if s["step"] > warmup]),
         sample_lengths_match=all_match,
         final_loss=per_step[-1]["loss"],
         overrides=overrides,
@@ -266,7 +207,7 @@ def print_table(results: list[dict]) -> None:
 
 
 def _trl_available() -> bool:
-    from sft.bench_trl import trl_available  # lazy: bench_trl imports this module
+    from sft.bench_trl import trl_available  # lazy: the optional baseline stays out of plain runs
 
     return trl_available()
 

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sft.bench import _peak_mem_gb, summarize
 from sft.bench_data import TRL_CHAT_TEMPLATE
+from sft.bench_stats import peak_mem_gb, summarize
 from sft.distributed import DistContext
 from sft.metrics import model_flops_per_token, peak_flops_per_gpu, useful_flops
 
@@ -157,6 +157,6 @@ def _trl_once(impl, cfg, ctx, model_dir, parquet, warmup, tokens_per_step) -> di
     ]  # fmt: skip
     out = {"name": f"trl-{impl}", "mode": "trl bfd packing, padding-free"}
     out.update(summarize(per_step, warmup, t_start, ctx.world_size, peak_flops_per_gpu(ctx.device)))
-    out.update(peak_mem_gb=_peak_mem_gb(ctx.device, ctx.world_group), per_device_batch=per_device, grad_accum=accum)
+    out.update(peak_mem_gb=peak_mem_gb(ctx.device, ctx.world_group), per_device_batch=per_device, grad_accum=accum)
     del trainer
     return out

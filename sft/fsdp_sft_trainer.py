@@ -35,7 +35,8 @@ from sft.optim import build_optimizer, build_scheduler
 from sft.parallelize import apply_compile, apply_fsdp
 from sft.preemption import Preempted, PreemptionWatcher
 from sft.schema import SFTConfig, to_dict
-from sft.validate import check_vocab, make_plan
+from sft.validate import make_plan
+from sft.validate_model import check_vocab
 
 logger = logging.getLogger("sft")
 

@@ -18,7 +18,8 @@ from distributed_helper import run_ranks
 from test_e2e import ROOT, torchrun
 from transformers import AutoConfig, AutoTokenizer
 
-from sft.validate import ConfigError, check_vocab
+from sft.validate import ConfigError
+from sft.validate_model import check_vocab
 
 
 def run_trainer(overrides: list[str]) -> subprocess.CompletedProcess:

@@ -1,0 +1,168 @@
+"""Checks of the `model` section and of the model folder, before any weight or tokenizer loads.
+
+Keys (strategy, dtypes, checkpointing mode, Liger, LoRA) are checked from the config alone; the
+folder from its json files only (config, weights present, tokenizer, chat template); the
+tokenizer's vocabulary against the embedding once both are loaded (`check_vocab`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sft.config_error import ConfigError, need
+from sft.distributed import resolve_device_type
+from sft.kernels import check_liger
+from sft.schema import ModelConfig, SFTConfig
+
+MODEL_DTYPES = ("fp32", "float32", "bf16", "bfloat16")
+
+
+def _check_model(cfg: SFTConfig) -> None:
+    m = cfg.model
+    p = Path(m.partial_pretrain).expanduser()
+    need(
+        p.is_dir(),
+        f"model.partial_pretrain={m.partial_pretrain}: not a directory; give a local Hugging Face model folder",
+    )
+    need(
+        m.strategy == "fsdp2",
+        f"model.strategy={m.strategy!r}: sft supports FSDP2 only; set model.strategy=fsdp2 (or remove the key)",
+    )
+    need(
+        m.fsdp_config.model_dtype in MODEL_DTYPES,
+        f"model.fsdp_config.model_dtype={m.fsdp_config.model_dtype!r}: choose fp32 or bf16",
+    )
+    need(
+        m.fsdp_config.wrap_policy.min_num_params == 0,
+        f"model.fsdp_config.wrap_policy.min_num_params={m.fsdp_config.wrap_policy.min_num_params}: sft shards each "
+        "decoder layer and the root; size-based wrapping is not supported, remove the key",
+    )
+    need(not m.use_shm, "model.use_shm=true: shared-memory model copies are not supported; use a local model folder")
+    defaults = ModelConfig(partial_pretrain="")
+    if m.lora_rank == 0:
+        for key in ("lora_alpha", "target_modules", "lora_adapter_path"):
+            need(
+                getattr(m, key) == getattr(defaults, key),
+                f"model.{key}={getattr(m, key)!r} is set but model.lora_rank=0: set model.lora_rank>0 to use LoRA "
+                f"or remove model.{key}",
+            )
+    need(m.lora_rank >= 0, f"model.lora_rank={m.lora_rank}: must be >= 0")
+    if m.lora_rank > 0:
+        _check_lora(m)
+    need(
+        m.gradient_checkpointing_mode in ("full", "selective"),
+        f"model.gradient_checkpointing_mode={m.gradient_checkpointing_mode!r}: choose full or selective",
+    )
+    need(
+        m.enable_gradient_checkpointing or m.gradient_checkpointing_mode == "full",
+        f"model.gradient_checkpointing_mode={m.gradient_checkpointing_mode} needs "
+        "model.enable_gradient_checkpointing=true (or remove the mode)",
+    )
+    need(
+        m.use_liger in (True, False, "auto"),
+        f"model.use_liger={m.use_liger!r}: choose true, false or auto",
+    )
+    need(
+        not (m.compile and m.gradient_checkpointing_mode == "selective"),
+        "model.gradient_checkpointing_mode=selective with model.compile=true: the compiled layer hides its matmuls "
+        "from the checkpoint policy; use gradient_checkpointing_mode=full with compile",
+    )
+    if m.use_liger is True:
+        try:
+            check_liger(resolve_device_type(cfg.trainer.device))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def _check_lora(m: ModelConfig) -> None:
+    """LoRA keys that need no model; module names are checked against the model (on meta) when it is built."""
+    need(m.lora_alpha > 0, f"model.lora_alpha={m.lora_alpha}: must be > 0 (the update is scaled by alpha / rank)")
+    t = m.target_modules
+    need(
+        (isinstance(t, str) and bool(t)) or (isinstance(t, list) and bool(t) and all(isinstance(x, str) for x in t)),
+        f"model.target_modules={t!r}: give all-linear or a list of module names, e.g. [q_proj,v_proj]",
+    )
+    if m.lora_adapter_path is None:
+        return
+    p = Path(m.lora_adapter_path).expanduser()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        need(
+            (p / name).is_file(),
+            f"model.lora_adapter_path={p}: no {name} in it; point it at a folder PeftModel.save_pretrained wrote "
+            "(e.g. a checkpoint's global_step_N/lora_adapter)",
+        )
+    try:
+        saved = json.loads((p / "adapter_config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.lora_adapter_path: cannot read {p / 'adapter_config.json'}: {exc}") from exc
+    for key, ours in (("r", m.lora_rank), ("lora_alpha", m.lora_alpha)):
+        cfg_key = "lora_rank" if key == "r" else key
+        need(
+            saved.get(key) == ours,
+            f"model.lora_adapter_path={p}: the adapter has {key}={saved.get(key)} but model.{cfg_key}={ours}; "
+            f"set model.{cfg_key}={saved.get(key)}",
+        )
+
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.partial_pretrain: cannot read {path}: {exc}; repair or replace the file") from exc
+
+
+def _has_chat_template(folder: Path) -> bool:
+    """transformers reads the template from any of these places (checked without loading the tokenizer)."""
+    if (folder / "chat_template.jinja").is_file() or (folder / "additional_chat_templates").is_dir():
+        return True
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        f = folder / name
+        if f.is_file() and _read_json(f).get("chat_template"):
+            return True
+    return False
+
+
+def _check_model_folder(cfg: SFTConfig) -> None:
+    """Cheap checks of the model folder (json files only), so a broken folder fails before anything loads."""
+    p = Path(cfg.model.partial_pretrain).expanduser()
+    need(
+        (p / "config.json").is_file(),
+        f"model.partial_pretrain={p}: not a Hugging Face model folder: no config.json in {p}",
+    )
+    config = _read_json(p / "config.json")
+    need(
+        any(any(p.glob(pat)) for pat in WEIGHT_PATTERNS),
+        f"model.partial_pretrain={p}: no weights in {p}; expected model.safetensors or pytorch_model.bin "
+        "(or sharded files with their .index.json), as save_pretrained writes them",
+    )
+    need(
+        any((p / f).is_file() for f in TOKENIZER_FILES),
+        f"model.partial_pretrain={p}: no tokenizer files in {p} (expected one of {', '.join(TOKENIZER_FILES)}); "
+        "copy the tokenizer of the model into the folder (tokenizer.save_pretrained)",
+    )
+    need(
+        not cfg.data.multiturn.enable or bool(cfg.data.chat_template) or _has_chat_template(p),
+        f"data.multiturn.enable=true but the tokenizer in {p} has no chat template; set data.chat_template "
+        "or add chat_template to tokenizer_config.json",
+    )
+    vocab = config.get("vocab_size")
+    need(
+        vocab is None or (isinstance(vocab, int) and vocab > 0),
+        f"model.partial_pretrain={p}: config.json has vocab_size={vocab!r}; it must be a positive integer",
+    )
+
+
+def check_vocab(tokenizer, hf_config) -> None:
+    """Token ids beyond the embedding would index out of range (a CUDA assert, or garbage): refuse early."""
+    rows = getattr(hf_config, "vocab_size", None)
+    n = len(tokenizer)
+    need(
+        rows is None or n <= rows,
+        f"tokenizer has {n} tokens but the model's embedding has {rows} rows: ids >= {rows} would index out of "
+        "range; use the tokenizer that belongs to model.partial_pretrain or resize the embedding and save the model",
+    )
