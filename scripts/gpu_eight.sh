@@ -23,28 +23,11 @@ launch() {  # dir nproc [overrides...]: run_sft.sh defaults, console + file logs
     LOGGER='["console","file"]' bash scripts/run_sft.sh trainer.total_training_steps=$STEPS trainer.save_freq=$H \
     trainer.test_freq=-1 "$@"
 }
-compare() {  # reference_dir other_dir first_step label
-  python3 - "$1/metrics.jsonl" "$2/metrics.jsonl" "$3" "$4" <<'PY' | tee -a "$S"
-import json, sys
-def losses(p):
-    out = {}
-    for line in open(p):
-        r = json.loads(line)
-        if "train/loss" in r: out[r["step"]] = r["train/loss"]  # a re-run step: the later line counts
-    return out
-a, b, first = losses(sys.argv[1]), losses(sys.argv[2]), int(sys.argv[3])
-steps = sorted(s for s in a.keys() & b.keys() if s >= first)
-d = [abs(a[s] - b[s]) for s in steps]
-print(f"{sys.argv[4]}: steps {steps[0]}..{steps[-1]}, max |dloss| {max(d):.3e}, identical {sum(x == 0 for x in d)}/{len(d)}")
-PY
+compare() {  # reference_dir other_dir first_step label (scripts/run_metrics.py)
+  python3 scripts/run_metrics.py compare "$1/metrics.jsonl" "$2/metrics.jsonl" --from "$3" --label "$4" | tee -a "$S"
 }
-rate() {  # metrics.jsonl: median tokens/s per GPU and step time over steps > 2
-  python3 -c "
-import json, statistics as st
-r = [json.loads(l) for l in open('$1') if 'train/loss' in l]; r = [x for x in r if x['step'] > 2]
-print('median tokens/s/GPU %.0f, step %.2f s' % (st.median(x['train/tokens_per_s_per_gpu'] for x in r),
-      st.median(x['train/step_time_s'] for x in r)))"
-}
+rate() { python3 scripts/run_metrics.py rate "$1"; }  # median tokens/s per GPU and step time after step 2
+
 
 # 1. the production run
 rm -rf $W/full; t0=$(date +%s)

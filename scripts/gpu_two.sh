@@ -23,21 +23,9 @@ train() {  # name nproc overrides... (trainer run, metrics.jsonl under $W/$name)
   torchrun --standalone --nproc_per_node=$n -m sft.fsdp_sft_trainer "${BASE[@]}" trainer.default_local_dir=$W/$name \
     "$@" >"$OUT/$name.log" 2>&1; echo "$name exit $?" | tee -a "$OUT/summary.txt"
 }
-compare() {  # a b [first_step]: max |Δ train/loss| over the steps both logged (the later line of a step counts)
-  python3 - "$W/$1/metrics.jsonl" "$W/$2/metrics.jsonl" "${3:-1}" "$1 vs $2" <<'PY' | tee -a "$OUT/summary.txt"
-import json, sys
-def losses(p):
-    out = {}
-    for line in open(p):
-        r = json.loads(line)
-        if "train/loss" in r: out[r["step"]] = r["train/loss"]
-    return out
-a, b, first = losses(sys.argv[1]), losses(sys.argv[2]), int(sys.argv[3])
-steps = sorted(s for s in a.keys() & b.keys() if s >= first)
-d = [abs(a[s] - b[s]) for s in steps]
-print(f"{sys.argv[4]}: steps {steps[0]}..{steps[-1]} ({len(steps)}), max |dloss| {max(d):.2e}, "
-      f"mean |dloss| {sum(d)/len(d):.2e}, loss {a[steps[0]]:.4f} -> {a[steps[-1]]:.4f}")
-PY
+compare() {  # a b [first_step]: |Δ train/loss| over the steps both logged (scripts/run_metrics.py)
+  python3 "$(dirname "$0")/run_metrics.py" compare "$W/$1/metrics.jsonl" "$W/$2/metrics.jsonl" --from "${3:-1}" --label "$1 vs $2" \
+    | tee -a "$OUT/summary.txt"
 }
 
 has() { [[ " ${PART:-equiv} " == *" $1 "* ]]; }  # PART may list several parts: PART="ckpt long"

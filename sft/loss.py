@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from sft.kernels import liger_linear_cross_entropy
+
 
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits = (hidden @ weight.t()).float()  # [c, h] @ [h, V] -> [c, V], CE in fp32
@@ -40,8 +42,6 @@ def target_linear_cross_entropy(
     h = hidden.index_select(0, index)  # [n_t, h]
     y = labels.index_select(0, index)
     if fused:
-        from sft.kernels import liger_linear_cross_entropy
-
         return liger_linear_cross_entropy(h, weight, y)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], chunk_size):
