@@ -1,10 +1,10 @@
 """Checkpoints under `trainer.default_local_dir`, with verl's folder names.
 
 `global_step_N/` holds the sharded model and optimizer (torch.distributed.checkpoint, so a
-checkpoint loads on any number of ranks), one `extra_state_rank_R.pt` per rank (scheduler,
-RNG, data position, trainer counters) and `huggingface/` (config, generation config,
-tokenizer, and with `hf_model` the full weights as safetensors, LoRA merged in), plus
-`lora_adapter/` for LoRA runs (PEFT's layout). A folder counts only once
+checkpoint loads on any number of ranks), per rank `extra_state_rank_R.json` +
+`rng_state_rank_R.safetensors` (scheduler, RNG, data position, counters: sft/extra_state.py)
+and `huggingface/` (sft/hf_export.py), plus `lora_adapter/` for LoRA runs (PEFT's layout).
+Loading runs no code from the folder: DCP through sft/safe_dcp.py, no pickle anywhere. A folder counts only once
 its `COMPLETE` marker exists; `latest_checkpointed_iteration.txt` is replaced atomically
 after every rank finished, so a kill at any moment leaves the previous checkpoint usable.
 
@@ -19,29 +19,29 @@ saved afresh); we prefer losing a few steps to stopping a relaunched job. An exp
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
-from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from transformers import GenerationConfig
 
+from sft import extra_state
 from sft.distributed import DistContext
-from sft.lora import adapter_config, adapter_state, is_lora, merged_tensors, write_adapter
+from sft.extra_state import set_rng_state  # noqa: F401  (re-exported for the trainer)
+from sft.hf_export import export_hf
+from sft.lora import adapter_config, adapter_state, is_lora, write_adapter
+from sft.safe_dcp import UnsafeFileError, safe_load
 
 logger = logging.getLogger("sft")
 
@@ -49,7 +49,6 @@ TRACKER = "latest_checkpointed_iteration.txt"
 MARKER = "COMPLETE"
 BROKEN = "BROKEN"
 STEP_DIR = re.compile(r"^global_step_(\d+)$")
-SHARD_BYTES = 5 * 1024**3
 
 
 def complete_steps(root: Path) -> list[int]:
@@ -72,6 +71,20 @@ class CheckpointLoadError(ValueError):
     """No checkpoint to resume from could be loaded."""
 
 
+class UnsafeCheckpointError(CheckpointLoadError):
+    """A checkpoint file would run code if read as it asks (a pickle): refused on every rank with one line."""
+
+
+def _refusal(err: BaseException | None) -> str | None:
+    """The one-line refusal when `err` (or a rank's error inside DCP's CheckpointException) is UnsafeFileError."""
+    if isinstance(err, CheckpointException):
+        inner = [e for e, _ in err.failures.values()] if err.failures else []
+        return next((r for r in map(_refusal, inner) if r is not None), None)
+    if isinstance(err, UnsafeFileError):
+        return f"refused to load checkpoint: {err}"
+    return None
+
+
 def _free_space(path: Path) -> str:
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -87,21 +100,6 @@ def _describe(err: BaseException) -> str:
         rank, (inner, _) = next(iter(sorted(err.failures.items())))
         return f"rank {rank}: {_describe(inner)}"
     return " ".join(f"{type(err).__name__}: {err}".split())[:300]
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 class FSDPCheckpointManager:
@@ -157,8 +155,8 @@ class FSDPCheckpointManager:
             err = exc
         if err is None and "extra" in self.save_contents:
             try:
-                torch.save({**extra, "rng": rng_state()}, path / f"extra_state_rank_{self.ctx.rank}.pt")
-            except OSError as exc:
+                extra_state.write(path, self.ctx.rank, extra)
+            except (OSError, SafetensorError) as exc:
                 err = exc
         # Every rank joins the export's gathers (as long as the ranks agree so far), even after a local error.
         err = self._export_hf(path / "huggingface", model, hf_config, tokenizer, generation_config, err)
@@ -223,49 +221,17 @@ class FSDPCheckpointManager:
     def _export_hf(
         self, out: Path, model: nn.Module, hf_config, tokenizer, generation_config, err: BaseException | None
     ) -> BaseException | None:
-        """Config + tokenizer always; full weights streamed one parameter at a time to rank 0.
-
-        Returns this rank's first write error (rank 0 writes; a failure there must not skip the gathers
-        the other ranks are already in)."""
-        if self.ctx.is_main and err is None:
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-                export_config = copy.deepcopy(hf_config)
-                export_config.dtype = self.hf_dtype
-                export_config.use_cache = True  # the export is for inference
-                export_config.save_pretrained(out)
-                tokenizer.save_pretrained(out)
-                if generation_config is not None:
-                    generation_config.save_pretrained(out)
-            except OSError as exc:
-                err = exc
-        if "hf_model" not in self.save_contents:
-            return err
-        lm = model.lm
-        keep = set(lm.state_dict().keys())
-        tensors = [(n, p) for n, p in lm.named_parameters()]  # deduplicates tied weights
-        tensors += [(n, b) for n, b in lm.named_buffers() if n in keep]
-        if is_lora(lm):  # plain HF names, each adapter folded into its base weight (still one gather at a time)
-            tensors = merged_tensors(lm, tensors)
-        dtype = self.hf_dtype
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
-        for name, t in tensors:
-            full = t.full_tensor() if hasattr(t, "full_tensor") else t  # collective: every rank
-            if self.ctx.is_main and err is None:
-                cpu = full.detach().to(dtype=dtype if full.is_floating_point() else full.dtype, device="cpu")
-                if size + cpu.numel() * cpu.element_size() > SHARD_BYTES and shards[-1]:
-                    shards.append({})
-                    size = 0
-                shards[-1][name] = cpu.contiguous()
-                size += cpu.numel() * cpu.element_size()
-            del full
-        if self.ctx.is_main and err is None:
-            try:
-                _write_safetensors(out, shards)
-            except (OSError, SafetensorError) as exc:  # safetensors reports I/O errors (disk full) as its own
-                err = exc
-        return err
+        return export_hf(
+            out,
+            model,
+            hf_config,
+            tokenizer,
+            generation_config,
+            err,
+            self.ctx.is_main,
+            self.save_contents,
+            self.hf_dtype,
+        )
 
     # ----- load -----
     def find_resume_step(self, mode: str, resume_from_path: str | None) -> Path | None:
@@ -295,9 +261,14 @@ class FSDPCheckpointManager:
                 extra = self._load_one(candidate, model, optimizer)
             except (Exception, CheckpointException) as exc:  # any damage (missing file, bad pickle): try older
                 err, extra = exc, None
-            failed = torch.tensor([int(err is not None)], device=self.ctx.device)
-            dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.ctx.world_group)
-            if not failed.item():
+            refused = _refusal(err)
+            flags = torch.tensor([int(err is not None), int(refused is not None)], device=self.ctx.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.ctx.world_group)
+            if flags[1].item():  # a file that would run code: never skipped for an older one, never unpickled
+                lines: list[str | None] = [None] * self.ctx.world_size
+                dist.all_gather_object(lines, refused, group=self.ctx.world_group)
+                raise UnsafeCheckpointError(next(x for x in lines if x is not None))
+            if not flags[0].item():
                 m = STEP_DIR.match(candidate.name)
                 self.resumed_from = int(m.group(1)) if m else None
                 self.loaded_path = candidate
@@ -322,7 +293,7 @@ class FSDPCheckpointManager:
         # A failed attempt may leave some tensors overwritten; the next attempt loads the same keys over them.
         state, msd, osd = _dcp_state(model, optimizer, self.load_contents)
         if state:
-            dcp.load(state, checkpoint_id=str(path / "dcp"), process_group=self.ctx.world_group)
+            safe_load(state, path / "dcp", process_group=self.ctx.world_group)  # runs no pickle from the folder
             set_state_dict(
                 model,
                 optimizer,
@@ -331,10 +302,7 @@ class FSDPCheckpointManager:
             )
         if "extra" not in self.load_contents:
             return None
-        extra_file = path / f"extra_state_rank_{self.ctx.rank}.pt"
-        if not extra_file.exists():
-            extra_file = path / "extra_state_rank_0.pt"  # a different world size: counters are shared
-        return torch.load(extra_file, weights_only=False)
+        return extra_state.read(path, self.ctx.rank)  # rank 0's after a change of world size: counters are shared
 
 
 def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer, contents: set[str]) -> tuple[dict, dict, dict]:
@@ -342,19 +310,3 @@ def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer, contents: set
     msd, osd = get_state_dict(model, optimizer)
     state = {k: v for k, v in (("model", msd), ("optimizer", osd)) if k in contents}
     return state, msd, osd
-
-
-def _write_safetensors(out: Path, shards: list[dict[str, torch.Tensor]]) -> None:
-    n = len(shards)
-    if n == 1:
-        save_file(shards[0], out / "model.safetensors", metadata={"format": "pt"})
-        return
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards, start=1):
-        fname = f"model-{i:05d}-of-{n:05d}.safetensors"
-        save_file(shard, out / fname, metadata={"format": "pt"})
-        for k, v in shard.items():
-            weight_map[k] = fname
-            total += v.numel() * v.element_size()
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
