@@ -5,7 +5,8 @@ model entries of `dcp/` (never the optimizer) a few tensors at a time with DCP's
 load, writes safetensors shards (+ index), and copies config, generation config and tokenizer
 from `huggingface/`; a LoRA checkpoint's adapters are folded into their base weights
 (plain names, scaling from `lora_adapter/adapter_config.json`). No torchrun or process group;
-refusals are one stderr line, exit code 2.
+refusals are one stderr line, exit code 2. Nothing read runs code: DCP through sft/safe_dcp.py,
+the adapter config as JSON, the config with AutoConfig (never trust_remote_code).
 """
 
 from __future__ import annotations
@@ -20,14 +21,13 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from transformers import AutoConfig
 
 from sft.checkpoint import MARKER
 from sft.lora import OfflineMerge
+from sft.safe_dcp import UnsafeFileError, load_metadata, safe_load
 
 PREFIX = "model.lm."  # "model" is the save_contents entry, "lm." the trainer's wrapper attribute
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -43,7 +43,7 @@ def model_entries(dcp_dir: Path) -> list[tuple[str, TensorStorageMetadata]]:
     """(DCP key, metadata) of every model tensor; optimizer entries are never touched."""
     if not (dcp_dir / ".metadata").exists():
         raise MergeError(f"{dcp_dir}: no DCP checkpoint (was 'model' in trainer.checkpoint.save_contents?)")
-    meta = FileSystemReader(str(dcp_dir)).read_metadata()
+    meta = load_metadata(dcp_dir / ".metadata")  # allowlisted unpickling: a planted file runs no code
     items = [(k, m) for k, m in meta.state_dict_metadata.items() if k.startswith("model.")]
     if not items:
         raise MergeError(f"{dcp_dir}: no model entries (saved without 'model' in trainer.checkpoint.save_contents)")
@@ -77,7 +77,7 @@ def read_shard(dcp_dir: Path, entries: list, lora: OfflineMerge | None = None) -
     def flush() -> None:
         with warnings.catch_warnings():  # no_dist=True is the point here; DCP still warns about it
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-            dcp.load(batch, storage_reader=FileSystemReader(str(dcp_dir)), no_dist=True)
+            safe_load(batch, dcp_dir, no_dist=True)
         for key, t in batch.items():
             name = key[len(PREFIX) :]
             if lora is not None:
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         n, nbytes, files = merge(args.checkpoint, args.out_dir, DTYPES[args.dtype], int(args.shard_size_gb * 1024**3))
-    except MergeError as e:
+    except (MergeError, UnsafeFileError) as e:
         print(f"sft.merge: error: {e}", file=sys.stderr)
         return 2
     secs = time.perf_counter() - start

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 from pathlib import Path, PosixPath, PurePosixPath, PureWindowsPath, WindowsPath
 from typing import Any
 
@@ -58,9 +59,12 @@ class UnsafeFileError(ValueError):
 
 
 def why(exc: BaseException) -> str:
-    """The informative line of torch's weights_only refusal (the one naming the global), else the first."""
+    """The global a weights_only load refused (`pickle refers to io.open`), else the error's first line."""
+    found = re.search(r"GLOBAL (\S+)", str(exc))
+    if found:
+        return f"pickle refers to {found.group(1).rstrip('.,')}"
     lines = [x.strip() for x in str(exc).splitlines() if x.strip()] or [type(exc).__name__]
-    return next((x for x in lines if "GLOBAL" in x), lines[0])[:200]
+    return lines[0][:200]
 
 
 class _MetadataUnpickler(pickle.Unpickler):
