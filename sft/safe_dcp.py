@@ -91,10 +91,16 @@ def load_metadata(path: Path) -> dcp_metadata.Metadata:
 class SafeReader(FileSystemReader):
     """FileSystemReader whose metadata is read by `load_metadata` instead of `pickle.load`."""
 
+    refused: UnsafeFileError | None = None  # DCP turns a metadata error into an AssertionError of text: kept here
+
     def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_metadata.Metadata:
         rank = kwargs.get("rank")
         name = ".metadata" if rank is None else f"__{rank}.metadata"
-        meta = load_metadata(Path(self.path) / name)
+        try:
+            meta = load_metadata(Path(self.path) / name)
+        except UnsafeFileError as exc:
+            self.refused = exc
+            raise
         if getattr(meta, "storage_meta", None) is None:
             meta.storage_meta = dcp_metadata.StorageMeta()
         meta.storage_meta.load_id = self.load_id  # as FileSystemReader does
@@ -117,4 +123,10 @@ class SafePlanner(DefaultLoadPlanner):
 
 def safe_load(state: dict, folder: Path, **kwargs: Any) -> None:
     """`dcp.load(state)` from `folder` with no pickle executed; kwargs go to dcp.load (process_group, no_dist)."""
-    dcp_load(state, storage_reader=SafeReader(str(folder)), planner=SafePlanner(), **kwargs)
+    reader = SafeReader(str(folder))
+    try:
+        dcp_load(state, storage_reader=reader, planner=SafePlanner(), **kwargs)
+    except BaseException:  # CheckpointException is a BaseException
+        if reader.refused is not None:
+            raise reader.refused from None
+        raise

@@ -164,7 +164,10 @@ def test_planted_old_format_extra_state_is_refused(trained, demo_dir, tmp_path, 
     lines = [x for x in r.stderr.splitlines() if x.startswith("sft: error:")]
     assert len(lines) == 1, r.stderr[-3000:]
     assert f"refused to load checkpoint: {step2}/extra_state_rank_0.pt: old-format extra state" in lines[0]
-    assert "(pickle refers to io.open)" in lines[0] and f"python -m sft.convert_checkpoint {step2} --trust-pickle" in lines[0]
+    assert (
+        "(pickle refers to io.open)" in lines[0]
+        and f"python -m sft.convert_checkpoint {step2} --trust-pickle" in lines[0]
+    )
     assert not marker.exists()
     assert (step2 / "COMPLETE").exists()  # a refusal is not damage: the folder is left as it was
 
