@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from sft.data.cache import ARRAYS, CACHE_VERSION, MANIFEST, PREFIX, sampled_hash
+from sft.data import cache
+from sft.data.cache import ARRAYS, MANIFEST, PREFIX, sampled_hash
 
 logger = logging.getLogger("sft")
 
@@ -171,7 +172,7 @@ def assemble(staging: Path, batches: list[Batch], record: dict[str, Any]) -> Non
     for name in arrays:
         _fsync(staging / f"{name}.bin")
     manifest = {
-        "version": CACHE_VERSION,
+        "version": cache.CACHE_VERSION,  # read at call time: bumped in one place
         "key": record["key"],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "num_samples": len(lengths),
