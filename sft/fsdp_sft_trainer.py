@@ -24,6 +24,7 @@ from sft.batch import to_device
 from sft.checkpoint import FSDPCheckpointManager, set_rng_state
 from sft.cli import TrainingError, run_cli
 from sft.data import build_dataset
+from sft.data.cache import cache_location
 from sft.data.loader import MicroBatchBuilder, build_train_loader
 from sft.data.sampler import StepBatchSampler, eval_indices
 from sft.data.scan import write_bad_samples
@@ -131,6 +132,7 @@ class FSDPSFTTrainer:
             max_samples,
             pad_to_max_length=not self.cfg.use_remove_padding,
             shard=shard if self.ctx.world_size > 1 else None,
+            cache_dir=cache_location(self.cfg.data.cache, self.cfg.data.cache_dir, self.cfg.trainer.default_local_dir),
         )
 
     def _builder(self, ds) -> MicroBatchBuilder:

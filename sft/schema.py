@@ -62,6 +62,10 @@ class DataConfig:
     custom_cls: CustomClsConfig = field(default_factory=CustomClsConfig)
     use_shm: bool = False
     apply_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Tokenised cache: reused by every launch with the same inputs (false: tokenize every launch).
+    cache: bool = True
+    # Where the cache lives; null: <trainer.default_local_dir>/data_cache.
+    cache_dir: str | None = None
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 `build_dataset` returns the user's class when `data.custom_cls.path`/`name` are set, else
 `MultiTurnSFTDataset` when `data.multiturn.enable`, else `SFTDataset`; all are constructed
-with the same arguments (files, tokenizer, data config, max_samples, pad_to_max_length).
+with the same arguments (files, tokenizer, data config, max_samples, pad_to_max_length); the
+built-in ones also take the tokenizing shard and the tokenised cache folder.
 """
 
 from __future__ import annotations
@@ -54,11 +55,13 @@ def build_dataset(
     max_samples: int = -1,
     pad_to_max_length: bool = True,
     shard: TokenizeShard | None = None,
+    cache_dir: str | Path | None = None,
 ) -> Dataset:
     """The dataset of one split (train or val) as training uses it.
 
-    `shard` splits the tokenization of the built-in datasets over processes (a user's class
-    is built with the documented five arguments only).
+    `shard` splits the tokenization of the built-in datasets over processes, and `cache_dir`
+    keeps their tokenised cache (`sft.data.cache`); a user's class is built with the
+    documented five arguments only, and never cached.
     """
     custom = data_cfg.custom_cls
     if custom.path or custom.name:
@@ -74,8 +77,8 @@ def build_dataset(
         max_samples=max_samples,
         pad_to_max_length=pad_to_max_length,
     )
-    if cls in (MultiTurnSFTDataset, SFTDataset) and shard is not None:
-        return cls(**kwargs, shard=shard)
+    if cls in (MultiTurnSFTDataset, SFTDataset):
+        return cls(**kwargs, shard=shard, cache_dir=cache_dir)
     try:
         inspect.signature(cls).bind(**kwargs)
     except TypeError as e:

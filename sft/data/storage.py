@@ -5,8 +5,8 @@ tokenization), asks its subclass to encode rows in batches (`_encode_batch` -> t
 a 0/1 loss mask per row), applies `data.truncation`, drops rows left with no trained token
 (and, with `data.on_bad_sample=skip`, bad rows), and stores the rest as flat int32 ids /
 uint8 masks with int64 offsets. `__getitem__` returns the item contract of DESIGN.md, padded or unpadded.
-Given a `TokenizeShard`, the ranks tokenize every world-th batch each and exchange the
-arrays, so start-up time falls with the number of processes; the result is identical.
+Given a `TokenizeShard` the ranks share the tokenizing; given a cache folder the store is read
+from (or written to) the tokenised cache and mapped. Both are `sft.data.store_build`'s job.
 """
 
 from __future__ import annotations
@@ -15,23 +15,22 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from sft.data.files import ParquetSource
-from sft.data.scan import ON_BAD_SAMPLE, BadRows, scan_source
+from sft.data.scan import ON_BAD_SAMPLE, scan_source
+from sft.data.store_build import StoreBuild
 from sft.schema import DataConfig
 
 logger = logging.getLogger("sft")
 
 TRUNCATIONS = ("left", "right", "error")
-# Rows converted to Python objects at a time; large enough for batched tokenization.
-BATCH_ROWS = 256
 
 Encoded = tuple[np.ndarray, np.ndarray]
 
@@ -45,7 +44,7 @@ class TokenizeShard:
     group: Any  # torch.distributed.ProcessGroup
 
 
-class TokenizedDataset(Dataset):
+class TokenizedDataset(StoreBuild, Dataset):
     """Base of the SFT datasets; subclasses define the columns and `_encode_batch`."""
 
     def __init__(
@@ -56,8 +55,10 @@ class TokenizedDataset(Dataset):
         max_samples: int = -1,
         pad_to_max_length: bool = True,
         shard: TokenizeShard | None = None,
+        cache_dir: str | Path | None = None,
     ) -> None:
         self.shard = shard
+        self.cache: tuple[Path, str, dict[str, Any]] | None = None
         if config.truncation not in TRUNCATIONS:
             raise ValueError(f"data.truncation={config.truncation!r}: choose one of {', '.join(TRUNCATIONS)}")
         if config.on_bad_sample not in ON_BAD_SAMPLE:
@@ -75,6 +76,8 @@ class TokenizedDataset(Dataset):
         self.pad_token_id = int(pad_id) if pad_id is not None else 0
         self._prepare()
         required, optional = self._columns()
+        if cache_dir is not None and self._reuse(parquet_files, max_samples, Path(cache_dir).expanduser()):
+            return
         self.source = ParquetSource(parquet_files, required, optional, max_samples)
         self._scan()
         self._build()
@@ -114,46 +117,6 @@ class TokenizedDataset(Dataset):
         self.bad_rows.add(row, str(error).removeprefix(f"{self.source.where(row)}: "))
 
     # -- storage -----------------------------------------------------------------------
-
-    def _build(self) -> None:
-        t0 = time.perf_counter()
-        self.num_dropped = 0
-        self.num_truncated = 0
-        rank, world = (self.shard.rank, self.shard.world) if self.shard else (0, 1)
-        # One array per batch (not per row) keeps the build's memory overhead small.
-        batches: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-        error: str | None = None
-        skip = self.skip_rows if self.bad_rows.count else None
-        scanned = self.bad_rows
-        # From here on only the rows this rank refuses while tokenizing; merged after the exchange.
-        self.bad_rows = BadRows()
-        try:
-            for index, rows, columns in self.source.iter_batches(BATCH_ROWS, rank, world, skip):
-                part = self._encode_part(rows, columns)
-                if part is not None:
-                    batches.append((index, *part))
-        except ValueError as e:
-            if world == 1:
-                raise
-            error = str(e)  # raised on every rank below: a lone raise would leave the others waiting
-        if world > 1:
-            batches, error = self._exchange(batches, error)
-        self.bad_rows.merge(scanned)
-        batches.sort(key=lambda b: b[0])  # batch order = row order, whatever rank encoded it
-        row_parts, ids_parts, mask_parts, length_parts = ([b[i] for b in batches] for i in range(1, 5))
-        self.lengths = np.concatenate(length_parts) if length_parts else np.zeros(0, np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
-        self.input_ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int32)
-        self.loss_mask = np.concatenate(mask_parts) if mask_parts else np.zeros(0, np.uint8)
-        self.loss_mask[self.offsets[:-1]] = 0
-        self.rows = np.concatenate(row_parts) if row_parts else np.zeros(0, np.int64)
-        self._report(time.perf_counter() - t0)
-        if len(self.lengths) == 0:
-            raise ValueError(
-                f"{', '.join(self.source.paths)}: no sample to train on ({self.source.num_rows} rows read, "
-                f"{self.num_dropped} dropped with no trained token, {self.bad_rows.count} bad); check the files, "
-                "data.max_length and data.truncation"
-            )
 
     def _encode_rows(self, rows: Sequence[int], columns: dict[str, list[Any]]) -> list[Encoded | None]:
         """Encoded and fitted rows; in skip mode a row that fails is noted and None."""
@@ -199,27 +162,10 @@ class TokenizedDataset(Dataset):
                 self.num_dropped += 1
         if not kept:
             return None
-        return (
-            np.asarray([k[0] for k in kept], dtype=np.int64),
-            np.concatenate([k[1] for k in kept]),
-            np.concatenate([k[2] for k in kept]),
-            np.asarray([len(k[1]) for k in kept], dtype=np.int64),
-        )
-
-    def _exchange(self, batches: list, error: str | None) -> tuple[list, None]:
-        """All-gather every rank's encoded batches and counters; re-raise any rank's data error."""
-        mine = (batches, error, self.num_dropped, self.num_truncated, self.bad_rows)
-        gathered: list[Any] = [None] * self.shard.world
-        dist.all_gather_object(gathered, mine, group=self.shard.group)
-        errors = [g[1] for g in gathered if g[1] is not None]
-        if errors:
-            raise ValueError(errors[0])
-        self.num_dropped = sum(g[2] for g in gathered)
-        self.num_truncated = sum(g[3] for g in gathered)
-        self.bad_rows = BadRows()
-        for g in gathered:
-            self.bad_rows.merge(g[4])
-        return [b for g in gathered for b in g[0]], None
+        lengths = np.asarray([len(k[1]) for k in kept], dtype=np.int64)
+        mask = np.concatenate([k[2] for k in kept])
+        mask[np.cumsum(lengths) - lengths] = 0  # each sample's first token (see above)
+        return np.asarray([k[0] for k in kept], dtype=np.int64), np.concatenate([k[1] for k in kept]), mask, lengths
 
     def _fit(self, row: int, ids: np.ndarray, mask: np.ndarray) -> Encoded:
         assert ids.shape == mask.shape, f"{self.source.where(row)}: ids and loss mask differ in length"
@@ -267,7 +213,7 @@ class TokenizedDataset(Dataset):
             seconds,
             len(self),
             int(self.lengths.sum()),
-            int(self.loss_mask.sum()),
+            self.num_trained,
         )
 
     # -- access ------------------------------------------------------------------------
