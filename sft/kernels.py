@@ -83,15 +83,21 @@ def apply_liger(lm: nn.Module) -> None:
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def liger_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def liger_linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, softcap: float | None = None
+) -> torch.Tensor:
     """Sum over target positions of CE(hidden @ weight.T, label) by Liger's fused kernel.
 
     Only target rows are passed (the caller filters), so no work is spent on ignored positions;
-    the weight gradient is accumulated in fp32 inside the kernel.
+    the weight gradient is accumulated in fp32 inside the kernel. `softcap` is the final-logit cap,
+    which the kernel applies chunk by chunk.
     """
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-    return liger_fused_linear_cross_entropy(hidden, weight, labels, reduction="sum", accum_dtype=torch.float32)
+    capped = {} if softcap is None else {"softcap": softcap}
+    return liger_fused_linear_cross_entropy(
+        hidden, weight, labels, reduction="sum", accum_dtype=torch.float32, **capped
+    )
 
 
 def use_liger_loss(device_type: str) -> bool:
