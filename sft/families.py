@@ -110,8 +110,6 @@ def unsupported_reason(config: dict[str, Any]) -> str | None:
     for key, what in _FEATURE_KEYS.items():
         if key not in declared and _is_set(config.get(key)):
             return f"model_type={model_type!r} with config.{key}={config[key]} ({what}) is not supported by sft yet"
-    if not fam.sliding_window and (_is_set(config.get("sliding_window")) and config.get("use_sliding_window", True)):
-        return f"model_type={model_type!r} with config.sliding_window={config['sliding_window']} is not supported"
     return None
 
 
