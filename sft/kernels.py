@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from sft.families import liger_covers
+
 logger = logging.getLogger("sft")
 
 LIGER_MISSING = "model.use_liger=true needs the liger-kernel package: pip install liger-kernel (CUDA machines only)"
@@ -45,6 +47,9 @@ def liger_wanted(setting: bool | str, device_type: str, model_type: str) -> bool
         return bool(setting)
     if device_type != "cuda" or not liger_installed():
         return False
+    if not liger_covers(model_type):  # sft/families.py: Liger's layers do not fit this family
+        logger.info("model.use_liger=auto: not used for model type %s (README 'Supported model families')", model_type)
+        return False
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
@@ -64,7 +69,7 @@ def apply_liger(lm: nn.Module) -> None:
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
     model_type = lm.config.model_type
-    apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
+    apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type) if liger_covers(model_type) else None
     if apply is None:
         supported = ", ".join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))
         raise ValueError(

@@ -34,6 +34,7 @@ EXTRA: dict[str, dict] = {
     "qwen3": {},
     "phi3": {},
     "olmo2": {},
+    "gemma": {},
     "granite": dict(logits_scaling=4.0, attention_multiplier=0.3),
     "qwen3_moe": dict(MOE, num_experts=4, num_local_experts=4, decoder_sparse_step=1, mlp_only_layers=[]),
     "mixtral": dict(MOE, num_local_experts=4),
@@ -46,7 +47,11 @@ EXTRA: dict[str, dict] = {
         query_pre_attn_scalar=8,
     ),
     "gemma3_text": dict(
-        num_hidden_layers=3, layer_types=LAYERS3, sliding_window=WINDOW, final_logit_softcapping=0.5, query_pre_attn_scalar=8
+        num_hidden_layers=3,
+        layer_types=LAYERS3,
+        sliding_window=WINDOW,
+        final_logit_softcapping=0.5,
+        query_pre_attn_scalar=8,
     ),
     "gpt_oss": dict(MOE, num_hidden_layers=3, layer_types=LAYERS3, sliding_window=WINDOW, num_local_experts=4),
     "mistral": dict(sliding_window=WINDOW),

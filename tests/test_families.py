@@ -66,7 +66,9 @@ def runs(family_dirs, demo_dir, tmp_path_factory) -> dict[str, dict[str, dict]]:
             for t in FAMILY_TYPES
         ]
         run_ranks(train_many, world, jobs, world)
-        results[mode] = {t: torch.load(f, weights_only=False) | {"out": tmp / mode / t} for (_, f), t in zip(jobs, FAMILY_TYPES)}
+        results[mode] = {
+            t: torch.load(f, weights_only=False) | {"out": tmp / mode / t} for (_, f), t in zip(jobs, FAMILY_TYPES)
+        }
     return results
 
 
