@@ -40,8 +40,8 @@ def routing_inputs(mb: dict, sp_rank: int, sp_size: int) -> dict:
 class RouterStats:
     """Collects each forward's router logits by hooks and turns them into the aux loss and metrics.
 
-    A plain object (not a submodule): it holds no parameters and no state worth saving. Expert parallelism later would only change where the counts are reduced:
-    the routers (replicated) are all this reads, never the experts.
+    A plain object (not a submodule): it holds no parameters and no state worth saving. Expert
+    parallelism would only change where counts are reduced: this reads the routers, never the experts.
     """
 
     def __init__(self, lm: nn.Module, spec: MoESpec, coef: float) -> None:
@@ -82,12 +82,12 @@ class RouterStats:
         chosen = torch.stack([x.topk(self.top_k, dim=-1).indices for x in logits])  # [L, T, k]
         hits = torch.zeros_like(probs).scatter_(2, chosen, 1.0)  # [L, T, E] one-hot of the top-k
         counts = probs.new_zeros(self.num_layers, rows, e).index_add_(1, index, hits)  # [L, n+1, E]
+        local = counts[:, :-1].sum(1)  # [L, E] this rank's real tokens per expert (before the SP sum)
         if sp_group is not None and dist.get_world_size(sp_group) > 1:
             dist.all_reduce(counts, group=sp_group)  # a sample's tokens may sit on several SP ranks
         sums = probs.new_zeros(self.num_layers, rows, e).index_add_(1, index, probs)  # local S_lie
         frac = self.top_k * counts / counts.sum(-1, keepdim=True).clamp_min(1.0)  # f_lie
         aux = (frac[:, :-1] * sums[:, :-1]).sum() * (e / self.num_layers)  # the dump row is padding
-        local = hits.new_zeros(self.num_layers, rows, e).index_add_(1, index, hits)[:, :-1].sum(1)  # [L, E]
         self._accumulate(aux.detach(), local)
         return aux
 
