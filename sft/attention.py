@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from sft.ulysses import ulysses_attention
+from sft.attention_math import AttnFeatures, features_from_kwargs, kernel_window, segment_attention
+from sft.ulysses import local_heads, ulysses_attention
 
 ATTN_NAME = "sft_varlen"
 
@@ -37,13 +38,21 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _reference_varlen(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    scale: float,
+    features: AttnFeatures | None = None,
 ) -> torch.Tensor:
     """Causal SDPA per segment: correct everywhere, used on CPU and for dtypes the kernels lack."""
     total, heads, _ = q.shape
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != total or any(nxt < cur for cur, nxt in zip(bounds[:-1], bounds[1:])):
         raise ValueError(f"cu_seq_lens {bounds} must rise from 0 to the packed length {total}")
+    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    if features is not None and not features.plain(longest):
+        return segment_attention(q, k, v, bounds, scale, features)  # window / soft-cap / sinks, fp32 softmax
     rep = heads // k.shape[1]
     # GQA: query head i reads KV head i // rep, which is what repeat_interleave lays out.
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -66,17 +75,32 @@ def varlen_attention(
     max_length_q: int,
     max_length_k: int,
     scale: float,
+    features: AttnFeatures | None = None,
 ) -> torch.Tensor:
     """Causal attention within each packed segment: q `[T, h, d]`, k/v `[T, h_kv, d]` -> `[T, h, d]`.
 
-    The backend is picked by device and dtype: flash-attn, then torch's varlen kernel on CUDA
-    (half precision only), else the per-segment SDPA reference.
+    The backend is picked by device, dtype and `features` (window, soft-cap, sinks): flash-attn,
+    then torch's varlen kernel on CUDA (half precision only, windows but no soft-cap or sinks),
+    else the exact per-segment reference.
     """
     assert q.shape[1] % k.shape[1] == 0, f"{q.shape[1]} query heads vs {k.shape[1]} KV heads"
-    if q.is_cuda and q.dtype in _KERNEL_DTYPES:
+    f = features or AttnFeatures()
+    window = kernel_window(f.window, max_length_k)
+    kernel_ok = f.sinks is None and (f.softcap is None or flash_attn_varlen_func is not None)
+    if q.is_cuda and q.dtype in _KERNEL_DTYPES and kernel_ok:
         if flash_attn_varlen_func is not None:
             return flash_attn_varlen_func(
-                q, k, v, cu_seqlens_q, cu_seqlens_k, max_length_q, max_length_k, softmax_scale=scale, causal=True
+                q,
+                k,
+                v,
+                cu_seqlens_q,
+                cu_seqlens_k,
+                max_length_q,
+                max_length_k,
+                softmax_scale=scale,
+                causal=True,
+                window_size=window,
+                softcap=f.softcap or 0.0,
             )
         if varlen_attn is None:
             raise RuntimeError(
@@ -84,13 +108,13 @@ def varlen_attention(
                 f"this torch {torch.__version__} has neither"
             )
         gqa = {"enable_gqa": True} if _VARLEN_TAKES_GQA_FLAG and q.shape[1] != k.shape[1] else {}
-        # window_size=(-1, 0) is how this kernel spells "causal".
+        # window_size=(-1, 0) is how this kernel spells "causal"; (W-1, 0) is a causal window of W.
         return varlen_attn(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_length_q, max_length_k, scale=scale, window_size=(-1, 0), **gqa
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_length_q, max_length_k, scale=scale, window_size=window, **gqa
         )
     if not torch.equal(cu_seqlens_q, cu_seqlens_k):
         raise ValueError(f"{ATTN_NAME} is self-attention: cu_seq_lens_q and cu_seq_lens_k must be equal")
-    return _reference_varlen(q, k, v, cu_seqlens_q, scale)
+    return _reference_varlen(q, k, v, cu_seqlens_q, scale, f)
 
 
 def _check_module(module: torch.nn.Module, dropout: float, kwargs: dict[str, Any]) -> None:
@@ -100,16 +124,7 @@ def _check_module(module: torch.nn.Module, dropout: float, kwargs: dict[str, Any
             f"attention dropout {dropout} is not supported by the {ATTN_NAME} attention; set `attention_dropout` "
             "to 0.0 in the model's config.json (it only acts in training mode)"
         )
-    window = kwargs.get("sliding_window")
-    if window is None:
-        window = getattr(module, "sliding_window", None)
-    if window is not None:
-        raise NotImplementedError(
-            f"{type(module).__name__} uses sliding-window attention (window {window}); {ATTN_NAME} computes full "
-            "causal attention only. Disable `use_sliding_window` in the model config or use a model without it"
-        )
-    if kwargs.get("softcap") is not None:
-        raise NotImplementedError(f"{type(module).__name__} uses attention logit softcapping; {ATTN_NAME} has none")
+    # Sliding windows, soft-capping and sinks arrive as kwargs and are applied (sft/attention_math.py).
     if getattr(module, "is_causal", True) is False or kwargs.get("is_causal") is False:
         raise NotImplementedError(f"{type(module).__name__} is not causal; {ATTN_NAME} is causal attention only")
 
@@ -145,13 +160,18 @@ def sft_varlen_attention_forward(
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     b, heads, s, d = query.shape
 
+    features = features_from_kwargs(kwargs)
+    group: dist.ProcessGroup | None = kwargs.get("sp_group")
+
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         cu_q32, cu_k32 = (c.to(device=q.device, dtype=torch.int32) for c in (cu_q, cu_k))
-        return varlen_attention(q, k, v, cu_q32, cu_k32, max_q, max_k, scale)
+        f = features
+        if f.sinks is not None and q.shape[1] != f.sinks.shape[0]:
+            f = f.with_sinks(f.sinks[local_heads(group, f.sinks.shape[0])])  # SP: this rank's heads only
+        return varlen_attention(q, k, v, cu_q32, cu_k32, max_q, max_k, scale, f)
 
     # [b, h, s, d] -> [b*s, h, d]: tokens first, as the varlen kernels and the all-to-all want.
     q, k, v = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (query, key, value))
-    group: dist.ProcessGroup | None = kwargs.get("sp_group")
     if group is not None and dist.get_world_size(group) > 1:
         assert b == 1, f"sequence parallelism packs one row per micro-batch, got batch {b}"
         out = ulysses_attention(q, k, v, group, attend)  # [s/sp, h, d]

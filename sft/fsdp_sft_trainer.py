@@ -32,6 +32,7 @@ from sft.data.storage import TokenizeShard
 from sft.distributed import DistContext
 from sft.metrics import MetricsLogger, StepTimer
 from sft.model import DTYPES, build_meta_model, load_hf_config, load_tokenizer, load_weights
+from sft.moe import routing_inputs
 from sft.optim import build_optimizer, build_scheduler
 from sft.parallelize import apply_compile, apply_fsdp
 from sft.preemption import Preempted, PreemptionWatcher
@@ -144,6 +145,10 @@ class FSDPSFTTrainer:
         """Run the model on one micro-batch (moved to the device); packed rows carry varlen metadata."""
         # Target positions found on the host: the loss then needs no device sync to size its work.
         mb = dict(mb, target_index=(mb["labels"].reshape(-1) != -100).nonzero().squeeze(1))
+        if self.model.routing is not None:  # MoE: sample ids for the router aux loss, built on the host
+            mb.update(
+                routing_inputs(mb, self.ctx.sp_rank, self.ctx.sp_size), aux_weight=getattr(self, "_aux_weight", 0.0)
+            )
         mb = to_device(mb, self.ctx.device)
         mb.pop("real_mask", None)
         if "cu_seq_lens" in mb:
@@ -204,6 +209,8 @@ class FSDPSFTTrainer:
         # FSDP averages gradients over the world; scaling by world/global_targets turns that
         # average into the sum of token losses divided by the global number of targets.
         scale = self.ctx.world_size / global_targets
+        # MoE aux loss (sft/moe.py) is a sum over real tokens; in units of this loss it weighs coef * targets / tokens.
+        self._aux_weight = self.model.routing.coef * global_targets / real_tokens if self.model.routing else 0.0
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for i, mb in enumerate(micro_batches):
             self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
@@ -225,7 +232,9 @@ class FSDPSFTTrainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        moe = self.model.routing.step_metrics(world, real_tokens) if self.model.routing else {}
         return {
+            **moe,
             "train/loss": loss,
             "train/lr": lr,
             "train/grad_norm": grad_norm,

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from sft.families import liger_covers
+
 logger = logging.getLogger("sft")
 
 LIGER_MISSING = "model.use_liger=true needs the liger-kernel package: pip install liger-kernel (CUDA machines only)"
@@ -45,6 +47,9 @@ def liger_wanted(setting: bool | str, device_type: str, model_type: str) -> bool
         return bool(setting)
     if device_type != "cuda" or not liger_installed():
         return False
+    if not liger_covers(model_type):  # sft/families.py: Liger's layers do not fit this family
+        logger.info("model.use_liger=auto: not used for model type %s (README 'Supported model families')", model_type)
+        return False
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
@@ -64,7 +69,7 @@ def apply_liger(lm: nn.Module) -> None:
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
     model_type = lm.config.model_type
-    apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
+    apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type) if liger_covers(model_type) else None
     if apply is None:
         supported = ", ".join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))
         raise ValueError(
@@ -83,15 +88,21 @@ def apply_liger(lm: nn.Module) -> None:
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def liger_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def liger_linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, softcap: float | None = None
+) -> torch.Tensor:
     """Sum over target positions of CE(hidden @ weight.T, label) by Liger's fused kernel.
 
     Only target rows are passed (the caller filters), so no work is spent on ignored positions;
-    the weight gradient is accumulated in fp32 inside the kernel.
+    the weight gradient is accumulated in fp32 inside the kernel. `softcap` is the final-logit cap,
+    which the kernel applies chunk by chunk.
     """
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-    return liger_fused_linear_cross_entropy(hidden, weight, labels, reduction="sum", accum_dtype=torch.float32)
+    capped = {} if softcap is None else {"softcap": softcap}
+    return liger_fused_linear_cross_entropy(
+        hidden, weight, labels, reduction="sum", accum_dtype=torch.float32, **capped
+    )
 
 
 def use_liger_loss(device_type: str) -> bool:

@@ -15,8 +15,12 @@ from torch.utils.checkpoint import checkpoint
 from sft.kernels import liger_linear_cross_entropy
 
 
-def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _chunk_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, softcap: float | None = None
+) -> torch.Tensor:
     logits = (hidden @ weight.t()).float()  # [c, h] @ [h, V] -> [c, V], CE in fp32
+    if softcap is not None:  # final-logit soft-capping (Gemma 2/3), applied to this chunk only
+        logits = softcap * torch.tanh(logits / softcap)
     return F.cross_entropy(logits, labels, reduction="sum")
 
 
@@ -27,13 +31,15 @@ def target_linear_cross_entropy(
     index: torch.Tensor,
     chunk_size: int = 4096,
     fused: bool = False,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Sum of CE(hidden @ weight.T, label) over the positions `index` (the targets). hidden [N, h],
     labels [N], index [n_t] on the same device.
 
     The index is computed on the host from the batch, so the number of targets (and the chunk
     loop) is known without waiting for the GPU. `fused` uses Liger's kernel, which computes the
-    gradients in the forward and so needs no recompute in the backward.
+    gradients in the forward and so needs no recompute in the backward. `softcap` c caps each
+    chunk's logits to c * tanh(logits / c) before the CE (sft/families.py says which models need it).
     """
     if index.numel() == 0:
         # Keep the head and the decoder in the graph so every rank's backward (and FSDP's
@@ -42,14 +48,14 @@ def target_linear_cross_entropy(
     h = hidden.index_select(0, index)  # [n_t, h]
     y = labels.index_select(0, index)
     if fused:
-        return liger_linear_cross_entropy(h, weight, y)
+        return liger_linear_cross_entropy(h, weight, y, softcap)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], chunk_size):
         end = start + chunk_size
         if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss, h[start:end], weight, y[start:end], use_reentrant=False)
+            total = total + checkpoint(_chunk_loss, h[start:end], weight, y[start:end], softcap, use_reentrant=False)
         else:
-            total = total + _chunk_loss(h[start:end], weight, y[start:end])
+            total = total + _chunk_loss(h[start:end], weight, y[start:end], softcap)
     return total
 
 

@@ -21,9 +21,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from sft.attention import register_varlen_attention
 from sft.distributed import DistContext, resolve_device_type
+from sft.families import final_softcap, logit_multiplier, moe_spec, unsupported_reason
 from sft.kernels import apply_liger, liger_wanted, selective_checkpoint_context, use_liger_loss
 from sft.lora import add_lora
 from sft.loss import target_linear_cross_entropy
+from sft.moe import RouterStats, experts_kwargs
 from sft.schema import SFTConfig
 from sft.ulysses import check_sp_heads
 
@@ -64,12 +66,22 @@ class CausalLMWithLoss(nn.Module):
     Returns the sum of token losses and the number of target tokens of this micro-batch.
     """
 
-    def __init__(self, lm: nn.Module, chunk_size: int = 4096, fused_loss: bool = False) -> None:
+    def __init__(
+        self,
+        lm: nn.Module,
+        chunk_size: int = 4096,
+        fused_loss: bool = False,
+        softcap: float | None = None,
+        routing: RouterStats | None = None,
+    ) -> None:
         super().__init__()
         self.lm = lm
         self.chunk_size = chunk_size
         # Liger's fused linear CE (CUDA): gradients in the forward, no chunk recompute in backward.
         self.fused_loss = fused_loss
+        self.softcap = softcap  # final-logit soft-capping, applied chunk by chunk in the loss
+        self.routing = routing  # MoE: router aux loss and metrics (sft/moe.py)
+        self.logit_multiplier = 1.0  # set from the family table: (h * m) @ W.T == m * logits
 
     def forward(
         self,
@@ -80,6 +92,11 @@ class CausalLMWithLoss(nn.Module):
         target_index: torch.Tensor | None = None,
         **attn_kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        # MoE routing inputs (sft/moe.py): sample id per token and the aux loss's weight in this loss.
+        sample_index, rows = attn_kwargs.pop("sample_index", None), attn_kwargs.pop("sample_rows", 0)
+        aux_weight = attn_kwargs.pop("aux_weight", 0.0)
+        if self.routing is not None:
+            self.routing.start()
         out = self.lm.get_decoder()(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -90,22 +107,24 @@ class CausalLMWithLoss(nn.Module):
         hidden = out.last_hidden_state  # [b, s, h]
         head = self.lm.get_output_embeddings()
         hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)  # [b*s, h], [b*s]
+        if self.logit_multiplier != 1.0:
+            hidden = hidden * self.logit_multiplier
         if target_index is None:  # (costs a device sync; the trainer passes it from the host)
             target_index = (labels != -100).nonzero().squeeze(1)
         loss_sum = target_linear_cross_entropy(
-            hidden, head.weight, labels, target_index, self.chunk_size, fused=self.fused_loss
+            hidden, head.weight, labels, target_index, self.chunk_size, fused=self.fused_loss, softcap=self.softcap
         )
+        if self.routing is not None and sample_index is not None and torch.is_grad_enabled():
+            aux = aux_weight * self.routing.aux_sum(sample_index, rows, attn_kwargs.get("sp_group"))
+            loss_sum = loss_sum + (aux - aux.detach())  # the aux gradient flows; the returned value stays the CE
         return loss_sum, (labels != -100).sum()
 
 
 def check_supported_head(hf_config: PretrainedConfig) -> None:
-    """The loss applies the LM head as a plain linear layer; refuse models whose head does more."""
-    for key in ("final_logit_softcapping", "logit_scale"):
-        if getattr(hf_config, key, None) not in (None, 1.0):
-            raise ValueError(
-                f"model.partial_pretrain: config.{key}={getattr(hf_config, key)} changes the logits after the "
-                "LM head, which sft's fused loss does not apply yet; use a model without it"
-            )
+    """Refuse what sft/families.py's table cannot train (validation already did, from config.json)."""
+    reason = unsupported_reason(hf_config.to_dict())
+    if reason is not None:
+        raise ValueError(f"model.partial_pretrain: {reason}")
 
 
 def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig) -> CausalLMWithLoss:
@@ -124,7 +143,11 @@ def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig) -> CausalLMWit
         # A copy: from_config records the attention choice in the config object it is given, and
         # the original is exported with checkpoints (where "sft_varlen" would not load).
         lm = AutoModelForCausalLM.from_config(
-            copy.deepcopy(hf_config), dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, **extra
+            copy.deepcopy(hf_config),
+            dtype=dtype,
+            trust_remote_code=cfg.model.trust_remote_code,
+            **extra,
+            **experts_kwargs(hf_config, cfg.model.experts_implementation),
         )
         add_lora(lm, cfg.model)  # no-op unless model.lora_rank > 0
     if cfg.use_remove_padding:
@@ -143,7 +166,14 @@ def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig) -> CausalLMWit
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ac_kwargs)
     fused = use_liger_loss(resolve_device_type(cfg.trainer.device))
     logger.info("loss: %s", "Liger fused linear cross-entropy" if fused else "chunked linear cross-entropy")
-    return CausalLMWithLoss(lm, fused_loss=fused)
+    spec, coef = moe_spec(hf_config), cfg.model.router_aux_loss_coef
+    routing = None
+    if spec is not None:
+        coef = float(getattr(hf_config, spec.coef_key, 0.0) or 0.0) if coef is None else coef
+        routing = RouterStats(lm, spec, coef)
+    model = CausalLMWithLoss(lm, fused_loss=fused, softcap=final_softcap(hf_config), routing=routing)
+    model.logit_multiplier = logit_multiplier(hf_config)
+    return model
 
 
 def load_weights(model: CausalLMWithLoss, cfg: SFTConfig, ctx: DistContext) -> None:

@@ -104,6 +104,10 @@ class ModelConfig:
     use_liger: Any = "auto"
     # torch.compile each decoder layer (fuses norms, activations and rotary into fewer kernels).
     compile: bool = False
+    # MoE families (README 'Supported model families'): experts as grouped GEMMs (grouped_mm) or the
+    # per-expert loop (eager); the router load-balancing loss coefficient (null: the model config's).
+    experts_implementation: str = "grouped_mm"
+    router_aux_loss_coef: float | None = None
 
 
 @dataclass

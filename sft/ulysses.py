@@ -103,3 +103,13 @@ def ulysses_attention(
     q, k, v = (seq_to_heads(t, group) for t in (query, key, value))
     out = attend(q, k, v)  # [s, h/k, d]
     return heads_to_seq(out, group)  # [s/k, h, d]
+
+
+def local_heads(group: dist.ProcessGroup | None, num_heads: int) -> slice:
+    """The query heads this rank attends to inside `ulysses_attention`: the r-th of k equal groups.
+
+    Per-head parameters (e.g. gpt-oss's sink logits `[h]`) are sliced with it to match `[s, h/k, d]`.
+    """
+    assert group is not None, "per-head parameters only need slicing under sequence parallelism"
+    k, r = dist.get_world_size(group), dist.get_rank(group)
+    return slice(r * num_heads // k, (r + 1) * num_heads // k)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from sft.config_error import ConfigError, need
 from sft.distributed import resolve_device_type
+from sft.families import unsupported_reason
 from sft.kernels import check_liger
 from sft.schema import ModelConfig, SFTConfig
 
@@ -67,6 +68,14 @@ def _check_model(cfg: SFTConfig) -> None:
         not (m.compile and m.gradient_checkpointing_mode == "selective"),
         "model.gradient_checkpointing_mode=selective with model.compile=true: the compiled layer hides its matmuls "
         "from the checkpoint policy; use gradient_checkpointing_mode=full with compile",
+    )
+    need(
+        m.experts_implementation in ("grouped_mm", "eager"),
+        f"model.experts_implementation={m.experts_implementation!r}: choose grouped_mm or eager",
+    )
+    need(
+        m.router_aux_loss_coef is None or m.router_aux_loss_coef >= 0,
+        f"model.router_aux_loss_coef={m.router_aux_loss_coef}: must be >= 0 (or null for the model config's)",
     )
     if m.use_liger is True:
         try:
@@ -150,6 +159,8 @@ def _check_model_folder(cfg: SFTConfig) -> None:
         f"data.multiturn.enable=true but the tokenizer in {p} has no chat template; set data.chat_template "
         "or add chat_template to tokenizer_config.json",
     )
+    reason = unsupported_reason(config)
+    need(reason is None, f"model.partial_pretrain={p}: {reason}")
     vocab = config.get("vocab_size")
     need(
         vocab is None or (isinstance(vocab, int) and vocab > 0),

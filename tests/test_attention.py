@@ -114,12 +114,12 @@ def _call(module=None, dropout=0.0, **extra):
 def test_refuses_what_it_cannot_compute(models, model_config):
     with pytest.raises(ValueError, match="attention_dropout"):
         _call(dropout=0.1)
-    with pytest.raises(NotImplementedError, match="sliding-window"):
-        _call(sliding_window=4)
-    windowed = torch.nn.Module()
-    windowed.sliding_window = 16
-    with pytest.raises(NotImplementedError, match="sliding-window"):
-        _call(module=windowed)
+    # A sliding window is applied, not refused (issue 15): a window of 1 attends to the token itself only.
+    _, cu, max_len = packed_row(LENGTHS)
+    q, k = torch.randn(1, 4, int(cu[-1]), 8), torch.randn(1, 2, int(cu[-1]), 8)
+    kw = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len, sliding_window=1)
+    out, _ = sft_varlen_attention_forward(torch.nn.Module(), q, k, k, None, **kw)
+    torch.testing.assert_close(out[0], k[0].repeat_interleave(2, dim=0).transpose(0, 1))
     with pytest.raises(ValueError, match="must rise from 0 to the packed length"):
         _call(cu_seq_lens_q=torch.tensor([0, 5, 9], dtype=torch.int32), cu_seq_lens_k=None)
     ids = torch.zeros(1, 5, dtype=torch.long)

@@ -1,0 +1,36 @@
+"""Rank function for the family tests: many tiny models trained in one spawned process group."""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from sft.distributed import WorldInfo, init_distributed, teardown
+from sft.fsdp_sft_trainer import FSDPSFTTrainer
+from sft.schema import load_config
+from sft.validate import validate_config
+
+
+def train_many(jobs: list[tuple[list[str], str]], sp: int) -> None:
+    """For each (overrides, out_file): train, then rank 0 saves full weights, metrics and val loss (or the error)."""
+    ctx = init_distributed("cpu", sp)
+    try:
+        for overrides, out_file in jobs:
+            cfg = load_config(overrides)
+            validate_config(cfg, WorldInfo.from_env())
+            trainer = FSDPSFTTrainer(cfg, ctx)
+            logged: list[dict] = []
+            original = trainer.metrics.log
+
+            def capture(metrics: dict, step: int, logged=logged, original=original) -> None:
+                logged.append({"step": step, **metrics})
+                original(metrics, step)
+
+            trainer.metrics.log = capture
+            trainer.fit()
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            sd = get_model_state_dict(trainer.model, options=opts)
+            if ctx.rank == 0:
+                torch.save({"weights": sd, "metrics": logged}, out_file)
+    finally:
+        teardown()

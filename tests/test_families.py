@@ -1,0 +1,190 @@
+"""Model families (sft/families.py) on real fully_shard over gloo: for every family in the table,
+padded (1 process) == remove-padding (1 process) == remove-padding + sp=2 (2 processes) on losses and
+weights after 2 steps, with samples far longer than the 8-token sliding window (so windows cut across
+SP slices); the HF export reproduces the trainer's validation loss; the attention features match an
+independent reference (the model's own eager attention on single unpacked samples); untabled models
+are refused before loading. One spawned run per mode covers all families."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import base_overrides
+from distributed_helper import run_ranks
+from family_models import FAMILY_TYPES, write_family_model
+from family_workers import train_many
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from sft.attention import ATTN_NAME, register_varlen_attention
+from sft.batch import labels_from_loss_mask
+from sft.cli import compose
+from sft.config_error import ConfigError
+from sft.data import build_dataset
+from sft.families import FAMILIES, unsupported_reason
+from sft.validate import validate_config
+
+MODES = {
+    "padded": (1, []),
+    "rmpad": (1, ["use_remove_padding=true"]),
+    "sp2": (2, ["use_remove_padding=true", "ulysses_sequence_parallel_size=2"]),
+}
+
+
+AC = ("qwen3_moe", "gpt_oss")
+
+
+@pytest.fixture(scope="module")
+def family_dirs(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    return {t: write_family_model(demo_dir / "model", root / t, t) for t in FAMILY_TYPES}
+
+
+def _overrides(demo: Path, model: Path, out: Path, extra: list[str]) -> list[str]:
+    return base_overrides(demo, out) + [
+        f"model.partial_pretrain={model}",
+        f"data.val_files={demo}/val.parquet",
+        "data.val_max_samples=4",
+        "data.max_length=96",
+        "data.train_batch_size=4",
+        "data.micro_batch_size_per_gpu=2",
+        "trainer.total_training_steps=2",
+        "optim.clip_grad=1e9",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def runs(family_dirs, demo_dir, tmp_path_factory) -> dict[str, dict[str, dict]]:
+    """mode -> family -> {weights, metrics}; the rmpad run also exports the HF model."""
+    tmp = tmp_path_factory.mktemp("family_runs")
+    results: dict[str, dict[str, dict]] = {}
+    for mode, (world, extra) in MODES.items():
+        if mode == "rmpad":
+            extra = extra + ['trainer.checkpoint.save_contents=["hf_model"]', "trainer.checkpoint.hf_dtype=fp32"]
+        jobs = [
+            (_overrides(demo_dir, family_dirs[t], tmp / mode / t, extra), str(tmp / f"{mode}_{t}.pt"))
+            for t in FAMILY_TYPES
+        ]
+        if mode == "sp2":  # MoE router hooks under activation-checkpoint recompute, with SP
+            ac = ["model.enable_gradient_checkpointing=true"]
+            jobs += [
+                (_overrides(demo_dir, family_dirs[t], tmp / "ac" / t, extra + ac), str(tmp / f"ac_{t}.pt")) for t in AC
+            ]
+        run_ranks(train_many, world, jobs, world)
+        if mode == "sp2":
+            results["sp2_ac"] = {t: torch.load(tmp / f"ac_{t}.pt", weights_only=False) for t in AC}
+        results[mode] = {
+            t: torch.load(f, weights_only=False) | {"out": tmp / mode / t} for (_, f), t in zip(jobs, FAMILY_TYPES)
+        }
+    return results
+
+
+def _steps(run: dict) -> list[dict]:
+    return [m for m in run["metrics"] if "train/loss" in m]
+
+
+@pytest.mark.parametrize("mode", ["rmpad", "sp2", "sp2_ac"])
+def test_family_equivalence(runs, mode):
+    bad = []
+    for t in runs[mode]:
+        ref, got = runs["padded"][t], runs[mode][t]
+        for a, b in zip(_steps(ref), _steps(got), strict=True):
+            for key in ("train/loss", "train/aux_loss"):
+                if key in a and b[key] != pytest.approx(a[key], rel=1e-5):
+                    bad.append(f"{t} step {a['step']} {key}: {a[key]} vs {b[key]}")
+        for k, w in ref["weights"].items():
+            if not torch.allclose(got["weights"][k], w, rtol=1e-4, atol=5e-5):
+                bad.append(f"{t} {k}: max diff {(got['weights'][k] - w).abs().max():.3g}")
+    assert not bad, "\n".join(bad[:20])
+
+
+def test_moe_metrics_logged(runs):
+    for t in ("qwen3_moe", "mixtral", "gpt_oss"):
+        for m in _steps(runs["padded"][t]):
+            # 2 of 4 experts per token: a balanced router gives aux = top_k = 2 and max load 1.0.
+            assert 1.0 < m["train/aux_loss"] < 4.0 and 1.0 <= m["train/moe_max_load"] <= 2.0, (t, m)
+    assert "train/aux_loss" not in _steps(runs["padded"]["qwen2"])[0]
+
+
+def test_export_reproduces_val_loss(runs, demo_dir):
+    """Each family's HF export, loaded by plain transformers (its own attention), gives the trainer's val/loss."""
+    for t in FAMILY_TYPES:
+        run = runs["rmpad"][t]
+        val = [m["val/loss"] for m in run["metrics"] if "val/loss" in m][-1]
+        hf = run["out"] / "global_step_2" / "huggingface"
+        model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+        tok = AutoTokenizer.from_pretrained(hf)
+        cfg = compose(_overrides(demo_dir, hf, run["out"], []))
+        ds = build_dataset(f"{demo_dir}/val.parquet", tok, cfg.data, 4, pad_to_max_length=False)
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for i in range(len(ds)):
+                item = ds[i]
+                labels = labels_from_loss_mask(item["input_ids"][None], item["loss_mask"][None])
+                logits = model(item["input_ids"][None]).logits.float()
+                total += float(F.cross_entropy(logits[0], labels[0], reduction="sum", ignore_index=-100))
+                count += int((labels != -100).sum())
+        assert total / count == pytest.approx(val, rel=1e-5), t
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text", "gpt_oss", "mistral"])
+def test_attention_matches_eager_on_single_samples(family_dirs, model_type):
+    """Packed varlen forward (window, soft-cap, sinks) == the model's eager forward on each sample alone."""
+    path = family_dirs[model_type]
+    eager = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    packed = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation=register_varlen_attention()
+    ).eval()
+    assert packed.config._attn_implementation == ATTN_NAME
+    gen = torch.Generator().manual_seed(0)
+    lengths = [23, 5, 31]  # longer than the 8-token window, and one shorter
+    ids = [torch.randint(0, 500, (n,), generator=gen) for n in lengths]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        got = packed(
+            torch.cat(ids)[None],
+            position_ids=pos,
+            cu_seq_lens_q=cu,
+            cu_seq_lens_k=cu,
+            max_length_q=max(lengths),
+            max_length_k=max(lengths),
+        ).logits[0]
+        want = torch.cat([eager(x[None]).logits[0] for x in ids])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_family_table_rows():
+    for t in FAMILY_TYPES:
+        assert t in FAMILIES
+        assert unsupported_reason(AutoConfig.for_model(t).to_dict()) is None, t
+
+
+@pytest.mark.parametrize(
+    "model_type,extra,expect",
+    [
+        ("cohere", {}, "not in sft's table"),
+        ("glm4", {}, "not in sft's table"),
+        ("llama", {"final_logit_softcapping": 30.0}, "final-logit soft-capping"),
+        ("qwen2", {"num_experts": 4}, "mixture-of-experts"),
+        ("gemma3", {"text_config": {}}, "multimodal"),
+    ],
+)
+def test_untabled_models_refused_before_loading(demo_dir, tmp_path, model_type, extra, expect):
+    import json
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for f in (demo_dir / "model").iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    cfg_json = json.loads((folder / "config.json").read_text())
+    cfg_json.update(model_type=model_type, **extra)
+    (folder / "config.json").write_text(json.dumps(cfg_json))
+    cfg = compose(base_overrides(demo_dir, tmp_path / "out") + [f"model.partial_pretrain={folder}"])
+    from sft.distributed import WorldInfo
+
+    with pytest.raises(ConfigError, match=expect):
+        validate_config(cfg, WorldInfo(rank=0, world_size=1, local_rank=0, local_world_size=1))
