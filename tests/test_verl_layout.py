@@ -216,3 +216,22 @@ def test_cfg_prints_our_layout(demo_dir, capsys):
     assert done.value.code == 0
     printed = capsys.readouterr().out
     assert f"partial_pretrain: {demo_dir}/model" in printed and "ulysses_sequence_parallel_size: 1" in printed
+
+
+def test_override_config_and_tokenizer_path_reach_the_model(demo_dir, tmp_path):
+    import shutil
+
+    from sft.model import load_hf_config, load_tokenizer
+
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    for f in (demo_dir / "model").iterdir():
+        if "token" in f.name or f.name.startswith(("vocab", "merges", "special", "chat")):
+            shutil.copy(f, tok_dir / f.name)
+    base = [f"data.train_files={demo_dir}/train.parquet", f"model.partial_pretrain={demo_dir}/model"]
+    cfg = compose(base + ["+model.override_config.attention_dropout=0.25", f"model.tokenizer_path={tok_dir}"])
+    assert load_hf_config(cfg).attention_dropout == 0.25
+    assert load_tokenizer(cfg).name_or_path == str(tok_dir)
+    bad = compose(base + ["+model.override_config.no_such_entry=1"])
+    with pytest.raises(ValueError, match="model.override_config.no_such_entry"):
+        load_hf_config(bad)
