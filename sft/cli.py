@@ -69,14 +69,21 @@ def compose(overrides: list[str]) -> SFTConfig:
         raise ConfigError(str(exc)) from exc
 
 
-def run_cli(argv: list[str], fn: Callable[[SFTConfig, object], None]) -> int:
+Translate = Callable[[list[str]], tuple[list[str], list[str]]]
+
+
+def run_cli(argv: list[str], fn: Callable[[SFTConfig, object], None], translate: Translate | None = None) -> int:
+    """`translate` maps another command-line layout onto ours first (sft.sft_trainer: verl >= 0.7.1)."""
     if argv and argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
     show_cfg = bool(argv) and argv[0] == "--cfg"
     overrides = argv[1:] if show_cfg else argv
     world = WorldInfo.from_env()
+    notes: list[str] = []
     try:
+        if translate is not None:
+            overrides, notes = translate(overrides)
         cfg = compose(overrides)
         if show_cfg:
             from omegaconf import OmegaConf
@@ -90,6 +97,8 @@ def run_cli(argv: list[str], fn: Callable[[SFTConfig, object], None]) -> int:
             print(f"sft: config error: {exc}", file=sys.stderr)
         return _after_rank0_printed(2, world.rank)
     setup_logging(world.rank)
+    for note in notes:
+        logger.info("%s", note)
     _quiet_libraries()
     ctx = init_distributed(device_type, cfg.ulysses_sequence_parallel_size, cfg.trainer.dist_timeout_s)
     try:

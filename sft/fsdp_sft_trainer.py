@@ -334,8 +334,12 @@ class FSDPSFTTrainer:
         )
 
 
+def train(cfg: SFTConfig, ctx: DistContext) -> None:
+    FSDPSFTTrainer(cfg, ctx).fit()
+
+
 def main(argv: list[str] | None = None) -> None:
-    sys.exit(run_cli(sys.argv[1:] if argv is None else argv, lambda cfg, ctx: FSDPSFTTrainer(cfg, ctx).fit()))
+    sys.exit(run_cli(sys.argv[1:] if argv is None else argv, train))
 
 
 if __name__ == "__main__":

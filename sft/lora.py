@@ -85,7 +85,19 @@ def add_lora(lm: nn.Module, m: ModelConfig, load_adapter: bool = False) -> None:
         # A single other string would be a regex to peft; here it names one module.
         targets = [targets] if isinstance(targets, str) else targets
         _check_targets(lm, targets)
-    config = LoraConfig(r=m.lora_rank, lora_alpha=m.lora_alpha, target_modules=targets, lora_dropout=0.0, bias="none")
+    exclude = (
+        m.exclude_modules
+        if m.exclude_modules is None or isinstance(m.exclude_modules, str)
+        else list(m.exclude_modules)
+    )
+    config = LoraConfig(
+        r=m.lora_rank,
+        lora_alpha=m.lora_alpha,
+        target_modules=targets,
+        exclude_modules=exclude,
+        lora_dropout=0.0,
+        bias="none",
+    )
     inject_adapter_in_model(config, lm)
     for layer in lora_layers(lm).values():
         # One dtype per FSDP unit: peft leaves meta adapters in fp32 whatever the base dtype is.

@@ -43,7 +43,8 @@ def import_external_lib(cfg: SFTConfig) -> None:
 def load_tokenizer(cfg: SFTConfig):
     """Tokenizer of the model folder, with `data.chat_template` applied and a pad token set."""
     import_external_lib(cfg)
-    tok = AutoTokenizer.from_pretrained(cfg.model.partial_pretrain, trust_remote_code=cfg.model.trust_remote_code)
+    source = cfg.model.tokenizer_path or cfg.model.partial_pretrain
+    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
     if cfg.data.chat_template:
         tok.chat_template = cfg.data.chat_template
     if tok.pad_token_id is None:
@@ -55,6 +56,13 @@ def load_tokenizer(cfg: SFTConfig):
 def load_hf_config(cfg: SFTConfig) -> PretrainedConfig:
     import_external_lib(cfg)
     hf_config = AutoConfig.from_pretrained(cfg.model.partial_pretrain, trust_remote_code=cfg.model.trust_remote_code)
+    for key, value in cfg.model.override_config.items():
+        if not hasattr(hf_config, key):
+            raise ValueError(
+                f"model.override_config.{key}: {type(hf_config).__name__} has no such entry; "
+                "check the name against the model's config.json"
+            )
+        setattr(hf_config, key, value)
     # No KV cache while training: it costs memory and makes torch.compile recompile.
     hf_config.use_cache = False
     return hf_config

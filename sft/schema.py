@@ -86,6 +86,10 @@ class FSDPConfig:
 @dataclass
 class ModelConfig:
     partial_pretrain: str = MISSING
+    # A folder to read the tokenizer from when it is not the model folder.
+    tokenizer_path: str | None = None
+    # Entries written over the model's config.json at load (e.g. {attention_dropout: 0.0}); each must exist.
+    override_config: dict[str, Any] = field(default_factory=dict)
     trust_remote_code: bool = False
     enable_gradient_checkpointing: bool = True
     # With checkpointing on: `full` recomputes each decoder layer in the backward; `selective`
@@ -98,6 +102,8 @@ class ModelConfig:
     lora_rank: int = 0
     lora_alpha: int = 16
     target_modules: Any = "all-linear"
+    # Module names (or one regex) that LoRA leaves alone, even when target_modules matches them.
+    exclude_modules: Any = None
     lora_adapter_path: str | None = None
     # Liger's Triton kernels for RMSNorm/SwiGLU/RoPE: true (required), false, or auto (on when
     # the run is on CUDA, liger-kernel is installed and supports the model type).

@@ -42,7 +42,7 @@ def _check_model(cfg: SFTConfig) -> None:
     need(not m.use_shm, "model.use_shm=true: shared-memory model copies are not supported; use a local model folder")
     defaults = ModelConfig(partial_pretrain="")
     if m.lora_rank == 0:
-        for key in ("lora_alpha", "target_modules", "lora_adapter_path"):
+        for key in ("lora_alpha", "target_modules", "exclude_modules", "lora_adapter_path"):
             need(
                 getattr(m, key) == getattr(defaults, key),
                 f"model.{key}={getattr(m, key)!r} is set but model.lora_rank=0: set model.lora_rank>0 to use LoRA "
@@ -76,6 +76,11 @@ def _check_model(cfg: SFTConfig) -> None:
     need(
         m.router_aux_loss_coef is None or m.router_aux_loss_coef >= 0,
         f"model.router_aux_loss_coef={m.router_aux_loss_coef}: must be >= 0 (or null for the model config's)",
+    )
+    need(
+        not (m.compile and resolve_device_type(cfg.trainer.device) == "cpu"),
+        "model.compile=true on CPU: compiling the layers is supported on CUDA only (on CPU it takes minutes and "
+        "fails under gloo); set model.compile=false",
     )
     if m.use_liger is True:
         try:
@@ -149,14 +154,17 @@ def _check_model_folder(cfg: SFTConfig) -> None:
         f"model.partial_pretrain={p}: no weights in {p}; expected model.safetensors or pytorch_model.bin "
         "(or sharded files with their .index.json), as save_pretrained writes them",
     )
+    key, tp = "model.partial_pretrain", p
+    if cfg.model.tokenizer_path:
+        key, tp = "model.tokenizer_path", Path(cfg.model.tokenizer_path).expanduser()
     need(
-        any((p / f).is_file() for f in TOKENIZER_FILES),
-        f"model.partial_pretrain={p}: no tokenizer files in {p} (expected one of {', '.join(TOKENIZER_FILES)}); "
+        any((tp / f).is_file() for f in TOKENIZER_FILES),
+        f"{key}={tp}: no tokenizer files in {tp} (expected one of {', '.join(TOKENIZER_FILES)}); "
         "copy the tokenizer of the model into the folder (tokenizer.save_pretrained)",
     )
     need(
-        not cfg.data.multiturn.enable or bool(cfg.data.chat_template) or _has_chat_template(p),
-        f"data.multiturn.enable=true but the tokenizer in {p} has no chat template; set data.chat_template "
+        not cfg.data.multiturn.enable or bool(cfg.data.chat_template) or _has_chat_template(tp),
+        f"data.multiturn.enable=true but the tokenizer in {tp} has no chat template; set data.chat_template "
         "or add chat_template to tokenizer_config.json",
     )
     reason = unsupported_reason(config)
