@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sft.kernels import liger_linear_cross_entropy
+from sft.fused_ce import fused_linear_cross_entropy
 
 
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -32,8 +32,8 @@ def target_linear_cross_entropy(
     labels [N], index [n_t] on the same device.
 
     The index is computed on the host from the batch, so the number of targets (and the chunk
-    loop) is known without waiting for the GPU. `fused` uses Liger's kernel, which computes the
-    gradients in the forward and so needs no recompute in the backward.
+    loop) is known without waiting for the GPU. `fused` computes the gradients in the forward
+    (sft/fused_ce.py), so the backward recomputes nothing and nothing is read back from the GPU.
     """
     if index.numel() == 0:
         # Keep the head and the decoder in the graph so every rank's backward (and FSDP's
@@ -42,7 +42,7 @@ def target_linear_cross_entropy(
     h = hidden.index_select(0, index)  # [n_t, h]
     y = labels.index_select(0, index)
     if fused:
-        return liger_linear_cross_entropy(h, weight, y)
+        return fused_linear_cross_entropy(h, weight, y)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], chunk_size):
         end = start + chunk_size

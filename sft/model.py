@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from sft.attention import register_varlen_attention
 from sft.distributed import DistContext, resolve_device_type
-from sft.kernels import apply_liger, liger_wanted, selective_checkpoint_context, use_liger_loss
+from sft.kernels import apply_liger, liger_wanted, selective_checkpoint_context
 from sft.lora import add_lora
 from sft.loss import target_linear_cross_entropy
 from sft.schema import SFTConfig
@@ -68,7 +68,7 @@ class CausalLMWithLoss(nn.Module):
         super().__init__()
         self.lm = lm
         self.chunk_size = chunk_size
-        # Liger's fused linear CE (CUDA): gradients in the forward, no chunk recompute in backward.
+        # sft's fused linear CE (CUDA): gradients in the forward, no chunk recompute, no host sync.
         self.fused_loss = fused_loss
 
     def forward(
@@ -80,6 +80,11 @@ class CausalLMWithLoss(nn.Module):
         target_index: torch.Tensor | None = None,
         **attn_kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if attention_mask is None and "cu_seq_lens_q" in attn_kwargs:
+            # Packed row: with no 2-D mask, transformers scans position_ids for packed sequences and
+            # reads the answer back from the GPU (a host sync per forward). An all-ones mask skips
+            # that scan; sft's registered mask function turns it into no mask (sft/attention.py).
+            attention_mask = torch.ones_like(input_ids)
         out = self.lm.get_decoder()(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -141,8 +146,8 @@ def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig) -> CausalLMWit
             lm.activation_checkpointing_enable(activation_checkpointing_kwargs=ac_kwargs)
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ac_kwargs)
-    fused = use_liger_loss(resolve_device_type(cfg.trainer.device))
-    logger.info("loss: %s", "Liger fused linear cross-entropy" if fused else "chunked linear cross-entropy")
+    fused = resolve_device_type(cfg.trainer.device) == "cuda"
+    logger.info("loss: %s", "fused linear cross-entropy" if fused else "chunked linear cross-entropy")
     return CausalLMWithLoss(lm, fused_loss=fused)
 
 
