@@ -2,6 +2,7 @@
 # One device-tool call on one GPU (issue 14): the verl production keys as a user types them.
 #  PART=sync : the sync-free GPU test (tests/test_gpu.py -k never_syncs; on failure scripts/sync_report.py),
 #              then the verl production keys timed and profiled by `sft.bench --command`.
+#  PART=split: only the verl keys capped at an 8k budget (split invariance and per-micro-batch cost on the GPU).
 #  PART=table: the same-call table, each run its own process: the verl production keys, the documented fast
 #              path (32k budget), TRL 1.16 flex_attention + Liger, TRL flex_attention without Liger, and the verl
 #              keys capped at an 8k budget (if time is left).
@@ -27,16 +28,18 @@ cmd() {  # name, user keys: `torchrun ... -m sft.fsdp_sft_trainer` as typed, tim
     || echo "{\"run\": \"$1\", \"error\": \"no result\"}" >>"$OUT/results.jsonl"
   { echo "=== $1: $2"; grep -E "token budget|packed up to|loss:|Error|error" $L/$1.log | head -8; tail -3 $L/$1.log; } >>"$OUT/runs.log"
 }
-trl() {  # name, pythonpath, extra bench args
+trl() {  # name, pythonpath[, extra bench args]
   local tps; tps=$(python3 -c "import json; print(json.load(open('$L/verl.json'))['tokens_per_step'])" 2>/dev/null || echo 130000)
   PYTHONPATH=$2 timeout ${TRL_TIMEOUT:-330} python3 -m sft.bench --shape $SHAPE --steps 5 --warmup 2 --workdir $W \
-    --baseline trl --trl-only $tps --trl-attn flex_attention $3 data.max_length=4096 data.train_batch_size=128 \
+    --baseline trl --trl-only $tps --trl-attn flex_attention ${3:-} data.max_length=4096 data.train_batch_size=128 \
     --out $L/$1.json >$L/$1.log 2>&1
   python3 -c "import json; r=json.load(open('$L/$1.json')); r['run']='$1'; print(json.dumps(r))" >>"$OUT/results.jsonl" \
     || echo "{\"run\": \"$1\", \"error\": \"no result\"}" >>"$OUT/results.jsonl"
   { echo "=== $1"; tail -5 $L/$1.log; } >>"$OUT/runs.log"
 }
-if [ "${PART:-sync}" = sync ]; then
+if [ "${PART:-sync}" = split ]; then  # the verl keys capped at 8k: same losses as the 64k budget, more micro-batches
+  cmd verl8k "$VERL data.max_token_len_per_gpu=8192" 150
+elif [ "${PART:-sync}" = sync ]; then
   timeout 240 python3 -m pytest -x -q -p no:cacheprovider tests/test_gpu.py -k never_syncs >"$OUT/pytest.log" 2>&1
   rc=$?; echo "pytest never_syncs: exit $rc"; tail -3 "$OUT/pytest.log"
   [ $rc -ne 0 ] && timeout 120 python3 scripts/sync_report.py /tmp/sync_report >"$OUT/sync_report.txt" 2>&1
