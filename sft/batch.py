@@ -49,4 +49,16 @@ def empty_micro_batch(pad_id: int, device: torch.device) -> dict[str, torch.Tens
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
+    """Copy a batch's tensors; from pinned host memory (`pin`) the copies do not block the host."""
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def pin(batch: dict) -> dict:
+    """The batch's tensors in page-locked host memory, so `to_device` copies asynchronously."""
+    return {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def with_target_index(batch: dict) -> dict:
+    """Add `target_index` (flat positions whose label is a target), found on the host: the loss
+    then sizes its work from a shape, without reading anything back from the GPU."""
+    return dict(batch, target_index=(batch["labels"].reshape(-1) != -100).nonzero().squeeze(1))

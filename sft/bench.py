@@ -19,6 +19,12 @@ Prints a table and, last, one JSON line.
 
 `--baseline padded` trains again with `use_remove_padding=false` and no token budget (same data,
 same global batch); `--baseline trl` runs TRL's SFTTrainer (optional `trl` + `datasets`).
+The user's keys are never replaced: the token budget is the trainer's own automatic choice
+unless the user sets `data.max_token_len_per_gpu`.
+
+`--command "torchrun ... -m sft.fsdp_sft_trainer key=value ..."` times a user's own command line
+instead, unchanged, in its own process (sft.bench_command): tokens/s, GPU busy fraction, host
+synchronisations and kernel launches per step.
 """
 
 from __future__ import annotations
@@ -53,12 +59,12 @@ TRL_MISSING = "sft.bench: --baseline trl needs the optional packages trl and dat
 OWNED = ("data.train_files", "model.partial_pretrain", "trainer.total_training_steps", "trainer.total_epochs",
          "trainer.resume_mode", "trainer.default_local_dir")  # fmt: skip
 # Per shape kind: samples per data-parallel rank per step (the global batch scales with dp, so the
-# work per GPU stays the same), micro-batch size (padded mode), data.max_length, checkpointing,
-# and the token budget per GPU of a packed micro-batch (data.max_token_len_per_gpu).
+# work per GPU stays the same), micro-batch size, data.max_length and checkpointing. No token
+# budget: with remove-padding the trainer chooses it (sft/budget.py), as it does for every user.
 SHAPE_DEFAULTS = {
     # CPU-sized: the tiny model's CPU attention is a per-sample loop, so rows stay short.
-    "tiny": {"batch_per_dp": 8, "micro_batch": 8, "max_length": 1024, "checkpointing": "false", "budget": 2048},
-    "large": {"batch_per_dp": 32, "micro_batch": 4, "max_length": 4096, "checkpointing": "true", "budget": 16384},
+    "tiny": {"batch_per_dp": 8, "micro_batch": 8, "max_length": 1024, "checkpointing": "false"},
+    "large": {"batch_per_dp": 32, "micro_batch": 4, "max_length": 4096, "checkpointing": "true"},
 }
 
 
@@ -80,9 +86,8 @@ def bench_overrides(
 ) -> list[str]:
     """Defaults for the shape, then the user's overrides, then the keys the benchmark owns.
 
-    With `probe` (the config composed from a first pass) the defaults that depend on the user's
-    choices are added: a micro-batch size that divides the per-rank batch, and a token budget
-    when packed (remove-padding) mode is on.
+    With `probe` (the config composed from a first pass) the default that depends on the user's
+    choices is added: a micro-batch size that divides the per-rank batch, unless the user set one.
     """
     d = SHAPE_DEFAULTS["tiny" if shape == "tiny" else "large"]
     base = [
@@ -110,8 +115,6 @@ def bench_overrides(
     if "data.micro_batch_size_per_gpu" not in keys:
         mbs = max(1, min(d["micro_batch"], probe.data.train_batch_size // dp))
         merged = merge(merged, [f"data.micro_batch_size_per_gpu={mbs}"])
-    if probe.use_remove_padding and "data.max_token_len_per_gpu" not in keys:
-        merged = merge(merged, [f"data.max_token_len_per_gpu={max(d['budget'], probe.data.max_length)}"])
     return merged
 
 
@@ -165,6 +168,8 @@ def run_ours(
         prev_t = t
     peak = peak_flops_per_gpu(ctx.device)
     out = {"name": name, "mode": "packed" if cfg.use_remove_padding else "padded"}
+    if trainer.budget is not None:
+        out.update(token_budget=trainer.budget.tokens, token_budget_reason=trainer.budget.reason)
     out.update(summarize(per_step, warmup, t_start, ctx.world_size, peak))
     out.update(
         train_step_s_median=median([s["train_step_s"] for s in per_step if s["step"] > warmup]),
@@ -234,7 +239,20 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--out", type=Path, default=None, help="also write the JSON result to this file")
     p.add_argument("--sample-length", type=int, default=None, help="every sample this many tokens (long context)")
     p.add_argument("--profile", type=Path, default=None, help="profile one extra step: trace + top ops here")
+    p.add_argument("--command", default=None, help="time this trainer command line as given (quoted)")
+    p.add_argument("--log", type=Path, default=None, help="with --command: write the command's output here")
+    p.add_argument("--trl-attn", default="sdpa,flex_attention", help="TRL baseline: attention(s), comma-separated")
+    p.add_argument("--trl-liger", action="store_true", help="TRL baseline with TRL's use_liger_kernel=True")
+    p.add_argument(
+        "--trl-only", type=float, default=None, metavar="TOKENS_PER_STEP",
+        help="run only the TRL baseline (its own process: Liger patches transformers process-wide), "
+        "sized to this many tokens per optimizer step",
+    )  # fmt: skip
     args, rest = p.parse_known_args(argv)
+    if args.command is not None:
+        if rest:
+            p.error(f"--command takes the whole command line in one quoted argument; also got {rest}")
+        return args, rest
     bad = [a for a in rest if a.startswith("-") or "=" not in a]
     if bad:
         p.error(f"unrecognized arguments {bad}: trainer overrides are key=value")
@@ -263,6 +281,7 @@ def report(args: argparse.Namespace, ctx: DistContext, results: list[dict], setu
         "steps": args.steps,
         "warmup": args.warmup,
         **{k: v for k, v in ours.items() if k != "name"},
+        "run": ours["name"],
         "setup_s": setup_s,
         "baseline": None if args.baseline == "none" else args.baseline,
         "baseline_runs": results[1:],
@@ -292,6 +311,12 @@ def run_all(args: argparse.Namespace, user: list[str], probe, dp: int, ctx: Dist
     overrides = bench_overrides(args.shape, user, total, dp, workdir, parquet, probe)
     profiler = StepProfiler(args.profile, total, ctx.rank) if args.profile else None
     until = args.warmup + args.steps
+    trl_args = (ctx, model_dir, parquet, args.warmup)
+    trl_kw = {"impls": tuple(args.trl_attn.split(",")), "liger": args.trl_liger}
+    if args.trl_only is not None:
+        runs = _run_trl(compose(overrides), *trl_args, args.trl_only, **trl_kw)
+        dist.barrier(group=ctx.world_group)
+        return report(args, ctx, runs, setup_s) if ctx.rank == 0 else None
     results = [run_ours("sft", overrides, ctx, args.warmup, until, profiler)]
     if args.baseline == "padded":
         padded = merge(
@@ -304,15 +329,36 @@ def run_all(args: argparse.Namespace, user: list[str], probe, dp: int, ctx: Dist
         )
         results.append(run_ours("sft-padded", padded, ctx, args.warmup, until))
     elif args.baseline == "trl":
-        results += _run_trl(compose(overrides), ctx, model_dir, parquet, args.warmup, results[0]["tokens_per_step"])
+        results += _run_trl(compose(overrides), *trl_args, results[0]["tokens_per_step"], **trl_kw)
     dist.barrier(group=ctx.world_group)
     if args.workdir is None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         shutil.rmtree(workdir, ignore_errors=True)  # a temp dir of ours (a 7B model is 15 GB)
     return report(args, ctx, results, setup_s) if ctx.rank == 0 else None
 
 
+def _main_command(args: argparse.Namespace) -> int:
+    from sft.bench_command import print_command_result, run_command
+
+    try:
+        result = run_command(args.command, args.warmup, args.log)
+    except ValueError as exc:
+        print(f"sft.bench: error: {exc}", file=sys.stderr)
+        return 2
+    print_command_result(result)
+    line = json.dumps(result)
+    if args.out:
+        args.out.write_text(line + "\n")
+    print(line, flush=True)
+    return 0 if "error" not in result else 3
+
+
 def main(argv: list[str] | None = None) -> int:
     args, user = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command is not None:
+        return _main_command(args)
+    if args.trl_only is not None and args.baseline != "trl":
+        print("sft.bench: --trl-only needs --baseline trl", file=sys.stderr)
+        return 2
     if args.baseline == "trl" and not _trl_available():
         print(TRL_MISSING, file=sys.stderr)
         return 2
@@ -341,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         teardown()
     if result is not None:
-        print_table([{"name": "sft", **result}, *result["baseline_runs"]])
+        print_table([{"name": result["run"], **result}, *result["baseline_runs"]])
         if result["best_baseline"]:
             print(f"speedup vs {result['best_baseline']}: {result['speedup_vs_baseline']:.2f}x (tokens/s per GPU)")
         line = json.dumps(result)

@@ -31,12 +31,22 @@ def trl_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("trl", "datasets"))
 
 
-def run_trl(cfg, ctx: DistContext, model_dir: Path, parquet: Path, warmup: int, tokens_per_step: float) -> list[dict]:
-    """TRL's SFTTrainer on the same files: bfd packing, padding-free, assistant-only loss; sdpa and flex."""
+def run_trl(
+    cfg,
+    ctx: DistContext,
+    model_dir: Path,
+    parquet: Path,
+    warmup: int,
+    tokens_per_step: float,
+    impls: tuple[str, ...] = ("sdpa", "flex_attention"),
+    liger: bool = False,
+) -> list[dict]:
+    """TRL's SFTTrainer on the same files: bfd packing, padding-free, assistant-only loss; each
+    attention of `impls`; `liger` is TRL's own `use_liger_kernel=True`."""
     runs = []
-    for impl in ("sdpa", "flex_attention"):
+    for impl in impls:
         try:
-            runs.append(_trl_once(impl, cfg, ctx, model_dir, parquet, warmup, tokens_per_step))
+            runs.append(_trl_once(impl, cfg, ctx, model_dir, parquet, warmup, tokens_per_step, liger))
         except Exception as exc:  # one attention backend failing must not hide the other's result
             logger.error("bench: TRL with %s failed: %s: %s", impl, type(exc).__name__, exc)
             runs.append({"name": f"trl-{impl}", "error": f"{type(exc).__name__}: {exc}"})
@@ -44,7 +54,7 @@ def run_trl(cfg, ctx: DistContext, model_dir: Path, parquet: Path, warmup: int, 
     return runs
 
 
-def _trl_once(impl, cfg, ctx, model_dir, parquet, warmup, tokens_per_step) -> dict:
+def _trl_once(impl, cfg, ctx, model_dir, parquet, warmup, tokens_per_step, liger=False) -> dict:
     import datasets
     import trl
     from transformers import AutoConfig, AutoTokenizer, TrainerCallback
@@ -86,6 +96,8 @@ def _trl_once(impl, cfg, ctx, model_dir, parquet, warmup, tokens_per_step) -> di
         seed=cfg.trainer.seed,
         model_init_kwargs={"attn_implementation": impl},  # fp32 master weights (TRL's default), like ours
     )
+    if liger:
+        kwargs["use_liger_kernel"] = True
     if ctx.world_size > 1:  # FSDP2 through accelerate, with FSDP's own activation checkpointing
         kwargs.update(fsdp="full_shard auto_wrap", **{ckpt: False})
         kwargs["fsdp_config"] = {"version": 2, "reshard_after_forward": True, "activation_checkpointing": gc_on}
@@ -155,7 +167,7 @@ def _trl_once(impl, cfg, ctx, model_dir, parquet, warmup, tokens_per_step) -> di
          "model_flops": s[2], "useful_flops": s[3]}
         for i, (t, s) in enumerate(zip(ends, totals.tolist()))
     ]  # fmt: skip
-    out = {"name": f"trl-{impl}", "mode": "trl bfd packing, padding-free"}
+    out = {"name": f"trl-{impl}{'+liger' if liger else ''}", "mode": "trl bfd packing, padding-free"}
     out.update(summarize(per_step, warmup, t_start, ctx.world_size, peak_flops_per_gpu(ctx.device)))
     out.update(peak_mem_gb=peak_mem_gb(ctx.device, ctx.world_group), per_device_batch=per_device, grad_accum=accum)
     del trainer

@@ -4,7 +4,9 @@
 group and the meshes, builds `FSDPSFTTrainer` and calls `fit()`. The trainer owns one loop:
 each optimizer step runs this rank's micro-batches with gradient sync only on the last, and
 normalises by the number of target tokens of the whole global batch, so the loss and the
-update do not depend on how the batch is split over ranks and micro-batches.
+update do not depend on how the batch is split over ranks and micro-batches. The loop never
+waits for the GPU: batches are pinned and copied asynchronously, counts come from the host, and
+the one read-back of a step (loss, gradient norm, counts) comes after the last backward.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch.distributed as dist
 from transformers import GenerationConfig
 
 from sft.batch import to_device
+from sft.budget import TokenBudget, choose_token_budget
 from sft.checkpoint import FSDPCheckpointManager, set_rng_state
 from sft.cli import TrainingError, run_cli
 from sft.data import build_dataset
@@ -30,13 +33,15 @@ from sft.data.sampler import StepBatchSampler, eval_indices
 from sft.data.scan import write_bad_samples
 from sft.data.storage import TokenizeShard
 from sft.distributed import DistContext
-from sft.metrics import MetricsLogger, StepTimer
+from sft.metrics import MetricsLogger, StepTimer, mfu, peak_flops_per_gpu, useful_flops
 from sft.model import DTYPES, build_meta_model, load_hf_config, load_tokenizer, load_weights
 from sft.moe import routing_inputs
 from sft.optim import build_optimizer, build_scheduler
 from sft.parallelize import apply_compile, apply_fsdp
 from sft.preemption import Preempted, PreemptionWatcher
+from sft.profiling import StepProbe
 from sft.schema import SFTConfig, to_dict
+from sft.sync_check import sync_debug
 from sft.validate import make_plan
 from sft.validate_model import check_vocab
 
@@ -86,7 +91,10 @@ class FSDPSFTTrainer:
             num_cycles=cfg.optim.num_cycles,
             wsd_decay_ratio=cfg.optim.wsd_decay_ratio,
         )
-        budget = cfg.data.max_token_len_per_gpu
+        self.budget: TokenBudget | None = choose_token_budget(
+            cfg, self.hf_config, self.model, ctx.device, ctx.world_group
+        )
+        budget = self.budget.tokens if self.budget else None
         self.sampler = StepBatchSampler(
             len(self.train_ds),
             cfg.data.train_batch_size,
@@ -108,6 +116,11 @@ class FSDPSFTTrainer:
             DTYPES[cfg.trainer.checkpoint.hf_dtype],
         )
         self.preemption = PreemptionWatcher(ctx.world_group, ctx.device, cfg.trainer.preempt_grace_s)
+        # torch.cuda.set_sync_debug_mode around the micro-batch loop ("error" in the GPU tests).
+        self.sync_debug: str | int = "default"
+        self.preempt_requested = False
+        self.peak_flops = peak_flops_per_gpu(ctx.device)  # None on CPU or an unknown GPU: no train/mfu
+        self.probe = StepProbe.from_env(ctx, self.plan.total_steps)
         self.state = TrainState()
         run_id = self._maybe_resume()
         self.metrics = MetricsLogger(
@@ -138,19 +151,25 @@ class FSDPSFTTrainer:
 
     def _builder(self, ds) -> MicroBatchBuilder:
         return MicroBatchBuilder(
-            ds, self.cfg.use_remove_padding, self.tokenizer.pad_token_id, self.ctx.sp_rank, self.ctx.sp_size
+            ds,
+            self.cfg.use_remove_padding,
+            self.tokenizer.pad_token_id,
+            self.ctx.sp_rank,
+            self.ctx.sp_size,
+            pin_memory=self.ctx.device.type == "cuda",
         )
 
-    def _forward(self, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, mb: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run the model on one micro-batch (moved to the device); packed rows carry varlen metadata."""
-        # Target positions found on the host: the loss then needs no device sync to size its work.
-        mb = dict(mb, target_index=(mb["labels"].reshape(-1) != -100).nonzero().squeeze(1))
         if self.model.routing is not None:  # MoE: sample ids for the router aux loss, built on the host
-            mb.update(
-                routing_inputs(mb, self.ctx.sp_rank, self.ctx.sp_size), aux_weight=getattr(self, "_aux_weight", 0.0)
+            mb = dict(
+                mb,
+                **routing_inputs(mb, self.ctx.sp_rank, self.ctx.sp_size),
+                aux_weight=getattr(self, "_aux_weight", 0.0),
             )
         mb = to_device(mb, self.ctx.device)
         mb.pop("real_mask", None)
+        mb.pop("sample_lens", None)
         if "cu_seq_lens" in mb:
             cu, max_len = mb.pop("cu_seq_lens"), mb.pop("max_length")
             mb.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
@@ -161,6 +180,14 @@ class FSDPSFTTrainer:
     @staticmethod
     def _real_mask(mb: dict) -> torch.Tensor:
         return mb["real_mask"] if "real_mask" in mb else mb["attention_mask"]
+
+    def _useful_flops(self, micro_batches: list[dict]) -> float:
+        """This rank's share of the step's useful FLOPs (DESIGN.md), from the real sample lengths on
+        the host; an SP group's ranks hold the same samples, so each counts 1/sp of them."""
+        lengths: list[int] = []
+        for mb in micro_batches:
+            lengths += mb.get("sample_lens", []) if "cu_seq_lens" in mb else mb["attention_mask"].sum(1).tolist()
+        return useful_flops(self.hf_config, lengths) / self.ctx.sp_size
 
     def _generation_config(self) -> GenerationConfig | None:
         try:
@@ -194,33 +221,43 @@ class FSDPSFTTrainer:
     # ----- one optimizer step -----
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         device, world = self.ctx.device, self.ctx.world_group
-        counts = torch.tensor(
+        # Counted on the host (the batches are host tensors); summed over the world on the device.
+        host_counts = torch.tensor(
             [
-                sum(int((mb["labels"] != -100).sum()) for mb in micro_batches),
+                sum(mb["target_index"].numel() for mb in micro_batches),
                 sum(int(self._real_mask(mb).sum()) for mb in micro_batches),
                 sum(self._real_mask(mb).numel() for mb in micro_batches),
+                # A preemption signal on any rank, seen by all with the step's one read-back.
+                1.0 if self.preemption.flag else 0.0,
+                self._useful_flops(micro_batches) if self.peak_flops else 0.0,
             ],
             dtype=torch.float64,
-            device=device,
         )
+        counts = to_device({"c": host_counts.pin_memory() if device.type == "cuda" else host_counts}, device)["c"]
         dist.all_reduce(counts, group=world)
-        global_targets, real_tokens, slots = (float(x) for x in counts)
-        assert global_targets > 0, "samples without targets are dropped by the dataset"
         # FSDP averages gradients over the world; scaling by world/global_targets turns that
-        # average into the sum of token losses divided by the global number of targets.
-        scale = self.ctx.world_size / global_targets
+        # average into the sum of token losses divided by the global number of targets. The
+        # scale stays on the device: reading it back would stop the host from running ahead.
+        scale = self.ctx.world_size / counts[0]
         # MoE aux loss (sft/moe.py) is a sum over real tokens; in units of this loss it weighs coef * targets / tokens.
-        self._aux_weight = self.model.routing.coef * global_targets / real_tokens if self.model.routing else 0.0
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for i, mb in enumerate(micro_batches):
-            self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-            mb_loss, _ = self._forward(mb)
-            (mb_loss * scale).backward()
-            loss_sum += mb_loss.detach().double()
-        dist.all_reduce(loss_sum, group=world)
-        loss = float(loss_sum) / global_targets
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        self._aux_weight = self.model.routing.coef * counts[0] / counts[1] if self.model.routing else 0.0
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, argmax hits]
+        with sync_debug(self.sync_debug):
+            for i, mb in enumerate(micro_batches):
+                self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+                mb_loss, _, correct = self._forward(mb)
+                (mb_loss * scale).backward()
+                sums += torch.stack([mb_loss.detach().double(), correct.double()])
+            dist.all_reduce(sums, group=world)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        # The step's one read-back: the logged values, and the finiteness check before the update.
+        loss_total, correct, grad_norm, global_targets, real_tokens, slots, preempt, flops = torch.cat(
+            [sums, grad_norm.double().reshape(1), counts]
+        ).tolist()
+        assert global_targets > 0, "samples without targets are dropped by the dataset"
+        self.preempt_requested = preempt > 0
+        loss = loss_total / global_targets
         step = self.state.global_step + 1
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
@@ -241,30 +278,33 @@ class FSDPSFTTrainer:
             "train/trained_tokens": global_targets,
             "train/total_tokens": real_tokens,
             "train/padding_frac": 1.0 - real_tokens / slots,
+            "train/token_accuracy": correct / global_targets,
+            "train/useful_flops": flops,
         }
 
     @torch.no_grad()
-    def validate(self) -> float:
+    def validate(self) -> dict[str, float]:
         ds, mb_size, device = self.val_ds, self.cfg.data.micro_batch_size_per_gpu, self.ctx.device
         mine = eval_indices(len(ds), self.ctx.dp_rank, self.ctx.dp_size)
         build = self._builder(ds)
         # Every rank runs the same number of forwards (FSDP's collectives must match).
         n_mb = math.ceil(math.ceil(len(ds) / self.ctx.dp_size) / mb_size)
-        totals = torch.zeros(2, dtype=torch.float64, device=device)
+        totals = torch.zeros(3, dtype=torch.float64, device=device)
         self.model.eval()
         for k in range(n_mb):
-            loss_sum, n = self._forward(build(mine[k * mb_size : (k + 1) * mb_size]))
-            totals += torch.stack([loss_sum.double(), n.double()])
+            loss_sum, n, correct = self._forward(build(mine[k * mb_size : (k + 1) * mb_size]))
+            totals += torch.stack([loss_sum.double(), n.double(), correct.double()])
         self.model.train()
         dist.all_reduce(totals, group=self.ctx.world_group)
-        return float(totals[0] / totals[1])
+        loss_sum, n, correct = totals.tolist()
+        return {"val/loss": loss_sum / n, "val/token_accuracy": correct / n}
 
     # ----- loop -----
     def fit(self) -> None:
         plan, st, tc = self.plan, self.state, self.cfg.trainer
-        budget = self.cfg.data.max_token_len_per_gpu
+        budget = self.budget
         micro = (
-            f"micro-batches packed up to {budget} tokens per GPU"
+            f"micro-batches packed up to {budget.tokens} tokens per GPU ({budget.reason})"
             if budget
             else f"{plan.micro_batches} micro-batch(es) of {self.cfg.data.micro_batch_size_per_gpu} per rank"
         )
@@ -277,7 +317,8 @@ class FSDPSFTTrainer:
             plan.sp_size,
             micro,
         )
-        timer = StepTimer(self.ctx.device)
+        # No extra sync: train_step reads its metrics back once per step, which is the clock's tick.
+        timer = StepTimer(self.ctx.device, sync=False)
         while st.global_step < plan.total_steps:
             if st.step_in_epoch >= plan.steps_per_epoch:
                 st.epoch, st.step_in_epoch = st.epoch + 1, 0
@@ -292,17 +333,22 @@ class FSDPSFTTrainer:
                 m["train/step_time_s"] = elapsed
                 m["train/tokens_per_s_per_gpu"] = m["train/total_tokens"] / elapsed / self.ctx.world_size
                 m["train/trained_tokens_per_s_per_gpu"] = m["train/trained_tokens"] / elapsed / self.ctx.world_size
+                flops = m.pop("train/useful_flops")
+                if self.peak_flops:  # useful MFU (DESIGN.md), on CUDA with a known peak
+                    m["train/mfu"] = mfu(flops, elapsed, self.peak_flops, self.ctx.world_size)
                 m["train/epoch"] = st.epoch
                 if self.ctx.device.type == "cuda":
                     m["train/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1024**3
                 self.metrics.log(m, st.global_step)
+                if self.probe is not None:
+                    self.probe.on_step_logged(st.global_step, m)
                 last = st.global_step >= plan.total_steps
                 if self.val_ds is not None and (last or (tc.test_freq > 0 and st.global_step % tc.test_freq == 0)):
-                    self.metrics.log({"val/loss": self.validate()}, st.global_step)
+                    self.metrics.log(self.validate(), st.global_step)
                 saved = last or (tc.save_freq > 0 and st.global_step % tc.save_freq == 0)
                 if saved:
                     self.save()
-                if self.preemption.requested():
+                if self.preempt_requested:
                     if not saved:
                         self.save()
                     self.metrics.close()

@@ -1,10 +1,9 @@
 """Fused kernels and activation-checkpointing policies for the decoder.
 
 `model.use_liger=true` swaps the decoder's RMSNorm, SwiGLU MLP and rotary embedding for
-Liger's Triton kernels (CUDA only, the model types Liger supports). The loss backend is
-chosen here too: Liger's fused linear cross-entropy (gradients computed in the forward, no
-logits kept) on CUDA when liger-kernel is installed, else sft's chunked PyTorch loss.
-`selective_checkpoint_context` is `model.gradient_checkpointing_mode=selective`.
+Liger's Triton kernels (CUDA only, the model types Liger supports).
+`selective_checkpoint_context` is `model.gradient_checkpointing_mode=selective`. (The fused
+loss is sft's own, sft/fused_ce.py: Liger's reads a count back from the GPU on every call.)
 """
 
 from __future__ import annotations
@@ -83,31 +82,6 @@ def apply_liger(lm: nn.Module) -> None:
     logger.info(
         "Liger kernels applied to %s: %s", model_type, sorted(k for k, on in wanted.items() if on and k in accepted)
     )
-
-
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def liger_linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, softcap: float | None = None
-) -> torch.Tensor:
-    """Sum over target positions of CE(hidden @ weight.T, label) by Liger's fused kernel.
-
-    Only target rows are passed (the caller filters), so no work is spent on ignored positions;
-    the weight gradient is accumulated in fp32 inside the kernel. `softcap` is the final-logit cap,
-    which the kernel applies chunk by chunk.
-    """
-    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-
-    capped = {} if softcap is None else {"softcap": softcap}
-    return liger_fused_linear_cross_entropy(
-        hidden, weight, labels, reduction="sum", accum_dtype=torch.float32, **capped
-    )
-
-
-def use_liger_loss(device_type: str) -> bool:
-    """Liger's fused linear CE whenever it can run: CUDA and the package installed."""
-    return device_type == "cuda" and liger_installed()
 
 
 # Ops whose outputs selective checkpointing keeps: the matmuls and attention, i.e. the expensive

@@ -42,6 +42,8 @@ _TRAIN_FIELDS: tuple[tuple[str, Callable[[float], str]], ...] = (
     ("train/grad_norm", lambda v: f"gnorm {v:.3g}"),
     ("train/tokens_per_s_per_gpu", lambda v: f"{_human(v)} tok/s/gpu"),
     ("train/mfu_model", lambda v: f"mfu {v:.1%}"),
+    ("train/mfu", lambda v: f"mfu {v:.1%}"),
+    ("train/token_accuracy", lambda v: f"acc {v:.1%}"),
     ("train/peak_mem_gb", lambda v: f"mem {v:.1f} GB"),
     ("train/step_time_s", lambda v: f"{v:.2f} s"),
 )
@@ -336,17 +338,20 @@ class StepTimer:
     """Wall time of steps, synchronizing the accelerator so queued kernels are counted.
 
     The first `warmup` measured steps (allocator growth, autotuning, compilation) are
-    returned by `stop()` but kept out of `median_s`.
+    returned by `stop()` but kept out of `median_s`. With `sync=False` the caller's own
+    read-back inside each step is the synchronisation point (the trainer's loop: one per step),
+    so a step's time covers the GPU work queued since the previous step's read-back.
     """
 
-    def __init__(self, device: torch.device, warmup: int = 1) -> None:
+    def __init__(self, device: torch.device, warmup: int = 1, sync: bool = True) -> None:
         self.device = device
+        self.sync = sync
         self.warmup = warmup
         self.times: list[float] = []
         self._t0: float | None = None
 
     def _sync(self) -> None:
-        if self.device.type == "cuda":
+        if self.sync and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     def start(self) -> None:

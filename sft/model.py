@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from sft.attention import register_varlen_attention
 from sft.distributed import DistContext, resolve_device_type
 from sft.families import final_softcap, logit_multiplier, moe_spec, unsupported_reason
-from sft.kernels import apply_liger, liger_wanted, selective_checkpoint_context, use_liger_loss
+from sft.kernels import apply_liger, liger_wanted, selective_checkpoint_context
 from sft.lora import add_lora
 from sft.loss import target_linear_cross_entropy
 from sft.moe import RouterStats, experts_kwargs
@@ -71,7 +71,8 @@ def load_hf_config(cfg: SFTConfig) -> PretrainedConfig:
 class CausalLMWithLoss(nn.Module):
     """FSDP root: decoder forward + chunked cross-entropy against `labels` (-100 = no target).
 
-    Returns the sum of token losses and the number of target tokens of this micro-batch.
+    Returns the sum of token losses, the number of target tokens and the number of targets whose
+    argmax prediction is right (token accuracy), for this micro-batch.
     """
 
     def __init__(
@@ -85,7 +86,7 @@ class CausalLMWithLoss(nn.Module):
         super().__init__()
         self.lm = lm
         self.chunk_size = chunk_size
-        # Liger's fused linear CE (CUDA): gradients in the forward, no chunk recompute in backward.
+        # sft's fused linear CE (CUDA): gradients in the forward, no chunk recompute, no host sync.
         self.fused_loss = fused_loss
         self.softcap = softcap  # final-logit soft-capping, applied chunk by chunk in the loss
         self.routing = routing  # MoE: router aux loss and metrics (sft/moe.py)
@@ -99,12 +100,17 @@ class CausalLMWithLoss(nn.Module):
         attention_mask: torch.Tensor | None = None,
         target_index: torch.Tensor | None = None,
         **attn_kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # MoE routing inputs (sft/moe.py): sample id per token and the aux loss's weight in this loss.
         sample_index, rows = attn_kwargs.pop("sample_index", None), attn_kwargs.pop("sample_rows", 0)
         aux_weight = attn_kwargs.pop("aux_weight", 0.0)
         if self.routing is not None:
             self.routing.start()
+        if attention_mask is None and "cu_seq_lens_q" in attn_kwargs:
+            # Packed row: with no 2-D mask, transformers scans position_ids for packed sequences and
+            # reads the answer back from the GPU (a host sync per forward). An all-ones mask skips
+            # that scan; sft's registered mask function turns it into no mask (sft/attention.py).
+            attention_mask = torch.ones_like(input_ids)
         out = self.lm.get_decoder()(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -119,13 +125,13 @@ class CausalLMWithLoss(nn.Module):
             hidden = hidden * self.logit_multiplier
         if target_index is None:  # (costs a device sync; the trainer passes it from the host)
             target_index = (labels != -100).nonzero().squeeze(1)
-        loss_sum = target_linear_cross_entropy(
+        loss_sum, n_correct = target_linear_cross_entropy(
             hidden, head.weight, labels, target_index, self.chunk_size, fused=self.fused_loss, softcap=self.softcap
         )
         if self.routing is not None and sample_index is not None and torch.is_grad_enabled():
             aux = aux_weight * self.routing.aux_sum(sample_index, rows, attn_kwargs.get("sp_group"))
             loss_sum = loss_sum + (aux - aux.detach())  # the aux gradient flows; the returned value stays the CE
-        return loss_sum, (labels != -100).sum()
+        return loss_sum, (labels != -100).sum(), n_correct
 
 
 def check_supported_head(hf_config: PretrainedConfig) -> None:
@@ -172,8 +178,8 @@ def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig) -> CausalLMWit
             lm.activation_checkpointing_enable(activation_checkpointing_kwargs=ac_kwargs)
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ac_kwargs)
-    fused = use_liger_loss(resolve_device_type(cfg.trainer.device))
-    logger.info("loss: %s", "Liger fused linear cross-entropy" if fused else "chunked linear cross-entropy")
+    fused = resolve_device_type(cfg.trainer.device) == "cuda"
+    logger.info("loss: %s", "fused linear cross-entropy" if fused else "chunked linear cross-entropy")
     spec, coef = moe_spec(hf_config), cfg.model.router_aux_loss_coef
     routing = None
     if spec is not None:

@@ -1,7 +1,7 @@
 """Training curves from `metrics.jsonl` files, for people who would rather look than read.
 
 `python -m sft.plot RUN/metrics.jsonl [MORE.jsonl ...] -o curves.png` draws train/val loss,
-learning rate, gradient norm and throughput against the step, one colour per run (labelled
+learning rate, gradient norm, throughput, token accuracy and useful MFU against the step, one colour per run (labelled
 by its folder). Uses matplotlib's Agg canvas through `Figure` (no pyplot, no display).
 """
 
@@ -22,6 +22,8 @@ PANELS: tuple[tuple[str, list[tuple[str, str]], bool], ...] = (
     ("learning rate", [("train/lr", "-")], False),
     ("grad norm (before clipping)", [("train/grad_norm", "-")], True),
     ("tokens/s per GPU", [("train/tokens_per_s_per_gpu", "-")], False),
+    ("token accuracy", [("train/token_accuracy", "-"), ("val/token_accuracy", "o--")], False),
+    ("useful MFU", [("train/mfu", "-")], False),
 )
 
 Series = dict[str, list[tuple[int, float]]]
@@ -65,7 +67,7 @@ def default_labels(paths: Sequence[str | Path]) -> list[str]:
 
 
 def plot_runs(paths: Sequence[str | Path], out: str | Path, labels: Sequence[str] | None = None) -> Path:
-    """Draw every run of `paths` into the 2x2 figure written to `out` (PNG, or the suffix's format)."""
+    """Draw every run of `paths` into the 3x2 figure written to `out` (PNG, or the suffix's format)."""
     from matplotlib.figure import Figure  # lazy: only plotting pays for matplotlib
 
     if labels is not None and len(labels) != len(paths):
@@ -75,8 +77,8 @@ def plot_runs(paths: Sequence[str | Path], out: str | Path, labels: Sequence[str
     if not any(wanted & run.keys() for run in runs):
         raise ValueError(f"{', '.join(map(str, paths))}: no train/ or val/ metrics to plot; is this a metrics.jsonl?")
     labels = list(labels) if labels is not None else default_labels(paths)
-    fig = Figure(figsize=(12, 8), layout="constrained")
-    axes = fig.subplots(2, 2).flatten()
+    fig = Figure(figsize=(12, 11), layout="constrained")
+    axes = fig.subplots(3, 2).flatten()
     for ax, (title, keys, log_y) in zip(axes, PANELS):
         drawn = False
         for i, (run, label) in enumerate(zip(runs, labels)):

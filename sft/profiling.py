@@ -1,13 +1,19 @@
-"""One optimizer step under torch.profiler, for `python -m sft.bench --profile DIR`.
+"""One optimizer step under torch.profiler, and the per-step probe of `python -m sft.bench --command`.
 
-The benchmark runs one extra step after its timed ones and records it here, so the timed
-figures are not slowed by the profiler. Rank 0 writes a Chrome trace (open it in
-chrome://tracing or Perfetto) and `ops.txt`: the ops and kernels that took the most device time.
+`StepProfiler` records one step (from when the step before it is logged to when it is logged):
+rank 0 writes `summary.json` (kernel launches, host synchronisations, GPU busy fraction over the
+step's wall time) and, unless `trace=False`, a Chrome trace and `ops.txt` (the ops that took
+the most device time). `StepProbe` is what the trainer runs when the environment variable
+`SFT_STEP_PROBE` names a folder (set by the benchmark, never needed for training): rank 0 appends
+one line per logged step to `steps.jsonl` there and profiles the last step.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
 from pathlib import Path
 
 import torch
@@ -15,13 +21,52 @@ from torch.profiler import ProfilerActivity, profile
 
 logger = logging.getLogger("sft")
 
+PROBE_ENV = "SFT_STEP_PROBE"
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch")
+END_MARK = "sft_profile_end"
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+def _union_ns(intervals: list[tuple[int, int]]) -> int:
+    """Total length covered by [start, end) intervals."""
+    total, end_so_far = 0, None
+    for start, end in sorted(intervals):
+        if end_so_far is None or start > end_so_far:
+            total += end - start
+            end_so_far = end
+        elif end > end_so_far:
+            total += end - end_so_far
+            end_so_far = end
+    return total
+
+
+def summarize_events(events: list[tuple[str, bool, int, int]], wall_ns: int, end_ns: int | None = None) -> dict:
+    """(name, on_device, start_ns, duration_ns) events -> launches, syncs and the GPU busy fraction.
+
+    A synchronising call is counted by its runtime name (a plain `cudaMemcpy` blocks the host too),
+    except those from `end_ns` on (the profiler's own closing synchronisation); busy is the union
+    of device activity (kernels, copies) over the profiled wall time.
+    """
+    end = end_ns if end_ns is not None else max((s + d for _, _, s, d in events), default=0) + 1
+    launches = sum(1 for name, dev, _, _ in events if not dev and name in LAUNCHES)
+    syncs = sum(1 for name, dev, s, _ in events if not dev and name in SYNCS and s < end)
+    busy = _union_ns([(s, s + d) for _, dev, s, d in events if dev])
+    return {
+        "kernel_launches": launches,
+        "host_syncs": syncs,
+        "gpu_busy_s": busy / 1e9,
+        "wall_s": wall_ns / 1e9,
+        "gpu_busy_frac": busy / wall_ns if wall_ns > 0 else None,
+    }
+
 
 class StepProfiler:
     """Start when step `step - 1` is logged, stop and write when `step` is logged."""
 
-    def __init__(self, out_dir: Path, step: int, rank: int) -> None:
-        self.out_dir, self.step, self.rank = out_dir, step, rank
+    def __init__(self, out_dir: Path, step: int, rank: int, trace: bool = True) -> None:
+        self.out_dir, self.step, self.rank, self.trace = out_dir, step, rank, trace
         self.prof: profile | None = None
+        self._t0 = 0
 
     def on_step_logged(self, step: int) -> None:
         if step == self.step - 1:
@@ -30,16 +75,53 @@ class StepProfiler:
                 activities.append(ProfilerActivity.CUDA)
             self.prof = profile(activities=activities, record_shapes=False)
             self.prof.__enter__()
+            self._t0 = time.perf_counter_ns()
         elif step == self.step and self.prof is not None:
+            with torch.profiler.record_function(END_MARK):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+            wall = time.perf_counter_ns() - self._t0
             self.prof.__exit__(None, None, None)
             if self.rank == 0:
-                self._write()
+                self._write(wall)
             self.prof = None
 
-    def _write(self) -> None:
+    def _write(self, wall_ns: int) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.prof.export_chrome_trace(str(self.out_dir / f"trace_step{self.step}.json"))
-        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-        table = self.prof.key_averages().table(sort_by=sort, row_limit=40)
-        (self.out_dir / "ops.txt").write_text(table)
-        logger.info("profile of step %d written to %s", self.step, self.out_dir)
+        events = [
+            (e.name(), e.device_type() != torch.autograd.DeviceType.CPU, e.start_ns(), e.duration_ns())
+            for e in self.prof.profiler.kineto_results.events()
+        ]
+        end = min((s for name, _, s, _ in events if name == END_MARK), default=None)
+        summary = {"step": self.step, **summarize_events(events, wall_ns, end)}
+        (self.out_dir / "summary.json").write_text(json.dumps(summary) + "\n")
+        if self.trace:
+            self.prof.export_chrome_trace(str(self.out_dir / f"trace_step{self.step}.json"))
+            sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            table = self.prof.key_averages().table(sort_by=sort, row_limit=40)
+            (self.out_dir / "ops.txt").write_text(table)
+        logger.info("profile of step %d written to %s: %s", self.step, self.out_dir, summary)
+
+
+class StepProbe:
+    """Rank 0's per-step record for an outside benchmark; every rank joins the profiled step."""
+
+    def __init__(self, out_dir: Path, last_step: int, rank: int, world: int) -> None:
+        self.out_dir, self.rank, self.world = out_dir, rank, world
+        self.profiler = StepProfiler(out_dir, last_step, rank, trace=False) if last_step > 1 else None
+        if rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def from_env(cls, ctx, total_steps: int) -> StepProbe | None:
+        folder = os.environ.get(PROBE_ENV)
+        return cls(Path(folder), total_steps, ctx.rank, ctx.world_size) if folder else None
+
+    def on_step_logged(self, step: int, metrics: dict) -> None:
+        if self.rank == 0:
+            line = {"step": step, "t": time.time(), "world_size": self.world}
+            line.update({k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("train/")})
+            with open(self.out_dir / "steps.jsonl", "a") as f:
+                f.write(json.dumps(line) + "\n")
+        if self.profiler is not None:
+            self.profiler.on_step_logged(step)

@@ -172,7 +172,8 @@ class SFTConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     ulysses_sequence_parallel_size: int = 1
-    use_remove_padding: bool = False
+    # Packed, padding-free rows with an automatic token budget (sft/budget.py); false pads (slower).
+    use_remove_padding: bool = True
 
 
 SCHEMA_NAME = "sft_trainer_schema"

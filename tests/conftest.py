@@ -35,6 +35,8 @@ def base_overrides(demo: Path, out: Path) -> list[str]:
         "data.multiturn.enable=true",
         "data.max_length=256",
         "data.truncation=right",
+        # The padded path is the reference of the equivalence tests; packed (the default) is named where used.
+        "use_remove_padding=false",
         f"model.partial_pretrain={demo}/model",
         "model.enable_gradient_checkpointing=false",
         "optim.lr=1e-3",

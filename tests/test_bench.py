@@ -41,7 +41,9 @@ def check_run(out: dict, mode: str) -> None:
     assert out["sample_lengths_match"]  # the recomputed step layout agrees with the trainer's token counts
     if mode == "packed":
         assert out["padding_frac"] == pytest.approx(0.0, abs=1e-9)
-        assert "data.max_token_len_per_gpu=2048" in out["overrides"]
+        # The benchmark sets no budget: the trainer chose it, as for any user (CPU: mb x max_length).
+        assert not any(o.startswith("data.max_token_len_per_gpu") for o in out["overrides"])
+        assert out["token_budget"] == 8 * 1024
     else:
         assert out["padding_frac"] > 0.2
         assert "use_remove_padding=false" in out["overrides"]
@@ -111,3 +113,54 @@ def test_bench_owned_keys_are_refused(capsys):
         bench.main(["--shape", "tiny", "trainer.total_training_steps=7"])
     assert exc.value.code == 2
     assert "set by the benchmark" in capsys.readouterr().err
+
+
+def test_user_micro_batch_keys_are_not_replaced():
+    """`--shape qwen2.5-1.5b data.micro_batch_size_per_gpu=2` is timed with the user's keys and no budget of ours."""
+    from pathlib import Path
+
+    ov = bench.bench_overrides("qwen2.5-1.5b", ["data.micro_batch_size_per_gpu=2"], 5, 1, Path("/w"), Path("/p"))
+    probe = bench.compose(ov)
+    ov = bench.bench_overrides("qwen2.5-1.5b", ["data.micro_batch_size_per_gpu=2"], 5, 1, Path("/w"), Path("/p"), probe)
+    assert "data.micro_batch_size_per_gpu=2" in ov
+    assert not any(o.startswith("data.max_token_len_per_gpu") for o in ov)
+
+
+def test_profile_summary_counts():
+    from sft.profiling import summarize_events
+
+    ev = [
+        ("cudaLaunchKernel", False, 0, 5),
+        ("cudaLaunchKernel", False, 10, 5),
+        ("cudaStreamSynchronize", False, 20, 30),
+        ("gemm", True, 5, 20),
+        ("gemm", True, 15, 20),  # overlaps the first: counted once
+        ("cudaDeviceSynchronize", False, 90, 5),  # the profiler's own closing sync
+    ]
+    s = summarize_events(ev, wall_ns=100, end_ns=90)
+    assert s["kernel_launches"] == 2 and s["host_syncs"] == 1
+    assert s["gpu_busy_frac"] == pytest.approx(0.30)
+
+
+def test_command_mode_times_the_real_trainer(demo_dir, tmp_path, capsys, fresh_world):
+    from conftest import base_overrides
+
+    keys = base_overrides(demo_dir, tmp_path / "ck") + [
+        "use_remove_padding=true",
+        "data.train_batch_size=8",
+        "data.micro_batch_size_per_gpu=2",
+        "trainer.total_training_steps=4",
+    ]
+    cmd = "python3 -m sft.fsdp_sft_trainer " + " ".join(keys)
+    out = run_bench(["--command", cmd, "--warmup", "1", "--log", str(tmp_path / "log")], capsys)
+    assert out["exit_status"] == 0 and out["command"] == cmd
+    assert out["timed_steps"] == 2  # steps 2 and 3: step 1 warms up, step 4 is profiled
+    assert out["tokens_per_s_per_gpu"] > out["trained_tokens_per_s_per_gpu"] > 0
+    assert out["profiled_step"] == 4 and out["kernel_launches_per_step"] == 0  # CPU: no kernels
+    assert len(out["losses"]) == 4
+    assert "micro-batches packed up to 512 tokens per GPU" in (tmp_path / "log").read_text()
+
+
+def test_command_mode_refuses_other_programs(capsys):
+    assert bench.main(["--command", "python3 -m something_else"]) == 2
+    assert "-m sft.fsdp_sft_trainer" in capsys.readouterr().err

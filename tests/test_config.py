@@ -197,8 +197,14 @@ def test_missing_required_key():
         ("trainer.nnodes=2", "trainer.nnodes=2 but torchrun started 1 node"),
         ("trainer.n_gpus_per_node=8", "trainer.n_gpus_per_node=8 but torchrun started 2"),
         ("ulysses_sequence_parallel_size=3", "ulysses_sequence_parallel_size=3 does not divide the world size 2"),
-        ("ulysses_sequence_parallel_size=2", "ulysses_sequence_parallel_size=2 needs use_remove_padding=true"),
-        ("data.max_token_len_per_gpu=4096", "data.max_token_len_per_gpu=4096 needs use_remove_padding=true"),
+        (
+            "ulysses_sequence_parallel_size=2 use_remove_padding=false",
+            "ulysses_sequence_parallel_size=2 needs use_remove_padding=true",
+        ),
+        (
+            "data.max_token_len_per_gpu=4096 use_remove_padding=false",
+            "data.max_token_len_per_gpu=4096 needs use_remove_padding=true",
+        ),
         ("trainer.checkpoint.hf_dtype=fp16", "trainer.checkpoint.hf_dtype='fp16'"),
         ("trainer.total_epochs=0", "trainer.total_epochs=0"),
         ("trainer.dist_timeout_s=0", "trainer.dist_timeout_s=0"),

@@ -82,3 +82,46 @@ def test_compile_matches_eager_on_cuda(demo_dir, tmp_path):
     diff = max(abs(a - b) for a, b in zip(eager, compiled))
     print(f"compiled vs eager layers, bf16 on CUDA, 10 steps: max |loss diff| = {diff:.2e}")
     assert diff < 2e-2 * max(eager)
+
+
+@pytest.fixture
+def cuda_rank(monkeypatch):
+    from sft.distributed import init_distributed, teardown
+
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    ctx = init_distributed("cuda", 1)
+    yield ctx
+    teardown()
+
+
+# Liger off first: its patch of the model classes is process-wide and cannot be undone.
+@pytest.mark.parametrize("liger", ["false", "true"])
+def test_micro_batch_loop_never_syncs_on_cuda(demo_dir, tmp_path, cuda_rank, liger):
+    """The verl production keys (remove-padding, mb 2, bf16 master, checkpointing) train with the
+    micro-batch loop under torch.cuda.set_sync_debug_mode("error"): any host sync raises."""
+    from sft.fsdp_sft_trainer import FSDPSFTTrainer
+    from sft.kernels import liger_installed
+    from sft.schema import load_config
+
+    if liger == "true" and not liger_installed():
+        pytest.skip("liger-kernel not installed")
+    overrides = base_overrides(demo_dir, tmp_path / liger) + [
+        "trainer.device=cuda",
+        "use_remove_padding=true",
+        "model.fsdp_config.model_dtype=bf16",
+        "model.enable_gradient_checkpointing=true",
+        f"model.use_liger={liger}",
+        "data.train_batch_size=16",
+        "data.micro_batch_size_per_gpu=2",
+        "data.max_token_len_per_gpu=512",  # several micro-batches per step on the demo's short samples
+        "trainer.total_training_steps=3",
+    ]
+    trainer = FSDPSFTTrainer(load_config(overrides), cuda_rank)
+    trainer.sync_debug = "error"
+    logged: list[dict] = []
+    original = trainer.metrics.log
+    trainer.metrics.log = lambda m, step: (logged.append(m), original(m, step))
+    trainer.fit()
+    losses = [m["train/loss"] for m in logged if "train/loss" in m]
+    assert len(losses) == 3 and all(x == x for x in losses)

@@ -103,11 +103,11 @@ def nan_at_step(overrides: list[str], bad_step: int, result_file: str) -> None:
     calls = {"n": 0}
 
     def forward(self, mb):
-        loss, n = original(self, mb)
+        loss, n, correct = original(self, mb)
         if self.state.global_step + 1 == bad_step:
             loss = loss * float("nan")
         calls["n"] += 1
-        return loss, n
+        return loss, n, correct
 
     trainer_module.FSDPSFTTrainer._forward = forward
     err = io.StringIO()

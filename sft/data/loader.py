@@ -12,19 +12,30 @@ import torch
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from sft.batch import empty_micro_batch, padded_micro_batch
+from sft.batch import empty_micro_batch, padded_micro_batch, pin, with_target_index
 from sft.data.packing import empty_packed_batch, packed_micro_batch, sp_slice
 from sft.data.sampler import StepBatchSampler
 
 
 class MicroBatchBuilder:
-    """Dataset indices -> one micro-batch for this rank (an empty list -> a batch with no target)."""
+    """Dataset indices -> one micro-batch for this rank (an empty list -> a batch with no target).
 
-    def __init__(self, dataset: Dataset, packed: bool, pad_id: int, sp_rank: int, sp_size: int) -> None:
+    Each batch carries its `target_index` (found here, on the host); with `pin_memory` its
+    tensors are page-locked, so the trainer's copies to the GPU never block the host.
+    """
+
+    def __init__(
+        self, dataset: Dataset, packed: bool, pad_id: int, sp_rank: int, sp_size: int, pin_memory: bool = False
+    ) -> None:
         self.dataset, self.packed, self.pad_id = dataset, packed, pad_id
         self.sp_rank, self.sp_size = sp_rank, sp_size
+        self.pin_memory = pin_memory
 
     def __call__(self, indices: list[int]) -> dict:
+        batch = with_target_index(self._build(indices))
+        return pin(batch) if self.pin_memory else batch
+
+    def _build(self, indices: list[int]) -> dict:
         if self.packed:
             if not indices:
                 return sp_slice(empty_packed_batch(self.pad_id, self.sp_size), self.sp_rank, self.sp_size)

@@ -35,6 +35,7 @@ def packed_micro_batch(items: list[dict[str, torch.Tensor]], pad_id: int, multip
         "real_mask": (torch.arange(int(cu[-1])) < real).long()[None],
         "cu_seq_lens": cu,
         "max_length": max(lengths),
+        "sample_lens": lengths[: len(items)],  # real samples only (for the useful-FLOPs count)
     }
 
 

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One device-tool call on one GPU (issue 14): the verl production keys as a user types them.
+#  PART=sync : the sync-free GPU test (tests/test_gpu.py -k never_syncs; on failure scripts/sync_report.py),
+#              then the verl production keys timed and profiled by `sft.bench --command`.
+#  PART=split: only the verl keys capped at an 8k budget (split invariance and per-micro-batch cost on the GPU).
+#  PART=table: the same-call table, each run its own process: the verl production keys, the documented fast
+#              path (32k budget), TRL 1.16 flex_attention + Liger, TRL flex_attention without Liger, and the verl
+#              keys capped at an 8k budget (if time is left).
+# Qwen2.5-1.5B shape (SHAPE), max_length 4096, global batch 128. Results: $OUT/results.jsonl (one JSON line per
+# run), $OUT/runs.log (tails of each run's log), $OUT/pytest.log, $OUT/gpu.txt. Carry .whl (trl, datasets too).
+set -uo pipefail
+source "$(dirname "$0")/gpu_env.sh"
+SHAPE=${SHAPE:-qwen2.5-1.5b}; W=/tmp/table; STEPS=7; L=/tmp/runlogs; mkdir -p $L
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"; date -u | tee -a "$OUT/gpu.txt"
+# The same files as `sft.bench --shape $SHAPE --steps 5 --warmup 2` (128 x 7 rows), so the TRL runs share them.
+read -r model data < <(python3 -c "
+from pathlib import Path; from sft.bench_data import ensure_assets
+m, d = ensure_assets(Path('$W'), '$SHAPE', 128 * $STEPS, 4096, 0); print(m, d)")
+COMMON="data.train_files=$data data.multiturn.enable=true model.partial_pretrain=$model data.max_length=4096 \
+data.train_batch_size=128 trainer.total_training_steps=$STEPS trainer.logger=[console] \
+trainer.checkpoint.save_contents=[] trainer.resume_mode=disable"
+VERL="use_remove_padding=true data.micro_batch_size_per_gpu=2 model.fsdp_config.model_dtype=bf16"
+no_liger_path=$(echo "$PYTHONPATH" | tr ':' '\n' | grep -v "^${LIGER_SITE:-/none}$" | paste -sd:)
+cmd() {  # name, user keys: `torchrun ... -m sft.fsdp_sft_trainer` as typed, timed from outside by sft.bench --command
+  local c="torchrun --standalone --nnodes=1 --nproc_per_node=1 -m sft.fsdp_sft_trainer $COMMON trainer.default_local_dir=/tmp/ck-$1 $2"
+  timeout ${3:-200} python3 -m sft.bench --command "$c" --warmup 2 --log $L/$1.log --out $L/$1.json >/dev/null 2>&1
+  python3 -c "import json; r=json.load(open('$L/$1.json')); r['run']='$1'; print(json.dumps(r))" >>"$OUT/results.jsonl" \
+    || echo "{\"run\": \"$1\", \"error\": \"no result\"}" >>"$OUT/results.jsonl"
+  { echo "=== $1: $2"; grep -E "token budget|packed up to|loss:|Error|error" $L/$1.log | head -8; tail -3 $L/$1.log; } >>"$OUT/runs.log"
+}
+trl() {  # name, pythonpath[, extra bench args]
+  local tps; tps=$(python3 -c "import json; print(json.load(open('$L/verl.json'))['tokens_per_step'])" 2>/dev/null || echo 130000)
+  PYTHONPATH=$2 timeout ${TRL_TIMEOUT:-330} python3 -m sft.bench --shape $SHAPE --steps 5 --warmup 2 --workdir $W \
+    --baseline trl --trl-only $tps --trl-attn flex_attention ${3:-} data.max_length=4096 data.train_batch_size=128 \
+    --out $L/$1.json >$L/$1.log 2>&1
+  python3 -c "import json; r=json.load(open('$L/$1.json')); r['run']='$1'; print(json.dumps(r))" >>"$OUT/results.jsonl" \
+    || echo "{\"run\": \"$1\", \"error\": \"no result\"}" >>"$OUT/results.jsonl"
+  { echo "=== $1"; tail -5 $L/$1.log; } >>"$OUT/runs.log"
+}
+if [ "${PART:-sync}" = split ]; then  # the verl keys capped at 8k: same losses as the 64k budget, more micro-batches
+  cmd verl8k "$VERL data.max_token_len_per_gpu=8192" 150
+elif [ "${PART:-sync}" = sync ]; then
+  timeout 240 python3 -m pytest -x -q -p no:cacheprovider tests/test_gpu.py -k never_syncs >"$OUT/pytest.log" 2>&1
+  rc=$?; echo "pytest never_syncs: exit $rc"; tail -3 "$OUT/pytest.log"
+  [ $rc -ne 0 ] && timeout 120 python3 scripts/sync_report.py /tmp/sync_report >"$OUT/sync_report.txt" 2>&1
+  cmd verl "$VERL"
+else
+  cmd verl "$VERL"
+  cmd fast32k "use_remove_padding=true data.max_token_len_per_gpu=32768"
+  trl trl_liger "$PYTHONPATH" --trl-liger
+  trl trl "$no_liger_path"
+  cmd verl8k "$VERL data.max_token_len_per_gpu=8192" 100
+fi
+python3 - "$OUT/results.jsonl" <<'PY'
+import json, sys
+print(f"{'run':<10}{'tok/s':>8}{'trained/s':>10}{'step s':>8}{'mem GB':>8}{'busy':>7}{'syncs':>6}{'launch':>8}  budget / loss")
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if "error" in r or not r.get("tokens_per_s_per_gpu"):
+        print(f"{r['run']:<10}error {r.get('error')}"); continue
+    busy = r.get("gpu_busy_frac"); losses = r.get("losses") or [r.get("final_loss")]
+    print(f"{r['run']:<10}{r['tokens_per_s_per_gpu']:>8.0f}{r['trained_tokens_per_s_per_gpu']:>10.0f}"
+          f"{r['step_time_s_median']:>8.2f}{(r.get('peak_mem_gb') or 0):>8.1f}{(busy or 0):>7.1%}"
+          f"{r.get('host_syncs_per_step', '-')!s:>6}{r.get('kernel_launches_per_step', '-')!s:>8}  {losses[-1]}")
+PY

@@ -1,0 +1,92 @@
+"""Fused linear cross-entropy without host synchronisation: gradients computed in the forward.
+
+`fused_linear_cross_entropy(hidden, weight, labels)` returns the fp32 sum over rows of
+CE(hidden @ weight.T, label) and the number of rows whose argmax logit is the label (token
+accuracy, counted from the same logits). A final-logit soft-cap c (Gemma 2/3) replaces the
+logits l by c·tanh(l/c) and scales their gradient by 1 - tanh²(l/c). The rows are the target positions only (the caller selects them
+with an index built on the host), so every row counts and the number of chunks is known from
+the shape: nothing is read back from the device. Each chunk's logits live only inside the
+forward, which also computes d(loss)/d(hidden) and accumulates d(loss)/d(weight) in fp32; the
+backward scales those by the incoming gradient (a device scalar, never inspected on the host).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Rows per chunk: a chunk holds about 2 fp32 [rows, vocab] buffers (1.2 GB each at 152k vocab).
+DEFAULT_CHUNK = 2048
+
+
+def _chunk_grads(
+    h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, softcap: float | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss sum, dL/dlogits in h's dtype, correct count) of one chunk: h [c, d], weight [V, d], y [c]."""
+    logits = (h @ weight.t()).float()  # [c, V], the softmax in fp32
+    correct = (logits.argmax(-1) == y).sum()  # tanh keeps the order: the same argmax with a cap
+    dcap = None
+    if softcap is not None:
+        t = torch.tanh(logits / softcap)
+        dcap = 1.0 - t * t  # d(c·tanh(l/c))/dl
+        logits = t.mul_(softcap)
+    lse = torch.logsumexp(logits, dim=-1)  # [c]
+    loss = (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+    # softmax - one_hot, in place over the logits buffer: [c, V]
+    grad = logits.sub_(lse[:, None]).exp_()
+    grad.scatter_add_(1, y[:, None], torch.full_like(lse[:, None], -1.0))
+    if dcap is not None:
+        grad.mul_(dcap)
+    return loss, grad.to(h.dtype), correct
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int, softcap: float | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = hidden.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.int64, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if hidden.requires_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
+        for start in range(0, n, chunk):
+            h, y = hidden[start : start + chunk], labels[start : start + chunk]
+            loss, g, right = _chunk_grads(h, weight, y, softcap)
+            total += loss
+            correct += right
+            if grad_h is not None:
+                torch.mm(g, weight, out=grad_h[start : start + chunk])  # [c, V] @ [V, d] -> [c, d]
+            if grad_w is not None:
+                grad_w += (g.t() @ h).float()  # [V, c] @ [c, d] -> [V, d], summed in fp32
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(correct)
+        return total, correct
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor, _grad_correct: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        dh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        dw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return dh, dw, None, None, None
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk: int = DEFAULT_CHUNK,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of CE(hidden @ weight.T, labels), number of argmax hits) over all rows (every row a
+    target). hidden [n, d], weight [V, d], labels [n] int64 in [0, V). Differentiable in hidden and
+    weight; no sync."""
+    if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.int64, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            loss, _, right = _chunk_grads(hidden[start : start + chunk], weight, labels[start : start + chunk], softcap)
+            total += loss
+            correct += right
+        return total, correct
+    return _FusedLinearCE.apply(hidden, weight, labels, chunk, softcap)
