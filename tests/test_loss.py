@@ -34,3 +34,32 @@ def test_no_target_gives_zero_but_keeps_the_graph():
     loss.backward()
     assert float(loss) == 0.0
     assert weight.grad is not None and float(weight.grad.abs().sum()) == 0.0  # FSDP sees a (zero) gradient
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["chunked", "fused"])
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["plain", "softcap"])
+def test_loss_accuracy_and_softcap_match_full_logits(fused, softcap):
+    """Both loss paths against a plain full-logits computation in float64: the CE sum, its
+    gradients (through the final-logit soft-cap c·tanh(l/c) when set) and the argmax hit count."""
+    from sft.loss import target_linear_cross_entropy
+
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(40, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(29, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 29, (40,), generator=g)
+    labels[::4] = -100
+    index = (labels != -100).nonzero().squeeze(1)
+    loss, hits = target_linear_cross_entropy(hidden, weight, labels, index, chunk_size=7, fused=fused, softcap=softcap)
+    loss.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    logits = hidden @ weight.t()
+    capped = logits if softcap is None else softcap * torch.tanh(logits / softcap)
+    ref = F.cross_entropy(capped, labels, reduction="sum", ignore_index=-100)
+    ref.backward()
+    # The logits are taken to fp32 by design: compare at fp32 tolerance.
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0], hidden.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[1], weight.grad, rtol=1e-5, atol=1e-5)
+    want = int((logits.argmax(-1) == labels)[labels != -100].sum())
+    assert int(hits) == want and 0 < want < len(index)  # a count that could be wrong either way
