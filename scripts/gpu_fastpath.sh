@@ -20,8 +20,8 @@ variant() {  # name, env prefix (or -), bench args...
 }
 for v in ${VARIANTS:-before fused_ce liger liger_sel liger_sel_rafF noac16k compile_sel}; do
   case $v in
-    before)     variant $v noliger ;;                                  # chunked CE, HF kernels, full AC
-    fused_ce)   variant $v - ;;                                        # + Liger fused linear CE (auto)
+    before)     variant $v noliger ;;                                  # HF kernels, full AC (sft's fused CE on CUDA)
+    fused_ce)   variant $v - ;;                                        # + Liger kernels (auto); until 2026-12: Liger's CE
     liger)      variant $v - model.use_liger=true ;;                   # + Liger RMSNorm/SwiGLU/RoPE
     liger_sel)  variant $v - model.use_liger=true model.gradient_checkpointing_mode=selective ;;
     liger_sel_rafF) variant $v - model.use_liger=true model.gradient_checkpointing_mode=selective \

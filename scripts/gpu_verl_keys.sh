@@ -4,8 +4,9 @@
 #              then the verl production keys timed and profiled by `sft.bench --command`.
 #  PART=split: only the verl keys capped at an 8k budget (split invariance and per-micro-batch cost on the GPU).
 #  PART=table: the same-call table, each run its own process: the verl production keys, the documented fast
-#              path (32k budget), TRL 1.16 flex_attention + Liger, TRL flex_attention without Liger, and the verl
-#              keys capped at an 8k budget (if time is left).
+#              path (32k budget), TRL 1.16 flex_attention + Liger (TRL_TIMEOUT, 420 s: its cold compile is minutes).
+#  PART=trl2 : within 30 s of PART=table (warm machine, compile cache kept): TRL flex_attention without Liger,
+#              and the verl production keys again (ties the two calls together).
 # Qwen2.5-1.5B shape (SHAPE), max_length 4096, global batch 128. Results: $OUT/results.jsonl (one JSON line per
 # run), $OUT/runs.log (tails of each run's log), $OUT/pytest.log, $OUT/gpu.txt. Carry .whl (trl, datasets too).
 set -uo pipefail
@@ -24,16 +25,16 @@ no_liger_path=$(echo "$PYTHONPATH" | tr ':' '\n' | grep -v "^${LIGER_SITE:-/none
 cmd() {  # name, user keys: `torchrun ... -m sft.fsdp_sft_trainer` as typed, timed from outside by sft.bench --command
   local c="torchrun --standalone --nnodes=1 --nproc_per_node=1 -m sft.fsdp_sft_trainer $COMMON trainer.default_local_dir=/tmp/ck-$1 $2"
   timeout ${3:-200} python3 -m sft.bench --command "$c" --warmup 2 --log $L/$1.log --out $L/$1.json >/dev/null 2>&1
-  python3 -c "import json; r=json.load(open('$L/$1.json')); r['run']='$1'; print(json.dumps(r))" >>"$OUT/results.jsonl" \
+  python3 -c "import json; r=json.load(open('$L/$1.json')); r['run']='$1'; r['shape']='$SHAPE'; print(json.dumps(r))" >>"$OUT/results.jsonl" \
     || echo "{\"run\": \"$1\", \"error\": \"no result\"}" >>"$OUT/results.jsonl"
   { echo "=== $1: $2"; grep -E "token budget|packed up to|loss:|Error|error" $L/$1.log | head -8; tail -3 $L/$1.log; } >>"$OUT/runs.log"
 }
 trl() {  # name, pythonpath[, extra bench args]
   local tps; tps=$(python3 -c "import json; print(json.load(open('$L/verl.json'))['tokens_per_step'])" 2>/dev/null || echo 130000)
-  PYTHONPATH=$2 timeout ${TRL_TIMEOUT:-330} python3 -m sft.bench --shape $SHAPE --steps 5 --warmup 2 --workdir $W \
+  PYTHONPATH=$2 timeout ${TRL_TIMEOUT:-420} python3 -m sft.bench --shape $SHAPE --steps 5 --warmup 2 --workdir $W \
     --baseline trl --trl-only $tps --trl-attn flex_attention ${3:-} data.max_length=4096 data.train_batch_size=128 \
     --out $L/$1.json >$L/$1.log 2>&1
-  python3 -c "import json; r=json.load(open('$L/$1.json')); r['run']='$1'; print(json.dumps(r))" >>"$OUT/results.jsonl" \
+  python3 -c "import json; r=json.load(open('$L/$1.json')); r['run']='$1'; r['shape']='$SHAPE'; print(json.dumps(r))" >>"$OUT/results.jsonl" \
     || echo "{\"run\": \"$1\", \"error\": \"no result\"}" >>"$OUT/results.jsonl"
   { echo "=== $1"; tail -5 $L/$1.log; } >>"$OUT/runs.log"
 }
@@ -44,12 +45,13 @@ elif [ "${PART:-sync}" = sync ]; then
   rc=$?; echo "pytest never_syncs: exit $rc"; tail -3 "$OUT/pytest.log"
   [ $rc -ne 0 ] && timeout 120 python3 scripts/sync_report.py /tmp/sync_report >"$OUT/sync_report.txt" 2>&1
   cmd verl "$VERL"
+elif [ "${PART:-sync}" = trl2 ]; then
+  trl trl "$no_liger_path"
+  cmd verl "$VERL"
 else
   cmd verl "$VERL"
   cmd fast32k "use_remove_padding=true data.max_token_len_per_gpu=32768"
   trl trl_liger "$PYTHONPATH" --trl-liger
-  trl trl "$no_liger_path"
-  cmd verl8k "$VERL data.max_token_len_per_gpu=8192" 100
 fi
 python3 - "$OUT/results.jsonl" <<'PY'
 import json, sys

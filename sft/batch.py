@@ -53,6 +53,11 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def tensor_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """One host tensor to the device without blocking the host (pinned first on CUDA)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 def pin(batch: dict) -> dict:
     """The batch's tensors in page-locked host memory, so `to_device` copies asynchronously."""
     return {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}

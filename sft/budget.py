@@ -25,9 +25,12 @@ logger = logging.getLogger("sft")
 GIB = 1024**3
 # The estimate below is a model of memory, not a measurement: it is not extrapolated past this.
 MAX_AUTO_TOKENS = 65536
-# Multiplier on the per-token activation estimate. Measured on one H200 (2026-12-01), Qwen2.5-1.5B
-# shape with full checkpointing: about 0.5 MB per token of budget; the formula gives 0.36 MB.
-SAFETY = 1.5
+# Multiplier on the per-token activation estimate. Measured peaks (one H200, Qwen2.5-1.5B shape, bf16
+# master): full checkpointing 19.4 GB with an 8,192-token budget vs 26.1 GB with 65,536 (~61k tokens per
+# micro-batch), about 0.13 MB per token, where the formula gives 0.36 MB; no checkpointing (2026-12-01,
+# fp32 master, 16k budget) about 1.8 MB per token against the formula's 3.6 MB. The formula alone keeps
+# a margin of 2x or more on both, so no further factor.
+SAFETY = 1.0
 ROUND = 1024
 PADDED_COST = (
     "use_remove_padding=false: padded micro-batches of data.micro_batch_size_per_gpu samples compute on padding "

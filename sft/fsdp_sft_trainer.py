@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from transformers import GenerationConfig
 
-from sft.batch import to_device
+from sft.batch import tensor_to_device, to_device
 from sft.budget import TokenBudget, choose_token_budget
 from sft.checkpoint import FSDPCheckpointManager, set_rng_state
 from sft.cli import TrainingError, run_cli
@@ -233,7 +233,7 @@ class FSDPSFTTrainer:
             ],
             dtype=torch.float64,
         )
-        counts = to_device({"c": host_counts.pin_memory() if device.type == "cuda" else host_counts}, device)["c"]
+        counts = tensor_to_device(host_counts, device)
         dist.all_reduce(counts, group=world)
         # FSDP averages gradients over the world; scaling by world/global_targets turns that
         # average into the sum of token losses divided by the global number of targets. The
