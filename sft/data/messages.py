@@ -15,6 +15,9 @@ from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 ROLES = ("system", "user", "assistant", "tool")
+# Optional message fields holding a turn's reasoning, passed through to the template:
+# reasoning_content (Qwen3 style), thinking (gpt-oss), reasoning (other templates).
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 
 
 def drop_nulls(value: Any) -> Any:
@@ -63,6 +66,11 @@ def clean_messages(
             )
         if content is not None and not isinstance(content, str):
             raise ValueError(f"{where}: {key}[{j}] content is a {type(content).__name__}; give a string")
+        for field in REASONING_KEYS:
+            if msg.get(field) is not None and not isinstance(msg[field], str):
+                raise ValueError(
+                    f"{where}: {key}[{j}].{field} is a {type(msg[field]).__name__}; give a string or leave it out"
+                )
         overrides.append(_loss_mask_value(msg.get("loss_mask"), where, f"{key}[{j}]"))
         messages.append({k: drop_nulls(v) for k, v in msg.items() if v is not None and k != "loss_mask"})
     if need_assistant and not any(m["role"] == "assistant" for m in messages):
