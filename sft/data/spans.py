@@ -78,9 +78,14 @@ class HeaderFinder:
         while p < min(len(prompted), len(plain)) and prompted[p] == plain[p]:
             p += 1
         prompt = prompted[self.markers.token_start(prompted, p) :]
+        # The whole prompt, then its first line (the role line: what follows it, e.g. an empty
+        # think block, belongs to the prompt only when all of the prompt is there), then its
+        # prefixes cut at token ends (e.g. without a think opener the reply does not repeat).
         enc = self.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
-        ends = sorted({int(e) for _, e in enc["offset_mapping"]} | {len(prompt)}, reverse=True)
-        found = tuple(prompt[:e] for e in ends if prompt[:e].strip())
+        ends = sorted({int(e) for _, e in enc["offset_mapping"]}, reverse=True)
+        line = prompt[: prompt.find("\n") + 1] if "\n" in prompt else prompt
+        candidates = [prompt, line] + [prompt[:e] for e in ends]
+        found = tuple(dict.fromkeys(c for c in candidates if c.strip()))
         self.cache[key] = found
         return found
 
