@@ -122,6 +122,18 @@ class ChatRenderer:
             # then locates that turn by searching instead.
             return None
 
+    def try_render_each(self, conversations: list[list[dict[str, Any]]]) -> list[str | None]:
+        """`try_render` of each conversation (no generation prompt), in one batched call when
+        the template accepts them all (the per-call overhead is paid once)."""
+        if not conversations:
+            return []
+        try:
+            texts = self.tokenizer.apply_chat_template(conversations, tokenize=False, **self.kwargs)
+        except (TemplateError, TypeError, ValueError, KeyError, IndexError):
+            return [self.try_render(c, add_generation_prompt=False) for c in conversations]
+        assert isinstance(texts, list) and len(texts) == len(conversations), "one rendering per conversation"
+        return texts
+
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
         try:
             return self._render(messages, add_generation_prompt)

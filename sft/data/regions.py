@@ -115,9 +115,5 @@ def message_windows(messages: list[dict[str, Any]], text: str, renderer: ChatRen
     """Each message's window in `text` (the whole conversation rendered); None where changing
     the message changes nothing or the template refuses the changed conversation."""
     s = sentinel_for(text)
-    windows: list[Span | None] = []
-    for j, message in enumerate(messages):
-        changed = messages[:j] + [vary(message, s)] + messages[j + 1 :]
-        other = renderer.try_render(changed, add_generation_prompt=False)
-        windows.append(None if other is None else diff_window(text, other))
-    return windows
+    variants = [messages[:j] + [vary(m, s)] + messages[j + 1 :] for j, m in enumerate(messages)]
+    return [None if other is None else diff_window(text, other) for other in renderer.try_render_each(variants)]
