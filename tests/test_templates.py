@@ -160,13 +160,14 @@ def expected_turns(family: str, row: dict) -> list[tuple[str, str]]:
     return out
 
 
-def expected_mask(tok, family: str, row: dict, kwargs: dict) -> tuple[list[int], np.ndarray]:
+def expected_mask(tok, family: str, row: dict, kwargs: dict, last_only: bool = False) -> tuple[list[int], np.ndarray]:
     text = tok.apply_chat_template(row["messages"], tokenize=False, **kwargs)
     spans, cursor = [], 0
     for lead, piece in expected_turns(family, row):
         at = text.index(lead + piece, cursor) + len(lead)
         spans.append((at, at + len(piece)))
         cursor = at + len(piece)
+    spans = spans[-1:] if last_only else spans
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     starts = np.array([s for s, _ in enc["offset_mapping"]])
     mask = np.zeros(len(starts), dtype=np.uint8)
@@ -210,6 +211,33 @@ def test_template_masks_are_exact(demo_tokenizer, tmp_path, family):
         reference = tok.apply_chat_template(row["messages"], tokenize=True, **kwargs)["input_ids"]
         assert ids.tolist() == list(reference) == ref_ids, f"row {r}"
         np.testing.assert_array_equal(mask, ref_mask, err_msg=f"{family} row {r}: {row}")
+
+
+@pytest.mark.parametrize("family", ("qwen3", "harmony", "phi"))
+def test_train_on_last(demo_tokenizer, tmp_path, family):
+    tok = tokenizer_for(demo_tokenizer, family)
+    rng = random.Random(f"{family}-last")
+    rows = [conversation(rng, family) for _ in range(10)]
+    cfg = chat_cfg()
+    cfg.multiturn.train_on = "last"
+    ds = build_dataset(write_rows(tmp_path / "d.parquet", rows), tok, cfg, -1, pad_to_max_length=False)
+    for r, row in enumerate(rows):
+        _, ref_mask = expected_mask(tok, family, row, template_kwargs(row), last_only=True)
+        np.testing.assert_array_equal(ds.token_ids(r)[1], ref_mask, err_msg=f"{family} row {r}")
+
+
+def test_loss_mask_overrides_with_reasoning(demo_tokenizer, tmp_path):
+    tok = tokenizer_for(demo_tokenizer, "qwen3")
+    messages = [
+        {"role": "user", "content": "Sort: 3 1 2", "loss_mask": 1},
+        {"role": "assistant", "content": "<think>\nsmall first\n</think>\n\n1 2 3", "loss_mask": 0},
+        {"role": "user", "content": "Reverse it."},
+        {"role": "assistant", "content": "3 2 1", "reasoning_content": "backwards"},
+    ]
+    ds = build_dataset(write_rows(tmp_path / "d.parquet", [{"messages": messages}]), tok, chat_cfg(), -1, False)
+    ids, mask = ds.token_ids(0)
+    trained = tok.decode(ids[mask.astype(bool)].tolist())
+    assert trained == "Sort: 3 1 2<|im_end|><think>\nbackwards\n</think>\n\n3 2 1<|im_end|>"
 
 
 def test_shared_over_two_processes_is_identical(demo_tokenizer, tmp_path):
