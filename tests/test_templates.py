@@ -240,6 +240,21 @@ def test_loss_mask_overrides_with_reasoning(demo_tokenizer, tmp_path):
     assert trained == "Sort: 3 1 2<|im_end|><think>\nbackwards\n</think>\n\n3 2 1<|im_end|>"
 
 
+def test_empty_answer_whose_reasoning_is_dropped(demo_tokenizer, tmp_path):
+    # Changing only its reasoning changes nothing in the rendering: its place comes from its content.
+    tok = tokenizer_for(demo_tokenizer, "harmony")
+    messages = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "", "thinking": "nothing to say"},
+        {"role": "user", "content": "b"},
+        {"role": "assistant", "content": "ok"},
+    ]
+    ds = build_dataset(write_rows(tmp_path / "d.parquet", [{"messages": messages}]), tok, chat_cfg(), -1, False)
+    ids, mask = ds.token_ids(0)
+    trained = tok.decode(ids[mask.astype(bool)].tolist())
+    assert trained == "<|channel|>final<|message|><|end|><|channel|>final<|message|>ok<|return|>"
+
+
 def test_shared_over_two_processes_is_identical(demo_tokenizer, tmp_path):
     jobs = []
     for family in ("qwen3", "harmony"):

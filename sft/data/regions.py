@@ -62,11 +62,14 @@ def _vary_calls(calls: Any, s: str) -> tuple[Any, bool]:
     return out, changed
 
 
-def vary(message: dict[str, Any], s: str) -> dict[str, Any]:
-    """`message` with its non-empty text fields replaced by `s` (its content when it has none),
-    keeping the shape the template sees: which fields are set and which are empty."""
+def vary(message: dict[str, Any], s: str, content: bool = False) -> dict[str, Any]:
+    """`message` with its non-empty text fields replaced by `s` (its content when it has none,
+    or always with `content`), keeping the shape the template sees where it can: which
+    fields are set and which are empty."""
     out = dict(message)
     changed = False
+    if content:
+        out["content"] = s
     for key in ("content", *REASONING_KEYS):
         if isinstance(out.get(key), str) and out[key]:
             out[key] = s
@@ -116,4 +119,10 @@ def message_windows(messages: list[dict[str, Any]], text: str, renderer: ChatRen
     the message changes nothing or the template refuses the changed conversation."""
     s = sentinel_for(text)
     variants = [messages[:j] + [vary(m, s)] + messages[j + 1 :] for j, m in enumerate(messages)]
-    return [None if other is None else diff_window(text, other) for other in renderer.try_render_each(variants)]
+    windows = [None if other is None else diff_window(text, other) for other in renderer.try_render_each(variants)]
+    for j, message in enumerate(messages):
+        if windows[j] is None and message["role"] == "assistant":
+            # E.g. an empty answer whose reasoning the template drops: vary the content too.
+            other = renderer.try_render(messages[:j] + [vary(message, s, content=True)] + messages[j + 1 :], False)
+            windows[j] = None if other is None else diff_window(text, other)
+    return windows
