@@ -3,10 +3,10 @@
 Each message's window (what the template made of its fields, `sft.data.regions`) anchors
 its turn. An assistant turn is trained from the end of its role header to the end of the
 first special token after its window (its end-of-turn token), never past the next message's
-window. The role header is what the template's generation prompt puts before a reply: the
-longest prefix of it, cut at token ends, found between the previous window and this one;
-where the generation prompt is empty or absent, the turn starts after the previous
-message's end-of-turn token. So a terminator appended after the last turn, history that the
+window. The role header is what the template's generation prompt puts before a reply, found
+between the previous window and this one: the whole prompt, else its first line, else its
+longest prefix cut at a token end; where the generation prompt is empty or not found, the
+turn starts after the previous message's end-of-turn token. So a terminator appended after the last turn, history that the
 template rewrites, and system prompts or tool lists it moves are all handled by the one rule.
 """
 
@@ -54,8 +54,8 @@ class Markers:
 
 
 class HeaderFinder:
-    """The assistant role header: derived from the template's generation prompt, once per
-    set of template arguments (tools aside), as prefixes cut at token ends, longest first."""
+    """The assistant role header: candidates derived from the template's generation prompt,
+    once per set of template arguments (tools aside), most specific first."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, markers: Markers) -> None:
         self.tokenizer = tokenizer
