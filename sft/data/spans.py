@@ -6,8 +6,9 @@ first special token after its window (its end-of-turn token), never past the nex
 window. The role header is what the template's generation prompt puts before a reply, found
 between the previous window and this one: the whole prompt, else its first line, else its
 longest prefix cut at a token end; where the generation prompt is empty or not found, the
-turn starts after the previous message's end-of-turn token. So a terminator appended after the last turn, history that the
-template rewrites, and system prompts or tool lists it moves are all handled by the one rule.
+turn starts after the previous message's end-of-turn token. So a terminator appended after
+the last turn, history that the template rewrites, and system prompts or tool lists it moves
+are all handled by the one rule.
 """
 
 from __future__ import annotations
