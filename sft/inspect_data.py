@@ -2,7 +2,9 @@
 
 Takes the trainer's Hydra overrides, builds the tokenizer (no weights) and the dataset of
 one split exactly as training does, and prints the first rows: decoded text with the
-trained spans marked (`--format text`), or their token ids and loss masks (`--format jsonl`).
+trained spans marked (`--format text`), only the trained text, one run of trained tokens a
+line (`--format trained`: what happens to reasoning and tool calls at a glance), or their
+token ids and loss masks (`--format jsonl`).
 Configuration problems print one line and exit 2; problems in the data exit 3.
 """
 
@@ -35,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--split", choices=("train", "val"), default="train")
     p.add_argument("--rows", type=int, default=3, help="number of rows to show (default 3)")
-    p.add_argument("--format", choices=("text", "jsonl"), default="text")
+    p.add_argument("--format", choices=("text", "trained", "jsonl"), default="text")
     p.add_argument("overrides", nargs="*", help="the trainer's Hydra overrides, e.g. data.train_files=x.parquet")
     return p
 
@@ -84,6 +86,20 @@ def render_marked(tokenizer: PreTrainedTokenizerBase, ids: list[int], mask: list
     return "".join(parts)
 
 
+def trained_runs(tokenizer: PreTrainedTokenizerBase, ids: list[int], mask: list[int]) -> list[str]:
+    """Decoded text of each maximal run of trained tokens, in order."""
+    runs: list[str] = []
+    start = None
+    for t in range(len(ids) + 1):
+        on = t < len(ids) and mask[t]
+        if on and start is None:
+            start = t
+        elif not on and start is not None:
+            runs.append(tokenizer.decode(ids[start:t], skip_special_tokens=False, clean_up_tokenization_spaces=False))
+            start = None
+    return runs
+
+
 def _header(dataset: Dataset, index: int, ids: list[int], mask: list[int]) -> str:
     source = f" ({dataset.where(index)})" if hasattr(dataset, "where") else ""
     return f"=== row {index}{source} | length {len(ids)} | trained {sum(mask)} ==="
@@ -110,6 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ids, mask = unpadded(dataset, i)
         if args.format == "jsonl":
             print(json.dumps({"row": i, "input_ids": ids, "loss_mask": mask}))
+        elif args.format == "trained":
+            print(_header(dataset, i, ids, mask))
+            for run in trained_runs(tokenizer, ids, mask):
+                print(f"+ {json.dumps(run, ensure_ascii=False)}")
         else:
             print(_header(dataset, i, ids, mask))
             print(render_marked(tokenizer, ids, mask, colour))

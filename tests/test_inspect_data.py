@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import sys
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from chat_templates import QWEN3
 
 from sft.data import build_dataset
 from sft.inspect_data import main
@@ -86,3 +89,33 @@ def test_errors_are_one_line(demo_dir, capsys, extra, code, pattern):
     assert main([*overrides(demo_dir), *extra]) == code
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and re.match(pattern, err)
+
+
+def test_trained_format_shows_what_happens_to_reasoning(demo_tokenizer, tmp_path, capsys):
+    # Qwen3-style template: reasoning kept only after the last user turn.
+    tok = copy.deepcopy(demo_tokenizer)
+    tok.add_tokens(["<think>", "</think>"])
+    tok.chat_template = QWEN3
+    tok.save_pretrained(tmp_path / "model")
+    messages = [
+        {"role": "user", "content": "Sort: 3 1 2"},
+        {"role": "assistant", "content": "<think>\nsmall first\n</think>\n\n1 2 3"},
+        {"role": "user", "content": "Reverse it."},
+        {"role": "assistant", "content": "3 2 1", "reasoning_content": "backwards"},
+    ]
+    pq.write_table(pa.Table.from_pylist([{"messages": messages}]), tmp_path / "r.parquet")
+    argv = [
+        "--format",
+        "trained",
+        f"data.train_files={tmp_path}/r.parquet",
+        f"model.partial_pretrain={tmp_path}/model",
+        "data.multiturn.enable=true",
+        "data.max_length=256",
+    ]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert re.match(r"=== row 0 \(.*r\.parquet row 0\) \| length \d+ \| trained \d+ ===", lines[0])
+    assert [json.loads(line[2:]) for line in lines[1:]] == [
+        "1 2 3<|im_end|>",  # earlier reasoning: dropped by the template, so not trained
+        "<think>\nbackwards\n</think>\n\n3 2 1<|im_end|>",
+    ]

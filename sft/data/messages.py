@@ -15,6 +15,9 @@ from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 ROLES = ("system", "user", "assistant", "tool")
+# Optional message fields holding a turn's reasoning, passed through to the template:
+# reasoning_content (Qwen3 style), thinking (gpt-oss), reasoning (other templates).
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 
 
 def drop_nulls(value: Any) -> Any:
@@ -63,6 +66,11 @@ def clean_messages(
             )
         if content is not None and not isinstance(content, str):
             raise ValueError(f"{where}: {key}[{j}] content is a {type(content).__name__}; give a string")
+        for field in REASONING_KEYS:
+            if msg.get(field) is not None and not isinstance(msg[field], str):
+                raise ValueError(
+                    f"{where}: {key}[{j}].{field} is a {type(msg[field]).__name__}; give a string or leave it out"
+                )
         overrides.append(_loss_mask_value(msg.get("loss_mask"), where, f"{key}[{j}]"))
         messages.append({k: drop_nulls(v) for k, v in msg.items() if v is not None and k != "loss_mask"})
     if need_assistant and not any(m["role"] == "assistant" for m in messages):
@@ -113,6 +121,18 @@ class ChatRenderer:
             # Templates may reject a prefix (e.g. "must end with a user turn"); the caller
             # then locates that turn by searching instead.
             return None
+
+    def try_render_each(self, conversations: list[list[dict[str, Any]]]) -> list[str | None]:
+        """`try_render` of each conversation (no generation prompt), in one batched call when
+        the template accepts them all (the per-call overhead is paid once)."""
+        if not conversations:
+            return []
+        try:
+            texts = self.tokenizer.apply_chat_template(conversations, tokenize=False, **self.kwargs)
+        except (TemplateError, TypeError, ValueError, KeyError, IndexError):
+            return [self.try_render(c, add_generation_prompt=False) for c in conversations]
+        assert isinstance(texts, list) and len(texts) == len(conversations), "one rendering per conversation"
+        return texts
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
         try:

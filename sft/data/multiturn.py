@@ -4,7 +4,8 @@ Each row's messages (plus optional tools and enable_thinking columns) are render
 once and tokenized once, so the ids are exactly `apply_chat_template(tokenize=True)`'s.
 The trained tokens are those starting inside the character spans of `sft.data.spans`:
 assistant turns (all, or the last with `data.multiturn.train_on=last`) with their
-end-of-turn token, changed by per-message `loss_mask`.
+end-of-turn token, changed by per-message `loss_mask`; every row passes the mask audit
+(`sft.data.audit`) or is refused.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from sft.data.audit import audit_spans
 from sft.data.messages import ChatRenderer, check_chat_template, clean_messages, parse_tools
+from sft.data.regions import message_windows
 from sft.data.scan import scan_messages
-from sft.data.spans import Markers, token_mask, trained_spans
+from sft.data.spans import HeaderFinder, Markers, merge, token_mask, trained_spans
 from sft.data.storage import Encoded, TokenizedDataset
 
 logger = logging.getLogger("sft")
@@ -38,6 +41,7 @@ class MultiTurnSFTDataset(TokenizedDataset):
                 "character offsets: provide a tokenizer.json (fast tokenizer) in model.partial_pretrain"
             )
         self.markers = Markers(self.tokenizer)
+        self.headers = HeaderFinder(self.tokenizer, self.markers)
         self.num_misaligned = 0
         self.num_control_text = 0
 
@@ -65,8 +69,7 @@ class MultiTurnSFTDataset(TokenizedDataset):
             renderer = ChatRenderer(self.tokenizer, kwargs, where)
             text = renderer.render(messages)
             texts.append(text)
-            last_only = mt.train_on == "last"
-            all_spans.append(trained_spans(messages, overrides, text, renderer, self.markers, last_only))
+            all_spans.append(self._spans(messages, overrides, text, renderer))
             self._note_control_text(messages)
         # One batched call: the Rust tokenizer encodes the texts in parallel.
         enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
@@ -76,6 +79,20 @@ class MultiTurnSFTDataset(TokenizedDataset):
             self.num_misaligned += not aligned
             out.append((np.asarray(ids, dtype=np.int32), mask))
         return out
+
+    def _spans(
+        self, messages: list[dict[str, Any]], overrides: list[int | None], text: str, renderer: ChatRenderer
+    ) -> list[tuple[int, int]]:
+        """Audited trained character spans of one rendered row."""
+        windows = message_windows(messages, text, renderer)
+        header = self.headers.prefixes(renderer, messages)
+        last_only = self.config.multiturn.train_on == "last"
+        try:
+            spans = trained_spans(messages, overrides, text, windows, header, self.markers, last_only)
+            audit_spans(messages, windows, spans)
+        except ValueError as e:
+            raise ValueError(f"{renderer.where}: {e}") from e
+        return merge(list(spans.values()))
 
     def _note_control_text(self, messages: list[dict[str, Any]]) -> None:
         # A control token written inside a message (e.g. "<|im_end|>") is encoded as that

@@ -1,10 +1,14 @@
 """Which characters of a rendered conversation are training targets, and the token mask.
 
-For assistant message i, P = render(messages[:i], generation prompt) and Q =
-render(messages[:i+1]); when Q is a prefix of the full text T and P of Q, the turn is
-T[len(P):len(Q)], trained up to the end of its last added token after the content (the
-end-of-turn marker), so neither the role header nor what follows the marker is trained.
-Templates that rewrite history break that; such turns are found by searching T in order.
+Each message's window (what the template made of its fields, `sft.data.regions`) anchors
+its turn. An assistant turn is trained from the end of its role header to the end of the
+first special token after its window (its end-of-turn token), never past the next message's
+window. The role header is what the template's generation prompt puts before a reply, found
+between the previous window and this one: the whole prompt, else its first line, else its
+longest prefix cut at a token end; where the generation prompt is empty or not found, the
+turn starts after the previous message's end-of-turn token. So a terminator appended after
+the last turn, history that the template rewrites, and system prompts or tool lists it moves
+are all handled by the one rule.
 """
 
 from __future__ import annotations
@@ -16,8 +20,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from sft.data.messages import ChatRenderer
-
-Span = tuple[int, int]
+from sft.data.regions import Span
 
 
 def _alternation(tokens: set[str]) -> str:
@@ -34,130 +37,105 @@ class Markers:
         any_tokens = set(added) | special
         self.any = re.compile(_alternation(any_tokens)) if any_tokens else None
         self.special = re.compile(_alternation(special)) if special else None
-        # Whitespace then a special token, right after a located content: its end of turn.
-        self.turn_close = re.compile(r"\s*(?:" + _alternation(special) + ")") if special else None
 
-    def turn_length(self, segment: str, content: str) -> int:
-        """Trained length of an assistant turn's text: through its last added token after
-        the content, else the segment without trailing whitespace."""
-        start = 0
-        if content:
-            found = segment.find(content)
-            start = found + len(content) if found >= 0 else 0
-        matches = list(self.any.finditer(segment, start)) if self.any is not None else []
-        return matches[-1].end() if matches else len(segment.rstrip())
+    def first_special_end(self, text: str, start: int, stop: int) -> int | None:
+        """End of the first special token lying within text[start:stop], if any."""
+        if self.special is None:
+            return None
+        m = self.special.search(text, start, stop)
+        return m.end() if m else None
 
-    def last_marker(self, piece: str) -> str | None:
-        """The added token that ends `piece` (a turn's end-of-turn token), if it ends in one."""
-        matches = list(self.any.finditer(piece)) if self.any is not None else []
-        return matches[-1].group() if matches and matches[-1].end() == len(piece) else None
+    def token_start(self, text: str, pos: int) -> int:
+        """`pos`, moved back to the start of an added token that it falls inside."""
+        if self.any is not None:
+            for m in self.any.finditer(text, max(0, pos - 64), min(len(text), pos + 64)):
+                if m.start() < pos < m.end():
+                    return m.start()
+        return pos
 
-    def turn_end(self, text: str, start: int, closing: str | None = None) -> int:
-        """End of the turn's end-of-turn token at or after `start`: `closing` when known
-        (a turn may hold other special tokens), else the first special token; `start`
-        itself when there is none."""
-        if closing is not None:
-            found = text.find(closing, start)
-            return found + len(closing) if found >= 0 else start
-        m = self.special.search(text, start) if self.special is not None else None
-        return m.end() if m else start
 
-    def close(self, text: str, end: int) -> int:
-        """`end` moved past the end-of-turn token that directly follows it, if any."""
-        if self.turn_close is None:
-            return end
-        m = self.turn_close.match(text, end)
-        return m.end() if m else end
+class HeaderFinder:
+    """The assistant role header: candidates derived from the template's generation prompt,
+    once per set of template arguments (tools aside), most specific first."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, markers: Markers) -> None:
+        self.tokenizer = tokenizer
+        self.markers = markers
+        self.cache: dict[str, tuple[str, ...]] = {}
+
+    def prefixes(self, renderer: ChatRenderer, messages: list[dict[str, Any]]) -> tuple[str, ...]:
+        key = repr(sorted((k, repr(v)) for k, v in renderer.kwargs.items() if k != "tools"))
+        if key in self.cache:
+            return self.cache[key]
+        first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), 0)
+        history = messages[:first]
+        prompted = renderer.try_render(history, add_generation_prompt=True)
+        plain = renderer.try_render(history, add_generation_prompt=False)
+        if prompted is None or plain is None:
+            return ()  # not cached: a later row may allow the derivation
+        # Where the two renderings part (a template may end a conversation without a
+        # generation prompt with a terminator instead), never inside an added token.
+        p = 0
+        while p < min(len(prompted), len(plain)) and prompted[p] == plain[p]:
+            p += 1
+        prompt = prompted[self.markers.token_start(prompted, p) :]
+        # The whole prompt, then its first line (the role line: what follows it, e.g. an empty
+        # think block, belongs to the prompt only when all of the prompt is there), then its
+        # prefixes cut at token ends (e.g. without a think opener the reply does not repeat).
+        enc = self.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        ends = sorted({int(e) for _, e in enc["offset_mapping"]}, reverse=True)
+        line = prompt[: prompt.find("\n") + 1] if "\n" in prompt else prompt
+        candidates = [prompt, line] + [prompt[:e] for e in ends]
+        found = tuple(dict.fromkeys(c for c in candidates if c.strip()))
+        self.cache[key] = found
+        return found
 
 
 def trained_spans(
     messages: list[dict[str, Any]],
     overrides: list[int | None],
     text: str,
-    renderer: ChatRenderer,
+    windows: list[Span | None],
+    header: tuple[str, ...],
     markers: Markers,
     last_only: bool = False,
-) -> list[Span]:
-    """Sorted, non-overlapping character spans of `text` (the whole rendered conversation)
-    that are training targets: assistant turns (only the last one with `last_only`),
-    changed by per-message `loss_mask`."""
-    spans: list[Span] = []
-    cursor = 0
+) -> dict[int, Span]:
+    """Character span of `text` trained for each trained message, by message index: the
+    assistant turns (only the last one with `last_only`), changed by per-message `loss_mask`."""
+    spans: dict[int, Span] = {}
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
     for i, msg in enumerate(messages):
         role = msg["role"]
         default = role == "assistant" and (not last_only or i == last)
         train = default if overrides[i] is None else bool(overrides[i])
-        content = msg.get("content") or ""
-        if role == "assistant":
-            start, end = _assistant_span(i, messages, text, renderer, markers, cursor)
-            cursor = max(cursor, end)
-            if train and end > start:
-                spans.append((start, end))
+        window = windows[i]
+        if not train or window is None:
+            # An assistant message without a window is refused by the audit.
+            if train and role != "assistant":
+                raise ValueError(
+                    f"message {i} ({role}) has loss_mask=1 but the chat template renders nothing for it; "
+                    "drop its loss_mask"
+                )
             continue
-        # Other turns are only located when trained, or to move the cursor past their text
-        # so a later assistant search cannot match inside them.
-        found = text.find(content, cursor) if content else -1
+        before = max((w[1] for j, w in enumerate(windows) if j != i and w and w[1] <= window[0]), default=0)
+        after = min((w[0] for j, w in enumerate(windows) if j != i and w and w[0] >= window[1]), default=len(text))
+        start = _turn_start(text, before, window[0], header, markers) if role == "assistant" else window[0]
+        end = markers.first_special_end(text, window[1], after)
+        spans[i] = (start, window[1] if end is None else end)
+    return spans
+
+
+def _turn_start(text: str, before: int, start: int, header: tuple[str, ...], markers: Markers) -> int:
+    for prefix in header:
+        found = text.rfind(prefix, before, start)
         if found >= 0:
-            if train:
-                spans.append((found, markers.close(text, found + len(content))))
-            cursor = found + len(content)
-        elif train and content:
-            raise ValueError(
-                f"{renderer.where}: message {i} ({role}) has loss_mask=1 but the chat template does not "
-                "render its content verbatim; drop its loss_mask"
-            )
-    return _merge(spans)
+            return found + len(prefix)
+    closed = markers.first_special_end(text, before, start)
+    return start if closed is None else closed
 
 
-def _assistant_span(
-    i: int,
-    messages: list[dict[str, Any]],
-    text: str,
-    renderer: ChatRenderer,
-    markers: Markers,
-    cursor: int,
-) -> Span:
-    content = messages[i].get("content") or ""
-    history = messages[:i]
-    before = renderer.try_render(history, add_generation_prompt=True)
-    upto = text if i == len(messages) - 1 else renderer.try_render(messages[: i + 1], add_generation_prompt=False)
-    closing = None
-    if before is not None and upto is not None and upto.startswith(before):
-        segment = upto[len(before) :]
-        piece = segment[: markers.turn_length(segment, content)]
-        if text.startswith(upto):
-            return len(before), len(before) + len(piece)
-        # Earlier history was rewritten (e.g. its reasoning dropped), maybe not this turn.
-        found = text.find(piece, cursor) if piece.strip() else -1
-        if found >= 0:
-            return found, found + len(piece)
-        closing = markers.last_marker(piece)
-    # This turn itself renders differently inside the whole conversation (e.g. without its
-    # reasoning): find its role header, else its content, and train up to its end-of-turn.
-    header = _generation_prompt(renderer, history, before)
-    found = text.find(header, cursor) if header.strip() else -1
-    if found >= 0 and text.startswith(content, found + len(header)):
-        start = found + len(header)
-        return start, markers.turn_end(text, start + len(content), closing)
-    found = text.find(content, cursor) if content else -1
-    if found >= 0:
-        return found, markers.turn_end(text, found + len(content), closing)
-    raise ValueError(
-        f"{renderer.where}: assistant message {i} is not in the rendered conversation (the chat template "
-        "rewrites it); fix data.chat_template or the row"
-    )
-
-
-def _generation_prompt(renderer: ChatRenderer, history: list[dict[str, Any]], before: str | None) -> str:
-    """What add_generation_prompt appends after `history` (an assistant role header)."""
-    plain = renderer.try_render(history, add_generation_prompt=False)
-    if before is None or plain is None or not before.startswith(plain):
-        return ""
-    return before[len(plain) :]
-
-
-def _merge(spans: list[Span]) -> list[Span]:
+def merge(spans: list[Span]) -> list[Span]:
+    """Sorted, non-overlapping union of `spans`."""
     merged: list[Span] = []
     for start, end in sorted(spans):
         if merged and start <= merged[-1][1]:

@@ -1,0 +1,221 @@
+"""Small chat templates written for the tests, one per behaviour of published templates.
+
+Each reproduces one family's behaviour (learned from the published templates, not copied):
+reasoning kept only after the last user turn (Qwen3), everything up to </think> dropped
+(DeepSeek-R1 distills), a terminator after the last turn (Phi-3.5), system prompt and tool
+list placed at the last user turn (Mistral-Nemo), one turn split into channel messages with
+a different closer for the last one (gpt-oss harmony), trimmed content (Llama 3), and
+tool-call-only turns in all those that call tools. `TOKENS` are the added tokens each
+needs: (text, special).
+"""
+
+from __future__ import annotations
+
+QWEN3 = r"""
+{%- set ns = namespace(last_user=-1) -%}
+{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}{%- endfor -%}
+{%- if tools -%}
+  {{- '<|im_start|>system\n' -}}
+  {%- if messages[0].role == 'system' -%}{{- messages[0].content + '\n\n' -}}{%- endif -%}
+  {{- 'Tools you may call:' -}}
+  {%- for t in tools -%}{{- '\n' + (t | tojson) -}}{%- endfor -%}
+  {{- '<|im_end|>\n' -}}
+{%- elif messages[0].role == 'system' -%}
+  {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' -}}
+{%- endif -%}
+{%- for m in messages -%}
+  {%- if m.role == 'user' -%}
+    {{- '<|im_start|>user\n' + m.content + '<|im_end|>\n' -}}
+  {%- elif m.role == 'assistant' -%}
+    {%- set text = m.content if m.content is string else '' -%}
+    {%- set thought = m.reasoning_content if m.reasoning_content is string else '' -%}
+    {%- if '</think>' in text -%}
+      {%- set thought = text.split('</think>')[0].split('<think>')[-1].strip('\n') -%}
+      {%- set text = text.split('</think>')[-1].lstrip('\n') -%}
+    {%- endif -%}
+    {{- '<|im_start|>assistant\n' -}}
+    {%- if loop.index0 > ns.last_user and (loop.last or thought) -%}
+      {{- '<think>\n' + thought.strip('\n') + '\n</think>\n\n' -}}
+    {%- endif -%}
+    {{- text -}}
+    {%- for call in m.tool_calls or [] -%}
+      {%- if text or not loop.first -%}{{- '\n' -}}{%- endif -%}
+      {{- '<tool_call>\n{"name": "' + call.function.name + '", "arguments": ' + call.function.arguments + '}\n</tool_call>' -}}
+    {%- endfor -%}
+    {{- '<|im_end|>\n' -}}
+  {%- elif m.role == 'tool' -%}
+    {%- if loop.first or messages[loop.index0 - 1].role != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}
+    {{- '\n<tool_response>\n' + m.content + '\n</tool_response>' -}}
+    {%- if loop.last or messages[loop.index0 + 1].role != 'tool' -%}{{- '<|im_end|>\n' -}}{%- endif -%}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+  {{- '<|im_start|>assistant\n' -}}
+  {%- if enable_thinking is defined and not enable_thinking -%}{{- '<think>\n\n</think>\n\n' -}}{%- endif -%}
+{%- endif -%}
+"""
+
+R1 = r"""
+{{- '<｜begin▁of▁sentence｜>' -}}
+{%- for m in messages -%}{%- if m.role == 'system' -%}{{- m.content -}}{%- endif -%}{%- endfor -%}
+{%- for m in messages -%}
+  {%- if m.role == 'user' -%}
+    {{- '<｜User｜>' + m.content -}}
+  {%- elif m.role == 'assistant' -%}
+    {%- set text = m.content -%}
+    {%- if '</think>' in text -%}{%- set text = text.split('</think>')[-1] -%}{%- endif -%}
+    {{- '<｜Assistant｜>' + text + '<｜end▁of▁sentence｜>' -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<｜Assistant｜><think>\n' -}}{%- endif -%}
+"""
+
+PHI = r"""
+{%- for m in messages -%}
+  {%- if m.role == 'system' and m.content -%}{{- '<|system|>\n' + m.content + '<|end|>\n' -}}
+  {%- elif m.role == 'user' -%}{{- '<|user|>\n' + m.content + '<|end|>\n' -}}
+  {%- elif m.role == 'assistant' -%}{{- '<|assistant|>\n' + m.content + '<|end|>\n' -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|assistant|>\n' -}}{%- else -%}{{- '<|endoftext|>' -}}{%- endif -%}
+"""
+
+NEMO = r"""
+{%- if messages[0].role == 'system' -%}
+  {%- set system = messages[0].content -%}{%- set turns = messages[1:] -%}
+{%- else -%}
+  {%- set turns = messages -%}
+{%- endif -%}
+{%- set ns = namespace(last_user=-1, n=0) -%}
+{%- for m in turns -%}
+  {%- if m.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}
+  {%- if m.role in ['user', 'assistant'] and not m.tool_calls -%}
+    {%- if (m.role == 'user') != (ns.n % 2 == 0) -%}{{- raise_exception('roles must alternate') -}}{%- endif -%}
+    {%- set ns.n = ns.n + 1 -%}
+  {%- endif -%}
+{%- endfor -%}
+{{- '<s>' -}}
+{%- for m in turns -%}
+  {%- if m.role == 'user' -%}
+    {%- if loop.index0 == ns.last_user -%}
+      {%- if tools -%}{{- '[AVAILABLE_TOOLS]' + (tools | tojson) + '[/AVAILABLE_TOOLS]' -}}{%- endif -%}
+      {%- if system is defined -%}{{- '[INST]' + system + '\n\n' + m.content + '[/INST]' -}}
+      {%- else -%}{{- '[INST]' + m.content + '[/INST]' -}}{%- endif -%}
+    {%- else -%}
+      {{- '[INST]' + m.content + '[/INST]' -}}
+    {%- endif -%}
+  {%- elif m.role == 'assistant' and m.tool_calls -%}
+    {{- '[TOOL_CALLS][' -}}
+    {%- for call in m.tool_calls -%}
+      {%- if call.id | length != 9 -%}{{- raise_exception('tool call ids have 9 characters') -}}{%- endif -%}
+      {{- '{"name": "' + call.function.name + '", "arguments": ' + call.function.arguments + ', "id": "' + call.id + '"}' -}}
+      {%- if not loop.last -%}{{- ', ' -}}{%- endif -%}
+    {%- endfor -%}
+    {{- ']</s>' -}}
+  {%- elif m.role == 'assistant' -%}
+    {{- m.content | trim + '</s>' -}}
+  {%- elif m.role == 'tool' -%}
+    {{- '[TOOL_RESULTS]{"content": ' + (m.content | tojson) + ', "call_id": "' + m.tool_call_id + '"}[/TOOL_RESULTS]' -}}
+  {%- endif -%}
+{%- endfor -%}
+"""
+
+HARMONY = r"""
+{{- '<|start|>system<|message|>Reasoning: medium<|end|>' -}}
+{%- if tools -%}
+  {{- '<|start|>developer<|message|>' -}}
+  {%- if messages[0].role == 'system' -%}{{- messages[0].content + '\n' -}}{%- endif -%}
+  {%- for t in tools -%}{{- 'tool ' + t.function.name + '\n' -}}{%- endfor -%}
+  {{- '<|end|>' -}}
+{%- elif messages[0].role == 'system' -%}
+  {{- '<|start|>developer<|message|>' + messages[0].content + '<|end|>' -}}
+{%- endif -%}
+{%- set ns = namespace(call='') -%}
+{%- for m in messages -%}
+  {%- if m.role == 'user' -%}
+    {{- '<|start|>user<|message|>' + m.content + '<|end|>' -}}
+  {%- elif m.role == 'assistant' and m.tool_calls -%}
+    {%- set later = namespace(final=false) -%}
+    {%- for f in messages[loop.index:] -%}
+      {%- if f.role == 'assistant' and not f.tool_calls -%}{%- set later.final = true -%}{%- endif -%}
+    {%- endfor -%}
+    {%- if m.thinking and not later.final -%}
+      {{- '<|start|>assistant<|channel|>analysis<|message|>' + m.thinking + '<|end|>' -}}
+    {%- endif -%}
+    {%- set call = m.tool_calls[0].function -%}
+    {{- '<|start|>assistant to=functions.' + call.name + '<|channel|>commentary json<|message|>' -}}
+    {{- call.arguments + '<|call|>' -}}
+    {%- set ns.call = call.name -%}
+  {%- elif m.role == 'assistant' -%}
+    {%- if loop.last and not add_generation_prompt -%}
+      {%- if m.thinking -%}{{- '<|start|>assistant<|channel|>analysis<|message|>' + m.thinking + '<|end|>' -}}{%- endif -%}
+      {{- '<|start|>assistant<|channel|>final<|message|>' + m.content + '<|return|>' -}}
+    {%- else -%}
+      {{- '<|start|>assistant<|channel|>final<|message|>' + m.content + '<|end|>' -}}
+    {%- endif -%}
+  {%- elif m.role == 'tool' -%}
+    {{- '<|start|>functions.' + ns.call + ' to=assistant<|channel|>commentary<|message|>' + m.content + '<|end|>' -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|start|>assistant' -}}{%- endif -%}
+"""
+
+TRIM = r"""
+{{- '<|begin_of_text|>' -}}
+{%- for m in messages -%}
+  {%- set role = 'ipython' if m.role == 'tool' else m.role -%}
+  {{- '<|start_header_id|>' + role + '<|end_header_id|>\n\n' -}}
+  {%- if m.tool_calls -%}
+    {%- set call = m.tool_calls[0].function -%}
+    {{- '{"name": "' + call.name + '", "parameters": ' + call.arguments + '}' -}}
+  {%- else -%}
+    {{- m.content | trim -}}
+  {%- endif -%}
+  {{- '<|eot_id|>' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}{%- endif -%}
+"""
+
+# A template that quotes the user's words between the reply's reasoning and its answer: no
+# mask can keep the reply trained and the user's text untrained, so the audit must refuse.
+ECHO = r"""
+{%- for m in messages -%}
+  {%- if m.role == 'assistant' -%}
+    {{- '<|im_start|>assistant\n' + m.reasoning + ' (re: ' + messages[loop.index0 - 1].content + ') ' -}}
+    {{- m.content + '<|im_end|>\n' -}}
+  {%- else -%}
+    {{- '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}
+"""
+
+TOKENS: dict[str, list[tuple[str, bool]]] = {
+    "qwen3": [("<think>", False), ("</think>", False)],
+    "r1": [
+        ("<｜begin▁of▁sentence｜>", True),
+        ("<｜end▁of▁sentence｜>", True),
+        ("<｜User｜>", False),
+        ("<｜Assistant｜>", False),
+    ],
+    "phi": [(t, True) for t in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")],
+    "nemo": [
+        (t, True)
+        for t in (
+            "<s>",
+            "</s>",
+            "[INST]",
+            "[/INST]",
+            "[TOOL_CALLS]",
+            "[AVAILABLE_TOOLS]",
+            "[/AVAILABLE_TOOLS]",
+            "[TOOL_RESULTS]",
+            "[/TOOL_RESULTS]",
+        )
+    ],
+    "harmony": [(t, True) for t in ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|call|>", "<|return|>")],
+    "trim": [(t, True) for t in ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")],
+    "echo": [],
+}
+
+TEMPLATES = {"qwen3": QWEN3, "r1": R1, "phi": PHI, "nemo": NEMO, "harmony": HARMONY, "trim": TRIM, "echo": ECHO}
