@@ -25,7 +25,7 @@ def paths(tmp_path: Path) -> list[str]:
     model = tmp_path / "model"
     model.mkdir()
     # The least that validate_config's model-folder checks accept (they read json files only).
-    (model / "config.json").write_text("{}")
+    (model / "config.json").write_text('{"model_type": "qwen2"}')
     (model / "model.safetensors").write_bytes(b"")
     (model / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
     return [f"data.train_files={tmp_path}/train.parquet", f"model.partial_pretrain={tmp_path}/model"]
