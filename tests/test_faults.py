@@ -130,6 +130,8 @@ def disk_full_at_step(overrides: list[str], step: int, fail_rank: int, what: str
     import torch.distributed as dist
 
     import sft.checkpoint as ck
+    import sft.extra_state as es
+    import sft.hf_export as hx
     from sft.distributed import init_distributed, teardown
     from sft.fsdp_sft_trainer import FSDPSFTTrainer
     from sft.schema import load_config
@@ -137,17 +139,15 @@ def disk_full_at_step(overrides: list[str], step: int, fail_rank: int, what: str
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    original_save, original_file = torch.save, ck.save_file
-
-    def torch_save(obj, f, *args, **kwargs):
-        hit = what == "torch.save" and f"global_step_{step}/" in str(f) and dist.get_rank() == fail_rank
-        return full() if hit else original_save(obj, f, *args, **kwargs)
+    # `what` names the writer that fails: the extra state's tensors, or the HF export's weights.
+    modules = {"extra_state": es, "hf_export": hx}
+    original = modules[what].save_file
 
     def save_file(tensors, filename, *args, **kwargs):
-        hit = what == "save_file" and f"global_step_{step}/" in str(filename) and dist.get_rank() == fail_rank
-        return full() if hit else original_file(tensors, filename, *args, **kwargs)
+        hit = f"global_step_{step}/" in str(filename) and dist.get_rank() == fail_rank
+        return full() if hit else original(tensors, filename, *args, **kwargs)
 
-    torch.save, ck.save_file = torch_save, save_file
+    modules[what].save_file = save_file
     cfg = load_config(overrides)
     ctx = init_distributed("cpu", cfg.ulysses_sequence_parallel_size)
     try:
@@ -170,7 +170,7 @@ def assert_step_2_intact(out: Path) -> None:
     assert load_file(out / "global_step_2" / "huggingface" / "model.safetensors")
 
 
-@pytest.mark.parametrize("fail_rank, what", [(1, "torch.save"), (0, "save_file")])
+@pytest.mark.parametrize("fail_rank, what", [(1, "extra_state"), (0, "hf_export")])
 def test_disk_full_while_saving_stops_all_ranks_and_keeps_the_last_checkpoint(demo_dir, tmp_path, fail_rank, what):
     out, errs = tmp_path / "run", tmp_path / "errs"
     errs.mkdir()

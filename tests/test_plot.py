@@ -52,7 +52,7 @@ def test_png_shows_both_runs(tmp_path) -> None:
     from matplotlib.image import imread
 
     image = imread(out)  # RGBA floats
-    assert image.shape[:2] == (800, 1200)
+    assert image.shape[:2] == (1100, 1200)
     rgb = (image[..., :3] * 255).round().astype(int)
     # Matplotlib's first two cycle colours: run_a is C0 (#1f77b4), run_b is C1 (#ff7f0e).
     for colour in ((0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)):

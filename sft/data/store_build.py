@@ -59,7 +59,8 @@ class StoreBuild:
             except (ValueError, KeyError, AssertionError) as e:
                 why = f"inconsistent arrays ({e})"
         if not all(self._gather(data is not None)):
-            logger.info("tokenised cache %s: %s; tokenizing", folder, why or "incomplete on another rank")
+            # Said when the build starts, after the scan: a data error stays the run's only line.
+            self._cache_miss = f"tokenised cache {folder}: {why or 'incomplete on another rank'}; tokenizing"
             return False
         self._adopt(data)
         logger.info("tokenised cache reused: %s (same key)", folder)
@@ -140,6 +141,8 @@ class StoreBuild:
 
     def _build(self) -> None:
         t0 = time.perf_counter()
+        if getattr(self, "_cache_miss", None):
+            logger.info("%s", self._cache_miss)
         self.num_dropped = 0
         self.num_truncated = 0
         rank, world = (self.shard.rank, self.shard.world) if self.shard else (0, 1)
