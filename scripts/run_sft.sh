@@ -18,9 +18,9 @@ SAVE_DIR=${SAVE_DIR:-checkpoints/${PROJECT_NAME:-sft}/${EXPERIMENT_NAME:-run}}
 MAX_LENGTH=${MAX_LENGTH:-4096}
 TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-128}
 MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-2}
-# Token budget per GPU of one packed micro-batch (remove-padding): many samples per forward instead of
-# MICRO_BATCH_SIZE, the fast path (docs/PERFORMANCE.md). Empty: MICRO_BATCH_SIZE samples.
-MAX_TOKEN_LEN=${MAX_TOKEN_LEN-16384}
+# A cap on the token budget per GPU of one packed micro-batch (remove-padding). Empty: the trainer
+# chooses the budget from the model shape and free memory (at least MICRO_BATCH_SIZE x MAX_LENGTH).
+MAX_TOKEN_LEN=${MAX_TOKEN_LEN:-}
 LR=${LR:-2e-5}
 EPOCHS=${EPOCHS:-2}
 SP_SIZE=${SP_SIZE:-2}

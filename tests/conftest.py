@@ -22,6 +22,25 @@ def _restore_sft_logger():
     log.propagate, log.level = propagate, level
 
 
+@pytest.fixture
+def single_rank(monkeypatch):
+    """`single_rank(device)` starts a one-process group in this process (torchrun's variables
+    cleared), torn down after the test."""
+    from sft.distributed import init_distributed, teardown
+
+    started = []
+
+    def start(device: str):
+        for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+            monkeypatch.delenv(key, raising=False)
+        started.append(init_distributed(device, 1))
+        return started[-1]
+
+    yield start
+    if started:
+        teardown()
+
+
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model folder and train/val parquet files, as `python -m sft.demo` writes them."""

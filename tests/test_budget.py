@@ -85,14 +85,8 @@ def test_fused_ce_matches_reference_without_sync():
 
 
 @pytest.fixture
-def one_rank(monkeypatch):
-    from sft.distributed import init_distributed, teardown
-
-    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(key, raising=False)
-    ctx = init_distributed("cpu", 1)
-    yield ctx
-    teardown()
+def one_rank(single_rank):
+    return single_rank("cpu")
 
 
 def test_default_budget_loss_and_sync_free_loop(demo_dir, tmp_path, one_rank, monkeypatch):

@@ -85,14 +85,8 @@ def test_compile_matches_eager_on_cuda(demo_dir, tmp_path):
 
 
 @pytest.fixture
-def cuda_rank(monkeypatch):
-    from sft.distributed import init_distributed, teardown
-
-    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(key, raising=False)
-    ctx = init_distributed("cuda", 1)
-    yield ctx
-    teardown()
+def cuda_rank(single_rank):
+    return single_rank("cuda")
 
 
 # Liger off first: its patch of the model classes is process-wide and cannot be undone.
