@@ -47,7 +47,6 @@ RENAMED = {
 # files it composes: model/hf_model.yaml, engine/fsdp.yaml, optim/fsdp.yaml). Written as its keys.
 DEFAULTS: dict[str, Any] = {
     "data.use_dynamic_bsz": True,
-    "data.max_token_len_per_gpu": 8192,
     "data.pad_mode": "no_padding",
     "model.use_remove_padding": True,
     "optim.lr": 1e-3,
@@ -238,8 +237,10 @@ def _is_dict_entry(key: str) -> bool:
 
 
 def _budget(e: dict[str, Any]) -> dict[str, Any]:
-    # use_dynamic_bsz=true: micro-batches by token budget; false: by sample count.
-    if e["data.use_dynamic_bsz"]:
+    # A typed max_token_len_per_gpu with use_dynamic_bsz=true is the user's cap on the token budget.
+    # That layout's own default (8192) is not: sft chooses the budget for everyone (at least
+    # micro_batch_size_per_gpu x max_length, more when the GPU has room) and logs the choice.
+    if e["data.use_dynamic_bsz"] and e.get("data.max_token_len_per_gpu") is not None:
         return {"data.max_token_len_per_gpu": e["data.max_token_len_per_gpu"]}
     return {}
 

@@ -78,7 +78,10 @@ def test_the_layout_gets_its_own_defaults():
     assert cfg.model.partial_pretrain == "/m"
     assert cfg.optim.lr == pytest.approx(1e-3) and cfg.optim.betas == [0.9, 0.999]
     assert cfg.optim.lr_scheduler == "constant" and cfg.trainer.total_epochs == 4 and cfg.trainer.seed == 1
-    assert cfg.use_remove_padding and cfg.data.max_token_len_per_gpu == 8192
+    # Its 8192 default is not typed: the trainer chooses the budget (sft/budget.py) as for everyone.
+    assert cfg.use_remove_padding and cfg.data.max_token_len_per_gpu is None
+    typed, _ = _parse(["data.train_files=t.parquet", "model.path=/m", "data.max_token_len_per_gpu=8192"])
+    assert typed.data.max_token_len_per_gpu == 8192
     assert cfg.trainer.logger == ["console", "wandb"] and cfg.trainer.project_name == "gsm8k-sft"
     assert cfg.model.compile is False  # the layout compiles on CUDA; this machine has none
 
@@ -106,7 +109,7 @@ def test_keys_map_onto_ours():
     assert cfg.ulysses_sequence_parallel_size == 2 and cfg.model.fsdp_config.model_dtype == "bf16"
     assert cfg.model.fsdp_config.offload_params and cfg.trainer.checkpoint.save_contents == ["model", "hf_model"]
     assert cfg.optim.lr_scheduler == "wsd" and cfg.optim.wsd_decay_ratio == pytest.approx(0.2)
-    assert cfg.data.max_token_len_per_gpu is None  # use_dynamic_bsz=false: by sample count
+    assert cfg.data.max_token_len_per_gpu is None  # use_dynamic_bsz=false: no cap
     assert cfg.data.apply_chat_template_kwargs == {"enable_thinking": False}
     assert cfg.model.tokenizer_path == "/tok" and cfg.model.override_config == {"attention_dropout": 0.0}
     assert cfg.model.lora_rank == 8 and cfg.model.exclude_modules == ["lm_head"]
@@ -158,7 +161,7 @@ def test_gsm8k_example_composes_to_the_same_config_as_our_command(demo_dir, tmp_
     ).split()
     ours = (
         f"data.train_files={d}/train.parquet data.val_files={d}/val.parquet data.micro_batch_size_per_gpu=64 "
-        f"data.multiturn.enable=true data.multiturn.messages_key=messages data.max_token_len_per_gpu=8192 "
+        f"data.multiturn.enable=true data.multiturn.messages_key=messages "
         f"optim.lr=1e-4 optim.betas=[0.9,0.999] optim.lr_scheduler=constant ulysses_sequence_parallel_size=2 "
         f"model.partial_pretrain={d}/model use_remove_padding=true trainer.default_local_dir={out} "
         "trainer.project_name=gsm8k-sft trainer.experiment_name=gsm8k-sft-qwen3-8b-instruct "
@@ -187,7 +190,6 @@ def test_verls_example_trains_like_our_command_line(demo_dir, tmp_path):
         f"data.val_files={demo_dir}/val.parquet",
         "data.multiturn.enable=true",
         "data.micro_batch_size_per_gpu=4",
-        "data.max_token_len_per_gpu=8192",
         f"model.partial_pretrain={demo_dir}/model",
         "use_remove_padding=true",
         "ulysses_sequence_parallel_size=2",
