@@ -25,6 +25,10 @@ LR=${LR:-2e-5}
 EPOCHS=${EPOCHS:-2}
 SP_SIZE=${SP_SIZE:-2}
 REMOVE_PADDING=${REMOVE_PADDING:-true}
+# fp32 master weights: bf16 ones lose AdamW's small updates (README, model.fsdp_config.model_dtype).
+MODEL_DTYPE=${MODEL_DTYPE:-fp32}
+# Code shipped inside the model folder runs only when asked for (README, Security).
+TRUST_REMOTE_CODE=${TRUST_REMOTE_CODE:-false}
 LOGGER=${LOGGER:-'["console","wandb"]'}
 
 if [ "$NNODES" -gt 1 ]; then
@@ -48,10 +52,10 @@ exec torchrun "${launch[@]}" --max-restarts="${MAX_RESTARTS:-3}" --nproc_per_nod
   data.max_token_len_per_gpu="${MAX_TOKEN_LEN:-null}" \
   data.balance_dp_token=true \
   model.partial_pretrain="$MODEL_PATH" \
-  model.trust_remote_code=true \
+  model.trust_remote_code="$TRUST_REMOTE_CODE" \
   model.enable_gradient_checkpointing=true \
   model.strategy=fsdp2 \
-  model.fsdp_config.model_dtype=bf16 \
+  model.fsdp_config.model_dtype="$MODEL_DTYPE" \
   optim.lr="$LR" \
   optim.lr_warmup_steps_ratio=0.05 \
   optim.clip_grad=1.0 \

@@ -55,6 +55,12 @@ def build_optimizer(
         weight_decay,
         len(no_decay),
     )
+    if any(p.dtype == torch.bfloat16 for g in groups for p in g["params"]):
+        # Measured (docs/PERFORMANCE.md): loss 10.98 vs 9.09 after 7 steps at lr 1e-5, 1.5B shape.
+        logger.warning(
+            "model.fsdp_config.model_dtype=bf16: AdamW updates smaller than ~1/256 of a weight are lost in bf16 "
+            "master weights, so training moves much less; model_dtype=fp32 (the default) keeps them"
+        )
     # The fused CUDA kernel is the fastest AdamW; on CPU foreach is the best available.
     backend = {"fused": True} if device_type == "cuda" else {"foreach": True}
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **backend)
