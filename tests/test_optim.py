@@ -218,3 +218,13 @@ def test_fsdp2_dtensor_params(tmp_path) -> None:
         assert not torch.equal(before, m.proj.weight.full_tensor())
     finally:
         dist.destroy_process_group()
+
+
+def test_bf16_master_weights_are_warned_about(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="sft"):
+        build_optimizer(torch.nn.Linear(4, 4), 1e-3, (0.9, 0.95), 0.0, "cpu")
+        assert "model_dtype=bf16" not in caplog.text
+        build_optimizer(torch.nn.Linear(4, 4).to(torch.bfloat16), 1e-3, (0.9, 0.95), 0.0, "cpu")
+    assert "model_dtype=bf16: AdamW updates smaller than" in caplog.text
