@@ -27,7 +27,8 @@ logger = logging.getLogger("sft")
 ON_BAD_SAMPLE = ("error", "skip")
 SAMPLE = 20  # bad rows kept with their reason (logged / written to bad_samples.jsonl)
 BAD_SAMPLES_FILE = "bad_samples.jsonl"
-SCAN_ROWS = 8192  # rows per scanned batch: vectorised enough, small enough to bound memory
+# Rows per scanned batch: vectorised enough, small enough to bound memory (~40 MB of Arrow at 5 KB a row).
+SCAN_ROWS = 2048
 
 
 @dataclass
