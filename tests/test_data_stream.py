@@ -168,5 +168,5 @@ def test_cold_build_memory_is_bounded_by_a_row_group(tmp_path, demo_tokenizer):
         ds = build_dataset(str(path), demo_tokenizer, chat_cfg(512), max_samples=-1, pad_to_max_length=False)
     assert len(ds) == int(good.sum()) and ds.bad_rows.count == n - int(good.sum())
     # Whole-file reading holds the decoded file (~40 row groups) at once: 107 MB peak was
-    # measured with it, 4.7 MB streamed, for 1.3 MB per row group.
+    # measured with it, 2.4 MB streamed, for 1.3 MB per row group.
     assert peak.peak < 8 * per_group, (peak.peak, per_group, decoded)
