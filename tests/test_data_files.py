@@ -23,7 +23,7 @@ def test_several_files_concatenate_in_order(write_parquet):
     assert src.origin(3) == (b, 0)
     assert src.where(2) == f"{a} row 2"
     # Only the needed columns are read; absent optional ones are simply left out.
-    assert src.tables[0].column_names == ["prompt"]
+    assert [list(cols) for _, _, cols in src.iter_batches(2)] == [["prompt"]] * 3
 
 
 @pytest.mark.parametrize(("max_samples", "expected"), [(-1, 5), (2, 2), (4, 4), (10, 5)])

@@ -1,9 +1,10 @@
-"""Reading data files (parquet or JSON lines) into pyarrow Tables, one per file.
+"""Data files (parquet or JSON lines) as one numbered sequence of rows, read in batches.
 
 `expand_paths` turns data.train_files/val_files entries (files, globs, folders) into a
-sorted list of files. `ParquetSource` reads only the columns a dataset needs, keeps the
-first `max_samples` rows across all files, notes the JSON lines it could not read, and maps
-a global row index back to its file and row (or line) so every message names the input row.
+sorted list of files. `ParquetSource` reads only the columns a dataset needs (parquet streamed
+from disk, JSON lines parsed in memory), keeps the first `max_samples` rows across all files,
+notes the JSON lines it could not read, and maps a global row index back to its file and row
+(or line) so every message names the input row.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from sft.data.file_rows import ParquetRows, TableRows, check_columns, one_line
 
 JSON_SUFFIXES = (".jsonl", ".json")
 DATA_SUFFIXES = (".parquet", *JSON_SUFFIXES)
@@ -61,12 +63,15 @@ def expand_paths(files: str | Sequence[str] | None, key: str = FILES_KEY) -> lis
 
 
 class ParquetSource:
-    """The needed columns of several data files, kept as Arrow Tables (one per file).
+    """The needed columns of several data files, read batch by batch (`sft.data.file_rows`).
 
-    Rows are numbered globally in file order; `where(row)` names the file and its local row
-    (its line for JSON lines). `required` maps each needed column to the config key naming it
-    (for error messages); missing optional columns are simply absent from the batches.
-    `problems[row]` says why a JSON line could not be read (its columns are null).
+    Parquet files are streamed from disk: only their footers (schema, row counts) are kept, so
+    host memory is bounded by a batch, not by the files; JSON-lines files are parsed into a
+    table kept in memory. Rows are numbered globally in file order; `where(row)` names the file
+    and its local row (its line for JSON lines). `required` maps each needed column to the config
+    key naming it (for error messages, raised here from the footer before any row is read);
+    missing optional columns are simply absent from the batches. `problems[row]` says why a JSON
+    line could not be read (its columns are null).
     """
 
     def __init__(
@@ -77,7 +82,7 @@ class ParquetSource:
         max_samples: int = -1,
     ) -> None:
         self.paths = expand_paths(files)
-        self.tables: list[pa.Table] = []
+        self.files: list[ParquetRows | TableRows] = []
         self.lines: list[np.ndarray | None] = []  # per file: the 1-based line of each row (JSON lines)
         self.problems: dict[int, str] = {}
         budget = max_samples if max_samples > 0 else None
@@ -85,19 +90,21 @@ class ParquetSource:
         for path in self.paths:
             if budget == 0:
                 break
+            rows: ParquetRows | TableRows
             if path.endswith(JSON_SUFFIXES):
                 table, lines, problems = _read_json_lines(path, required, optional)
+                rows = TableRows(table)
             else:
-                table, lines, problems = _read(path, required, optional), None, {}
+                rows, lines, problems = ParquetRows(path, required, optional), None, {}
             if budget is not None:
                 # Keep the first N rows across the concatenation, like verl's max_samples.
-                table = table.slice(0, min(budget, table.num_rows))
-                budget -= table.num_rows
-            self.tables.append(table)
+                rows.truncate(budget)
+                budget -= rows.num_rows
+            self.files.append(rows)
             self.lines.append(lines)
-            self.problems.update({first + r: why for r, why in problems.items() if r < table.num_rows})
-            first += table.num_rows
-        counts = [t.num_rows for t in self.tables]
+            self.problems.update({first + r: why for r, why in problems.items() if r < rows.num_rows})
+            first += rows.num_rows
+        counts = [f.num_rows for f in self.files]
         # starts[k] = global index of the first row of file k; starts[-1] = total rows.
         self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
 
@@ -124,17 +131,18 @@ class ParquetSource:
     ) -> Iterator[tuple[int, list[int], dict[str, list[Any]]]]:
         """Yield (batch index, global rows, {column: Python values}) a few hundred rows at a
         time; with `world` > 1 only the batches with index % world == rank (the others are not
-        converted at all). Rows where the global mask `skip` is True are left out.
+        converted at all, and a parquet row group holding none of them is not even read).
+        Rows where the global mask `skip` is True are left out.
 
-        Converting slice by slice keeps peak memory at one batch of Python objects.
+        Batches are numbered per file from its first row, in file order, whatever the files' row
+        groups, so every rank numbers them alike. Peak memory: one batch of Python objects plus
+        the decoded batch (parquet: `ParquetRows.batches` says what a rank decodes).
         """
-        index = -1
-        for k, table in enumerate(self.tables):
-            for start in range(0, table.num_rows, batch_rows):
-                index += 1  # counted before skipping, so every rank numbers the batches alike
-                if index % world != rank:
-                    continue
-                part = table.slice(start, batch_rows)
+        base = 0  # index of file k's first batch
+        for k, rows_k in enumerate(self.files):
+            mine = (lambda b, base=base: (base + b) % world == rank) if world > 1 else None
+            for start, part in rows_k.batches(batch_rows, mine):
+                index = base + start // batch_rows
                 first = int(self.starts[k]) + start
                 rows = np.arange(first, first + part.num_rows)
                 if skip is not None:
@@ -144,55 +152,7 @@ class ParquetSource:
                         continue
                 columns = {name: part.column(name).to_pylist() for name in part.column_names}
                 yield index, rows.tolist(), columns
-
-
-def _check_columns(path: str, available: list[str], required: Mapping[str, str]) -> None:
-    for name, option in required.items():
-        if name not in available:
-            # The commonest cause: chat data read by the single-turn dataset.
-            hint = " or set data.multiturn.enable=true" if "messages" in available and "multiturn" not in option else ""
-            raise ValueError(
-                f"{path}: column {name!r} ({option}) not found; available columns: {available}; "
-                f"set {option} to one of them{hint}"
-            )
-
-
-def _read(path: str, required: Mapping[str, str], optional: Sequence[str]) -> pa.Table:
-    try:
-        schema = pq.read_schema(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise ValueError(
-            f"{path}: not a readable parquet file ({_one_line(e)}); replace it, or name it .jsonl if it is JSON lines"
-        ) from e
-    available = list(schema.names)
-    _check_columns(path, available, required)
-    wanted = list(dict.fromkeys([*required, *(n for n in optional if n in available)]))
-    try:
-        # memory_map: the OS pages the file in lazily instead of copying it into the heap.
-        table = pq.read_table(path, columns=wanted, memory_map=True)
-    except (pa.ArrowException, OSError) as e:
-        raise ValueError(
-            f"{path}: corrupt parquet file, its data cannot be read ({_one_line(e)}); replace the file"
-        ) from e
-    return _text_not_bytes(table)
-
-
-def _text_not_bytes(table: pa.Table) -> pa.Table:
-    """Binary columns (text written as bytes) as strings; invalid UTF-8 is found by the scan."""
-    fields = [pa.field(f.name, _string_type(f.type)) for f in table.schema]
-    target = pa.schema(fields)
-    # safe=False: keep invalid UTF-8 for the scan to name its rows instead of failing here.
-    return table if target == table.schema else table.cast(target, safe=False)
-
-
-def _string_type(t: pa.DataType) -> pa.DataType:
-    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
-        return pa.string()
-    if pa.types.is_list(t) or pa.types.is_large_list(t):
-        return pa.list_(_string_type(t.value_type))
-    if pa.types.is_struct(t):
-        return pa.struct([pa.field(f.name, _string_type(f.type)) for f in t])
-    return t
+            base += (rows_k.num_rows + batch_rows - 1) // batch_rows
 
 
 def _read_json_lines(
@@ -207,7 +167,7 @@ def _read_json_lines(
     try:
         data = Path(path).read_bytes()
     except OSError as e:
-        raise ValueError(f"{path}: cannot read the file ({_one_line(e)}); fix its permissions or the path") from e
+        raise ValueError(f"{path}: cannot read the file ({one_line(e)}); fix its permissions or the path") from e
     records: list[dict[str, Any]] = []
     lines: list[int] = []
     problems: dict[int, str] = {}
@@ -231,7 +191,7 @@ def _read_json_lines(
     if not records:  # an empty file: no rows, not a missing column
         return pa.table({name: pa.nulls(0) for name in required}), np.zeros(0, np.int64), {}
     available = list(dict.fromkeys(k for r in records for k in r))
-    _check_columns(path, available, required)
+    check_columns(path, available, required)
     wanted = list(dict.fromkeys([*required, *(n for n in optional if n in available)]))
     columns = {}
     for name in wanted:
@@ -248,11 +208,6 @@ def _json_array(path: str, data: bytes) -> list[Any]:
         items = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(
-            f"{path}: not a valid JSON file ({_one_line(e)}); write one JSON object per line (JSON lines)"
+            f"{path}: not a valid JSON file ({one_line(e)}); write one JSON object per line (JSON lines)"
         ) from e
     return items
-
-
-def _one_line(exc: BaseException) -> str:
-    # Arrow's messages can span lines; ours are one line.
-    return " ".join(str(exc).split())
