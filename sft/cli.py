@@ -31,6 +31,7 @@ logger = logging.getLogger("sft")
 
 USAGE = """usage: torchrun --nproc_per_node=N -m sft.fsdp_sft_trainer key=value [key=value ...]
        python -m sft.fsdp_sft_trainer --cfg key=value ...   (print the composed config and exit)
+       torchrun ... -m sft.sft_trainer key=value ...   (verl >= 0.7.1 key layout: model.path, engine.*, ...)
 Keys and defaults: sft/config/sft_trainer.yaml; README.md "Configuration reference"."""
 
 
