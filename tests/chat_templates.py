@@ -190,6 +190,136 @@ ECHO = r"""
 {%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}
 """
 
+# No system role: the system text opens the first user turn; the reply role is "model";
+# turns close with a special token and a newline; roles must alternate (Gemma 3).
+GEMMA = r"""
+{{- '<bos>' -}}
+{%- if messages[0].role == 'system' -%}
+  {%- set lead = messages[0].content + '\n\n' -%}{%- set turns = messages[1:] -%}
+{%- else -%}
+  {%- set lead = '' -%}{%- set turns = messages -%}
+{%- endif -%}
+{%- for m in turns -%}
+  {%- if (m.role == 'user') != (loop.index0 % 2 == 0) -%}{{- raise_exception('user and assistant must alternate') -}}{%- endif -%}
+  {{- '<start_of_turn>' + ('model' if m.role == 'assistant' else m.role) + '\n' -}}
+  {{- (lead if loop.first else '') + (m.content | trim) + '<end_of_turn>\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<start_of_turn>model\n' -}}{%- endif -%}
+"""
+
+# A system header always rendered with date lines; tools as JSON inside the first user turn
+# (unless tools_in_user_message is false); tool results under an "ipython" header; a call
+# rendered as JSON and closed by <|eom_id|> when builtin_tools is given (Llama 3.1-3.3).
+LLAMA = r"""
+{{- '<|begin_of_text|>' -}}
+{%- if messages[0].role == 'system' -%}
+  {%- set sys = messages[0].content | trim -%}{%- set turns = messages[1:] -%}
+{%- else -%}
+  {%- set sys = '' -%}{%- set turns = messages -%}
+{%- endif -%}
+{%- set in_user = tools and (tools_in_user_message is not defined or tools_in_user_message) -%}
+{{- '<|start_header_id|>system<|end_header_id|>\n\n' -}}
+{%- if tools -%}{{- 'Environment: ipython\n' -}}{%- endif -%}
+{{- 'Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n' -}}
+{%- if tools and not in_user -%}{%- for t in tools -%}{{- (t | tojson(indent=4)) + '\n\n' -}}{%- endfor -%}{%- endif -%}
+{{- sys + '<|eot_id|>' -}}
+{%- if in_user -%}
+  {%- if turns[0].role != 'user' -%}{{- raise_exception('tools need a first user message') -}}{%- endif -%}
+  {{- '<|start_header_id|>user<|end_header_id|>\n\nCall one of these functions, as JSON:\n\n' -}}
+  {%- for t in tools -%}{{- (t | tojson(indent=4)) + '\n\n' -}}{%- endfor -%}
+  {{- (turns[0].content | trim) + '<|eot_id|>' -}}
+  {%- set turns = turns[1:] -%}
+{%- endif -%}
+{%- for m in turns -%}
+  {%- if m.tool_calls -%}
+    {%- if m.tool_calls | length != 1 -%}{{- raise_exception('one tool call per turn') -}}{%- endif -%}
+    {%- set call = m.tool_calls[0].function -%}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n{"name": "' + call.name + '", "parameters": ' -}}
+    {{- (call.arguments | tojson) + '}' + ('<|eom_id|>' if builtin_tools is defined else '<|eot_id|>') -}}
+  {%- elif m.role in ['tool', 'ipython'] -%}
+    {{- '<|start_header_id|>ipython<|end_header_id|>\n\n' + m.content + '<|eot_id|>' -}}
+  {%- else -%}
+    {{- '<|start_header_id|>' + m.role + '<|end_header_id|>\n\n' + (m.content | trim) + '<|eot_id|>' -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}{%- endif -%}
+"""
+
+# A system prompt block (a default one when the row has none), tools before the last user
+# turn, calls as name + [ARGS], results in [TOOL_RESULTS]; replies close with </s>; no
+# generation prompt at all (Mistral Small 3.x, v7 tekken).
+MISTRAL = r"""
+{%- if messages[0].role == 'system' -%}
+  {%- set sys = messages[0].content -%}{%- set turns = messages[1:] -%}
+{%- else -%}
+  {%- set sys = 'You answer briefly. Today is 2025-01-01.' -%}{%- set turns = messages -%}
+{%- endif -%}
+{%- set ns = namespace(last_user=-1) -%}
+{%- for m in turns -%}{%- if m.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}{%- endfor -%}
+{{- '<s>[SYSTEM_PROMPT]' + sys + '[/SYSTEM_PROMPT]' -}}
+{%- for m in turns -%}
+  {%- if m.role == 'user' -%}
+    {%- if tools and loop.index0 == ns.last_user -%}{{- '[AVAILABLE_TOOLS]' + (tools | tojson) + '[/AVAILABLE_TOOLS]' -}}{%- endif -%}
+    {{- '[INST]' + m.content + '[/INST]' -}}
+  {%- elif m.role == 'assistant' -%}
+    {%- if m.content -%}{{- m.content -}}{%- endif -%}
+    {%- for call in m.tool_calls or [] -%}
+      {{- '[TOOL_CALLS]' + call.function.name + '[ARGS]' + call.function.arguments -}}
+    {%- endfor -%}
+    {{- '</s>' -}}
+  {%- elif m.role == 'tool' -%}
+    {{- '[TOOL_RESULTS]' + m.content + '[/TOOL_RESULTS]' -}}
+  {%- endif -%}
+{%- endfor -%}
+"""
+
+# Role and text separated by a special token, no newlines between turns (Phi-4).
+PHI4 = r"""
+{%- for m in messages -%}{{- '<|im_start|>' + m.role + '<|im_sep|>' + m.content + '<|im_end|>' -}}{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant<|im_sep|>' -}}{%- endif -%}
+"""
+
+# DeepSeek-R1 distills with tools: calls in their own (plain-text) markers closed by the
+# end-of-sentence token; results in output markers; the reply after results is opened by
+# the outputs' closing marker instead of the assistant tag, and keeps its <think> text.
+# With `unclosed` (older published versions), the closers follow each call but the first:
+# a turn of one call ends at its plain-text call marker, with no special token after it.
+R1TOOLS = r"""
+{{- '<｜begin▁of▁sentence｜>' -}}
+{%- for m in messages -%}{%- if m.role == 'system' -%}{{- m.content -}}{%- endif -%}{%- endfor -%}
+{%- set ns = namespace(after_tool=false, first_output=true) -%}
+{%- for m in messages -%}
+  {%- if m.role == 'user' -%}
+    {%- set ns.after_tool = false -%}{%- set ns.first_output = true -%}
+    {{- '<｜User｜>' + m.content -}}
+  {%- elif m.role == 'assistant' and m.tool_calls -%}
+    {%- set ns.after_tool = false -%}{%- set ns.first_output = true -%}
+    {{- '<｜Assistant｜>' + (m.content or '') + '<｜tool▁calls▁begin｜>' -}}
+    {%- for call in m.tool_calls -%}
+      {%- if not loop.first -%}{{- '\n' -}}{%- endif -%}
+      {{- '<｜tool▁call▁begin｜>function<｜tool▁sep｜>' + call.function.name + '\n```json\n' -}}
+      {{- call.function.arguments + '\n```<｜tool▁call▁end｜>' -}}
+      {%- if unclosed is not defined or not loop.first -%}{{- '<｜tool▁calls▁end｜><｜end▁of▁sentence｜>' -}}{%- endif -%}
+    {%- endfor -%}
+  {%- elif m.role == 'assistant' -%}
+    {%- if ns.after_tool -%}
+      {{- '<｜tool▁outputs▁end｜>' + m.content + '<｜end▁of▁sentence｜>' -}}
+      {%- set ns.after_tool = false -%}
+    {%- else -%}
+      {{- '<｜Assistant｜>' + m.content.split('</think>')[-1] + '<｜end▁of▁sentence｜>' -}}
+    {%- endif -%}
+  {%- elif m.role == 'tool' -%}
+    {{- ('<｜tool▁outputs▁begin｜>' if ns.first_output else '\n') -}}
+    {{- '<｜tool▁output▁begin｜>' + m.content + '<｜tool▁output▁end｜>' -}}
+    {%- set ns.after_tool = true -%}{%- set ns.first_output = false -%}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+  {%- if ns.after_tool -%}{{- '<｜tool▁outputs▁end｜>' -}}{%- endif -%}
+  {{- '<｜Assistant｜><think>\n' -}}
+{%- endif -%}
+"""
+
 TOKENS: dict[str, list[tuple[str, bool]]] = {
     "qwen3": [("<think>", False), ("</think>", False)],
     "r1": [
@@ -216,6 +346,49 @@ TOKENS: dict[str, list[tuple[str, bool]]] = {
     "harmony": [(t, True) for t in ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|call|>", "<|return|>")],
     "trim": [(t, True) for t in ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")],
     "echo": [],
+    "gemma": [(t, True) for t in ("<bos>", "<start_of_turn>", "<end_of_turn>")],
+    "llama": [
+        (t, True) for t in ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>")
+    ],
+    "mistral": [
+        (t, True)
+        for t in (
+            "<s>",
+            "</s>",
+            "[INST]",
+            "[/INST]",
+            "[SYSTEM_PROMPT]",
+            "[/SYSTEM_PROMPT]",
+            "[TOOL_CALLS]",
+            "[ARGS]",
+            "[AVAILABLE_TOOLS]",
+            "[/AVAILABLE_TOOLS]",
+            "[TOOL_RESULTS]",
+            "[/TOOL_RESULTS]",
+        )
+    ],
+    "phi4": [(t, True) for t in ("<|im_start|>", "<|im_sep|>", "<|im_end|>")],
+    "r1tools": [
+        ("<｜begin▁of▁sentence｜>", True),
+        ("<｜end▁of▁sentence｜>", True),
+        ("<｜User｜>", False),
+        ("<｜Assistant｜>", False),
+        ("<think>", False),
+        ("</think>", False),
+    ],
 }
 
-TEMPLATES = {"qwen3": QWEN3, "r1": R1, "phi": PHI, "nemo": NEMO, "harmony": HARMONY, "trim": TRIM, "echo": ECHO}
+TEMPLATES = {
+    "qwen3": QWEN3,
+    "r1": R1,
+    "phi": PHI,
+    "nemo": NEMO,
+    "harmony": HARMONY,
+    "trim": TRIM,
+    "echo": ECHO,
+    "gemma": GEMMA,
+    "llama": LLAMA,
+    "mistral": MISTRAL,
+    "phi4": PHI4,
+    "r1tools": R1TOOLS,
+}

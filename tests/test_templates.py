@@ -28,7 +28,8 @@ from sft.schema import DataConfig
 
 WORDS = "apple pear kiwi fig plum lime sort the list count words reply add two nine seven".split()
 TOOLS = [{"type": "function", "function": {"name": "lookup", "description": "Value of a key.", "parameters": {}}}]
-FAMILIES = ("qwen3", "r1", "phi", "nemo", "harmony", "trim")
+FAMILIES = ("qwen3", "r1", "phi", "nemo", "harmony", "trim", "gemma", "llama", "mistral", "phi4", "r1tools")
+TOOL_FAMILIES = ("qwen3", "nemo", "harmony", "trim", "llama", "mistral", "r1tools")
 ROWS = 30
 
 
@@ -60,7 +61,7 @@ def tool_call(rng: random.Random) -> dict:
 
 
 def conversation(rng: random.Random, family: str) -> dict:
-    tools = family in ("qwen3", "nemo", "harmony", "trim") and rng.random() < 0.7
+    tools = family in TOOL_FAMILIES and rng.random() < 0.7
     thinking = rng.choice([True, False, None]) if family == "qwen3" else None
     messages: list[dict] = []
     if rng.random() < 0.5:
@@ -71,7 +72,7 @@ def conversation(rng: random.Random, family: str) -> dict:
         if tools and rng.random() < 0.6:
             call = tool_call(rng)
             msg: dict = {"role": "assistant", "content": None, "tool_calls": [call]}
-            if family == "qwen3" and rng.random() < 0.4:
+            if family in ("qwen3", "llama", "mistral", "r1tools") and rng.random() < 0.4:
                 msg["content"] = say(rng)
             if family in ("qwen3", "harmony") and rng.random() < 0.5:
                 msg["reasoning_content" if family == "qwen3" else "thinking"] = say(rng)
@@ -85,7 +86,7 @@ def conversation(rng: random.Random, family: str) -> dict:
                 answer["reasoning_content"] = say(rng)
             elif style == "inline":
                 answer["content"] = f"<think>\n{say(rng)}\n</think>\n\n{say(rng)}"
-        if family == "r1":
+        if family in ("r1", "r1tools"):
             answer["content"] = f"<think>\n{say(rng)}\n</think>\n\n{say(rng)}"
         if family == "harmony":
             answer["content"] = say(rng)
@@ -105,7 +106,10 @@ def _calls_json(msg: dict, key: str = "arguments") -> list[str]:
     ]
 
 
-def expected_turns(family: str, row: dict) -> list[tuple[str, str]]:
+R1_CALL = "<｜tool▁call▁begin｜>function<｜tool▁sep｜>{name}\n```json\n{arguments}\n```<｜tool▁call▁end｜>"
+
+
+def expected_turns(family: str, row: dict, eom: bool = False) -> list[tuple[str, str]]:
     """(text right before, trained text) of each assistant message, in order."""
     msgs = row["messages"]
     last_user = max(i for i, m in enumerate(msgs) if m["role"] == "user")
@@ -157,13 +161,38 @@ def expected_turns(family: str, row: dict) -> list[tuple[str, str]]:
         elif family == "trim":
             body = _calls_json(m, "parameters")[0] + "}" if calls else content.strip()
             out.append(("assistant<|end_header_id|>\n\n", body + "<|eot_id|>"))
+        elif family == "gemma":
+            out.append(("<start_of_turn>model\n", content.strip() + "<end_of_turn>"))
+        elif family == "llama":
+            if calls:
+                call = calls[0]["function"]
+                body = f'{{"name": "{call["name"]}", "parameters": {json.dumps(call["arguments"])}}}'
+                body += "<|eom_id|>" if eom else "<|eot_id|>"
+            else:
+                body = content.strip() + "<|eot_id|>"
+            out.append(("assistant<|end_header_id|>\n\n", body))
+        elif family == "mistral":
+            lead = {"tool": "[/TOOL_RESULTS]", "assistant": ""}.get(msgs[i - 1]["role"], "[/INST]")
+            body = "".join(f"[TOOL_CALLS]{c['function']['name']}[ARGS]{c['function']['arguments']}" for c in calls)
+            out.append((lead, content + body + "</s>"))
+        elif family == "phi4":
+            out.append(("<|im_start|>assistant<|im_sep|>", content + "<|im_end|>"))
+        elif family == "r1tools":
+            if calls:
+                body = "\n".join(R1_CALL.format(**c["function"]) for c in calls)
+                piece = f"{content}<｜tool▁calls▁begin｜>{body}<｜tool▁calls▁end｜>"
+                out.append(("<｜Assistant｜>", piece + "<｜end▁of▁sentence｜>"))
+            elif msgs[i - 1]["role"] == "tool":
+                out.append(("<｜tool▁outputs▁end｜>", content + "<｜end▁of▁sentence｜>"))
+            else:
+                out.append(("<｜Assistant｜>", content.split("</think>")[-1] + "<｜end▁of▁sentence｜>"))
     return out
 
 
 def expected_mask(tok, family: str, row: dict, kwargs: dict, last_only: bool = False) -> tuple[list[int], np.ndarray]:
     text = tok.apply_chat_template(row["messages"], tokenize=False, **kwargs)
     spans, cursor = [], 0
-    for lead, piece in expected_turns(family, row):
+    for lead, piece in expected_turns(family, row, eom="builtin_tools" in kwargs):
         at = text.index(lead + piece, cursor) + len(lead)
         spans.append((at, at + len(piece)))
         cursor = at + len(piece)
@@ -304,3 +333,91 @@ def test_audit_refuses_an_assistant_message_the_template_leaves_out(demo_tokeniz
     rows = [{"messages": msgs + [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}]
     with pytest.raises(ValueError, match=r"row 0: mask audit: assistant message 1 has no place"):
         build_dataset(write_rows(tmp_path / "x.parquet", rows), tok, chat_cfg(), -1, pad_to_max_length=False)
+
+
+# ----- edge conversations, over several templates -----------------------------------------
+
+CALL = {"id": "abc123def", "type": "function", "function": {"name": "lookup", "arguments": '{"key": "fig"}'}}
+EDGES = {
+    "whitespace": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " \n "}],
+    "empty": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}],
+    "echo": [
+        {"role": "system", "content": "say hi"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hi"},
+        {"role": "user", "content": "say hi"},
+        {"role": "assistant", "content": "say hi"},
+    ],
+    "header_text": [
+        {"role": "user", "content": "assistant\n\nmodel\n"},
+        {"role": "assistant", "content": "assistant\n\nmodel\nuser\n"},
+    ],
+    "two_replies": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "one"},
+        {"role": "assistant", "content": "two"},
+    ],
+    "ends_with_tool": [
+        {"role": "user", "content": "look up fig"},
+        {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        {"role": "tool", "content": "sweet", "tool_call_id": CALL["id"]},
+    ],
+}
+EDGE_FAMILIES = ("qwen3", "phi4", "gemma", "llama", "mistral", "r1tools", "trim")
+
+
+@pytest.mark.parametrize("family", EDGE_FAMILIES)
+def test_edge_conversations(demo_tokenizer, tmp_path, family):
+    tok = tokenizer_for(demo_tokenizer, family)
+    cases = [
+        (n, m)
+        for n, m in EDGES.items()
+        if not (family in ("gemma", "phi4") and n == "ends_with_tool")
+        and not (family == "gemma" and n == "two_replies")
+    ]
+    rows = [{"messages": m, "tools": json.dumps(TOOLS), "enable_thinking": None} for _, m in cases]
+    ds = build_dataset(write_rows(tmp_path / "d.parquet", rows), tok, chat_cfg(), -1, pad_to_max_length=False)
+    assert len(ds) == len(rows)
+    for r, ((name, _), row) in enumerate(zip(cases, rows)):
+        ids, mask = ds.token_ids(r)
+        ref_ids, ref_mask = expected_mask(tok, family, row, template_kwargs(row))
+        assert ids.tolist() == ref_ids, name
+        np.testing.assert_array_equal(mask, ref_mask, err_msg=f"{family} {name}")
+
+
+def test_gemma_refuses_consecutive_replies_in_one_line(demo_tokenizer, tmp_path):
+    tok = tokenizer_for(demo_tokenizer, "gemma")
+    rows = [{"messages": EDGES["two_replies"]}, {"messages": EDGES["echo"]}]
+    cfg = chat_cfg()
+    cfg.on_bad_sample = "skip"
+    ds = build_dataset(write_rows(tmp_path / "d.parquet", rows), tok, cfg, -1, pad_to_max_length=False)
+    assert len(ds) == 1 and ds.bad_rows.count == 1
+
+
+@pytest.mark.parametrize("kwargs", [{"builtin_tools": ["search"]}, {"tools_in_user_message": False}])
+def test_llama_template_arguments(demo_tokenizer, tmp_path, kwargs):
+    # <|eom_id|> closes a call when built-in tools are on; tools may go to the system turn instead.
+    tok = tokenizer_for(demo_tokenizer, "llama")
+    rng = random.Random("llama-kwargs")
+    rows = [conversation(rng, "llama") for _ in range(8)]
+    cfg = chat_cfg()
+    cfg.apply_chat_template_kwargs = kwargs
+    ds = build_dataset(write_rows(tmp_path / "d.parquet", rows), tok, cfg, -1, pad_to_max_length=False)
+    for r, row in enumerate(rows):
+        ids, mask = ds.token_ids(r)
+        ref_ids, ref_mask = expected_mask(tok, "llama", row, {**template_kwargs(row), **kwargs})
+        assert ids.tolist() == ref_ids
+        np.testing.assert_array_equal(mask, ref_mask, err_msg=f"row {r}")
+
+
+def test_r1_call_turn_without_a_closing_special_token(demo_tokenizer, tmp_path):
+    # One call: the turn ends at the plain-text call marker; trained through it, not past it.
+    tok = tokenizer_for(demo_tokenizer, "r1tools")
+    messages = EDGES["ends_with_tool"] + [{"role": "assistant", "content": "fig is sweet"}]
+    cfg = chat_cfg()
+    cfg.apply_chat_template_kwargs = {"unclosed": True}
+    ds = build_dataset(write_rows(tmp_path / "d.parquet", [{"messages": messages}]), tok, cfg, -1, False)
+    ids, mask = ds.token_ids(0)
+    trained = tok.decode(ids[mask.astype(bool)].tolist())
+    call = R1_CALL.format(**CALL["function"])
+    assert trained == f"<｜tool▁calls▁begin｜>{call}fig is sweet<｜end▁of▁sentence｜>"

@@ -18,7 +18,7 @@ import numpy as np
 
 from sft.data.audit import audit_spans
 from sft.data.messages import ChatRenderer, check_chat_template, clean_messages, parse_tools
-from sft.data.regions import message_windows
+from sft.data.regions import common_prefix, message_windows, sentinel_for
 from sft.data.scan import scan_messages
 from sft.data.spans import HeaderFinder, Markers, merge, token_mask, trained_spans
 from sft.data.storage import Encoded, TokenizedDataset
@@ -87,8 +87,18 @@ class MultiTurnSFTDataset(TokenizedDataset):
         windows = message_windows(messages, text, renderer)
         header = self.headers.prefixes(renderer, messages)
         last_only = self.config.multiturn.train_on == "last"
+
+        def rendered_end(i: int) -> int | None:
+            # Cut after message i; after the last one, a user turn follows (so a terminator
+            # that the template appends after the last turn is not taken as the turn's end).
+            cut = messages[: i + 1]
+            if i == len(messages) - 1:
+                cut = cut + [{"role": "user", "content": sentinel_for(text)}]
+            other = renderer.try_render(cut, add_generation_prompt=False)
+            return None if other is None else self.markers.token_start(text, common_prefix(text, other))
+
         try:
-            spans = trained_spans(messages, overrides, text, windows, header, self.markers, last_only)
+            spans = trained_spans(messages, overrides, text, windows, header, self.markers, last_only, rendered_end)
             audit_spans(messages, windows, spans)
         except ValueError as e:
             raise ValueError(f"{renderer.where}: {e}") from e

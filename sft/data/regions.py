@@ -82,7 +82,7 @@ def vary(message: dict[str, Any], s: str, content: bool = False) -> dict[str, An
     return out
 
 
-def _common_prefix(a: str, b: str) -> int:
+def common_prefix(a: str, b: str) -> int:
     # Binary search over slice comparisons: each comparison runs in C.
     lo, hi = 0, min(len(a), len(b))
     while lo < hi:
@@ -109,7 +109,7 @@ def diff_window(text: str, other: str) -> Span | None:
     """The part of `text` that differs from `other` (common prefix and suffix removed)."""
     if text == other:
         return None
-    p = _common_prefix(text, other)
+    p = common_prefix(text, other)
     q = _common_suffix(text, other, min(len(text), len(other)) - p)
     return p, len(text) - q
 

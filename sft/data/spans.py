@@ -14,6 +14,7 @@ are all handled by the one rule.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -99,9 +100,13 @@ def trained_spans(
     header: tuple[str, ...],
     markers: Markers,
     last_only: bool = False,
+    rendered_end: Callable[[int], int | None] | None = None,
 ) -> dict[int, Span]:
     """Character span of `text` trained for each trained message, by message index: the
-    assistant turns (only the last one with `last_only`), changed by per-message `loss_mask`."""
+    assistant turns (only the last one with `last_only`), changed by per-message `loss_mask`.
+    A turn that no special token closes (e.g. a call ended by plain-text markers) runs to
+    `rendered_end(i)`: where the template's rendering of the conversation cut after message
+    i parts from `text`."""
     spans: dict[int, Span] = {}
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
     for i, msg in enumerate(messages):
@@ -121,6 +126,9 @@ def trained_spans(
         after = min((w[0] for j, w in enumerate(windows) if j != i and w and w[0] >= window[1]), default=len(text))
         start = _turn_start(text, before, window[0], header, markers) if role == "assistant" else window[0]
         end = markers.first_special_end(text, window[1], after)
+        if end is None and rendered_end is not None:
+            cut = rendered_end(i)
+            end = cut if cut is not None and window[1] <= cut <= after else None
         spans[i] = (start, window[1] if end is None else end)
     return spans
 
