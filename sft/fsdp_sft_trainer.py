@@ -119,6 +119,8 @@ class FSDPSFTTrainer:
         # torch.cuda.set_sync_debug_mode around the micro-batch loop ("error" in the GPU tests).
         self.sync_debug: str | int = "default"
         self.preempt_requested = False
+        # MoE: the router aux loss's weight in units of the CE sum, set per step on the device (train_step).
+        self._aux_weight: torch.Tensor | float = 0.0
         self.peak_flops = peak_flops_per_gpu(ctx.device)  # None on CPU or an unknown GPU: no train/mfu
         self.probe = StepProbe.from_env(ctx, self.plan.total_steps)
         self.state = TrainState()
@@ -165,7 +167,7 @@ class FSDPSFTTrainer:
             mb = dict(
                 mb,
                 **routing_inputs(mb, self.ctx.sp_rank, self.ctx.sp_size),
-                aux_weight=getattr(self, "_aux_weight", 0.0),
+                aux_weight=self._aux_weight,
             )
         mb = to_device(mb, self.ctx.device)
         mb.pop("real_mask", None)

@@ -171,7 +171,6 @@ def _text(value: Any) -> str:
 def translate(overrides: list[str]) -> tuple[list[str], list[str]]:
     """That layout's overrides -> (ours, notes for the log); raises ConfigError in one line."""
     given = _parse(overrides)
-    ours = _OUR_KEYS
     notes: list[str] = []
     effective: dict[str, Any] = dict(DEFAULTS)
     targets: dict[str, tuple[str, Any, str]] = {}  # our key -> (text, value, the key that set it)
@@ -203,11 +202,7 @@ def translate(overrides: list[str]) -> tuple[list[str], list[str]]:
             continue
         if key in RENAMED:
             put(RENAMED[key], g.text, g.value, key)
-        elif (
-            key in ours
-            or key.startswith("data.apply_chat_template_kwargs.")
-            or key.startswith("model.override_config.")
-        ):
+        elif key in _OUR_KEYS or _is_dict_entry(key):
             put(key, g.text, g.value, key)
         else:
             raise ConfigError(
@@ -283,12 +278,14 @@ def _messages(e: dict[str, Any]) -> dict[str, Any]:
     return {"data.multiturn.enable": True}
 
 
+# Keys whose value is decided from several keys together (the rule reads them all); listing a key
+# here also keeps it out of the plain renaming above.
 SPECIAL = {
     "data.use_dynamic_bsz": _budget,
-    "data.max_token_len_per_gpu": lambda e: {},
+    "data.max_token_len_per_gpu": lambda e: {},  # read by _budget
     "data.pad_mode": _padding,
     "data.enable_thinking_default": _thinking,
-    "data.multiturn": _messages,
+    "data.multiturn.enable": _messages,  # always on: that layout reads messages only
     "engine.use_torch_compile": _compile,
     "optim.lr_wsd_stable_steps_ratio": _wsd,
 }
