@@ -100,6 +100,8 @@ def report(work: Path, out: Path) -> None:
     rows, lines = {}, []
     for t in EQUIV:
         pad, rm = _metrics(work / f"eq-{t}-padded"), _metrics(work / f"eq-{t}-rmpad")
+        if not (work / f"eq-{t}-padded").exists():  # EQ=0: not run
+            continue
         a = [m["train/loss"] for m in pad if "train/loss" in m]
         b = [m["train/loss"] for m in rm if "train/loss" in m]
         rel = max((abs(x - y) / abs(x) for x, y in zip(a, b)), default=float("nan")) if a and len(a) == len(b) else None

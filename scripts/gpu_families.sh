@@ -7,6 +7,7 @@
 #     tokens/s, MFU on active parameters, peak memory.
 # Results in $OUT (families.json, families.txt, *.log); the table is printed last.
 # DRY=1: tiny shapes on CPU (gloo), 2-3 steps: checks the script's logic without a GPU.
+# EQ=0: skip part 1 (only the MoE throughput runs).
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
@@ -26,7 +27,7 @@ train() {  # name overrides...
     trainer.default_local_dir="$W/$name" optim.lr=1e-4 "$@" >"$OUT/$name.log" 2>&1
   echo "$name exit $? ($(( $(date +%s) - t0 )) s)" | tee -a "$OUT/summary.txt"
 }
-for t in gemma3_text gpt_oss qwen3_moe; do
+for t in $([ "${EQ:-1}" = 0 ] || echo gemma3_text gpt_oss qwen3_moe); do
   EQ=(data.train_files=$data model.partial_pretrain=$W/eq-$t data.max_length=$EQ_LEN data.truncation=right
       data.train_batch_size=8 data.micro_batch_size_per_gpu=4 trainer.total_training_steps=$EQ_STEPS)
   train eq-$t-padded "${EQ[@]}"

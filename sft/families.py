@@ -36,6 +36,10 @@ class Family:
     # (config key, power): the LM head's logits are multiplied by value**power (Granite divides by logits_scaling)
     logit_scale: tuple[str, int] | None = None
     liger: bool = True  # Liger's RMSNorm/SwiGLU/RoPE kernels apply (when liger-kernel has the type)
+    # Liger's `swiglu` patch of an MoE family replaces the experts with its own fused-MoE kernel:
+    # it reads a count back from the GPU in every layer (a host sync), autotunes for minutes on
+    # the first step, and would silently override `model.experts_implementation`. MoE rows say no.
+    liger_swiglu: bool = True
 
 
 _QWEN_MOE = MoESpec(experts_keys=("num_experts", "num_local_experts"))
@@ -57,8 +61,8 @@ FAMILIES: dict[str, Family] = {
         final_softcap_key="final_logit_softcapping",
     ),
     "gemma3_text": Family("Gemma 3 (text)", sliding_window=True, final_softcap_key="final_logit_softcapping"),
-    "qwen3_moe": Family("Qwen3-MoE", sliding_window=True, moe=_QWEN_MOE),
-    "mixtral": Family("Mixtral", sliding_window=True, moe=_LOCAL_MOE),
+    "qwen3_moe": Family("Qwen3-MoE", sliding_window=True, moe=_QWEN_MOE, liger_swiglu=False),
+    "mixtral": Family("Mixtral", sliding_window=True, moe=_LOCAL_MOE, liger_swiglu=False),
     "gpt_oss": Family("gpt-oss", sliding_window=True, sinks=True, moe=_LOCAL_MOE, liger=False),
 }
 
@@ -146,3 +150,9 @@ def moe_spec(hf_config: Any) -> MoESpec | None:
 def liger_covers(model_type: str) -> bool:
     fam = FAMILIES.get(model_type)
     return fam is not None and fam.liger
+
+
+def liger_swiglu(model_type: str) -> bool:
+    """Whether Liger's SwiGLU patch may be applied (never for MoE rows: see `Family.liger_swiglu`)."""
+    fam = FAMILIES.get(model_type)
+    return fam is not None and fam.liger_swiglu

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from sft.families import liger_covers
+from sft.families import liger_covers, liger_swiglu
 
 logger = logging.getLogger("sft")
 
@@ -75,7 +75,7 @@ def apply_liger(lm: nn.Module) -> None:
             f"model.use_liger=true: Liger has no kernels for model type {model_type!r} (supported: {supported}); "
             "set model.use_liger=false"
         )
-    wanted = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False}
+    wanted = {"rope": True, "rms_norm": True, "swiglu": liger_swiglu(model_type), "cross_entropy": False}
     wanted["fused_linear_cross_entropy"] = False
     accepted = inspect.signature(apply).parameters
     apply(model=lm, **{k: v for k, v in wanted.items() if k in accepted})

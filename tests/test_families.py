@@ -188,3 +188,29 @@ def test_untabled_models_refused_before_loading(demo_dir, tmp_path, model_type, 
 
     with pytest.raises(ConfigError, match=expect):
         validate_config(cfg, WorldInfo(rank=0, world_size=1, local_rank=0, local_world_size=1))
+
+
+@pytest.mark.parametrize("model_type,swiglu", [("qwen2", True), ("qwen3_moe", False), ("mixtral", False)])
+def test_liger_never_swaps_moe_experts(monkeypatch, model_type, swiglu):
+    """Liger's `swiglu` patch of an MoE family replaces the experts by its fused-MoE kernel (a host sync
+    per layer, minutes of autotuning, and `model.experts_implementation` ignored): sft asks for its
+    norm and RoPE kernels only. A stand-in for liger-kernel records what `apply_liger` asks for."""
+    import sys
+    import types
+
+    from sft.kernels import apply_liger
+
+    asked: dict = {}
+
+    def fake_apply(model=None, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                   fused_linear_cross_entropy=True):
+        asked.update(rope=rope, rms_norm=rms_norm, swiglu=swiglu, fce=fused_linear_cross_entropy)
+
+    mod = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    mod.MODEL_TYPE_TO_APPLY_LIGER_FN = {model_type: fake_apply}
+    for name in ("liger_kernel", "liger_kernel.transformers"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", mod)
+    lm = types.SimpleNamespace(config=types.SimpleNamespace(model_type=model_type))
+    apply_liger(lm)
+    assert asked == {"rope": True, "rms_norm": True, "swiglu": swiglu, "fce": False}

@@ -90,17 +90,25 @@ def cuda_rank(single_rank):
 
 
 # Liger off first: its patch of the model classes is process-wide and cannot be undone.
-@pytest.mark.parametrize("liger", ["false", "true"])
-def test_micro_batch_loop_never_syncs_on_cuda(demo_dir, tmp_path, cuda_rank, liger):
+@pytest.mark.parametrize("family,liger", [("qwen2", "false"), ("qwen2", "true"), ("qwen3_moe", "true")])
+def test_micro_batch_loop_never_syncs_on_cuda(demo_dir, tmp_path, cuda_rank, family, liger):
     """The verl production keys (remove-padding, mb 2, bf16 master, checkpointing) train with the
-    micro-batch loop under torch.cuda.set_sync_debug_mode("error"): any host sync raises."""
+    micro-batch loop under torch.cuda.set_sync_debug_mode("error"): any host sync raises. The MoE
+    case runs grouped-GEMM experts with Liger's norm/RoPE kernels (never Liger's fused MoE)."""
+    from family_models import write_family_model
+
     from sft.fsdp_sft_trainer import FSDPSFTTrainer
     from sft.kernels import liger_installed
     from sft.schema import load_config
 
     if liger == "true" and not liger_installed():
         pytest.skip("liger-kernel not installed")
-    overrides = base_overrides(demo_dir, tmp_path / liger) + [
+    overrides = base_overrides(demo_dir, tmp_path / liger)
+    if family != "qwen2":
+        model = write_family_model(demo_dir / "model", tmp_path / family, family)
+        overrides = [o for o in overrides if not o.startswith("model.partial_pretrain=")]
+        overrides += [f"model.partial_pretrain={model}", "model.experts_implementation=grouped_mm"]
+    overrides += [
         "trainer.device=cuda",
         "use_remove_padding=true",
         "model.fsdp_config.model_dtype=bf16",
@@ -116,6 +124,8 @@ def test_micro_batch_loop_never_syncs_on_cuda(demo_dir, tmp_path, cuda_rank, lig
     logged: list[dict] = []
     original = trainer.metrics.log
     trainer.metrics.log = lambda m, step: (logged.append(m), original(m, step))
+    experts = {type(m).__name__ for m in trainer.model.modules() if m.__class__.__name__.endswith("Experts")}
+    assert not any(name.startswith("Liger") for name in experts), experts
     trainer.fit()
     losses = [m["train/loss"] for m in logged if "train/loss" in m]
     assert len(losses) == 3 and all(x == x for x in losses)
