@@ -5,7 +5,8 @@
 
 Equivalence models: Gemma 3 / gpt-oss / Qwen3-MoE shapes at reduced width with a 256-token window
 (samples are ~800 tokens, so windows matter). Speed model: Qwen3-30B-A3B dimensions with
-$MOE_LAYERS layers. MFU counts active parameters: attention, router, top-k experts and LM head.
+$MOE_LAYERS layers, against the dense Qwen2.5-1.5B shape on the same samples. MFU is useful MFU
+(sft.metrics: active parameters for MoE, i.e. attention, router, top-k experts and LM head).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
+
+from sft.metrics import matmul_params, useful_flops
 
 DRY = os.environ.get("DRY") == "1"
 PEAK = 989e12  # bf16 dense H100/H200 SXM (docs/DESIGN.md)
@@ -78,22 +81,15 @@ def assets(work: Path) -> None:
     for t, extra in EQUIV.items():
         write_model(t, dict(SMALL, head_dim=HEAD_DIM, **extra), tiny, work / f"eq-{t}")
     write_model("qwen3_moe", dict(A3B, num_hidden_layers=A3B_LAYERS, mlp_only_layers=[]), tiny, work / "a3b")
-    print(data, fixed)
+    dense, _ = ensure_assets(work, "tiny" if DRY else "qwen2.5-1.5b", 8, 256, 0)
+    if not (work / "dense").exists():
+        (work / "dense").symlink_to(dense)
+    print(data, fixed, work / "dense")
 
 
 def _metrics(run: Path) -> list[dict]:
     path = run / "metrics.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-
-
-def active_params(cfg) -> tuple[float, float]:
-    """(matmul parameters a token passes through, attention FLOPs per token per unit of sequence length)."""
-    h, L = cfg.hidden_size, cfg.num_hidden_layers
-    heads, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    attn = h * heads * d * 2 + h * kv * d * 2
-    n_exp = getattr(cfg, "num_experts", None) or cfg.num_local_experts
-    experts = cfg.num_experts_per_tok * 3 * h * cfg.moe_intermediate_size + h * n_exp
-    return L * (attn + experts) + h * cfg.vocab_size, 12 * L * heads * d
 
 
 def report(work: Path, out: Path) -> None:
@@ -107,26 +103,32 @@ def report(work: Path, out: Path) -> None:
         rel = max((abs(x - y) / abs(x) for x, y in zip(a, b)), default=float("nan")) if a and len(a) == len(b) else None
         rows[f"equiv {t}"] = {"steps": len(a), "max_rel_loss_diff": rel, "padded": a, "rmpad": b}
         lines.append(f"equiv {t:12s} steps {len(a):3d}  max rel |loss padded - rmpad| {rel}")
-    n_active, attn_coeff = active_params(AutoConfig.from_pretrained(work / "a3b"))
-    for impl in ("grouped_mm", "eager"):
-        ms = [m for m in _metrics(work / f"a3b-{impl}") if "train/loss" in m]
+    seq = int(os.environ.get("SEQ", "128" if DRY else "4096"))
+    for name in ("grouped_mm", "eager", "dense"):
+        run = work / ("dense-1.5b" if name == "dense" else f"a3b-{name}")
+        ms = [m for m in _metrics(run) if "train/loss" in m]
         timed = ms[2:] or ms
         if not timed:
-            lines.append(f"a3b {impl:10s} no steps (see {impl}.log)")
+            lines.append(f"{name:10s} no steps (see its log)")
             continue
+        cfg = AutoConfig.from_pretrained(work / ("dense" if name == "dense" else "a3b"))
         tps = statistics.median(m["train/tokens_per_s_per_gpu"] for m in timed)
-        seq = float(os.environ.get("SEQ", "128" if DRY else "4096"))
-        mfu = tps * (6 * n_active + attn_coeff * seq) / PEAK
+        # sft.metrics counts active parameters of MoE layers (router + top-k experts) and the LM head.
+        mfu = tps * useful_flops(cfg, [seq]) / seq / PEAK
         peak = max((m.get("train/peak_mem_gb") or 0.0) for m in ms)
         load = ms[-1].get("train/moe_max_load")
-        rows[f"a3b {impl}"] = {"tokens_per_s": tps, "mfu_active": mfu, "peak_mem_gb": peak, "steps": len(ms)}
+        rows[name] = {"tokens_per_s": tps, "useful_mfu_active": mfu, "peak_mem_gb": peak, "steps": len(ms),
+                      "active_matmul_params": matmul_params(cfg), "max_load": load,
+                      "step_s": statistics.median(m.get("train/step_time_s", 0.0) for m in timed)}
         lines.append(
-            f"a3b {impl:10s} {tps:10.0f} tok/s/GPU  MFU(active {n_active / 1e9:.2f}B) {100 * mfu:5.1f}%  "
+            f"{name:10s} {tps:10.0f} tok/s/GPU  useful MFU (active {matmul_params(cfg) / 1e9:.2f}B) {100 * mfu:5.1f}%  "
             f"peak {peak:6.1f} GB  aux {ms[-1].get('train/aux_loss')}  max load {load}"
         )
-    g, e = rows.get("a3b grouped_mm"), rows.get("a3b eager")
+    g, e, d = rows.get("grouped_mm"), rows.get("eager"), rows.get("dense")
     if g and e:
         lines.append(f"grouped_mm / eager speed-up: {g['tokens_per_s'] / e['tokens_per_s']:.2f}x")
+    if g and d:
+        lines.append(f"MoE useful MFU / dense 1.5B: {g['useful_mfu_active'] / d['useful_mfu_active']:.2f}")
     (out / "families.json").write_text(json.dumps(rows, indent=1))
     (out / "families.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

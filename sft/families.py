@@ -143,7 +143,7 @@ def num_experts(hf_config: Any, spec: MoESpec) -> int:
 
 
 def moe_spec(hf_config: Any) -> MoESpec | None:
-    fam = FAMILIES.get(hf_config.model_type)
+    fam = FAMILIES.get(getattr(hf_config, "model_type", None))
     return None if fam is None else fam.moe
 
 

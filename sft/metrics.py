@@ -273,14 +273,33 @@ def matmul_params(hf_config: Any) -> int:
     Per layer: q and o (hidden x heads*d each), k and v (hidden x kv_heads*d each, GQA),
     gate/up/down (3 x hidden x intermediate). Plus the LM head (vocab x hidden), which is
     a matmul even when tied; the embedding lookup is a gather and is not counted. Biases
-    and norms are negligible and left out. Dense (non-MoE) decoders only.
+    and norms are negligible and left out. For a mixture-of-experts family (sft/families.py)
+    an MoE layer counts the parameters a token is routed through: the router (hidden x experts)
+    and top-k experts, not all of them, so MFU is on active parameters.
     """
+    from sft.families import moe_spec, num_experts
+
     cfg = _text_config(hf_config)
     layers, heads, kv_heads, head_dim = _attn_dims(cfg)
     hidden = cfg.hidden_size
     attn = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
     mlp = 3 * hidden * cfg.intermediate_size
-    return layers * (attn + mlp) + cfg.vocab_size * hidden
+    spec = moe_spec(cfg)
+    if spec is None:
+        return layers * (attn + mlp) + cfg.vocab_size * hidden
+    width = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    routed = int(getattr(cfg, spec.top_k_key)) * 3 * hidden * width + hidden * num_experts(cfg, spec)
+    sparse = sum(_is_sparse_layer(cfg, i) for i in range(layers))
+    return layers * attn + sparse * routed + (layers - sparse) * mlp + cfg.vocab_size * hidden
+
+
+def _is_sparse_layer(cfg: Any, i: int) -> bool:
+    # Qwen-MoE configs may keep some layers dense (`mlp_only_layers`, `decoder_sparse_step`);
+    # families without those keys route every layer.
+    if i in (getattr(cfg, "mlp_only_layers", None) or []):
+        return False
+    step = getattr(cfg, "decoder_sparse_step", None) or 1
+    return (i + 1) % step == 0
 
 
 def _attn_flops_unit(hf_config: Any) -> int:

@@ -282,3 +282,24 @@ def test_step_timer_skips_warmup() -> None:
         elapsed = timer.stop()
         assert elapsed >= 0.0
     assert len(timer.times) == 2 and timer.median_s is not None
+
+
+@pytest.mark.parametrize("dense_layers", [{}, {"mlp_only_layers": [0]}, {"decoder_sparse_step": 2}])
+def test_matmul_params_counts_active_experts_of_a_real_moe_model(dense_layers) -> None:
+    """MoE MFU is on active parameters: the real model's linear weights, the router, and top-k of the
+    E experts' weights in each sparse layer (dense layers keep their full MLP)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    cfg = Qwen3MoeConfig(
+        **vars(_CFG), num_experts=8, num_experts_per_tok=3, moe_intermediate_size=16, **dense_layers
+    )
+    model = Qwen3MoeForCausalLM(cfg)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    routers = sum(m.weight.numel() for n, m in model.named_modules() if n.endswith("mlp.gate"))
+    experts = sum(
+        (m.gate_up_proj.numel() + m.down_proj.numel()) * 3 // 8
+        for n, m in model.named_modules()
+        if n.endswith("mlp.experts")
+    )
+    assert routers > 0 and experts > 0
+    assert matmul_params(cfg) == linear + routers + experts
