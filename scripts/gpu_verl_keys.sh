@@ -4,7 +4,8 @@
 #              then the verl production keys timed and profiled by `sft.bench --command`.
 #  PART=split: only the verl keys capped at an 8k budget (split invariance and per-micro-batch cost on the GPU).
 #  PART=table: the same-call table, each run its own process: the verl production keys, the documented fast
-#              path (32k budget), TRL 1.16 flex_attention + Liger (TRL_TIMEOUT, 420 s: its cold compile is minutes).
+#              path (32k budget; FAST=0 skips it), TRL 1.16 flex_attention + Liger (TRL_TIMEOUT, 420 s: its cold
+#              compile is minutes).
 #  PART=trl2 : within 30 s of PART=table (warm machine, compile cache kept): TRL flex_attention without Liger,
 #              and the verl production keys again (ties the two calls together).
 # Qwen2.5-1.5B shape (SHAPE), max_length 4096, global batch 128. Results: $OUT/results.jsonl (one JSON line per
@@ -50,7 +51,7 @@ elif [ "${PART:-sync}" = trl2 ]; then
   cmd verl "$VERL"
 else
   cmd verl "$VERL"
-  cmd fast32k "use_remove_padding=true data.max_token_len_per_gpu=32768"
+  [ "${FAST:-1}" = 0 ] || cmd fast32k "use_remove_padding=true data.max_token_len_per_gpu=32768"
   trl trl_liger "$PYTHONPATH" --trl-liger
 fi
 python3 - "$OUT/results.jsonl" <<'PY'
