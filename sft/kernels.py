@@ -1,7 +1,8 @@
 """Fused kernels and activation-checkpointing policies for the decoder.
 
 `model.use_liger=true` swaps the decoder's RMSNorm, SwiGLU MLP and rotary embedding for
-Liger's Triton kernels (CUDA only, the model types Liger supports).
+Liger's Triton kernels (CUDA only, the model types Liger supports; MoE families get RMSNorm and
+RoPE only, see `Family.liger_swiglu`).
 `selective_checkpoint_context` is `model.gradient_checkpointing_mode=selective`. (The fused
 loss is sft's own, sft/fused_ce.py: Liger's reads a count back from the GPU on every call.)
 """
