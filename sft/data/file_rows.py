@@ -1,9 +1,10 @@
-"""One data file's rows, read batch by batch: a parquet file streamed from disk, a JSON-lines table in memory.
+"""One data file's rows, read batch by batch: a parquet file streamed from disk, a table in memory.
 
 `ParquetRows` keeps only a parquet file's footer facts (schema, row count, rows per row group) and
 decodes rows on demand, the row groups that hold the wanted batches and nothing else, so host
 memory is bounded by a batch plus one page buffer per column, never by the file. `TableRows` serves
-an Arrow table already in memory (JSON lines) through the same interface. Both number their
+an Arrow table already in memory (a .json file holding one JSON array) through the same interface;
+JSON lines are streamed by `sft.data.json_rows.JsonLinesRows`. All number their
 batches from the file's first row, `size` rows each, so the numbering never depends on how the
 file was written (row group sizes).
 """
@@ -40,7 +41,7 @@ def one_line(exc: BaseException) -> str:
 
 
 class TableRows:
-    """A table in memory (a JSON-lines file), served in batches."""
+    """A table in memory (a JSON array file), served in batches."""
 
     def __init__(self, table: pa.Table) -> None:
         self.table = table

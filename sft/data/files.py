@@ -1,8 +1,8 @@
 """Data files (parquet or JSON lines) as one numbered sequence of rows, read in batches.
 
 `expand_paths` turns data.train_files/val_files entries (files, globs, folders) into a
-sorted list of files. `ParquetSource` reads only the columns a dataset needs (parquet streamed
-from disk, JSON lines parsed in memory), keeps the first `max_samples` rows across all files,
+sorted list of files. `ParquetSource` reads only the columns a dataset needs (parquet and JSON
+lines streamed from disk), keeps the first `max_samples` rows across all files,
 notes the JSON lines it could not read, and maps a global row index back to its file and row
 (or line) so every message names the input row.
 """
@@ -10,7 +10,6 @@ notes the JSON lines it could not read, and maps a global row index back to its 
 from __future__ import annotations
 
 import glob
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from sft.data.file_rows import ParquetRows, TableRows, check_columns, one_line
+from sft.data.file_rows import ParquetRows, TableRows
+from sft.data.json_rows import JsonLinesRows, open_json
 
 JSON_SUFFIXES = (".jsonl", ".json")
 DATA_SUFFIXES = (".parquet", *JSON_SUFFIXES)
@@ -66,8 +66,9 @@ class ParquetSource:
     """The needed columns of several data files, read batch by batch (`sft.data.file_rows`).
 
     Parquet files are streamed from disk: only their footers (schema, row counts) are kept, so
-    host memory is bounded by a batch, not by the files; JSON-lines files are parsed into a
-    table kept in memory. Rows are numbered globally in file order; `where(row)` names the file
+    host memory is bounded by a batch, not by the files; so are JSON-lines files, of which only
+    each line's byte range is kept (`sft.data.json_rows`; a .json file holding one JSON array is
+    parsed whole). Rows are numbered globally in file order; `where(row)` names the file
     and its local row (its line for JSON lines). `required` maps each needed column to the config
     key naming it (for error messages, raised here from the footer before any row is read);
     missing optional columns are simply absent from the batches. `problems[row]` says why a JSON
@@ -82,7 +83,7 @@ class ParquetSource:
         max_samples: int = -1,
     ) -> None:
         self.paths = expand_paths(files)
-        self.files: list[ParquetRows | TableRows] = []
+        self.files: list[ParquetRows | JsonLinesRows | TableRows] = []
         self.lines: list[np.ndarray | None] = []  # per file: the 1-based line of each row (JSON lines)
         self.problems: dict[int, str] = {}
         budget = max_samples if max_samples > 0 else None
@@ -90,10 +91,10 @@ class ParquetSource:
         for path in self.paths:
             if budget == 0:
                 break
-            rows: ParquetRows | TableRows
+            rows: ParquetRows | JsonLinesRows | TableRows
+            lines: np.ndarray | None
             if path.endswith(JSON_SUFFIXES):
-                table, lines, problems = _read_json_lines(path, required, optional)
-                rows = TableRows(table)
+                rows, lines, problems = open_json(path, required, optional)
             else:
                 rows, lines, problems = ParquetRows(path, required, optional), None, {}
             if budget is not None:
@@ -101,7 +102,7 @@ class ParquetSource:
                 rows.truncate(budget)
                 budget -= rows.num_rows
             self.files.append(rows)
-            self.lines.append(lines)
+            self.lines.append(None if lines is None else lines[: rows.num_rows])
             self.problems.update({first + r: why for r, why in problems.items() if r < rows.num_rows})
             first += rows.num_rows
         counts = [f.num_rows for f in self.files]
@@ -153,61 +154,3 @@ class ParquetSource:
                 columns = {name: part.column(name).to_pylist() for name in part.column_names}
                 yield index, rows.tolist(), columns
             base += (rows_k.num_rows + batch_rows - 1) // batch_rows
-
-
-def _read_json_lines(
-    path: str, required: Mapping[str, str], optional: Sequence[str]
-) -> tuple[pa.Table, np.ndarray, dict[int, str]]:
-    """One JSON object per non-blank line (or a JSON array of objects in a .json file).
-
-    A line that is not UTF-8, not JSON or not an object becomes a row of nulls with its
-    problem noted; a column whose values have no common Arrow type (e.g. content a string in
-    one row, a number in another) is kept as JSON text, which the scan checks row by row.
-    """
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read the file ({one_line(e)}); fix its permissions or the path") from e
-    records: list[dict[str, Any]] = []
-    lines: list[int] = []
-    problems: dict[int, str] = {}
-    if path.endswith(".json") and data.lstrip()[:1] == b"[":
-        items = _json_array(path, data)
-        numbered = [(i + 1, item, None) for i, item in enumerate(items)]
-    else:
-        numbered = [(n, None, raw) for n, raw in enumerate(data.splitlines(), start=1) if raw.strip()]
-    for n, item, raw in numbered:
-        if raw is not None:
-            try:
-                item = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                problems[len(records)] = f"not valid UTF-8 ({e.reason} at byte {e.start}); re-encode the file as UTF-8"
-            except json.JSONDecodeError as e:
-                problems[len(records)] = f"not valid JSON ({e.msg} at column {e.colno}); fix the line"
-        if not isinstance(item, dict) and len(records) not in problems:
-            problems[len(records)] = f"a JSON {type(item).__name__}, not an object with the columns as keys"
-        records.append(item if isinstance(item, dict) else {})
-        lines.append(n)
-    if not records:  # an empty file: no rows, not a missing column
-        return pa.table({name: pa.nulls(0) for name in required}), np.zeros(0, np.int64), {}
-    available = list(dict.fromkeys(k for r in records for k in r))
-    check_columns(path, available, required)
-    wanted = list(dict.fromkeys([*required, *(n for n in optional if n in available)]))
-    columns = {}
-    for name in wanted:
-        values = [r.get(name) for r in records]
-        try:
-            columns[name] = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-            columns[name] = pa.array([v if v is None or isinstance(v, str) else json.dumps(v) for v in values])
-    return pa.table(columns), np.asarray(lines, dtype=np.int64), problems
-
-
-def _json_array(path: str, data: bytes) -> list[Any]:
-    try:
-        items = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(
-            f"{path}: not a valid JSON file ({one_line(e)}); write one JSON object per line (JSON lines)"
-        ) from e
-    return items
