@@ -202,8 +202,9 @@ def test_liger_never_swaps_moe_experts(monkeypatch, model_type, swiglu):
 
     asked: dict = {}
 
-    def fake_apply(model=None, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                   fused_linear_cross_entropy=True):
+    def fake_apply(
+        model=None, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True
+    ):
         asked.update(rope=rope, rms_norm=rms_norm, swiglu=swiglu, fce=fused_linear_cross_entropy)
 
     mod = types.ModuleType("liger_kernel.transformers.monkey_patch")

@@ -290,9 +290,7 @@ def test_matmul_params_counts_active_experts_of_a_real_moe_model(dense_layers) -
     E experts' weights in each sparse layer (dense layers keep their full MLP)."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    cfg = Qwen3MoeConfig(
-        **vars(_CFG), num_experts=8, num_experts_per_tok=3, moe_intermediate_size=16, **dense_layers
-    )
+    cfg = Qwen3MoeConfig(**vars(_CFG), num_experts=8, num_experts_per_tok=3, moe_intermediate_size=16, **dense_layers)
     model = Qwen3MoeForCausalLM(cfg)
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     routers = sum(m.weight.numel() for n, m in model.named_modules() if n.endswith("mlp.gate"))

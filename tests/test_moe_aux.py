@@ -23,9 +23,20 @@ E, K, COEF = 4, 2, 0.7
 
 def _model() -> Qwen3MoeForCausalLM:
     cfg = Qwen3MoeConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=E, num_experts_per_tok=K,
-        mlp_only_layers=[], decoder_sparse_step=1, initializer_range=0.3, use_cache=False,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=E,
+        num_experts_per_tok=K,
+        mlp_only_layers=[],
+        decoder_sparse_step=1,
+        initializer_range=0.3,
+        use_cache=False,
     )
     torch.manual_seed(0)
     return Qwen3MoeForCausalLM(cfg)
