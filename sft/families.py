@@ -21,6 +21,8 @@ class MoESpec:
     coef_key: str = "router_aux_loss_coef"
     # Router modules are found by class-name suffix (lower case); their forward returns the logits first.
     router_suffix: str = "topkrouter"
+    # Config key of the width of an always-on shared expert (gated MLP plus a hidden x 1 sigmoid gate), if any.
+    shared_expert_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class Family:
     moe: MoESpec | None = None
     # (config key, power): the LM head's logits are multiplied by value**power (Granite divides by logits_scaling)
     logit_scale: tuple[str, int] | None = None
+    mlp_matrices: int = 3  # weight matrices of a dense MLP: 3 gated (gate/up/down), 2 plain (up/down)
     liger: bool = True  # Liger's RMSNorm/SwiGLU/RoPE kernels apply (when liger-kernel has the type)
     # Liger's `swiglu` patch of an MoE family replaces the experts with its own fused-MoE kernel:
     # it reads a count back from the GPU in every layer (a host sync), autotunes for minutes on
@@ -43,6 +46,7 @@ class Family:
 
 
 _QWEN_MOE = MoESpec(experts_keys=("num_experts", "num_local_experts"))
+_QWEN2_MOE = MoESpec(experts_keys=("num_experts",), shared_expert_key="shared_expert_intermediate_size")
 _LOCAL_MOE = MoESpec(experts_keys=("num_local_experts",))
 
 FAMILIES: dict[str, Family] = {
@@ -64,6 +68,17 @@ FAMILIES: dict[str, Family] = {
     "qwen3_moe": Family("Qwen3-MoE", sliding_window=True, moe=_QWEN_MOE, liger_swiglu=False),
     "mixtral": Family("Mixtral", sliding_window=True, moe=_LOCAL_MOE, liger_swiglu=False),
     "gpt_oss": Family("gpt-oss", sliding_window=True, sinks=True, moe=_LOCAL_MOE, liger=False),
+    # Liger 0.8.5 has glm4 but raises on its RoPE patch (sft asks for rope): no Liger.
+    "glm4": Family("GLM-4-0414", liger=False),
+    "cohere": Family("Command R / R+", logit_scale=("logit_scale", 1), liger=False),
+    "cohere2": Family("Command R7B / Command A", sliding_window=True, logit_scale=("logit_scale", 1), liger=False),
+    "smollm3": Family("SmolLM3", sliding_window=True),
+    "olmo3": Family("OLMo 3", sliding_window=True),
+    "ministral": Family("Ministral", sliding_window=True),
+    "starcoder2": Family("StarCoder2", sliding_window=True, mlp_matrices=2, liger=False),
+    "qwen2_moe": Family(
+        "Qwen1.5-MoE / Qwen2-MoE", sliding_window=True, moe=_QWEN2_MOE, liger=False, liger_swiglu=False
+    ),
 }
 
 # Config keys that change what a model computes in ways a row above must declare before sft trains it.
@@ -140,6 +155,12 @@ def num_experts(hf_config: Any, spec: MoESpec) -> int:
         if getattr(hf_config, key, None):
             return int(getattr(hf_config, key))
     raise ValueError(f"model config sets none of {spec.experts_keys}")
+
+
+def mlp_matrices(hf_config: Any) -> int:
+    """Weight matrices of one dense MLP (3 for gated MLPs, and for model types outside the table)."""
+    fam = FAMILIES.get(getattr(hf_config, "model_type", None))
+    return 3 if fam is None else fam.mlp_matrices
 
 
 def moe_spec(hf_config: Any) -> MoESpec | None:

@@ -271,24 +271,28 @@ def matmul_params(hf_config: Any) -> int:
     """Parameters that take part in a matmul per token: N in the FLOP formulas.
 
     Per layer: q and o (hidden x heads*d each), k and v (hidden x kv_heads*d each, GQA),
-    gate/up/down (3 x hidden x intermediate). Plus the LM head (vocab x hidden), which is
+    the MLP's matrices (gate/up/down: 3 x hidden x intermediate; 2 for a family whose row in
+    sft/families.py has a plain up/down MLP). Plus the LM head (vocab x hidden), which is
     a matmul even when tied; the embedding lookup is a gather and is not counted. Biases
     and norms are negligible and left out. For a mixture-of-experts family (sft/families.py)
-    an MoE layer counts the parameters a token is routed through: the router (hidden x experts)
-    and top-k experts, not all of them, so MFU is on active parameters.
+    an MoE layer counts the parameters a token is routed through: the router (hidden x experts),
+    top-k experts, and a shared expert with its gate where the family has one, not all experts,
+    so MFU is on active parameters.
     """
-    from sft.families import moe_spec, num_experts
+    from sft.families import mlp_matrices, moe_spec, num_experts
 
     cfg = _text_config(hf_config)
     layers, heads, kv_heads, head_dim = _attn_dims(cfg)
     hidden = cfg.hidden_size
     attn = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
-    mlp = 3 * hidden * cfg.intermediate_size
+    mlp = mlp_matrices(cfg) * hidden * cfg.intermediate_size
     spec = moe_spec(cfg)
     if spec is None:
         return layers * (attn + mlp) + cfg.vocab_size * hidden
     width = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
     routed = int(getattr(cfg, spec.top_k_key)) * 3 * hidden * width + hidden * num_experts(cfg, spec)
+    if spec.shared_expert_key is not None and getattr(cfg, spec.shared_expert_key, None):
+        routed += 3 * hidden * int(getattr(cfg, spec.shared_expert_key)) + hidden  # shared expert + its gate
     sparse = sum(_is_sparse_layer(cfg, i) for i in range(layers))
     return layers * attn + sparse * routed + (layers - sparse) * mlp + cfg.vocab_size * hidden
 

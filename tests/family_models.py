@@ -28,6 +28,7 @@ COMMON = dict(
 )
 MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32, router_aux_loss_coef=0.5)
 LAYERS3 = ["sliding_attention", "full_attention", "sliding_attention"]
+LAYERS2 = ["sliding_attention", "full_attention"]
 EXTRA: dict[str, dict] = {
     "qwen2": {},
     "llama": {},
@@ -55,6 +56,17 @@ EXTRA: dict[str, dict] = {
     ),
     "gpt_oss": dict(MOE, num_hidden_layers=3, layer_types=LAYERS3, sliding_window=WINDOW, num_local_experts=4),
     "mistral": dict(sliding_window=WINDOW),
+    "glm4": {},  # partial rotary (half of head_dim), q/k/v bias, post-attention and post-MLP norms
+    "cohere": dict(logit_scale=0.25, use_qk_norm=True),  # parallel attention + MLP block, LayerNorm, scaled logits
+    # RoPE on the sliding layers only; tied LM head (as the released models) scaled by logit_scale
+    "cohere2": dict(layer_types=LAYERS2, sliding_window=WINDOW, logit_scale=0.25, tie_word_embeddings=True),
+    "smollm3": dict(no_rope_layers=[1, 0], use_sliding_window=True, sliding_window=WINDOW),  # layer 1: NoPE, windowed
+    "olmo3": dict(layer_types=LAYERS2, sliding_window=WINDOW),
+    "ministral": dict(layer_types=LAYERS2, sliding_window=WINDOW),
+    "starcoder2": dict(sliding_window=WINDOW),  # plain (non-gated) MLP, LayerNorm and linear biases
+    "qwen2_moe": dict(
+        MOE, num_experts=4, shared_expert_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[]
+    ),
 }
 FAMILY_TYPES = list(EXTRA)
 

@@ -246,6 +246,39 @@ def test_matmul_params_equals_linear_weights_of_a_real_model() -> None:
     assert matmul_params(cfg) == linear == _N
 
 
+@pytest.mark.parametrize("model_type", ["starcoder2", "glm4", "cohere2", "olmo3"])
+def test_matmul_params_follows_each_familys_mlp(model_type) -> None:
+    """The MLP's matrix count comes from the family row: StarCoder2's plain c_fc/c_proj MLP has 2 matrices
+    (N = 182784 - 2*64*256 = 150016), GLM-4's fused gate_up_proj is still 3; q/k norms are not matmuls."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ids = dict(pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    cfg = AutoConfig.for_model(model_type, **vars(_CFG), head_dim=8, tie_word_embeddings=False, **ids)
+    model = AutoModelForCausalLM.from_config(cfg)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert matmul_params(cfg) == linear == (150_016 if model_type == "starcoder2" else _N)
+
+
+def test_matmul_params_counts_the_shared_expert() -> None:
+    """Qwen2-MoE: router + top-k routed experts + the always-on shared expert and its hidden x 1 gate."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    cfg = Qwen2MoeConfig(
+        **vars(_CFG), num_experts=8, num_experts_per_tok=3, moe_intermediate_size=16, shared_expert_intermediate_size=48
+    )
+    model = Qwen2MoeForCausalLM(cfg)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))  # incl. shared expert
+    routers = sum(m.weight.numel() for n, m in model.named_modules() if n.endswith("mlp.gate"))
+    experts = sum(
+        (m.gate_up_proj.numel() + m.down_proj.numel()) * 3 // 8
+        for n, m in model.named_modules()
+        if n.endswith("mlp.experts")
+    )
+    shared = sum(m.weight.numel() for n, m in model.named_modules() if "shared_expert" in n and hasattr(m, "weight"))
+    assert routers > 0 and experts > 0 and shared == 2 * (3 * 64 * 48 + 64)
+    assert matmul_params(cfg) == linear + routers + experts
+
+
 def test_model_flops_per_token_by_hand() -> None:
     # 6N = 1,096,704; 12*L*H*d*s = 12*2*8*8*128 = 196,608; sum 1,293,312
     assert model_flops_per_token(_CFG, 128) == 1_293_312

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from sft.families import moe_spec
 from sft.model import CausalLMWithLoss
@@ -21,8 +21,11 @@ from sft.moe import RouterStats, routing_inputs
 E, K, COEF = 4, 2, 0.7
 
 
-def _model() -> Qwen3MoeForCausalLM:
-    cfg = Qwen3MoeConfig(
+def _model(model_type: str):
+    # qwen2_moe adds an always-on shared expert with a sigmoid gate beside the routed experts.
+    extra = {"shared_expert_intermediate_size": 16} if model_type == "qwen2_moe" else {}
+    cfg = AutoConfig.for_model(
+        model_type,
         vocab_size=64,
         hidden_size=32,
         intermediate_size=64,
@@ -37,9 +40,13 @@ def _model() -> Qwen3MoeForCausalLM:
         decoder_sparse_step=1,
         initializer_range=0.3,
         use_cache=False,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+        **extra,
     )
     torch.manual_seed(0)
-    return Qwen3MoeForCausalLM(cfg)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
 
 
 def _reference(lm, samples: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,9 +68,10 @@ def _reference(lm, samples: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
     return ce_sum / targets + COEF * aux, aux
 
 
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe"])
 @pytest.mark.parametrize("lengths", [(9, 5), (7, 7)])
-def test_aux_loss_value_and_gradient_match_reference(lengths):
-    lm = _model()
+def test_aux_loss_value_and_gradient_match_reference(lengths, model_type):
+    lm = _model(model_type)
     gen = torch.Generator().manual_seed(1)
     samples = [torch.randint(0, 64, (n,), generator=gen) for n in lengths]
     routers = [p for n, p in lm.named_parameters() if n.endswith("mlp.gate.weight")]
