@@ -169,6 +169,13 @@ def _check_model_folder(cfg: SFTConfig) -> None:
     )
     reason = unsupported_reason(config)
     need(reason is None, f"model.partial_pretrain={p}: {reason}")
+    # The packed attention has no dropout; say so now rather than at the first forward, after loading.
+    dropout = cfg.model.override_config.get("attention_dropout", config.get("attention_dropout") or 0.0)
+    need(
+        not cfg.use_remove_padding or not dropout,
+        f"model.partial_pretrain={p}: config.json sets attention_dropout={dropout}, which remove-padding attention "
+        "does not apply; set +model.override_config.attention_dropout=0.0 (or use_remove_padding=false)",
+    )
     vocab = config.get("vocab_size")
     need(
         vocab is None or (isinstance(vocab, int) and vocab > 0),

@@ -224,3 +224,33 @@ def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoint(demo_d
     assert "the optimizer step was skipped" in result["stderr"]
     assert (out / "latest_checkpointed_iteration.txt").read_text() == "2"
     assert (out / "global_step_2" / "COMPLETE").exists() and not (out / "global_step_3").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, refused",
+    [
+        (["use_remove_padding=true"], True),
+        (["use_remove_padding=true", "+model.override_config.attention_dropout=0.0"], False),
+        (["use_remove_padding=false"], False),
+    ],
+)
+def test_attention_dropout_refused_before_loading_with_remove_padding(demo_dir, tmp_path, capsys, extra, refused):
+    """A config.json with attention dropout (StarCoder2 ships 0.1): the packed attention cannot apply it, so
+    remove-padding refuses in one line before loading, unless the user overrides it to 0."""
+    from sft.cli import run_cli
+
+    model = broken_copy(demo_dir, tmp_path, [])
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "attention_dropout": 0.1}))
+    out = tmp_path / "out"
+    overrides = [o for o in base_overrides(demo_dir, out) if not o.startswith("use_remove_padding=")]
+    rc = run_cli([*overrides, f"model.partial_pretrain={model}", *extra], lambda cfg, ctx: None)
+    err = capsys.readouterr().err
+    if refused:
+        assert rc == 2 and err.strip() == (
+            f"sft: config error: model.partial_pretrain={model}: config.json sets attention_dropout=0.1, which "
+            "remove-padding attention does not apply; set +model.override_config.attention_dropout=0.0 "
+            "(or use_remove_padding=false)"
+        ), err
+    else:
+        assert rc == 0, err
