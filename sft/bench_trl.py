@@ -131,6 +131,15 @@ def _trl_once(impl, cfg, ctx, model_dir, parquet, warmup, tokens_per_step, liger
             pending.append(
                 {k: inputs[k] for k in ("input_ids", "labels", "position_ids", "attention_mask") if k in inputs}
             )
+            # Progress with shapes: a cold flex_attention compile (minutes, once per new row length
+            # until it turns dynamic) then shows in the log instead of as silence.
+            logger.info(
+                "bench: TRL micro-batch %d of step %d, input %s, %.1f s after start",
+                len(pending),
+                len(steps) + 1,
+                tuple(inputs["input_ids"].shape),
+                time.perf_counter() - t_start,
+            )
             return super().training_step(model, inputs, *args, **kw)
 
     class Clock(TrainerCallback):
