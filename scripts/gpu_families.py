@@ -117,9 +117,15 @@ def report(work: Path, out: Path) -> None:
         mfu = tps * useful_flops(cfg, [seq]) / seq / PEAK
         peak = max((m.get("train/peak_mem_gb") or 0.0) for m in ms)
         load = ms[-1].get("train/moe_max_load")
-        rows[name] = {"tokens_per_s": tps, "useful_mfu_active": mfu, "peak_mem_gb": peak, "steps": len(ms),
-                      "active_matmul_params": matmul_params(cfg), "max_load": load,
-                      "step_s": statistics.median(m.get("train/step_time_s", 0.0) for m in timed)}
+        rows[name] = {
+            "tokens_per_s": tps,
+            "useful_mfu_active": mfu,
+            "peak_mem_gb": peak,
+            "steps": len(ms),
+            "active_matmul_params": matmul_params(cfg),
+            "max_load": load,
+            "step_s": statistics.median(m.get("train/step_time_s", 0.0) for m in timed),
+        }
         lines.append(
             f"{name:10s} {tps:10.0f} tok/s/GPU  useful MFU (active {matmul_params(cfg) / 1e9:.2f}B) {100 * mfu:5.1f}%  "
             f"peak {peak:6.1f} GB  aux {ms[-1].get('train/aux_loss')}  max load {load}"
