@@ -97,6 +97,10 @@ def family_of(model_type: str) -> Family | None:
     return FAMILIES.get(model_type)
 
 
+def _row(hf_config: Any) -> Family | None:
+    return FAMILIES.get(getattr(hf_config, "model_type", None))
+
+
 def supported_types() -> str:
     return ", ".join(sorted(FAMILIES))
 
@@ -134,7 +138,7 @@ def unsupported_reason(config: dict[str, Any]) -> str | None:
 
 def final_softcap(hf_config: Any) -> float | None:
     """The cap c of `logits = c * tanh(logits / c)` after the LM head, or None."""
-    fam = FAMILIES.get(hf_config.model_type)
+    fam = _row(hf_config)
     if fam is None or fam.final_softcap_key is None:
         return None
     value = getattr(hf_config, fam.final_softcap_key, None)
@@ -143,7 +147,7 @@ def final_softcap(hf_config: Any) -> float | None:
 
 def logit_multiplier(hf_config: Any) -> float:
     """What the model multiplies its LM-head logits by (1.0 for most families)."""
-    fam = FAMILIES.get(hf_config.model_type)
+    fam = _row(hf_config)
     if fam is None or fam.logit_scale is None:
         return 1.0
     key, power = fam.logit_scale
@@ -159,12 +163,12 @@ def num_experts(hf_config: Any, spec: MoESpec) -> int:
 
 def mlp_matrices(hf_config: Any) -> int:
     """Weight matrices of one dense MLP (3 for gated MLPs, and for model types outside the table)."""
-    fam = FAMILIES.get(getattr(hf_config, "model_type", None))
+    fam = _row(hf_config)
     return 3 if fam is None else fam.mlp_matrices
 
 
 def moe_spec(hf_config: Any) -> MoESpec | None:
-    fam = FAMILIES.get(getattr(hf_config, "model_type", None))
+    fam = _row(hf_config)
     return None if fam is None else fam.moe
 
 

@@ -259,6 +259,18 @@ def test_matmul_params_follows_each_familys_mlp(model_type) -> None:
     assert matmul_params(cfg) == linear == (150_016 if model_type == "starcoder2" else _N)
 
 
+def _moe_weights(model: torch.nn.Module, top_k: int, n_experts: int) -> tuple[int, int, int]:
+    """(nn.Linear weights, router weights, top_k / n_experts of the 3-D expert weights) of a real model."""
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    routers = sum(m.weight.numel() for n, m in model.named_modules() if n.endswith("mlp.gate"))
+    experts = sum(
+        (m.gate_up_proj.numel() + m.down_proj.numel()) * top_k // n_experts
+        for n, m in model.named_modules()
+        if n.endswith("mlp.experts")
+    )
+    return linear, routers, experts
+
+
 def test_matmul_params_counts_the_shared_expert() -> None:
     """Qwen2-MoE: router + top-k routed experts + the always-on shared expert and its hidden x 1 gate."""
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
@@ -267,13 +279,7 @@ def test_matmul_params_counts_the_shared_expert() -> None:
         **vars(_CFG), num_experts=8, num_experts_per_tok=3, moe_intermediate_size=16, shared_expert_intermediate_size=48
     )
     model = Qwen2MoeForCausalLM(cfg)
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))  # incl. shared expert
-    routers = sum(m.weight.numel() for n, m in model.named_modules() if n.endswith("mlp.gate"))
-    experts = sum(
-        (m.gate_up_proj.numel() + m.down_proj.numel()) * 3 // 8
-        for n, m in model.named_modules()
-        if n.endswith("mlp.experts")
-    )
+    linear, routers, experts = _moe_weights(model, top_k=3, n_experts=8)  # linear incl. the shared expert
     shared = sum(m.weight.numel() for n, m in model.named_modules() if "shared_expert" in n and hasattr(m, "weight"))
     assert routers > 0 and experts > 0 and shared == 2 * (3 * 64 * 48 + 64)
     assert matmul_params(cfg) == linear + routers + experts
@@ -325,12 +331,6 @@ def test_matmul_params_counts_active_experts_of_a_real_moe_model(dense_layers) -
 
     cfg = Qwen3MoeConfig(**vars(_CFG), num_experts=8, num_experts_per_tok=3, moe_intermediate_size=16, **dense_layers)
     model = Qwen3MoeForCausalLM(cfg)
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    routers = sum(m.weight.numel() for n, m in model.named_modules() if n.endswith("mlp.gate"))
-    experts = sum(
-        (m.gate_up_proj.numel() + m.down_proj.numel()) * 3 // 8
-        for n, m in model.named_modules()
-        if n.endswith("mlp.experts")
-    )
+    linear, routers, experts = _moe_weights(model, top_k=3, n_experts=8)
     assert routers > 0 and experts > 0
     assert matmul_params(cfg) == linear + routers + experts
