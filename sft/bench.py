@@ -169,7 +169,11 @@ def run_ours(
     peak = peak_flops_per_gpu(ctx.device)
     out = {"name": name, "mode": "packed" if cfg.use_remove_padding else "padded"}
     if trainer.budget is not None:
-        out.update(token_budget=trainer.budget.tokens, token_budget_reason=trainer.budget.reason)
+        out.update(
+            token_budget=trainer.budget.tokens,
+            token_budget_reason=trainer.budget.reason,
+            recomputed_layers=trainer.budget.recompute,
+        )
     out.update(summarize(per_step, warmup, t_start, ctx.world_size, peak))
     out.update(
         train_step_s_median=median([s["train_step_s"] for s in per_step if s["step"] > warmup]),

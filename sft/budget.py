@@ -5,19 +5,24 @@ does not change the update; only speed and memory depend on it. The budget is th
 trainer's choice, for everyone: at least `micro_batch_size_per_gpu x max_length` tokens (the
 worst case of a padded micro-batch of the user's keys, so whatever fits in verl fits here),
 larger when the device's free memory, estimated from the model shape, holds more activations.
-An explicit `data.max_token_len_per_gpu` is a cap that is always obeyed. Every rank takes the
-smallest choice of the world, so the micro-batch plans of all ranks stay identical.
+An explicit `data.max_token_len_per_gpu` is a cap that is always obeyed. With
+`model.gradient_checkpointing_mode=auto` (the default) the same memory estimate also decides how
+many decoder layers are recomputed in the backward: as few as fit, none when everything fits.
+Every rank takes the smallest budget and the most recompute of the world, so the micro-batch
+plans of all ranks stay identical.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from transformers import PretrainedConfig
 
+from sft.families import moe_spec
 from sft.fused_ce import DEFAULT_CHUNK
 
 logger = logging.getLogger("sft")
@@ -32,6 +37,15 @@ MAX_AUTO_TOKENS = 65536
 # a margin of 2x or more on both, so no further factor.
 SAFETY = 1.0
 ROUND = 1024
+# Matmul work of a micro-batch that hides the host's per-micro-batch work: Qwen2.5-1.5B shape on one H200,
+# full checkpointing, sync-free loop: 8,192-token micro-batches kept the GPU 54 % busy, 32,768 96 %
+# (docs/PERFORMANCE.md). 32k tokens of that shape are about 3e14 FLOP (6 x 1.54e9 per token).
+MIN_MICRO_BATCH_FLOP = 3e14
+AUTO_MOE = "every layer recomputed: gradient_checkpointing_mode=auto does not model the routing buffers of MoE layers"
+AUTO_NOT_LAYERWISE = (
+    "every layer recomputed: this model's layers are not transformers' checkpointing layers, so recompute "
+    "cannot be set layer by layer"
+)
 PADDED_COST = (
     "use_remove_padding=false: padded micro-batches of data.micro_batch_size_per_gpu samples compute on padding "
     "and wait for the GPU on every micro-batch; measured 5.9x fewer tokens/s than use_remove_padding=true "
@@ -43,28 +57,43 @@ PADDED_COST = (
 class TokenBudget:
     tokens: int
     reason: str
+    # Decoder layers recomputed in the backward (activation checkpointing); None: as configured.
+    recompute: int | None = None
 
 
-def activation_bytes_per_token(hf_config: PretrainedConfig, checkpointing: bool) -> float:
-    """Peak activation bytes per token of a packed row (bf16 activations, fp32 norm upcasts).
+def layer_bytes_per_token(hf_config: PretrainedConfig, liger: bool) -> float:
+    """Activation bytes one decoder layer keeps per token for its backward when it is not recomputed.
 
-    One layer keeps about 32h + 8kv + 8i bytes per token for its backward (norm upcasts, q/k/v,
-    rotary, attention and MLP outputs); its backward roughly doubles that at the peak. With
-    checkpointing only each layer's input (2h bytes) is kept, plus one layer recomputed at a time.
+    The model's own layers keep about 32h + 8kv + 8i bytes (fp32 norm upcasts, q/k/v, rotary,
+    attention and MLP outputs). With Liger's RMSNorm and SwiGLU the norms keep only their bf16 input
+    and output and the MLP its gate, up and product: about 12h + 4kv + 6i. (One H100, Qwen2.5-1.5B
+    shape, Liger on, no checkpointing, 16k tokens: a 55.6 GB peak, of which about 31 GB weights,
+    gradients, AdamW state and loss buffers: about 1.5 MB per token for 28 layers, where this
+    formula gives 2.1 MB.)
     """
     h = hf_config.hidden_size
-    layers = hf_config.num_hidden_layers
     heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or h // heads
     kv = (getattr(hf_config, "num_key_value_heads", None) or heads) * head_dim
     inter = getattr(hf_config, "intermediate_size", None) or 4 * h
-    one_layer = 32 * h + 8 * kv + 8 * inter
+    return 12 * h + 4 * kv + 6 * inter if liger else 32 * h + 8 * kv + 8 * inter
+
+
+def activation_bytes_per_token(hf_config: PretrainedConfig, recompute: int, liger: bool = False) -> float:
+    """Peak activation bytes per token of a packed row when the first `recompute` decoder layers are
+    checkpointed (each keeps only its input, 2h bytes) and the others keep everything.
+
+    The backward of one layer adds one layer's worth at the peak. A recomputed layer adds another while it
+    is replayed, but the first layers are replayed last, when the later layers' activations are freed:
+    that only sets the peak when every layer is recomputed.
+    """
+    h = hf_config.hidden_size
+    layers = hf_config.num_hidden_layers
+    one_layer = layer_bytes_per_token(hf_config, liger)
     tail = 16 * h  # final norm, hidden state and its gradient before the loss
-    if checkpointing:
-        per = layers * 2 * h + 2 * one_layer + tail
-    else:
-        per = layers * one_layer + one_layer + tail
-    return SAFETY * per
+    kept = recompute * 2 * h + (layers - recompute) * one_layer
+    replay = recompute * 2 * h + 2 * one_layer if recompute else 0.0
+    return SAFETY * (max(kept + one_layer, replay) + tail)
 
 
 def fixed_bytes_to_come(
@@ -106,31 +135,99 @@ def auto_tokens(floor: int, cap: int | None, avail_bytes: float | None, per_toke
     return TokenBudget(tokens, why)
 
 
+def recompute_plan(
+    floor: int,
+    cap: int | None,
+    avail_bytes: float | None,
+    per_token: Callable[[int], float],
+    layers: int,
+    min_tokens: int,
+) -> TokenBudget:
+    """`model.gradient_checkpointing_mode=auto`, as a pure function: the token budget and how many
+    decoder layers to recompute.
+
+    Recomputing a layer costs a third of its forward + backward again; a micro-batch smaller than
+    `min_tokens` leaves the GPU waiting on the host. So: the budget full checkpointing would choose,
+    lowered to `min_tokens` (never below the floor); then the fewest recomputed layers whose
+    activations fit; with none recomputed, the budget grows into what is left.
+    """
+    full = auto_tokens(floor, cap, avail_bytes, per_token(layers))
+    if avail_bytes is None:
+        return TokenBudget(full.tokens, f"{full.reason}; every layer recomputed", layers)
+    tokens = min(full.tokens, max(floor, min_tokens))
+    recompute = next((r for r in range(layers + 1) if tokens * per_token(r) <= avail_bytes), None)
+    if recompute is None:
+        return TokenBudget(full.tokens, f"{full.reason}; every layer recomputed (memory)", layers)
+    if recompute == 0:
+        grown = auto_tokens(tokens, cap, avail_bytes, per_token(0))
+        return TokenBudget(grown.tokens, f"{grown.reason}; no layer recomputed", 0)
+    return TokenBudget(
+        tokens,
+        f"{recompute} of {layers} layers recomputed so that {tokens} tokens fit "
+        f"{avail_bytes / GIB:.1f} GiB (a micro-batch of at least {min_tokens} tokens keeps the GPU busy)",
+        recompute,
+    )
+
+
+def min_busy_tokens(hf_config: PretrainedConfig) -> int:
+    """Tokens whose matmuls take about MIN_MICRO_BATCH_FLOP: below this the host's per-micro-batch work
+    (kernel launches, FSDP hooks: about 0.3 s on one H200) is no longer hidden behind the GPU's."""
+    from sft.metrics import matmul_params
+
+    tokens = MIN_MICRO_BATCH_FLOP / (6 * matmul_params(hf_config))
+    return int(-(-tokens // ROUND) * ROUND)
+
+
 def choose_token_budget(
     cfg, hf_config: PretrainedConfig, model: torch.nn.Module, device: torch.device, group: dist.ProcessGroup
 ) -> TokenBudget | None:
-    """The budget for this run (None in padded mode); call after the model is sharded and loaded."""
+    """The budget for this run (None in padded mode); call after the model is sharded and loaded.
+
+    With `model.gradient_checkpointing_mode=auto` it also says how many decoder layers to recompute
+    (`TokenBudget.recompute`); `apply_recompute` sets it on the model.
+    """
     if not cfg.use_remove_padding:
         logger.info(PADDED_COST)
         return None
+    m = cfg.model
     floor = cfg.data.micro_batch_size_per_gpu * cfg.data.max_length
-    per_token = activation_bytes_per_token(hf_config, cfg.model.enable_gradient_checkpointing)
+    layers = hf_config.num_hidden_layers
+    liger = getattr(model, "liger_layers", False)
     avail = None
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         n_params = sum(p.numel() for p in model.parameters())
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        param_bytes = 2 if cfg.model.fsdp_config.model_dtype in ("bf16", "bfloat16") else 4
+        param_bytes = 2 if m.fsdp_config.model_dtype in ("bf16", "bfloat16") else 4
         world = dist.get_world_size(group)
         reserve = 0.15 * total + 2 * GIB  # allocator fragmentation, NCCL and cuBLAS workspaces
         avail = free - fixed_bytes_to_come(hf_config, n_params, n_trainable, world, param_bytes) - reserve
-    budget = auto_tokens(floor, cfg.data.max_token_len_per_gpu, avail, per_token)
-    # Identical plans on every rank: the smallest choice of the world.
-    t = torch.tensor([budget.tokens], dtype=torch.int64, device=device)
+    cap = cfg.data.max_token_len_per_gpu
+    if not m.enable_gradient_checkpointing:
+        budget = auto_tokens(floor, cap, avail, activation_bytes_per_token(hf_config, 0, liger))
+    elif m.gradient_checkpointing_mode != "auto":
+        budget = auto_tokens(floor, cap, avail, activation_bytes_per_token(hf_config, layers, liger))
+    elif moe_spec(hf_config) is not None or not getattr(model, "layerwise_recompute", False):
+        why = AUTO_MOE if moe_spec(hf_config) is not None else AUTO_NOT_LAYERWISE
+        budget = auto_tokens(floor, cap, avail, activation_bytes_per_token(hf_config, layers, liger))
+        budget = TokenBudget(budget.tokens, f"{budget.reason}; {why}", layers)
+    else:
+        budget = recompute_plan(
+            floor,
+            cap,
+            avail,
+            lambda r: activation_bytes_per_token(hf_config, r, liger),
+            layers,
+            min_busy_tokens(hf_config),
+        )
+    # Identical plans on every rank: the smallest choice of the world (tokens and recompute alike).
+    t = torch.tensor([budget.tokens, -(budget.recompute or 0)], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
-    tokens = int(t)
-    if tokens != budget.tokens:
+    tokens, recompute = int(t[0]), -int(t[1])
+    if tokens != budget.tokens or recompute != (budget.recompute or 0):
         budget = TokenBudget(
-            tokens, f"the smallest choice over the ranks (this rank: {budget.tokens}, {budget.reason})"
+            tokens,
+            f"the smallest choice over the ranks (this rank: {budget.tokens}, {budget.reason})",
+            recompute if budget.recompute is not None else None,
         )
     return budget

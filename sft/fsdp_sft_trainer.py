@@ -34,7 +34,7 @@ from sft.data.scan import write_bad_samples
 from sft.data.storage import TokenizeShard
 from sft.distributed import DistContext
 from sft.metrics import MetricsLogger, StepTimer, mfu, peak_flops_per_gpu, useful_flops
-from sft.model import DTYPES, build_meta_model, load_hf_config, load_tokenizer, load_weights
+from sft.model import DTYPES, apply_recompute, build_meta_model, load_hf_config, load_tokenizer, load_weights
 from sft.moe import routing_inputs
 from sft.optim import build_optimizer, build_scheduler
 from sft.parallelize import apply_compile, apply_fsdp
@@ -94,6 +94,8 @@ class FSDPSFTTrainer:
         self.budget: TokenBudget | None = choose_token_budget(
             cfg, self.hf_config, self.model, ctx.device, ctx.world_group
         )
+        if self.budget is not None and self.budget.recompute is not None:
+            apply_recompute(self.model, self.budget.recompute)
         budget = self.budget.tokens if self.budget else None
         self.sampler = StepBatchSampler(
             len(self.train_ds),

@@ -18,14 +18,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from sft.attention import register_varlen_attention
 from sft.distributed import DistContext, resolve_device_type
-from sft.families import final_softcap, logit_multiplier, moe_spec, unsupported_reason
+from sft.families import final_softcap, liger_swiglu, logit_multiplier, moe_spec, unsupported_reason
 from sft.kernels import apply_liger, liger_wanted, selective_checkpoint_context
 from sft.lora import add_lora
 from sft.loss import target_linear_cross_entropy
 from sft.moe import RouterStats, experts_kwargs
+from sft.parallelize import decoder_layers
 from sft.schema import SFTConfig
 from sft.ulysses import check_sp_heads
 
@@ -166,7 +168,8 @@ def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig) -> CausalLMWit
         add_lora(lm, cfg.model)  # no-op unless model.lora_rank > 0
     if cfg.use_remove_padding:
         assert lm.config._attn_implementation == extra["attn_implementation"], "varlen attention not selected"
-    if liger_wanted(cfg.model.use_liger, resolve_device_type(cfg.trainer.device), hf_config.model_type):
+    liger = liger_wanted(cfg.model.use_liger, resolve_device_type(cfg.trainer.device), hf_config.model_type)
+    if liger:
         apply_liger(lm)
     if cfg.model.enable_gradient_checkpointing:
         # HF's own per-layer checkpointing keeps parameter names unchanged (checkpoint wrappers would not).
@@ -187,7 +190,21 @@ def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig) -> CausalLMWit
         routing = RouterStats(lm, spec, coef)
     model = CausalLMWithLoss(lm, fused_loss=fused, softcap=final_softcap(hf_config), routing=routing)
     model.logit_multiplier = logit_multiplier(hf_config)
+    # Liger's norms and SwiGLU keep fewer activations: the token budget's memory estimate uses it.
+    model.liger_layers = liger and liger_swiglu(hf_config.model_type)
+    # gradient_checkpointing_mode=auto sets checkpointing layer by layer: only transformers' own
+    # checkpointing layers read the flag per layer (remote code may check it on the whole model).
+    model.layerwise_recompute = all(isinstance(x, GradientCheckpointingLayer) for x in decoder_layers(lm))
     return model
+
+
+def apply_recompute(model: CausalLMWithLoss, recompute: int) -> None:
+    """Recompute only the first `recompute` decoder layers in the backward (checkpointing must have been
+    enabled on all of them): the others keep their activations. The first ones, because their backward
+    comes last, when the later layers' activations are already freed: their replay adds nothing to
+    the peak (sft/budget.py)."""
+    for i, layer in enumerate(decoder_layers(model.lm)):
+        layer.gradient_checkpointing = i < recompute
 
 
 def load_weights(model: CausalLMWithLoss, cfg: SFTConfig, ctx: DistContext) -> None:

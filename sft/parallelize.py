@@ -17,9 +17,10 @@ from sft.schema import SFTConfig
 
 
 def decoder_layers(lm: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of an HF decoder: the classes the model names in `_no_split_modules`."""
+    """The repeated blocks of an HF decoder: the classes the model names in `_no_split_modules` (or, once
+    sharded, the FSDP subclasses of them)."""
     names = set(getattr(lm, "_no_split_modules", None) or [])
-    layers = [m for m in lm.modules() if type(m).__name__ in names]
+    layers = [m for m in lm.modules() if any(c.__name__ in names for c in type(m).__mro__)]
     if not layers:
         raise ValueError(
             f"model.partial_pretrain: {type(lm).__name__} declares no `_no_split_modules`, so sft cannot find "

@@ -94,7 +94,7 @@ class ModelConfig:
     enable_gradient_checkpointing: bool = True
     # With checkpointing on: `full` recomputes each decoder layer in the backward; `selective`
     # keeps matmul and attention outputs and recomputes only norms, activations and rotary.
-    gradient_checkpointing_mode: str = "full"
+    gradient_checkpointing_mode: str = "auto"
     strategy: str = "fsdp2"
     external_lib: str | None = None
     use_shm: bool = False

@@ -52,11 +52,11 @@ def _check_model(cfg: SFTConfig) -> None:
     if m.lora_rank > 0:
         _check_lora(m)
     need(
-        m.gradient_checkpointing_mode in ("full", "selective"),
-        f"model.gradient_checkpointing_mode={m.gradient_checkpointing_mode!r}: choose full or selective",
+        m.gradient_checkpointing_mode in ("auto", "full", "selective"),
+        f"model.gradient_checkpointing_mode={m.gradient_checkpointing_mode!r}: choose auto, full or selective",
     )
     need(
-        m.enable_gradient_checkpointing or m.gradient_checkpointing_mode == "full",
+        m.enable_gradient_checkpointing or m.gradient_checkpointing_mode in ("auto", "full"),
         f"model.gradient_checkpointing_mode={m.gradient_checkpointing_mode} needs "
         "model.enable_gradient_checkpointing=true (or remove the mode)",
     )

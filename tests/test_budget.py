@@ -15,9 +15,10 @@ from conftest import base_overrides
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sft import fsdp_sft_trainer
-from sft.budget import MAX_AUTO_TOKENS, activation_bytes_per_token, auto_tokens
+from sft.budget import MAX_AUTO_TOKENS, TokenBudget, activation_bytes_per_token, auto_tokens, recompute_plan
 from sft.fused_ce import fused_linear_cross_entropy
 from sft.model import load_hf_config
+from sft.parallelize import decoder_layers
 from sft.schema import load_config
 
 SYNCING_OPS = {
@@ -63,8 +64,60 @@ def test_auto_tokens_rule():
 def test_activation_estimate_shape(demo_dir, tmp_path):
     cfg = load_config(base_overrides(demo_dir, tmp_path))
     hf = load_hf_config(cfg)
-    with_ac, without = activation_bytes_per_token(hf, True), activation_bytes_per_token(hf, False)
-    assert 0 < with_ac < without
+    layers = hf.num_hidden_layers
+    per = [activation_bytes_per_token(hf, r) for r in range(layers + 1)]
+    # Each recomputed layer keeps less, down to the replay of one layer with the others at their inputs.
+    assert all(a > b > 0 for a, b in zip(per[:-1], per[1:-1]))
+    assert per[-1] < per[0]
+    assert activation_bytes_per_token(hf, 0, liger=True) < per[0]  # Liger's norms/SwiGLU keep less
+
+
+def _plan(avail, floor=8192, cap=None, min_tokens=32768, layers=4, one=100.0, kept=10.0):
+    """recompute_plan with a toy memory model: a recomputed layer keeps `kept` bytes per token, another `one`."""
+    return recompute_plan(floor, cap, avail, lambda r: r * kept + (layers - r) * one + one, layers, min_tokens)
+
+
+def test_recompute_plan_rule():
+    # Independent arithmetic on the toy model (4 layers): per token 500 bytes with no layer recomputed, 140 with
+    # all four, each recomputed layer saving 90.
+    none = _plan(None)
+    assert (none.tokens, none.recompute) == (8192, 4)  # no memory figure (CPU): the floor, every layer
+    roomy = _plan(1e12)
+    assert (roomy.tokens, roomy.recompute) == (MAX_AUTO_TOKENS, 0)  # everything fits: nothing recomputed
+    fit0 = _plan(40_000 * 500.0)  # 32,768 tokens fit with none recomputed; the budget grows to 40k, rounded
+    assert (fit0.tokens, fit0.recompute) == (39_936, 0) and "no layer recomputed" in fit0.reason
+    # 32,768 tokens: r recomputed layers need (500 - 90 r) x 32768 bytes; 300 bytes/token allow r = 3 (230).
+    mid = _plan(32768 * 300.0)
+    assert (mid.tokens, mid.recompute) == (32768, 3) and "3 of 4 layers recomputed" in mid.reason
+    full = _plan(10_000 * 140.0)  # room for 10,000 tokens only with every layer recomputed: as full chooses
+    assert (full.tokens, full.recompute) == (9216, 4)
+    tight = _plan(8_000 * 140.0)  # not even the floor fits with everything recomputed: the floor, as full does
+    assert (tight.tokens, tight.recompute) == (8192, 4)
+    capped = _plan(1e12, cap=4096)
+    assert (capped.tokens, capped.recompute) == (4096, 0)  # the cap is obeyed
+    big_floor = _plan(1e12, floor=49152)
+    assert big_floor.tokens >= 49152  # never below micro_batch_size_per_gpu x max_length
+
+
+def test_trainer_applies_recompute_plan(demo_dir, tmp_path, one_rank, monkeypatch):
+    """The plan's layer count reaches the model, and a step with a partial recompute takes the same
+    gradients as one with every layer recomputed."""
+    overrides = base_overrides(demo_dir, tmp_path) + [
+        "model.enable_gradient_checkpointing=true",
+        "data.train_batch_size=4",
+        "trainer.total_training_steps=1",
+    ]
+    norms = {}
+    for recompute in (None, 1):
+        plan = TokenBudget(4096, "test", recompute)
+        monkeypatch.setattr(fsdp_sft_trainer, "choose_token_budget", lambda *a, plan=plan: plan)
+        trainer = fsdp_sft_trainer.FSDPSFTTrainer(load_config(overrides), one_rank)
+        flags = [layer.gradient_checkpointing for layer in decoder_layers(trainer.model.lm)]
+        assert flags == ([True] * len(flags) if recompute is None else [True] + [False] * (len(flags) - 1))
+        batch = trainer.sampler.epoch_order(0)[:4].tolist()
+        mbs = [trainer._builder(trainer.train_ds)(mb) for mb in trainer.sampler.micro_batches(batch)]
+        norms[recompute] = trainer.train_step(mbs)["train/grad_norm"]
+    assert norms[1] == pytest.approx(norms[None], rel=1e-6)
 
 
 def test_fused_ce_matches_reference_without_sync():

@@ -174,7 +174,7 @@ def test_missing_required_key():
         ("model.use_liger=true", "model.use_liger=true: Liger's kernels run on CUDA GPUs only"),
         (
             "model.gradient_checkpointing_mode=some",
-            "model.gradient_checkpointing_mode='some': choose full or selective",
+            "model.gradient_checkpointing_mode='some': choose auto, full or selective",
         ),
         ("model.use_liger=maybe", "model.use_liger='maybe': choose true, false or auto"),
         (

@@ -1,6 +1,9 @@
-"""Selective activation checkpointing: same gradients as full/none, fewer recomputed matmuls."""
+"""Activation checkpointing modes (selective, and partial as `gradient_checkpointing_mode=auto` sets it):
+same gradients as full/none, fewer recomputed matmuls."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from sft.kernels import selective_checkpoint_context
+from sft.model import apply_recompute
 
 
 class CountMatmuls(TorchDispatchMode):
@@ -33,6 +37,9 @@ def _grads(mode: str) -> tuple[dict[str, torch.Tensor], int]:
         if mode == "selective":
             kwargs["context_fn"] = selective_checkpoint_context()
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if mode == "partial":  # only the first of the two layers is recomputed
+        apply_recompute(SimpleNamespace(lm=model), 1)
+        assert [layer.gradient_checkpointing for layer in model.model.layers] == [True, False]
     model.train()
     ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
     loss = model(input_ids=ids, labels=ids).loss
@@ -41,7 +48,7 @@ def _grads(mode: str) -> tuple[dict[str, torch.Tensor], int]:
     return {n: p.grad.clone() for n, p in model.named_parameters()}, counter.n
 
 
-@pytest.mark.parametrize("mode", ["full", "selective"])
+@pytest.mark.parametrize("mode", ["full", "selective", "partial"])
 def test_checkpointing_modes_match_no_checkpointing(mode: str) -> None:
     ref, backward_mms_plain = _grads("none")
     grads, backward_mms = _grads(mode)
@@ -49,5 +56,7 @@ def test_checkpointing_modes_match_no_checkpointing(mode: str) -> None:
         torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6, msg=name)
     if mode == "full":  # the backward re-runs each layer's forward matmuls (up to the last one it needs)
         assert backward_mms >= backward_mms_plain + 2 * 6
+    elif mode == "partial":  # one layer's forward again, up to the up projection (as in full): 6 matmuls
+        assert backward_mms == backward_mms_plain + 6
     else:  # selective keeps the matmul outputs: no matmul is recomputed
         assert backward_mms == backward_mms_plain
