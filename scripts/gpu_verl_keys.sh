@@ -8,6 +8,10 @@
 #              compile is minutes).
 #  PART=trl2 : within 30 s of PART=table (warm machine, compile cache kept): TRL flex_attention without Liger,
 #              and the verl production keys again (ties the two calls together).
+#  PART=tests: the GPU tests of the fused loss, the sync-free loop and compile, then the fused loss timed
+#              against its eager ops (scripts/ce_bench.py, each its own process): $OUT/ce.jsonl.
+#  PART=recompute: the verl production keys (gradient_checkpointing_mode=auto, the default), the same keys with
+#              every layer recomputed (=full, the behaviour before auto), and the defaults (fp32 master).
 # Qwen2.5-1.5B shape (SHAPE), max_length 4096, global batch 128. Results: $OUT/results.jsonl (one JSON line per
 # run), $OUT/runs.log (tails of each run's log), $OUT/pytest.log, $OUT/gpu.txt. Carry .whl (trl, datasets too).
 set -uo pipefail
@@ -39,7 +43,16 @@ trl() {  # name, pythonpath[, extra bench args]
     || echo "{\"run\": \"$1\", \"error\": \"no result\"}" >>"$OUT/results.jsonl"
   { echo "=== $1"; tail -5 $L/$1.log; } >>"$OUT/runs.log"
 }
-if [ "${PART:-sync}" = split ]; then  # the verl keys capped at 8k: same losses as the 64k budget, more micro-batches
+if [ "${PART:-sync}" = tests ]; then
+  timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "fused_ce or never_syncs or compile" \
+    >"$OUT/pytest.log" 2>&1; echo "pytest: exit $?"; tail -4 "$OUT/pytest.log"
+  for v in fused eager; do timeout 120 python3 scripts/ce_bench.py --variant $v >>"$OUT/ce.jsonl" 2>>"$OUT/ce.err"; done
+  cat "$OUT/ce.jsonl"; exit 0
+elif [ "${PART:-sync}" = recompute ]; then
+  cmd verl "$VERL"
+  cmd verl_full "$VERL model.gradient_checkpointing_mode=full"
+  cmd defaults "use_remove_padding=true"
+elif [ "${PART:-sync}" = split ]; then  # the verl keys capped at 8k: same losses as the 64k budget, more micro-batches
   cmd verl8k "$VERL data.max_token_len_per_gpu=8192" 150
 elif [ "${PART:-sync}" = sync ]; then
   timeout 240 python3 -m pytest -x -q -p no:cacheprovider tests/test_gpu.py -k never_syncs >"$OUT/pytest.log" 2>&1

@@ -18,25 +18,66 @@ import torch
 DEFAULT_CHUNK = 2048
 
 
-def _chunk_grads(
-    h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, softcap: float | None
+def _softmax_grad(
+    logits: torch.Tensor, y: torch.Tensor, softcap: float | None, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss sum, dL/dlogits in h's dtype, correct count) of one chunk: h [c, d], weight [V, d], y [c]."""
-    logits = (h @ weight.t()).float()  # [c, V], the softmax in fp32
+    """(loss sum, dL/dlogits in `dtype`, correct count) from one chunk's fp32 logits [c, V] and labels [c].
+
+    Written without in-place ops so that on CUDA torch.compile turns it into a reduction pass and a
+    pointwise pass over the logits, instead of the seven or so passes of the eager ops."""
     correct = (logits.argmax(-1) == y).sum()  # tanh keeps the order: the same argmax with a cap
     dcap = None
     if softcap is not None:
         t = torch.tanh(logits / softcap)
         dcap = 1.0 - t * t  # d(c·tanh(l/c))/dl
-        logits = t.mul_(softcap)
+        logits = t * softcap
     lse = torch.logsumexp(logits, dim=-1)  # [c]
     loss = (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
-    # softmax - one_hot, in place over the logits buffer: [c, V]
-    grad = logits.sub_(lse[:, None]).exp_()
-    grad.scatter_add_(1, y[:, None], torch.full_like(lse[:, None], -1.0))
+    hit = torch.arange(logits.shape[1], device=logits.device)[None, :] == y[:, None]
+    grad = torch.exp(logits - lse[:, None]) - hit.to(logits.dtype)  # softmax - one_hot
     if dcap is not None:
-        grad.mul_(dcap)
-    return loss, grad.to(h.dtype), correct
+        grad = grad * dcap
+    return loss, grad.to(dtype), correct
+
+
+_compiled_softmax_grad = None
+
+
+def _softmax_grad_fn(device: torch.device):
+    """The compiled `_softmax_grad` on CUDA (compiled once per process, on first use), the eager one elsewhere."""
+    global _compiled_softmax_grad
+    if device.type != "cuda":
+        return _softmax_grad
+    if _compiled_softmax_grad is None:
+        _compiled_softmax_grad = torch.compile(_softmax_grad, fullgraph=True, dynamic=False)
+    return _compiled_softmax_grad
+
+
+def _logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fp32 logits [c, V]: on CUDA straight from the bf16 GEMM's fp32 accumulator (no bf16 round trip)."""
+    if h.is_cuda and h.dtype != torch.float32:
+        return torch.mm(h, weight.t(), out_dtype=torch.float32)
+    return (h @ weight.t()).float()
+
+
+def _chunk_grads(
+    h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, softcap: float | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss sum, dL/dlogits in h's dtype, correct count) of one chunk: h [c, d], weight [V, d], y [c]."""
+    logits = _logits(h, weight)
+    if logits.is_cuda:
+        # One compiled graph for every chunk size: the row count is a dynamic dimension.
+        torch._dynamo.mark_dynamic(logits, 0)
+        torch._dynamo.mark_dynamic(y, 0)
+    return _softmax_grad_fn(logits.device)(logits, y, softcap, h.dtype)
+
+
+def _accumulate_grad_w(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
+    """grad_w [V, d] fp32 += g.T @ h: on CUDA the sum happens in the GEMM's epilogue, in fp32."""
+    if g.is_cuda and g.dtype != torch.float32:
+        torch.addmm(grad_w, g.t(), h, out_dtype=torch.float32, out=grad_w)
+    else:
+        grad_w += (g.t() @ h).float()
 
 
 class _FusedLinearCE(torch.autograd.Function):
@@ -57,7 +98,7 @@ class _FusedLinearCE(torch.autograd.Function):
             if grad_h is not None:
                 torch.mm(g, weight, out=grad_h[start : start + chunk])  # [c, V] @ [V, d] -> [c, d]
             if grad_w is not None:
-                grad_w += (g.t() @ h).float()  # [V, c] @ [c, d] -> [V, d], summed in fp32
+                _accumulate_grad_w(grad_w, g, h)  # [V, c] @ [c, d] -> [V, d], summed in fp32
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(correct)

@@ -1,0 +1,72 @@
+"""Time sft's fused linear cross-entropy on the GPU at a model's head size (one variant per process).
+
+  python3 scripts/ce_bench.py --variant fused   # as the trainer runs it (sft/fused_ce.py)
+  python3 scripts/ce_bench.py --variant eager   # the same math with eager ops: bf16 logits cast to fp32,
+                                                # the softmax pass uncompiled, the head gradient summed outside the GEMM
+Forward + backward of `--rows` targets against a `--vocab` x `--hidden` bf16 head, 2 warm-up and 5 timed
+calls; prints one JSON line (ms per call, peak GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import sft.fused_ce as fce
+
+
+def eager_variant() -> None:
+    fce._softmax_grad_fn = lambda device: fce._softmax_grad
+    fce._logits = lambda h, w: (h @ w.t()).float()
+
+    def accumulate(grad_w, g, h):
+        grad_w += (g.t() @ h).float()
+
+    fce._accumulate_grad_w = accumulate
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variant", choices=["fused", "eager"], required=True)
+    ap.add_argument("--rows", type=int, default=52000)
+    ap.add_argument("--hidden", type=int, default=1536)
+    ap.add_argument("--vocab", type=int, default=151936)
+    args = ap.parse_args()
+    if args.variant == "eager":
+        eager_variant()
+    torch.manual_seed(0)
+    h = (torch.randn(args.rows, args.hidden, device="cuda") * 0.5).bfloat16().requires_grad_()
+    w = (torch.randn(args.vocab, args.hidden, device="cuda") * 0.02).bfloat16().requires_grad_()
+    y = torch.randint(0, args.vocab, (args.rows,), device="cuda")
+    times, t_first = [], time.perf_counter()
+    for i in range(7):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss, _ = fce.fused_linear_cross_entropy(h, w, y)
+        loss.backward()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        if i == 0:
+            t_first = time.perf_counter() - t_first
+    timed = sorted(times[2:])
+    print(
+        json.dumps(
+            {
+                "variant": args.variant,
+                "rows": args.rows,
+                "vocab": args.vocab,
+                "hidden": args.hidden,
+                "ms_median": round(1000 * timed[len(timed) // 2], 2),
+                "first_call_s": round(t_first, 2),
+                "loss": float(loss),
+                "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
