@@ -11,7 +11,8 @@
 #  PART=tests: the GPU tests of the fused loss, the sync-free loop and compile, then the fused loss timed
 #              against its eager ops (scripts/ce_bench.py, each its own process): $OUT/ce.jsonl.
 #  PART=recompute: the verl production keys (gradient_checkpointing_mode=auto, the default), the same keys with
-#              every layer recomputed (=full, the behaviour before auto), and the defaults (fp32 master).
+#              every layer recomputed (=full, the behaviour before auto), the defaults (fp32 master), and
+#              the defaults + model.compile=true (Liger off with compile).
 # Qwen2.5-1.5B shape (SHAPE), max_length 4096, global batch 128. Results: $OUT/results.jsonl (one JSON line per
 # run), $OUT/runs.log (tails of each run's log), $OUT/pytest.log, $OUT/gpu.txt. Carry .whl (trl, datasets too).
 set -uo pipefail
@@ -52,6 +53,7 @@ elif [ "${PART:-sync}" = recompute ]; then
   cmd verl "$VERL"
   cmd verl_full "$VERL model.gradient_checkpointing_mode=full"
   cmd defaults "use_remove_padding=true"
+  cmd compiled "use_remove_padding=true model.compile=true" 300
 elif [ "${PART:-sync}" = split ]; then  # the verl keys capped at 8k: same losses as the 64k budget, more micro-batches
   cmd verl8k "$VERL data.max_token_len_per_gpu=8192" 150
 elif [ "${PART:-sync}" = sync ]; then

@@ -41,11 +41,18 @@ def check_liger(device_type: str) -> None:
         raise ValueError(LIGER_MISSING)
 
 
-def liger_wanted(setting: bool | str, device_type: str, model_type: str) -> bool:
-    """`model.use_liger`: true always (checked before loading), false never, auto when it can run."""
+def liger_wanted(setting: bool | str, device_type: str, model_type: str, compiled: bool = False) -> bool:
+    """`model.use_liger`: true always (checked before loading), false never, auto when it can run.
+
+    Never together with `model.compile=true`: torch.compile cannot trace Liger's autograd functions
+    (torch 2.11, liger-kernel 0.8.5: an assertion inside LigerRMSNormFunction), and compiling fuses
+    the norms and activations itself; `true` with compile is refused before loading."""
     if setting != "auto":
         return bool(setting)
     if device_type != "cuda" or not liger_installed():
+        return False
+    if compiled:
+        logger.info("model.use_liger=auto: not used with model.compile=true (compile fuses the norms and SwiGLU)")
         return False
     if not liger_covers(model_type):  # sft/families.py: Liger's layers do not fit this family
         logger.info("model.use_liger=auto: not used for model type %s (README 'Supported model families')", model_type)

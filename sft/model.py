@@ -168,7 +168,8 @@ def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig) -> CausalLMWit
         add_lora(lm, cfg.model)  # no-op unless model.lora_rank > 0
     if cfg.use_remove_padding:
         assert lm.config._attn_implementation == extra["attn_implementation"], "varlen attention not selected"
-    liger = liger_wanted(cfg.model.use_liger, resolve_device_type(cfg.trainer.device), hf_config.model_type)
+    device_type = resolve_device_type(cfg.trainer.device)
+    liger = liger_wanted(cfg.model.use_liger, device_type, hf_config.model_type, cfg.model.compile)
     if liger:
         apply_liger(lm)
     if cfg.model.enable_gradient_checkpointing:

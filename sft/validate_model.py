@@ -78,6 +78,11 @@ def _check_model(cfg: SFTConfig) -> None:
         f"model.router_aux_loss_coef={m.router_aux_loss_coef}: must be >= 0 (or null for the model config's)",
     )
     need(
+        not (m.compile and m.use_liger is True),
+        "model.use_liger=true with model.compile=true: torch.compile cannot trace Liger's kernels (it fails inside "
+        "LigerRMSNormFunction); use model.use_liger=auto (compile fuses the norms itself) or model.compile=false",
+    )
+    need(
         not (m.compile and resolve_device_type(cfg.trainer.device) == "cpu"),
         "model.compile=true on CPU: compiling the layers is supported on CUDA only (on CPU it takes minutes and "
         "fails under gloo); set model.compile=false",

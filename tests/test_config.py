@@ -181,6 +181,7 @@ def test_missing_required_key():
             "model.compile=true model.gradient_checkpointing_mode=selective",
             "model.gradient_checkpointing_mode=selective with model.compile=true",
         ),
+        ("model.compile=true model.use_liger=true", "model.use_liger=true with model.compile=true"),
         ("optim.lr=0", "optim.lr=0"),
         ("optim.betas=[0.9]", "optim.betas"),
         ("optim.lr_scheduler=linear", "optim.lr_scheduler='linear'"),

@@ -152,5 +152,6 @@ def test_fused_ce_on_cuda_matches_fp64(softcap):
     (ref * 0.25).backward()
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-3)
     assert abs(int(correct) - int((logits.argmax(-1) == y).sum())) <= 1  # a near-tie may flip in fp32
-    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=2e-2, atol=1e-4)
-    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=2e-2, atol=1e-4)
+    # dL/dlogits is rounded to bf16 before the two head GEMMs (as in any bf16 backward): compare in norm.
+    for got, want in ((h.grad, h64.grad), (w.grad, w64.grad)):
+        assert float((got.double() - want).norm() / want.norm()) < 1e-2
