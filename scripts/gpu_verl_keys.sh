@@ -10,6 +10,7 @@
 #              and the verl production keys again (ties the two calls together).
 #  PART=tests: the GPU tests of the fused loss, the sync-free loop and compile, then the fused loss timed
 #              against its eager ops (scripts/ce_bench.py, each its own process): $OUT/ce.jsonl.
+#  PART=check: the same GPU tests, then the verl production keys once.
 #  PART=recompute: the verl production keys (gradient_checkpointing_mode=auto, the default), the same keys with
 #              every layer recomputed (=full, the behaviour before auto), the defaults (fp32 master), and
 #              the defaults + model.compile=true (Liger off with compile).
@@ -44,9 +45,15 @@ trl() {  # name, pythonpath[, extra bench args]
     || echo "{\"run\": \"$1\", \"error\": \"no result\"}" >>"$OUT/results.jsonl"
   { echo "=== $1"; tail -5 $L/$1.log; } >>"$OUT/runs.log"
 }
-if [ "${PART:-sync}" = tests ]; then
+gpu_tests() {
   timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "fused_ce or never_syncs or compile" \
     >"$OUT/pytest.log" 2>&1; echo "pytest: exit $?"; tail -4 "$OUT/pytest.log"
+}
+if [ "${PART:-sync}" = check ]; then  # the GPU tests, then the verl production keys once (SHAPE)
+  gpu_tests
+  cmd verl "$VERL"
+elif [ "${PART:-sync}" = tests ]; then
+  gpu_tests
   for v in fused eager; do timeout 120 python3 scripts/ce_bench.py --variant $v >>"$OUT/ce.jsonl" 2>>"$OUT/ce.err"; done
   cat "$OUT/ce.jsonl"; exit 0
 elif [ "${PART:-sync}" = recompute ]; then
