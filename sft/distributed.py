@@ -98,6 +98,10 @@ def init_distributed(device_type: str, sp_size: int, timeout_s: int = 1800) -> D
     """Start the process group (also for a plain `python -m` run of one process) and the meshes."""
     info = WorldInfo.from_env()
     if device_type == "cuda":
+        # Packed micro-batches change size every time: expandable segments keep the allocator from
+        # fragmenting into an OOM at the automatic budget (a user's own setting is kept). Before the
+        # first CUDA allocation, when the allocator reads it.
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         torch.cuda.set_device(info.local_rank)
         device = torch.device("cuda", info.local_rank)
         backend = "nccl"
