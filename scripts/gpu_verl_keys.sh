@@ -13,7 +13,7 @@
 #  PART=check: the same GPU tests, then the verl production keys once.
 #  PART=recompute: the verl production keys (gradient_checkpointing_mode=auto, the default), the same keys with
 #              every layer recomputed (=full, the behaviour before auto), the defaults (fp32 master), and
-#              the defaults + model.compile=true (Liger off with compile).
+#              the defaults + model.compile=true (Liger off with compile). PART=pair: only the first two.
 # Qwen2.5-1.5B shape (SHAPE), max_length 4096, global batch 128. Results: $OUT/results.jsonl (one JSON line per
 # run), $OUT/runs.log (tails of each run's log), $OUT/pytest.log, $OUT/gpu.txt. Carry .whl (trl, datasets too).
 set -uo pipefail
@@ -56,11 +56,13 @@ elif [ "${PART:-sync}" = tests ]; then
   gpu_tests
   for v in fused eager; do timeout 120 python3 scripts/ce_bench.py --variant $v >>"$OUT/ce.jsonl" 2>>"$OUT/ce.err"; done
   cat "$OUT/ce.jsonl"; exit 0
-elif [ "${PART:-sync}" = recompute ]; then
+elif [ "${PART:-sync}" = recompute ] || [ "${PART:-sync}" = pair ]; then
   cmd verl "$VERL"
   cmd verl_full "$VERL model.gradient_checkpointing_mode=full"
-  cmd defaults "use_remove_padding=true"
-  cmd compiled "use_remove_padding=true model.compile=true" 300
+  if [ "$PART" = recompute ]; then
+    cmd defaults "use_remove_padding=true"
+    cmd compiled "use_remove_padding=true model.compile=true" 300
+  fi
 elif [ "${PART:-sync}" = split ]; then  # the verl keys capped at 8k: same losses as the 64k budget, more micro-batches
   cmd verl8k "$VERL data.max_token_len_per_gpu=8192" 150
 elif [ "${PART:-sync}" = sync ]; then
