@@ -34,10 +34,10 @@ from sft.data.scan import write_bad_samples
 from sft.data.storage import TokenizeShard
 from sft.distributed import DistContext
 from sft.metrics import MetricsLogger, StepTimer, mfu, peak_flops_per_gpu, useful_flops
-from sft.model import DTYPES, apply_recompute, build_meta_model, load_hf_config, load_tokenizer, load_weights
+from sft.model import DTYPES, build_meta_model, load_hf_config, load_tokenizer, load_weights
 from sft.moe import routing_inputs
 from sft.optim import build_optimizer, build_scheduler
-from sft.parallelize import apply_compile, apply_fsdp
+from sft.parallelize import apply_compile, apply_fsdp, apply_recompute
 from sft.preemption import Preempted, PreemptionWatcher
 from sft.profiling import StepProbe
 from sft.schema import SFTConfig, to_dict

@@ -199,15 +199,6 @@ def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig) -> CausalLMWit
     return model
 
 
-def apply_recompute(model: CausalLMWithLoss, recompute: int) -> None:
-    """Recompute only the first `recompute` decoder layers in the backward (checkpointing must have been
-    enabled on all of them): the others keep their activations. The first ones, because their backward
-    comes last, when the later layers' activations are already freed: their replay adds nothing to
-    the peak (sft/budget.py)."""
-    for i, layer in enumerate(decoder_layers(model.lm)):
-        layer.gradient_checkpointing = i < recompute
-
-
 def load_weights(model: CausalLMWithLoss, cfg: SFTConfig, ctx: DistContext) -> None:
     """Materialise the sharded model and fill it from rank 0's copy of the checkpoint."""
     model.to_empty(device=ctx.device)

@@ -1,4 +1,4 @@
-"""Sharding of the model with FSDP2 (`fully_shard`), one function per technique.
+"""Sharding of the model with FSDP2 (`fully_shard`), compile and per-layer recompute, one function per technique.
 
 Each decoder layer is its own FSDP unit (gathered just before it runs, freed after), and the
 root holds the rest (embeddings, final norm, LM head, tied or not). On CUDA parameters are
@@ -27,6 +27,15 @@ def decoder_layers(lm: nn.Module) -> list[nn.Module]:
             "its decoder layers to shard; this architecture is not supported"
         )
     return layers
+
+
+def apply_recompute(model: nn.Module, recompute: int) -> None:
+    """Recompute only the first `recompute` decoder layers in the backward (checkpointing must have been
+    enabled on all of them): the others keep their activations. The first ones, because their backward
+    comes last, when the later layers' activations are already freed: their replay adds nothing to
+    the peak (sft/budget.py)."""
+    for i, layer in enumerate(decoder_layers(model.lm)):
+        layer.gradient_checkpointing = i < recompute
 
 
 def mixed_precision(ctx: DistContext) -> MixedPrecisionPolicy:

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from sft.kernels import selective_checkpoint_context
-from sft.model import apply_recompute
+from sft.parallelize import apply_recompute
 
 
 class CountMatmuls(TorchDispatchMode):
