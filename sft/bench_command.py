@@ -70,6 +70,8 @@ def summarize_command(steps: list[dict], profile: dict | None, warmup: int, t_la
             host_syncs_per_step=profile["host_syncs"],
             kernel_launches_per_step=profile["kernel_launches"],
             profiled_step_s=profile["wall_s"],
+            gpu_busy_s=profile.get("gpu_busy_s"),
+            gpu_idle_gaps_ms=profile.get("gpu_idle_gaps_ms"),
         )
     return out
 

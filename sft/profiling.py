@@ -40,23 +40,40 @@ def _union_ns(intervals: list[tuple[int, int]]) -> int:
     return total
 
 
+def _largest_gaps(intervals: list[tuple[int, int]], start: int, end: int, k: int = 5) -> list[list[float]]:
+    """The k longest stretches of [start, end) that no interval covers: [offset from start, length] in ms."""
+    gaps, covered_to = [], start
+    for s, e in sorted(intervals):
+        if s > covered_to:
+            gaps.append((s - covered_to, covered_to))
+        covered_to = max(covered_to, e)
+    if end > covered_to:
+        gaps.append((end - covered_to, covered_to))
+    return [[round((at - start) / 1e6, 6), round(length / 1e6, 6)] for length, at in sorted(gaps, reverse=True)[:k]]
+
+
 def summarize_events(events: list[tuple[str, bool, int, int]], wall_ns: int, end_ns: int | None = None) -> dict:
     """(name, on_device, start_ns, duration_ns) events -> launches, syncs and the GPU busy fraction.
 
     A synchronising call is counted by its runtime name (a plain `cudaMemcpy` blocks the host too),
     except those from `end_ns` on (the profiler's own closing synchronisation); busy is the union
-    of device activity (kernels, copies) over the profiled wall time.
+    of device activity (kernels, copies) over the profiled wall time. `gpu_idle_gaps_ms` lists the
+    longest stretches without device activity, from the first recorded event to `end_ns`, as
+    [offset, length] in ms: they say whether the idle time sits between steps or inside one.
     """
     end = end_ns if end_ns is not None else max((s + d for _, _, s, d in events), default=0) + 1
     launches = sum(1 for name, dev, _, _ in events if not dev and name in LAUNCHES)
     syncs = sum(1 for name, dev, s, _ in events if not dev and name in SYNCS and s < end)
-    busy = _union_ns([(s, s + d) for _, dev, s, d in events if dev])
+    device = [(s, s + d) for _, dev, s, d in events if dev]
+    busy = _union_ns(device)
+    first = min((s for _, _, s, _ in events), default=0)
     return {
         "kernel_launches": launches,
         "host_syncs": syncs,
         "gpu_busy_s": busy / 1e9,
         "wall_s": wall_ns / 1e9,
         "gpu_busy_frac": busy / wall_ns if wall_ns > 0 else None,
+        "gpu_idle_gaps_ms": _largest_gaps(device, first, end),
     }
 
 

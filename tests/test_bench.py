@@ -140,6 +140,8 @@ def test_profile_summary_counts():
     s = summarize_events(ev, wall_ns=100, end_ns=90)
     assert s["kernel_launches"] == 2 and s["host_syncs"] == 1
     assert s["gpu_busy_frac"] == pytest.approx(0.30)
+    # Device busy 5..35 in the window 0..90: idle 35..90 (55 ns) and 0..5 (5 ns), longest first, in ms.
+    assert s["gpu_idle_gaps_ms"] == [[35e-6, 55e-6], [0.0, 5e-6]]
 
 
 def test_command_mode_times_the_real_trainer(demo_dir, tmp_path, capsys, fresh_world):
