@@ -10,7 +10,7 @@
 #              and the verl production keys again (ties the two calls together).
 #  PART=tests: the GPU tests of the fused loss, the sync-free loop and compile, then the fused loss timed
 #              against its eager ops (scripts/ce_bench.py, each its own process): $OUT/ce.jsonl.
-#  PART=check: the same GPU tests, then the verl production keys once.
+#  PART=check: the same GPU tests, then the verl production keys once. PART=verl: only the keys.
 #  PART=recompute: the verl production keys (gradient_checkpointing_mode=auto, the default), the same keys with
 #              every layer recomputed (=full, the behaviour before auto), the defaults (fp32 master), and
 #              the defaults + model.compile=true (Liger off with compile). PART=pair: only the first two.
@@ -49,8 +49,8 @@ gpu_tests() {
   timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "fused_ce or never_syncs or compile" \
     >"$OUT/pytest.log" 2>&1; echo "pytest: exit $?"; tail -4 "$OUT/pytest.log"
 }
-if [ "${PART:-sync}" = check ]; then  # the GPU tests, then the verl production keys once (SHAPE)
-  gpu_tests
+if [ "${PART:-sync}" = check ] || [ "${PART:-sync}" = verl ]; then  # [the GPU tests,] the verl keys once (SHAPE)
+  [ "$PART" = check ] && gpu_tests
   cmd verl "$VERL"
 elif [ "${PART:-sync}" = tests ]; then
   gpu_tests
