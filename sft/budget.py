@@ -31,10 +31,11 @@ GIB = 1024**3
 # The estimate below is a model of memory, not a measurement: it is not extrapolated past this.
 MAX_AUTO_TOKENS = 65536
 # Multiplier on the per-token activation estimate. Measured peaks (one H200, Qwen2.5-1.5B shape, bf16
-# master): full checkpointing 19.4 GB with an 8,192-token budget vs 26.1 GB with 65,536 (~61k tokens per
-# micro-batch), about 0.13 MB per token, where the formula gives 0.36 MB; no checkpointing (2026-12-01,
-# fp32 master, 16k budget) about 1.8 MB per token against the formula's 3.6 MB. The formula alone keeps
-# a margin of 2x or more on both, so no further factor.
+# master): full checkpointing 19.4 GB with an 8,192-token budget vs 26.1 GB with 65,536, about 0.13 MB per
+# token where the formula gives 0.36 MB; Liger layers, no layer recomputed, 48,128 tokens: 105.7 GB, about
+# 1.9 MB per token over the ~15 GB of weights, gradients, optimizer state and loss buffers, where the
+# formula gives 2.1 MB (2026-12-02). The formula keeps that margin, and `reserve` below adds 15 % of the
+# GPU + 2 GB, so no further factor.
 SAFETY = 1.0
 ROUND = 1024
 # Matmul work of a micro-batch that hides the host's per-micro-batch work: Qwen2.5-1.5B shape on one H200,
@@ -156,7 +157,7 @@ def recompute_plan(
         return TokenBudget(full.tokens, f"{full.reason}; every layer recomputed", layers)
     tokens = min(full.tokens, max(floor, min_tokens))
     recompute = next((r for r in range(layers + 1) if tokens * per_token(r) <= avail_bytes), None)
-    if recompute is None:
+    if recompute is None or recompute == layers:  # all recomputed anyway: full checkpointing's larger budget
         return TokenBudget(full.tokens, f"{full.reason}; every layer recomputed (memory)", layers)
     if recompute == 0:
         grown = auto_tokens(tokens, cap, avail_bytes, per_token(0))

@@ -91,6 +91,10 @@ def test_recompute_plan_rule():
     assert (mid.tokens, mid.recompute) == (32768, 3) and "3 of 4 layers recomputed" in mid.reason
     full = _plan(10_000 * 140.0)  # room for 10,000 tokens only with every layer recomputed: as full chooses
     assert (full.tokens, full.recompute) == (9216, 4)
+    # 32,768 tokens would need all four layers recomputed (200 bytes/token < 230): then full checkpointing's
+    # own, larger budget, 32768 x 200 / 140 = 46,811 tokens, rounded down to 46,080.
+    all_four = _plan(32768 * 200.0)
+    assert (all_four.tokens, all_four.recompute) == (46_080, 4)
     tight = _plan(8_000 * 140.0)  # not even the floor fits with everything recomputed: the floor, as full does
     assert (tight.tokens, tight.recompute) == (8192, 4)
     capped = _plan(1e12, cap=4096)
