@@ -4,8 +4,8 @@
 CE(hidden @ weight.T, label) and the number of rows whose argmax logit is the label (token
 accuracy, counted from the same logits). A final-logit soft-cap c (Gemma 2/3) replaces the
 logits l by c·tanh(l/c) and scales their gradient by 1 - tanh²(l/c). The rows are the target
-positions only (the caller selects them with an index built on the host), so every row counts and the number of chunks is known from
-the shape: nothing is read back from the device. Each chunk's logits live only inside the
+positions only (the caller selects them with an index built on the host), so every row counts and
+the number of chunks is known from the shape: nothing is read back from the device. Each chunk's logits live only inside the
 forward, which also computes d(loss)/d(hidden) and accumulates d(loss)/d(weight) in fp32; the
 backward scales those by the incoming gradient (a device scalar, never inspected on the host).
 On CUDA each chunk's logits come from a GEMM with an fp32 output, the softmax pass is compiled once
