@@ -72,6 +72,7 @@ def summarize_command(steps: list[dict], profile: dict | None, warmup: int, t_la
             profiled_step_s=profile["wall_s"],
             gpu_busy_s=profile.get("gpu_busy_s"),
             gpu_idle_gaps_ms=profile.get("gpu_idle_gaps_ms"),
+            longest_gap_host_ops=profile.get("longest_gap_host_ops"),
         )
     return out
 

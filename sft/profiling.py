@@ -52,6 +52,17 @@ def _largest_gaps(intervals: list[tuple[int, int]], start: int, end: int, k: int
     return [[round((at - start) / 1e6, 6), round(length / 1e6, 6)] for length, at in sorted(gaps, reverse=True)[:k]]
 
 
+def _host_ops_during(events: list[tuple[str, bool, int, int]], start: int, end: int, k: int = 8) -> list[list]:
+    """The host-side events that overlap [start, end), longest overlap first: [name, overlap ms]. Named ranges
+    (optimizer step, FSDP hooks, data loader) say what the host was doing while the GPU waited."""
+    spans = []
+    for name, dev, s, d in events:
+        overlap = min(s + d, end) - max(s, start)
+        if not dev and overlap > 0:
+            spans.append((overlap, name))
+    return [[name, round(overlap / 1e6, 6)] for overlap, name in sorted(spans, reverse=True)[:k]]
+
+
 def summarize_events(events: list[tuple[str, bool, int, int]], wall_ns: int, end_ns: int | None = None) -> dict:
     """(name, on_device, start_ns, duration_ns) events -> launches, syncs and the GPU busy fraction.
 
@@ -59,7 +70,8 @@ def summarize_events(events: list[tuple[str, bool, int, int]], wall_ns: int, end
     except those from `end_ns` on (the profiler's own closing synchronisation); busy is the union
     of device activity (kernels, copies) over the profiled wall time. `gpu_idle_gaps_ms` lists the
     longest stretches without device activity, from the first recorded event to `end_ns`, as
-    [offset, length] in ms: they say whether the idle time sits between steps or inside one.
+    [offset, length] in ms: they say whether the idle time sits between steps or inside one;
+    `longest_gap_host_ops` what the host was running during the longest of them.
     """
     end = end_ns if end_ns is not None else max((s + d for _, _, s, d in events), default=0) + 1
     launches = sum(1 for name, dev, _, _ in events if not dev and name in LAUNCHES)
@@ -67,13 +79,18 @@ def summarize_events(events: list[tuple[str, bool, int, int]], wall_ns: int, end
     device = [(s, s + d) for _, dev, s, d in events if dev]
     busy = _union_ns(device)
     first = min((s for _, _, s, _ in events), default=0)
+    gaps = _largest_gaps(device, first, end)
+    gap_ns = [round(x * 1e6) for x in gaps[0]] if gaps else [0, 0]
     return {
         "kernel_launches": launches,
         "host_syncs": syncs,
         "gpu_busy_s": busy / 1e9,
         "wall_s": wall_ns / 1e9,
         "gpu_busy_frac": busy / wall_ns if wall_ns > 0 else None,
-        "gpu_idle_gaps_ms": _largest_gaps(device, first, end),
+        "gpu_idle_gaps_ms": gaps,
+        "longest_gap_host_ops": _host_ops_during(events, first + gap_ns[0], first + gap_ns[0] + gap_ns[1])
+        if gaps
+        else [],
     }
 
 

@@ -142,6 +142,9 @@ def test_profile_summary_counts():
     assert s["gpu_busy_frac"] == pytest.approx(0.30)
     # Device busy 5..35 in the window 0..90: idle 35..90 (55 ns) and 0..5 (5 ns), longest first, in ms.
     assert s["gpu_idle_gaps_ms"] == [[35e-6, 55e-6], [0.0, 5e-6]]
+    # During the longest gap (35..90) the host ran the synchronising call 20..50 (15 ns of it) and the
+    # profiler's closing sync 90..95 (none of it): only the first is listed.
+    assert s["longest_gap_host_ops"] == [["cudaStreamSynchronize", 15e-6]]
 
 
 def test_command_mode_times_the_real_trainer(demo_dir, tmp_path, capsys, fresh_world):
