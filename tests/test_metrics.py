@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -203,7 +204,10 @@ def test_wandb_offline(tmp_path, monkeypatch) -> None:
     assert b'"cfg-marker-7731"' in record and b'{"lr":0.0003}' in record
 
     # A resumed run (the id comes back from the checkpoint) continues the same run id;
-    # offline, wandb writes a second folder with that id, merged by `wandb sync`.
+    # offline, wandb writes a second folder with that id, merged by `wandb sync`. Folders are named
+    # by the second the run starts (offline-run-YYYYMMDD_HHMMSS-id): a real relaunch is seconds apart,
+    # so wait for the next second rather than let two starts in one second share a folder.
+    time.sleep(1.1)
     resumed = _logger(["wandb"], tmp_path / "out", resume=True, run_id=run_id)
     resumed.log({"train/loss": 1.0}, step=2)
     resumed.close()
