@@ -24,6 +24,8 @@ from transformers import PretrainedConfig
 
 from sft.families import moe_spec
 from sft.fused_ce import DEFAULT_CHUNK
+from sft.metrics import matmul_params
+from sft.parallelize import layerwise_recompute
 
 logger = logging.getLogger("sft")
 
@@ -173,8 +175,6 @@ def recompute_plan(
 def min_busy_tokens(hf_config: PretrainedConfig) -> int:
     """Tokens whose matmuls take about MIN_MICRO_BATCH_FLOP: below this the host's per-micro-batch work
     (kernel launches, FSDP hooks: about 0.3 s on one H200) is no longer hidden behind the GPU's."""
-    from sft.metrics import matmul_params
-
     tokens = MIN_MICRO_BATCH_FLOP / (6 * matmul_params(hf_config))
     return int(-(-tokens // ROUND) * ROUND)
 
@@ -208,8 +208,8 @@ def choose_token_budget(
         budget = auto_tokens(floor, cap, avail, activation_bytes_per_token(hf_config, 0, liger))
     elif m.gradient_checkpointing_mode != "auto":
         budget = auto_tokens(floor, cap, avail, activation_bytes_per_token(hf_config, layers, liger))
-    elif moe_spec(hf_config) is not None or not getattr(model, "layerwise_recompute", False):
-        why = AUTO_MOE if moe_spec(hf_config) is not None else AUTO_NOT_LAYERWISE
+    elif (spec := moe_spec(hf_config)) is not None or not layerwise_recompute(model):
+        why = AUTO_MOE if spec is not None else AUTO_NOT_LAYERWISE
         budget = auto_tokens(floor, cap, avail, activation_bytes_per_token(hf_config, layers, liger))
         budget = TokenBudget(budget.tokens, f"{budget.reason}; {why}", layers)
     else:

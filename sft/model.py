@@ -18,7 +18,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 from sft.attention import register_varlen_attention
 from sft.distributed import DistContext, resolve_device_type
@@ -27,7 +26,6 @@ from sft.kernels import apply_liger, liger_wanted, selective_checkpoint_context
 from sft.lora import add_lora
 from sft.loss import target_linear_cross_entropy
 from sft.moe import RouterStats, experts_kwargs
-from sft.parallelize import decoder_layers
 from sft.schema import SFTConfig
 from sft.ulysses import check_sp_heads
 
@@ -193,9 +191,6 @@ def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig) -> CausalLMWit
     model.logit_multiplier = logit_multiplier(hf_config)
     # Liger's norms and SwiGLU keep fewer activations: the token budget's memory estimate uses it.
     model.liger_layers = liger and liger_swiglu(hf_config.model_type)
-    # gradient_checkpointing_mode=auto sets checkpointing layer by layer: only transformers' own
-    # checkpointing layers read the flag per layer (remote code may check it on the whole model).
-    model.layerwise_recompute = all(isinstance(x, GradientCheckpointingLayer) for x in decoder_layers(lm))
     return model
 
 

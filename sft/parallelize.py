@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from sft.distributed import DistContext
 from sft.schema import SFTConfig
@@ -27,6 +28,12 @@ def decoder_layers(lm: nn.Module) -> list[nn.Module]:
             "its decoder layers to shard; this architecture is not supported"
         )
     return layers
+
+
+def layerwise_recompute(model: nn.Module) -> bool:
+    """Whether recompute can be set layer by layer: only transformers' own checkpointing layers read the
+    flag per layer (remote code may check it on the whole model)."""
+    return all(isinstance(x, GradientCheckpointingLayer) for x in decoder_layers(model.lm))
 
 
 def apply_recompute(model: nn.Module, recompute: int) -> None:
