@@ -14,6 +14,8 @@
 #  PART=recompute: the verl production keys (gradient_checkpointing_mode=auto, the default), the same keys with
 #              every layer recomputed (=full, the behaviour before auto), the defaults (fp32 master), and
 #              the defaults + model.compile=true (Liger off with compile). PART=pair: only the first two.
+#  PART=probe: the verl production keys, then the same + model.compile=true without checkpointing (is compile
+#              without recompute faster than Liger's eager kernels?); read device_s_by_kind and top_kernels.
 # Qwen2.5-1.5B shape (SHAPE), max_length 4096, global batch 128. Results: $OUT/results.jsonl (one JSON line per
 # run), $OUT/runs.log (tails of each run's log), $OUT/pytest.log, $OUT/gpu.txt. Carry .whl (trl, datasets too).
 set -uo pipefail
@@ -63,6 +65,9 @@ elif [ "${PART:-sync}" = recompute ] || [ "${PART:-sync}" = pair ]; then
     cmd defaults "use_remove_padding=true"
     cmd compiled "use_remove_padding=true model.compile=true" 300
   fi
+elif [ "${PART:-sync}" = probe ]; then
+  cmd verl "$VERL"
+  cmd compiled_nockpt "$VERL model.compile=true model.enable_gradient_checkpointing=false" 300
 elif [ "${PART:-sync}" = split ]; then  # the verl keys capped at 8k: same losses as the 64k budget, more micro-batches
   cmd verl8k "$VERL data.max_token_len_per_gpu=8192" 150
 elif [ "${PART:-sync}" = sync ]; then

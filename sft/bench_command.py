@@ -73,6 +73,8 @@ def summarize_command(steps: list[dict], profile: dict | None, warmup: int, t_la
             gpu_busy_s=profile.get("gpu_busy_s"),
             gpu_idle_gaps_ms=profile.get("gpu_idle_gaps_ms"),
             longest_gap_host_ops=profile.get("longest_gap_host_ops"),
+            device_s_by_kind=profile.get("device_s_by_kind"),
+            top_kernels=profile.get("top_kernels"),
         )
     return out
 

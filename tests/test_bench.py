@@ -169,3 +169,41 @@ def test_command_mode_times_the_real_trainer(demo_dir, tmp_path, capsys, fresh_w
 def test_command_mode_refuses_other_programs(capsys):
     assert bench.main(["--command", "python3 -m something_else"]) == 2
     assert "-m sft.fsdp_sft_trainer" in capsys.readouterr().err
+
+
+def test_step_profiler_records_only_the_profiled_step(tmp_path):
+    """From step 3 the profiler warms up during the step before: the summary covers the profiled step only."""
+    import json
+
+    import torch
+
+    from sft.profiling import StepProfiler
+
+    prof = StepProfiler(tmp_path, step=4, rank=0, trace=False)
+    for step in range(1, 6):
+        with torch.profiler.record_function(f"work_{step}"):
+            torch.ones(64, 64) @ torch.ones(64, 64)
+        prof.on_step_logged(step)
+        assert (prof.prof is not None) == (step in (2, 3))  # started a step early, in its warm-up phase
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["step"] == 4
+    host_ops = {name for name, _ in summary["longest_gap_host_ops"]}  # no device: the whole step is a gap
+    assert "work_4" in host_ops and "work_3" not in host_ops and "work_5" not in host_ops
+
+
+def test_device_time_by_kind():
+    from sft.profiling import device_time
+
+    ev = [
+        ("sm90_xmma_gemm_bf16bf16_bf16f32", True, 0, 3_000_000),
+        ("nvjet_tst_128x256", True, 5, 1_000_000),
+        ("pytorch_flash::flash_fwd_kernel", True, 10, 2_000_000),
+        ("triton_red_fused_logsumexp_0", True, 20, 500_000),
+        ("void at::native::vectorized_elementwise_kernel", True, 30, 250_000),
+        ("Memcpy HtoD (Pinned -> Device)", True, 40, 100_000),
+        ("cudaLaunchKernel", False, 0, 9_000_000),  # host time is not device time
+        ("late_gemm", True, 100, 7_000_000),  # after the end mark: not counted
+    ]
+    out = device_time(ev, end=50, top=2)
+    assert out["device_s_by_kind"] == {"gemm": 0.004, "attention": 0.002, "triton": 0.0005, "other": 0.00025, "copy": 0.0001}
+    assert out["top_kernels"] == [["sm90_xmma_gemm_bf16bf16_bf16f32", 3.0, 1], ["pytorch_flash::flash_fwd_kernel", 2.0, 1]]
