@@ -30,8 +30,8 @@ SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize
 KINDS = (
     ("comm", ("nccl",)),
     ("copy", ("memcpy", "memset")),
+    ("attention", ("flash", "fmha", "attention")),  # before gemm: flash kernels' names carry "cutlass"
     ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "s16816")),
-    ("attention", ("flash", "fmha", "attention")),
     ("optimizer", ("multi_tensor_apply", "adam")),
     ("triton", ("triton",)),
 )
@@ -103,12 +103,17 @@ def summarize_events(events: list[tuple[str, bool, int, int]], wall_ns: int, end
 
     A synchronising call is counted by its runtime name (a plain `cudaMemcpy` blocks the host too),
     except those from `end_ns` on (the profiler's own closing synchronisation); busy is the union
-    of device activity (kernels, copies) over the profiled wall time. `gpu_idle_gaps_ms` lists the
+    of device activity (kernels, copies; not the device-side mirrors of host ranges) over the profiled
+    wall time. `gpu_idle_gaps_ms` lists the
     longest stretches without device activity, from the first recorded event to `end_ns`, as
     [offset, length] in ms: they say whether the idle time sits between steps or inside one;
     `longest_gap_host_ops` what the host was running during the longest of them.
     """
     end = end_ns if end_ns is not None else max((s + d for _, _, s, d in events), default=0) + 1
+    # A host range (record_function, the profiler's own ProfilerStep#, FSDP's hooks) is mirrored on the
+    # device as an annotation spanning the kernels it launched: not device work, and it would hide gaps.
+    host_names = {name for name, dev, _, _ in events if not dev}
+    events = [e for e in events if not (e[1] and e[0] in host_names)]
     launches = sum(1 for name, dev, _, _ in events if not dev and name in LAUNCHES)
     syncs = sum(1 for name, dev, s, _ in events if not dev and name in SYNCS and s < end)
     device = [(s, s + d) for _, dev, s, d in events if dev]

@@ -1,0 +1,51 @@
+"""sft/data/prefetch.py: same items in the same order, errors raised where their item is asked for,
+the thread stopped when the loop is left early, never more than one item read ahead."""
+
+import threading
+import time
+from contextlib import closing
+
+import pytest
+
+from sft.data.prefetch import prefetched
+
+
+def _workers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "sft-prefetch"]
+
+
+def test_same_items_same_order():
+    assert list(prefetched(iter(range(50)))) == list(range(50))
+    assert not _workers()
+
+
+def test_error_raised_at_its_item():
+    def items():
+        yield 1
+        yield 2
+        raise ValueError("row 7 of train.parquet: no assistant turn")
+
+    got = []
+    with pytest.raises(ValueError, match="row 7 of train.parquet"):
+        for x in prefetched(items()):
+            got.append(x)
+    assert got == [1, 2]
+    assert not _workers()
+
+
+def test_reads_one_step_ahead_and_stops_on_early_exit():
+    read = []
+
+    def items():
+        for i in range(100):
+            read.append(i)
+            yield i
+
+    with closing(prefetched(items())) as steps:
+        for x in steps:
+            time.sleep(0.05)  # the consumer is slower: the producer waits with one item ready
+            assert len(read) <= x + 3  # the item in hand, one queued, one being put
+            if x == 4:
+                break
+    assert not _workers()
+    assert len(read) <= 7  # nothing read far past the exit
