@@ -31,6 +31,7 @@ from sft.data import build_dataset
 from sft.data.cache import cache_location
 from sft.data.loader import MicroBatchBuilder, build_train_loader
 from sft.data.prefetch import prefetched
+from sft.fused_ce import compile_ahead
 from sft.data.sampler import StepBatchSampler, eval_indices
 from sft.data.scan import write_bad_samples
 from sft.data.storage import TokenizeShard
@@ -208,6 +209,9 @@ class FSDPSFTTrainer:
         apply_fsdp(model, self.cfg, self.ctx)
         load_weights(model, self.cfg, self.ctx)
         model.train()
+        if model.fused_loss:  # hidden states reach the loss in bf16 (sft/parallelize.py::mixed_precision)
+            vocab = model.lm.get_output_embeddings().weight.shape[0]
+            compile_ahead(self.ctx.device, vocab, torch.bfloat16, model.softcap)
         return model
 
     def _maybe_resume(self) -> str | None:

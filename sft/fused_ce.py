@@ -67,12 +67,30 @@ def _chunk_grads(
     h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, softcap: float | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss sum, dL/dlogits in h's dtype, correct count) of one chunk: h [c, d], weight [V, d], y [c]."""
-    logits = _logits(h, weight)
+    return _softmax_pass(_logits(h, weight), y, softcap, h.dtype)
+
+
+def _softmax_pass(
+    logits: torch.Tensor, y: torch.Tensor, softcap: float | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if logits.is_cuda:
         # One compiled graph for every chunk size: the row count is a dynamic dimension.
         torch._dynamo.mark_dynamic(logits, 0)
         torch._dynamo.mark_dynamic(y, 0)
-    return _softmax_grad_fn(logits.device)(logits, y, softcap, h.dtype)
+    return _softmax_grad_fn(logits.device)(logits, y, softcap, dtype)
+
+
+def compile_ahead(device: torch.device, vocab: int, dtype: torch.dtype, softcap: float | None) -> None:
+    """Compile the softmax pass for this vocabulary, hidden dtype and soft-cap before training starts.
+
+    Inductor's first compile synchronises the device (its pattern matcher runs sample tensors) and
+    takes seconds: done lazily it would land inside the first micro-batch. Later chunks of any row
+    count reuse this graph (the row count is dynamic)."""
+    if device.type != "cuda":
+        return
+    rows = 16  # not 0 or 1, which torch.compile would specialise on
+    logits = torch.zeros(rows, vocab, dtype=torch.float32, device=device)
+    _softmax_pass(logits, torch.zeros(rows, dtype=torch.int64, device=device), softcap, dtype)
 
 
 def _accumulate_grad_w(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
