@@ -90,7 +90,8 @@ def compile_ahead(device: torch.device, vocab: int, dtype: torch.dtype, softcap:
         return
     rows = 16  # not 0 or 1, which torch.compile would specialise on
     logits = torch.zeros(rows, vocab, dtype=torch.float32, device=device)
-    _softmax_pass(logits, torch.zeros(rows, dtype=torch.int64, device=device), softcap, dtype)
+    with torch.no_grad():  # as inside the loss's autograd.Function forward: grad mode is part of the guards
+        _softmax_pass(logits, torch.zeros(rows, dtype=torch.int64, device=device), softcap, dtype)
 
 
 def _accumulate_grad_w(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
