@@ -73,6 +73,21 @@ def _host_ops_during(events: list[tuple[str, bool, int, int]], start: int, end: 
     return [[name, round(overlap / 1e6, 6)] for overlap, name in sorted(spans, reverse=True)[:k]]
 
 
+def event_rows(kineto_events) -> list[tuple[str, bool, int, int]]:
+    """(name, on_device, start_ns, duration_ns) of each profiler event, without the device-side mirrors
+    of host ranges: a record_function (the profiler's own ProfilerStep#, FSDP's hooks) shows on the device
+    as a `gpu_user_annotation` spanning the kernels it launched, which is not device work and would hide
+    the gaps between them. (Matching host range names instead would also drop inductor's kernels, whose
+    launches are host ranges of the same name.)"""
+    rows = []
+    for e in kineto_events:
+        on_device = e.device_type() != torch.autograd.DeviceType.CPU
+        if on_device and "user_annotation" in (e.activity_type() if hasattr(e, "activity_type") else ""):
+            continue
+        rows.append((e.name(), on_device, e.start_ns(), e.duration_ns()))
+    return rows
+
+
 def kernel_kind(name: str) -> str:
     """The KINDS entry a device event's name falls in; "other" (eager pointwise and reductions, Liger's
     Triton kernels, which carry their Python names) when none."""
@@ -103,17 +118,12 @@ def summarize_events(events: list[tuple[str, bool, int, int]], wall_ns: int, end
 
     A synchronising call is counted by its runtime name (a plain `cudaMemcpy` blocks the host too),
     except those from `end_ns` on (the profiler's own closing synchronisation); busy is the union
-    of device activity (kernels, copies; not the device-side mirrors of host ranges) over the profiled
-    wall time. `gpu_idle_gaps_ms` lists the
+    of device activity (kernels, copies) over the profiled wall time. `gpu_idle_gaps_ms` lists the
     longest stretches without device activity, from the first recorded event to `end_ns`, as
     [offset, length] in ms: they say whether the idle time sits between steps or inside one;
     `longest_gap_host_ops` what the host was running during the longest of them.
     """
     end = end_ns if end_ns is not None else max((s + d for _, _, s, d in events), default=0) + 1
-    # A host range (record_function, the profiler's own ProfilerStep#, FSDP's hooks) is mirrored on the
-    # device as an annotation spanning the kernels it launched: not device work, and it would hide gaps.
-    host_names = {name for name, dev, _, _ in events if not dev}
-    events = [e for e in events if not (e[1] and e[0] in host_names)]
     launches = sum(1 for name, dev, _, _ in events if not dev and name in LAUNCHES)
     syncs = sum(1 for name, dev, s, _ in events if not dev and name in SYNCS and s < end)
     device = [(s, s + d) for _, dev, s, d in events if dev]
@@ -174,10 +184,7 @@ class StepProfiler:
 
     def _write(self, wall_ns: int) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        events = [
-            (e.name(), e.device_type() != torch.autograd.DeviceType.CPU, e.start_ns(), e.duration_ns())
-            for e in self.prof.profiler.kineto_results.events()
-        ]
+        events = event_rows(self.prof.profiler.kineto_results.events())
         end = min((s for name, _, s, _ in events if name == END_MARK), default=None)
         summary = {"step": self.step, **summarize_events(events, wall_ns, end)}
         (self.out_dir / "summary.json").write_text(json.dumps(summary) + "\n")

@@ -136,8 +136,6 @@ def test_profile_summary_counts():
         ("gemm", True, 5, 20),
         ("gemm", True, 15, 20),  # overlaps the first: counted once
         ("cudaDeviceSynchronize", False, 90, 5),  # the profiler's own closing sync
-        ("ProfilerStep#1", False, 0, 90),  # a host range ...
-        ("ProfilerStep#1", True, 5, 85),  # ... and its device-side mirror: not device work
     ]
     s = summarize_events(ev, wall_ns=100, end_ns=90)
     assert s["kernel_launches"] == 2 and s["host_syncs"] == 1
@@ -146,8 +144,39 @@ def test_profile_summary_counts():
     assert s["gpu_idle_gaps_ms"] == [[35e-6, 55e-6], [0.0, 5e-6]]
     # During the longest gap (35..90) the host ran the synchronising call 20..50 (15 ns of it) and the
     # profiler's closing sync 90..95 (none of it): only the first is listed.
-    assert s["longest_gap_host_ops"] == [["ProfilerStep#1", 55e-6], ["cudaStreamSynchronize", 15e-6]]
-    assert list(s["device_s_by_kind"]) == ["gemm"]  # the annotation is not a kind of device work
+    assert s["longest_gap_host_ops"] == [["cudaStreamSynchronize", 15e-6]]
+    assert list(s["device_s_by_kind"]) == ["gemm"]
+
+
+def test_event_rows_drop_device_mirrors_of_host_ranges():
+    """A record_function's device-side annotation is not device work; an inductor kernel whose launch is a
+    host range of the same name is."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from sft.profiling import event_rows
+
+    def ev(name, device, kind, start, dur):
+        dt = torch.autograd.DeviceType.CUDA if device else torch.autograd.DeviceType.CPU
+        return SimpleNamespace(
+            name=lambda: name, device_type=lambda: dt, activity_type=lambda: kind,
+            start_ns=lambda: start, duration_ns=lambda: dur,
+        )  # fmt: skip
+
+    rows = event_rows(
+        [
+            ev("ProfilerStep#1", False, "user_annotation", 0, 90),
+            ev("ProfilerStep#1", True, "gpu_user_annotation", 5, 85),
+            ev("triton_red_fused_logsumexp_0", False, "user_annotation", 10, 2),
+            ev("triton_red_fused_logsumexp_0", True, "kernel", 12, 20),
+        ]
+    )
+    assert rows == [
+        ("ProfilerStep#1", False, 0, 90),
+        ("triton_red_fused_logsumexp_0", False, 10, 2),
+        ("triton_red_fused_logsumexp_0", True, 12, 20),
+    ]
 
 
 def test_command_mode_times_the_real_trainer(demo_dir, tmp_path, capsys, fresh_world):
