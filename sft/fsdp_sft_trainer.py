@@ -31,11 +31,11 @@ from sft.data import build_dataset
 from sft.data.cache import cache_location
 from sft.data.loader import MicroBatchBuilder, build_train_loader
 from sft.data.prefetch import prefetched
-from sft.fused_ce import compile_ahead
 from sft.data.sampler import StepBatchSampler, eval_indices
 from sft.data.scan import write_bad_samples
 from sft.data.storage import TokenizeShard
 from sft.distributed import DistContext
+from sft.fused_ce import compile_ahead
 from sft.metrics import MetricsLogger, StepTimer, mfu, peak_flops_per_gpu, useful_flops
 from sft.model import DTYPES, build_meta_model, load_hf_config, load_tokenizer, load_weights
 from sft.moe import routing_inputs

@@ -237,5 +237,14 @@ def test_device_time_by_kind():
         ("late_gemm", True, 100, 7_000_000),  # after the end mark: not counted
     ]
     out = device_time(ev, end=50, top=2)
-    assert out["device_s_by_kind"] == {"gemm": 0.004, "attention": 0.002, "triton": 0.0005, "other": 0.00025, "copy": 0.0001}
-    assert out["top_kernels"] == [["sm90_xmma_gemm_bf16bf16_bf16f32", 3.0, 1], ["pytorch_flash::flash_fwd_kernel", 2.0, 1]]
+    assert out["device_s_by_kind"] == {
+        "gemm": 0.004,
+        "attention": 0.002,
+        "triton": 0.0005,
+        "other": 0.00025,
+        "copy": 0.0001,
+    }
+    assert out["top_kernels"] == [
+        ["sm90_xmma_gemm_bf16bf16_bf16f32", 3.0, 1],
+        ["pytorch_flash::flash_fwd_kernel", 2.0, 1],
+    ]
