@@ -88,10 +88,14 @@ def compile_ahead(device: torch.device, vocab: int, dtype: torch.dtype, softcap:
     count reuse this graph (the row count is dynamic)."""
     if device.type != "cuda":
         return
-    rows = 16  # not 0 or 1, which torch.compile would specialise on
+    # A full chunk, as the first real call would be: inductor picks its reduction kernels from this size
+    # hint (with 16 rows the H200 run launched 4 more kernels per chunk, 2026-12-03).
+    rows = DEFAULT_CHUNK
     logits = torch.zeros(rows, vocab, dtype=torch.float32, device=device)
     with torch.no_grad():  # as inside the loss's autograd.Function forward: grad mode is part of the guards
         _softmax_pass(logits, torch.zeros(rows, dtype=torch.int64, device=device), softcap, dtype)
+    del logits
+    torch.cuda.empty_cache()  # the token budget is sized from the free memory right after this
 
 
 def _accumulate_grad_w(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
