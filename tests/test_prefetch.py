@@ -49,3 +49,32 @@ def test_reads_one_step_ahead_and_stops_on_early_exit():
                 break
     assert not _workers()
     assert len(read) <= 7  # nothing read far past the exit
+
+
+def test_trainer_builds_steps_on_the_prefetch_thread(demo_dir, tmp_path, single_rank):
+    """fit() asks the background thread for its steps: each is built off the training thread."""
+    from conftest import base_overrides
+
+    from sft.fsdp_sft_trainer import FSDPSFTTrainer
+    from sft.schema import load_config
+
+    overrides = base_overrides(demo_dir, tmp_path) + [
+        "use_remove_padding=true",
+        "data.train_batch_size=8",
+        "trainer.total_training_steps=3",
+    ]
+    trainer = FSDPSFTTrainer(load_config(overrides), single_rank("cpu"))
+    built_on = []
+    build = trainer.loader.dataset.build
+    original = build.__call__
+
+    class Recording(type(build)):
+        def __call__(self, indices):
+            built_on.append(threading.current_thread().name)
+            return original(indices)
+
+    build.__class__ = Recording
+    trainer.fit()
+    assert built_on and set(built_on) == {"sft-prefetch"}
+    assert trainer.state.global_step == 3
+    assert not _workers()
