@@ -9,6 +9,7 @@ and only when this baseline is asked for; the trainer never imports them.
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import gc
 import importlib.util
 import logging
@@ -25,6 +26,9 @@ from sft.distributed import DistContext
 from sft.metrics import model_flops_per_token, peak_flops_per_gpu, useful_flops
 
 logger = logging.getLogger("sft")
+# While TRL trains, every thread's Python stack goes to stderr this often: on the H200 (2026-12-03) its first
+# micro-batch did not finish in 320 s, and the log said nothing of where it was.
+STACKS_EVERY_S = 120
 
 
 def trl_available() -> bool:
@@ -168,7 +172,11 @@ def _trl_once(impl, cfg, ctx, model_dir, parquet, warmup, tokens_per_step, liger
         processing_class=tokenizer,
         callbacks=[Clock()],
     )
-    trainer.train()
+    faulthandler.dump_traceback_later(STACKS_EVERY_S, repeat=True)
+    try:
+        trainer.train()
+    finally:
+        faulthandler.cancel_dump_traceback_later()
     totals = torch.tensor(steps, dtype=torch.float64, device=ctx.device)
     dist.all_reduce(totals, group=ctx.world_group)  # every rank counted its own micro-batches
     per_step = [
