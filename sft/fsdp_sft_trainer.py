@@ -15,6 +15,7 @@ import logging
 import math
 import random
 import sys
+from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
 
@@ -329,50 +330,57 @@ class FSDPSFTTrainer:
         )
         # No extra sync: train_step reads its metrics back once per step, which is the clock's tick.
         timer = StepTimer(self.ctx.device, sync=False)
+        # The next step is built while the device runs this one (sft/data/prefetch.py).
+        with closing(self._steps()) as steps:
+            for micro_batches in steps:
+                timer.start()
+                m = self.train_step(micro_batches)
+                elapsed = timer.stop()
+                st.global_step += 1
+                st.step_in_epoch += 1
+                st.tokens_seen += int(m["train/total_tokens"])
+                m["train/step_time_s"] = elapsed
+                m["train/tokens_per_s_per_gpu"] = m["train/total_tokens"] / elapsed / self.ctx.world_size
+                m["train/trained_tokens_per_s_per_gpu"] = m["train/trained_tokens"] / elapsed / self.ctx.world_size
+                flops = m.pop("train/useful_flops")
+                if self.peak_flops:  # useful MFU (DESIGN.md), on CUDA with a known peak
+                    m["train/mfu"] = mfu(flops, elapsed, self.peak_flops, self.ctx.world_size)
+                m["train/epoch"] = st.epoch
+                if self.ctx.device.type == "cuda":
+                    m["train/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1024**3
+                self.metrics.log(m, st.global_step)
+                if self.probe is not None:
+                    self.probe.on_step_logged(st.global_step, m)
+                last = st.global_step >= plan.total_steps
+                if self.val_ds is not None and (last or (tc.test_freq > 0 and st.global_step % tc.test_freq == 0)):
+                    self.metrics.log(self.validate(), st.global_step)
+                saved = last or (tc.save_freq > 0 and st.global_step % tc.save_freq == 0)
+                if saved:
+                    self.save()
+                if self.preempt_requested:
+                    if not saved:
+                        self.save()
+                    self.metrics.close()
+                    self.preemption.close()
+                    raise Preempted(
+                        f"preempted: checkpoint of step {st.global_step} saved in {self.cfg.trainer.default_local_dir}; "
+                        "relaunch the same command to resume"
+                    )
+                if last:
+                    break
+        self.metrics.close()
+        self.preemption.close()
+
+    def _steps(self) -> Iterator[list[dict]]:
+        """This rank's steps from the current position on, epoch after epoch, until the last step; each
+        built on a background thread while the device runs the one before (sft/data/prefetch.py)."""
+        plan, st = self.plan, self.state
         while st.global_step < plan.total_steps:
             if st.step_in_epoch >= plan.steps_per_epoch:
                 st.epoch, st.step_in_epoch = st.epoch + 1, 0
             self.sampler.set_position(st.epoch, st.step_in_epoch)
-            # The next step is built while the device runs this one (sft/data/prefetch.py).
             with closing(prefetched(self.loader)) as steps:
-                for micro_batches in steps:
-                    timer.start()
-                    m = self.train_step(micro_batches)
-                    elapsed = timer.stop()
-                    st.global_step += 1
-                    st.step_in_epoch += 1
-                    st.tokens_seen += int(m["train/total_tokens"])
-                    m["train/step_time_s"] = elapsed
-                    m["train/tokens_per_s_per_gpu"] = m["train/total_tokens"] / elapsed / self.ctx.world_size
-                    m["train/trained_tokens_per_s_per_gpu"] = m["train/trained_tokens"] / elapsed / self.ctx.world_size
-                    flops = m.pop("train/useful_flops")
-                    if self.peak_flops:  # useful MFU (DESIGN.md), on CUDA with a known peak
-                        m["train/mfu"] = mfu(flops, elapsed, self.peak_flops, self.ctx.world_size)
-                    m["train/epoch"] = st.epoch
-                    if self.ctx.device.type == "cuda":
-                        m["train/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1024**3
-                    self.metrics.log(m, st.global_step)
-                    if self.probe is not None:
-                        self.probe.on_step_logged(st.global_step, m)
-                    last = st.global_step >= plan.total_steps
-                    if self.val_ds is not None and (last or (tc.test_freq > 0 and st.global_step % tc.test_freq == 0)):
-                        self.metrics.log(self.validate(), st.global_step)
-                    saved = last or (tc.save_freq > 0 and st.global_step % tc.save_freq == 0)
-                    if saved:
-                        self.save()
-                    if self.preempt_requested:
-                        if not saved:
-                            self.save()
-                        self.metrics.close()
-                        self.preemption.close()
-                        raise Preempted(
-                            f"preempted: checkpoint of step {st.global_step} saved in {self.cfg.trainer.default_local_dir}; "
-                            "relaunch the same command to resume"
-                        )
-                    if last:
-                        break
-        self.metrics.close()
-        self.preemption.close()
+                yield from steps
 
     def save(self) -> None:
         extra = {
