@@ -14,6 +14,11 @@
 #  PART=recompute: the verl production keys (gradient_checkpointing_mode=auto, the default), the same keys with
 #              every layer recomputed (=full, the behaviour before auto), the defaults (fp32 master), and
 #              the defaults + model.compile=true (Liger off with compile). PART=pair: only the first two.
+#  PART=trlalone: only TRL 1.16 flex_attention + Liger (TRL_TIMEOUT), with the FA4 libraries' first half kept in /tmp
+#              for the next call (scripts/fa4_env.sh).
+#  PART=fa4  : FlashAttention-4 (carried in two halves, scripts/fa4_env.sh): the attention kernels timed
+#              (scripts/attn_bench.py), the verl production keys with model.attn_kernel=auto (FA4) and =torch, the 0.5B
+#              shape with auto, then the GPU attention tests and the sync-free loop test.
 #  PART=probe: the verl production keys, then the same + model.compile=true without checkpointing (is compile
 #              without recompute faster than Liger's eager kernels?); read device_s_by_kind and top_kernels.
 # Qwen2.5-1.5B shape (SHAPE), max_length 4096, global batch 128. Results: $OUT/results.jsonl (one JSON line per
@@ -65,6 +70,27 @@ elif [ "${PART:-sync}" = recompute ] || [ "${PART:-sync}" = pair ]; then
     cmd defaults "use_remove_padding=true"
     cmd compiled "use_remove_padding=true model.compile=true" 300
   fi
+elif [ "${PART:-sync}" = trlalone ]; then
+  source "$(dirname "$0")/fa4_env.sh" keep
+  trl trl_liger "$PYTHONPATH" --trl-liger
+elif [ "${PART:-sync}" = fa4 ]; then
+  source "$(dirname "$0")/fa4_env.sh" assemble
+  for s in "12 2 128" "14 2 64"; do set -- $s
+    timeout 150 python3 scripts/attn_bench.py --heads $1 --kv-heads $2 --head-dim $3 >>"$OUT/attn.jsonl" 2>>"$OUT/attn.err"; done
+  cat "$OUT/attn.jsonl"
+  cmd verl_fa4 "$VERL model.attn_kernel=auto"
+  cmd verl_torch "$VERL model.attn_kernel=torch"
+  SHAPE=qwen2.5-0.5b; read -r model data < <(python3 -c "
+from pathlib import Path; from sft.bench_data import ensure_assets
+m, d = ensure_assets(Path('$W'), '$SHAPE', 128 * $STEPS, 4096, 0); print(m, d)")
+  COMMON="data.train_files=$data data.multiturn.enable=true model.partial_pretrain=$model data.max_length=4096 \
+data.train_batch_size=128 trainer.total_training_steps=$STEPS trainer.logger=[console] \
+trainer.checkpoint.save_contents=[] trainer.resume_mode=disable"
+  cmd verl05_fa4 "$VERL"
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py -k cuda >"$OUT/pytest.log" 2>&1
+  echo "pytest attention: exit $?"; tail -3 "$OUT/pytest.log"
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k never_syncs >>"$OUT/pytest.log" 2>&1
+  echo "pytest never_syncs: exit $?"; tail -3 "$OUT/pytest.log"
 elif [ "${PART:-sync}" = probe ]; then
   cmd verl "$VERL"
   cmd compiled_nockpt "$VERL model.compile=true model.enable_gradient_checkpointing=false" 300

@@ -2,13 +2,12 @@
 
 The trainer packs a micro-batch into one row with per-sample `position_ids` and passes
 `cu_seq_lens_q/k` and `max_length_q/k` to the model's forward; the function registered here
-under `ATTN_NAME` attends within each sample only (flash-attn, torch's varlen kernel, or a
-per-sample SDPA reference on CPU) and hands over to Ulysses when an `sp_group` kwarg is given.
+under `ATTN_NAME` attends within each sample only (on CUDA the kernel `model.attn_kernel` chose, see
+sft/attn_kernels.py; on CPU a per-sample SDPA reference) and hands over to Ulysses when an `sp_group` kwarg is given.
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -18,22 +17,22 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from sft.attention_math import AttnFeatures, features_from_kwargs, kernel_window, segment_attention
+from sft.attn_kernels import KERNELS, choose_attn_kernel, run_kernel
 from sft.ulysses import local_heads, ulysses_attention
 
 ATTN_NAME = "sft_varlen"
 
-try:  # flash-attn is optional (source-only wheels); when present on CUDA it is preferred.
-    from flash_attn import flash_attn_varlen_func
-except ImportError:
-    flash_attn_varlen_func = None
+# The CUDA kernel chosen by `model.attn_kernel` (sft/attn_kernels.py), set when the model is built;
+# None until then: direct calls take `auto`.
+_kernel: str | None = None
 
-try:  # torch >= 2.10 ships a varlen kernel; older torch or CPU-only builds may lack it.
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:
-    varlen_attn = None
 
-# torch 2.11 takes fewer KV heads without a flag; later versions ask for `enable_gqa=True`.
-_VARLEN_TAKES_GQA_FLAG = varlen_attn is not None and "enable_gqa" in inspect.signature(varlen_attn).parameters
+def set_attn_kernel(name: str | None) -> None:
+    """Use kernel `name` (a key of sft.attn_kernels.KERNELS) for CUDA calls from now on."""
+    global _kernel
+    _kernel = name
+
+
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -79,39 +78,21 @@ def varlen_attention(
 ) -> torch.Tensor:
     """Causal attention within each packed segment: q `[T, h, d]`, k/v `[T, h_kv, d]` -> `[T, h, d]`.
 
-    The backend is picked by device, dtype and `features` (window, soft-cap, sinks): flash-attn,
-    then torch's varlen kernel on CUDA (half precision only, windows but no soft-cap or sinks),
-    else the exact per-segment reference.
+    On CUDA in half precision, the kernel of `model.attn_kernel` (sft/attn_kernels.py) computes
+    causal attention, windows and, where that kernel can, soft-capping; sinks, what the kernel
+    lacks, and everything else take the exact per-segment reference.
     """
     assert q.shape[1] % k.shape[1] == 0, f"{q.shape[1]} query heads vs {k.shape[1]} KV heads"
     f = features or AttnFeatures()
-    window = kernel_window(f.window, max_length_k)
-    kernel_ok = f.sinks is None and (f.softcap is None or flash_attn_varlen_func is not None)
-    if q.is_cuda and q.dtype in _KERNEL_DTYPES and kernel_ok:
-        if flash_attn_varlen_func is not None:
-            return flash_attn_varlen_func(
-                q,
-                k,
-                v,
-                cu_seqlens_q,
-                cu_seqlens_k,
-                max_length_q,
-                max_length_k,
-                softmax_scale=scale,
-                causal=True,
-                window_size=window,
-                softcap=f.softcap or 0.0,
+    if q.is_cuda and q.dtype in _KERNEL_DTYPES and f.sinks is None:
+        if _kernel is None:  # a direct call, not through a built model: `auto`, chosen once
+            set_attn_kernel(choose_attn_kernel("auto", q.device))
+        name = _kernel
+        if f.softcap is None or KERNELS[name].softcap:
+            window = kernel_window(f.window, max_length_k)
+            return run_kernel(
+                name, q, k, v, cu_seqlens_q, cu_seqlens_k, max_length_q, max_length_k, scale, window, f.softcap
             )
-        if varlen_attn is None:
-            raise RuntimeError(
-                f"{ATTN_NAME} attention on CUDA needs flash-attn or torch.nn.attention.varlen (torch >= 2.10); "
-                f"this torch {torch.__version__} has neither"
-            )
-        gqa = {"enable_gqa": True} if _VARLEN_TAKES_GQA_FLAG and q.shape[1] != k.shape[1] else {}
-        # window_size=(-1, 0) is how this kernel spells "causal"; (W-1, 0) is a causal window of W.
-        return varlen_attn(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_length_q, max_length_k, scale=scale, window_size=window, **gqa
-        )
     if not torch.equal(cu_seqlens_q, cu_seqlens_k):
         raise ValueError(f"{ATTN_NAME} is self-attention: cu_seq_lens_q and cu_seq_lens_k must be equal")
     return _reference_varlen(q, k, v, cu_seqlens_q, scale, f)

@@ -19,7 +19,9 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from sft.attention import register_varlen_attention
+from sft.attention import register_varlen_attention, set_attn_kernel
+from sft.attn_kernels import KERNELS as ATTN_KERNELS
+from sft.attn_kernels import choose_attn_kernel
 from sft.distributed import DistContext, resolve_device_type
 from sft.families import final_softcap, liger_swiglu, logit_multiplier, moe_spec, unsupported_reason
 from sft.kernels import apply_liger, liger_wanted, selective_checkpoint_context
@@ -150,6 +152,12 @@ def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig) -> CausalLMWit
         # Packed rows: attention goes through our varlen function, found by name in transformers'
         # attention registry (no model code is patched).
         extra["attn_implementation"] = register_varlen_attention()
+        kernel = choose_attn_kernel(cfg.model.attn_kernel, torch.device(resolve_device_type(cfg.trainer.device)))
+        set_attn_kernel(kernel)
+        if kernel is not None:
+            logger.info(
+                "attention: %s, %s (model.attn_kernel=%s)", kernel, ATTN_KERNELS[kernel].title, cfg.model.attn_kernel
+            )
         n_heads = hf_config.num_attention_heads
         kv_heads = getattr(hf_config, "num_key_value_heads", None) or n_heads
         check_sp_heads(n_heads, kv_heads, cfg.ulysses_sequence_parallel_size)

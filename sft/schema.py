@@ -110,6 +110,9 @@ class ModelConfig:
     use_liger: Any = "auto"
     # torch.compile each decoder layer (fuses norms, activations and rotary into fewer kernels).
     compile: bool = False
+    # The CUDA kernel of packed attention: auto (the fastest installed that runs on this GPU: fa4, then
+    # flash_attn, then torch), fa4, flash_attn or torch (sft/attn_kernels.py).
+    attn_kernel: str = "auto"
     # MoE families (README 'Supported model families'): experts as grouped GEMMs (grouped_mm) or the
     # per-expert loop (eager); the router load-balancing loss coefficient (null: the model config's).
     experts_implementation: str = "grouped_mm"

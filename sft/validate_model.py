@@ -1,6 +1,6 @@
 """Checks of the `model` section and of the model folder, before any weight or tokenizer loads.
 
-Keys (strategy, dtypes, checkpointing mode, Liger, LoRA) are checked from the config alone; the
+Keys (strategy, dtypes, checkpointing mode, Liger, attention kernel, LoRA) are checked from the config alone; the
 folder from its json files only (config, weights present, tokenizer, chat template); the
 tokenizer's vocabulary against the embedding once both are loaded (`check_vocab`).
 """
@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sft.attn_kernels import CHOICES as ATTN_CHOICES
+from sft.attn_kernels import KERNELS as ATTN_KERNELS
+from sft.attn_kernels import installed as attn_installed
 from sft.config_error import ConfigError, need
 from sft.distributed import resolve_device_type
 from sft.families import unsupported_reason
@@ -69,6 +72,25 @@ def _check_model(cfg: SFTConfig) -> None:
         "model.gradient_checkpointing_mode=selective with model.compile=true: the compiled layer hides its matmuls "
         "from the checkpoint policy; use gradient_checkpointing_mode=full with compile",
     )
+    need(
+        m.attn_kernel in ATTN_CHOICES,
+        f"model.attn_kernel={m.attn_kernel!r}: choose one of {', '.join(ATTN_CHOICES)}",
+    )
+    if m.attn_kernel != "auto":
+        need(
+            cfg.use_remove_padding,
+            f"model.attn_kernel={m.attn_kernel} picks the packed-attention kernel, which only use_remove_padding=true "
+            "runs; set use_remove_padding=true or model.attn_kernel=auto",
+        )
+        need(
+            resolve_device_type(cfg.trainer.device) == "cuda",
+            f"model.attn_kernel={m.attn_kernel}: attention kernels run on CUDA GPUs; set model.attn_kernel=auto",
+        )
+        need(
+            attn_installed(m.attn_kernel),
+            f"model.attn_kernel={m.attn_kernel}: {ATTN_KERNELS[m.attn_kernel].title} is not installed "
+            f"({ATTN_KERNELS[m.attn_kernel].install}); or set model.attn_kernel=auto",
+        )
     need(
         m.experts_implementation in ("grouped_mm", "eager"),
         f"model.experts_implementation={m.experts_implementation!r}: choose grouped_mm or eager",

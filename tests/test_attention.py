@@ -11,6 +11,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.masking_utils import AttentionMaskInterface
 
 from sft.attention import ATTN_NAME, register_varlen_attention, sft_varlen_attention_forward, varlen_attention
+from sft.attention_math import AttnFeatures
 from sft.demo import build_model_config
 
 LENGTHS = [6, 11, 4]
@@ -127,20 +128,41 @@ def test_refuses_what_it_cannot_compute(models, model_config):
         models[0](input_ids=ids, attention_mask=torch.ones_like(ids))
 
 
+@pytest.fixture
+def cuda_kernel(request):
+    """Run the test's CUDA attention calls on kernel `request.param` (skipped where it cannot run)."""
+    from sft import attention
+    from sft.attn_kernels import why_not
+
+    reason = why_not(request.param, torch.cuda.get_device_capability()[0])
+    if reason is not None:
+        pytest.skip(reason)
+    before = attention._kernel
+    attention.set_attn_kernel(request.param)
+    yield request.param
+    attention.set_attn_kernel(before)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 2), (4, 4), (8, 1)])
-def test_cuda_kernel_matches_fp32_reference(heads, kv_heads):
-    # bf16 on CUDA takes the kernel (flash-attn or torch's varlen); fp32 takes the per-segment reference.
-    lengths = [100, 37, 256, 1, 90]
+@pytest.mark.parametrize("cuda_kernel", ["fa4", "flash_attn", "torch"], indirect=True)
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 2, 64), (4, 4, 64), (8, 1, 128), (12, 2, 128)])
+@pytest.mark.parametrize("feature", ["causal", "window", "softcap"])
+def test_cuda_kernel_matches_fp32_reference(cuda_kernel, heads, kv_heads, head_dim, feature):
+    """Each kernel in bf16 against the exact fp32 per-segment path, forward and backward; a kernel
+    without soft-capping hands it to the exact path (so that case checks the hand-over)."""
+    lengths = [100, 37, 256, 1, 90, 700]
     _, cu, max_len = packed_row(lengths)
     cu, total, gen = cu.cuda(), sum(lengths), torch.Generator(device="cuda").manual_seed(4)
-    q, k, v = (torch.randn(total, h, 64, device="cuda", generator=gen) for h in (heads, kv_heads, kv_heads))
-    weight = torch.randn(total, heads, 64, device="cuda", generator=gen)
+    q, k, v = (torch.randn(total, h, head_dim, device="cuda", generator=gen) for h in (heads, kv_heads, kv_heads))
+    weight = torch.randn(total, heads, head_dim, device="cuda", generator=gen)
+    features = {"causal": AttnFeatures(), "window": AttnFeatures(window=64), "softcap": AttnFeatures(softcap=5.0)}[
+        feature
+    ]
     fast = [t.bfloat16().requires_grad_() for t in (q, k, v)]
     ref = [t.bfloat16().float().requires_grad_() for t in (q, k, v)]
-    out = varlen_attention(*fast, cu, cu, max_len, max_len, 0.125)
-    expected = varlen_attention(*ref, cu, cu, max_len, max_len, 0.125)
+    out = varlen_attention(*fast, cu, cu, max_len, max_len, 0.125, features)
+    expected = varlen_attention(*ref, cu, cu, max_len, max_len, 0.125, features)
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
     (out.float() * weight).sum().backward()
     (expected * weight).sum().backward()

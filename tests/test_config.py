@@ -207,6 +207,9 @@ def test_missing_required_key():
             "data.max_token_len_per_gpu=4096 needs use_remove_padding=true",
         ),
         ("trainer.checkpoint.hf_dtype=fp16", "trainer.checkpoint.hf_dtype='fp16'"),
+        ("model.attn_kernel=fa3", "model.attn_kernel='fa3': choose one of auto, fa4, flash_attn, torch"),
+        ("model.attn_kernel=torch use_remove_padding=false", "which only use_remove_padding=true runs"),
+        ("model.attn_kernel=torch trainer.device=cpu", "model.attn_kernel=torch: attention kernels run on CUDA GPUs"),
         ("trainer.total_epochs=0", "trainer.total_epochs=0"),
         ("trainer.dist_timeout_s=0", "trainer.dist_timeout_s=0"),
         ("trainer.preempt_grace_s=0", "trainer.preempt_grace_s=0"),
@@ -218,6 +221,17 @@ def test_validation_errors(paths, override, needle):
         validate_config(cfg, WORLD2)
     assert needle in str(e.value), str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_a_named_attention_kernel_must_be_installed(paths, monkeypatch):
+    import sft.validate_model
+
+    monkeypatch.setattr(sft.validate_model, "resolve_device_type", lambda device: "cuda")  # as on a GPU machine
+    monkeypatch.setattr(sft.validate_model, "attn_installed", lambda name: name == "torch")
+    base = [*paths, "data.train_batch_size=8", "data.micro_batch_size_per_gpu=2"]
+    validate_config(compose([*base, "model.attn_kernel=torch"]), WORLD2)
+    with pytest.raises(ConfigError, match=r"model.attn_kernel=fa4: FlashAttention-4 .* is not installed \(pip install"):
+        validate_config(compose([*base, "model.attn_kernel=fa4"]), WORLD2)
 
 
 def test_token_budget_rules(paths):

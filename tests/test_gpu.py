@@ -90,11 +90,15 @@ def cuda_rank(single_rank):
 
 
 # Liger off first: its patch of the model classes is process-wide and cannot be undone.
-@pytest.mark.parametrize("family,liger", [("qwen2", "false"), ("qwen2", "true"), ("qwen3_moe", "true")])
-def test_micro_batch_loop_never_syncs_on_cuda(demo_dir, tmp_path, cuda_rank, family, liger):
+@pytest.mark.parametrize(
+    "family,liger,kernel",
+    [("qwen2", "false", "auto"), ("qwen2", "true", "auto"), ("qwen2", "true", "torch"), ("qwen3_moe", "true", "auto")],
+)
+def test_micro_batch_loop_never_syncs_on_cuda(demo_dir, tmp_path, cuda_rank, family, liger, kernel):
     """The verl production keys (remove-padding, mb 2, bf16 master, checkpointing) train with the
     micro-batch loop under torch.cuda.set_sync_debug_mode("error"): any host sync raises. The MoE
-    case runs grouped-GEMM experts with Liger's norm/RoPE kernels (never Liger's fused MoE)."""
+    case runs grouped-GEMM experts with Liger's norm/RoPE kernels (never Liger's fused MoE). `auto` runs
+    the fastest attention kernel installed (FA4 where it is), `torch` PyTorch's own varlen kernel."""
     from family_models import write_family_model
 
     from sft.fsdp_sft_trainer import FSDPSFTTrainer
@@ -114,6 +118,7 @@ def test_micro_batch_loop_never_syncs_on_cuda(demo_dir, tmp_path, cuda_rank, fam
         "model.fsdp_config.model_dtype=bf16",
         "model.enable_gradient_checkpointing=true",
         f"model.use_liger={liger}",
+        f"model.attn_kernel={kernel}",
         "data.train_batch_size=16",
         "data.micro_batch_size_per_gpu=2",
         "data.max_token_len_per_gpu=512",  # several micro-batches per step on the demo's short samples

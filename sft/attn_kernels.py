@@ -1,0 +1,152 @@
+"""Which CUDA kernel computes packed (varlen) causal attention: the key `model.attn_kernel`.
+
+One declarative row per kernel (what must be installed, which GPUs it runs on, whether it computes
+attention-logit soft-capping). `choose_attn_kernel` turns the key into one kernel before anything
+loads and refuses, in one line, a kernel that is not installed or cannot run on this GPU;
+`run_kernel` calls it. Attention sinks (gpt-oss) and whatever a kernel lacks run on the exact
+per-segment path of sft/attention_math.py instead, as the startup log says.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger("sft")
+
+
+@dataclass(frozen=True)
+class Kernel:
+    title: str
+    module: str  # what must import for the kernel to be installed
+    install: str  # how a user gets it
+    majors: tuple[int, ...] | None  # CUDA compute-capability majors it runs on (None: any the build has)
+    softcap: bool  # computes attention-logit soft-capping itself
+
+
+KERNELS: dict[str, Kernel] = {
+    "fa4": Kernel(
+        "FlashAttention-4 (flash-attn-4, CuTe DSL)", "flash_attn.cute", "pip install flash-attn-4", (9, 10), True
+    ),
+    "flash_attn": Kernel("FlashAttention-2 (flash-attn)", "flash_attn", "pip install flash-attn", None, True),
+    "torch": Kernel(
+        "PyTorch's varlen_attn (FlashAttention-2 built into torch)",
+        "torch.nn.attention.varlen",
+        "torch >= 2.10",
+        None,
+        False,
+    ),
+}
+# `auto` takes the first that is installed and runs on this GPU: fastest first (docs/PERFORMANCE.md, H200).
+AUTO_ORDER = ("fa4", "flash_attn", "torch")
+CHOICES = ("auto", *KERNELS)
+
+
+def installed(name: str) -> bool:
+    """Whether the kernel's package imports (FA4 and flash-attn share the `flash_attn` namespace)."""
+    if name == "flash_attn":  # FA4 alone leaves `flash_attn` an empty namespace: ask for FA2's function
+        try:
+            from flash_attn import flash_attn_varlen_func  # noqa: F401
+        except ImportError:
+            return False
+        return True
+    try:
+        return importlib.util.find_spec(KERNELS[name].module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def why_not(name: str, major: int) -> str | None:
+    """Why kernel `name` cannot run on a GPU of compute capability `major`.x; None when it can."""
+    kernel = KERNELS[name]
+    if not installed(name):
+        return f"{kernel.title} is not installed ({kernel.install})"
+    if kernel.majors is not None and major not in kernel.majors:
+        return f"{kernel.title} runs on compute capability {'/'.join(f'{m}.x' for m in kernel.majors)}, this GPU is {major}.x"
+    return None
+
+
+def choose_attn_kernel(setting: str, device: torch.device) -> str | None:
+    """The kernel for `model.attn_kernel=setting` on `device`; None off CUDA (the exact path runs there)."""
+    if setting not in CHOICES:
+        raise ValueError(f"model.attn_kernel={setting!r}: choose one of {', '.join(CHOICES)}")
+    if device.type != "cuda":
+        if setting != "auto":
+            raise ValueError(
+                f"model.attn_kernel={setting}: attention kernels run on CUDA GPUs; this run uses {device.type}"
+            )
+        return None
+    major = torch.cuda.get_device_capability(device)[0]
+    if setting != "auto":
+        reason = why_not(setting, major)
+        if reason is not None:
+            raise ValueError(f"model.attn_kernel={setting}: {reason}; or set model.attn_kernel=auto")
+        return setting
+    for name in AUTO_ORDER:
+        if why_not(name, major) is None:
+            return name
+    raise ValueError(
+        f"use_remove_padding=true on CUDA needs a varlen attention kernel: {KERNELS['torch'].install}, "
+        f"{KERNELS['flash_attn'].install} or {KERNELS['fa4'].install}"
+    )
+
+
+def _fa4(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap):
+    from flash_attn.cute import flash_attn_varlen_func
+
+    # FA4 spells plain causal as no window at all; (-1, 0) would turn into a local window of -1.
+    left = None if window[0] < 0 else window[0]
+    out = flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        max_seqlen_q=max_q,
+        max_seqlen_k=max_k,
+        softmax_scale=scale,
+        causal=True,
+        window_size=(left, None if left is None else 0),
+        softcap=softcap or 0.0,
+    )
+    return out[0] if isinstance(out, tuple) else out  # (out, lse)
+
+
+def _flash_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap):
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(
+        q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=True, window_size=window, softcap=softcap or 0.0
+    )
+
+
+@functools.cache
+def _varlen_takes_gqa_flag() -> bool:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
+def _torch(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap):
+    from torch.nn.attention.varlen import varlen_attn
+
+    # torch 2.11 takes fewer KV heads without a flag; later versions ask for `enable_gqa=True`.
+    gqa = q.shape[1] != k.shape[1] and _varlen_takes_gqa_flag()
+    # window_size=(-1, 0) is how this kernel spells "causal"; (W-1, 0) is a causal window of W.
+    return varlen_attn(
+        q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window, **({"enable_gqa": True} if gqa else {})
+    )
+
+
+CALLS: dict[str, Callable[..., torch.Tensor]] = {"fa4": _fa4, "flash_attn": _flash_attn, "torch": _torch}
+
+
+def run_kernel(name, q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap) -> torch.Tensor:
+    """q `[T, h, d]`, k/v `[T, h_kv, d]` (bf16/fp16, CUDA), int32 `cu_*`; window as flash-attn's (left, 0)."""
+    return CALLS[name](q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap)

@@ -1,0 +1,86 @@
+"""`model.attn_kernel`: which packed-attention kernel runs, and how each kernel is called."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from sft import attn_kernels
+from sft.attn_kernels import choose_attn_kernel, run_kernel
+
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """Pretend to be on a GPU of compute capability `major`.x with the kernels in `have` installed."""
+
+    def setup(major: int, have: set[str]) -> None:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+        monkeypatch.setattr(attn_kernels, "installed", lambda name: name in have)
+
+    return setup
+
+
+@pytest.mark.parametrize(
+    "major,have,chosen",
+    [
+        (9, {"fa4", "flash_attn", "torch"}, "fa4"),  # Hopper: FA4 first
+        (10, {"fa4", "torch"}, "fa4"),  # Blackwell
+        (8, {"fa4", "flash_attn", "torch"}, "flash_attn"),  # FA4 has no Ampere kernels
+        (9, {"flash_attn", "torch"}, "flash_attn"),
+        (9, {"torch"}, "torch"),
+        (12, {"fa4", "torch"}, "torch"),
+    ],
+)
+def test_auto_takes_the_fastest_that_runs_here(gpu, major, have, chosen):
+    gpu(major, have)
+    assert choose_attn_kernel("auto", CUDA) == chosen
+
+
+def test_a_named_kernel_runs_or_is_refused_in_one_line(gpu):
+    gpu(9, {"torch", "fa4"})
+    assert choose_attn_kernel("torch", CUDA) == "torch"  # asked for, used though fa4 is faster
+    with pytest.raises(ValueError, match=r"model.attn_kernel=flash_attn: .* not installed \(pip install flash-attn\)"):
+        choose_attn_kernel("flash_attn", CUDA)
+    gpu(8, {"torch", "fa4"})
+    with pytest.raises(
+        ValueError, match=r"model.attn_kernel=fa4: .* runs on compute capability 9.x/10.x, this GPU is 8.x"
+    ):
+        choose_attn_kernel("fa4", CUDA)
+    gpu(9, set())
+    with pytest.raises(ValueError, match="needs a varlen attention kernel"):
+        choose_attn_kernel("auto", CUDA)
+    with pytest.raises(ValueError, match="choose one of auto, fa4, flash_attn, torch"):
+        choose_attn_kernel("fa3", CUDA)
+
+
+def test_off_cuda_only_auto_is_taken():
+    assert choose_attn_kernel("auto", torch.device("cpu")) is None  # the exact per-segment path runs
+    with pytest.raises(ValueError, match="attention kernels run on CUDA GPUs; this run uses cpu"):
+        choose_attn_kernel("torch", torch.device("cpu"))
+
+
+def test_fa4_gets_its_own_spelling_of_causal_and_windows(monkeypatch):
+    """FA4 reads causal as no window; flash-attn's (-1, 0) would turn into a local window of -1 there."""
+    calls: list[dict] = []
+
+    def fake(q, k, v, **kw):
+        calls.append(kw)
+        return q * 2, torch.zeros(1)  # FA4 returns (out, lse)
+
+    module = types.ModuleType("flash_attn.cute")
+    module.flash_attn_varlen_func = fake
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", module)
+    q = torch.ones(6, 4, 8)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    out = run_kernel("fa4", q, q[:, :2], q[:, :2], cu, cu, 4, 4, 0.5, (-1, 0), None)
+    torch.testing.assert_close(out, q * 2)
+    run_kernel("fa4", q, q[:, :2], q[:, :2], cu, cu, 4, 4, 0.5, (2, 0), 30.0)
+    assert [c["window_size"] for c in calls] == [(None, None), (2, 0)]
+    assert [c["softcap"] for c in calls] == [0.0, 30.0]
+    assert all(c["causal"] and c["softmax_scale"] == 0.5 and c["max_seqlen_q"] == 4 for c in calls)
+    assert calls[0]["cu_seqlens_q"] is cu and calls[0]["cu_seqlens_k"] is cu
