@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from sft.attn_kernels import KERNELS, run_kernel, why_not
+from sft.attn_kernels import run_kernel, why_not
 
 
 def lengths(total: int, gen: torch.Generator) -> list[int]:
