@@ -73,19 +73,56 @@ def _host_ops_during(events: list[tuple[str, bool, int, int]], start: int, end: 
     return [[name, round(overlap / 1e6, 6)] for overlap, name in sorted(spans, reverse=True)[:k]]
 
 
+def _annotation_flag(e) -> bool | None:
+    """Whether a device event is a user annotation, where this torch says (None where it cannot)."""
+    if hasattr(e, "is_user_annotation"):
+        return bool(e.is_user_annotation())
+    if hasattr(e, "activity_type"):
+        return "user_annotation" in e.activity_type()
+    return None
+
+
 def event_rows(kineto_events) -> list[tuple[str, bool, int, int]]:
     """(name, on_device, start_ns, duration_ns) of each profiler event, without the device-side mirrors
     of host ranges: a record_function (the profiler's own ProfilerStep#, FSDP's hooks) shows on the device
     as a `gpu_user_annotation` spanning the kernels it launched, which is not device work and would hide
     the gaps between them. (Matching host range names instead would also drop inductor's kernels, whose
-    launches are host ranges of the same name.)"""
-    rows = []
+    launches are host ranges of the same name.) Where the event cannot say its kind (torch 2.11's kineto
+    events have neither `is_user_annotation` nor `activity_type`: the H200 profile of 2026-12-03 counted
+    ProfilerStep# as 3.7 s of device work), a device event that spans another device event of the same
+    stream is taken as an annotation: one stream runs its kernels one after another, never nested."""
+    rows, unknown = [], []
     for e in kineto_events:
         on_device = e.device_type() != torch.autograd.DeviceType.CPU
-        if on_device and "user_annotation" in (e.activity_type() if hasattr(e, "activity_type") else ""):
+        flag = _annotation_flag(e) if on_device else False
+        if flag:
             continue
-        rows.append((e.name(), on_device, e.start_ns(), e.duration_ns()))
-    return rows
+        row = (e.name(), on_device, e.start_ns(), e.duration_ns())
+        if flag is None:
+            stream = e.device_resource_id() if hasattr(e, "device_resource_id") else 0
+            unknown.append((row, stream))
+        rows.append(row)
+    nested = _spanning(unknown)
+    return [r for r in rows if r not in nested]
+
+
+def _spanning(events: list[tuple[tuple[str, bool, int, int], int]]) -> set:
+    """The events that contain another event of the same stream (start to end), by a sweep over starts."""
+    out = set()
+    by_stream: dict[int, list] = {}
+    for row, stream in events:
+        by_stream.setdefault(stream, []).append(row)
+    for rows in by_stream.values():
+        rows.sort(key=lambda r: (r[2], -r[3]))  # by start; the longer first where two start together
+        open_rows: list = []  # enclosing candidates, still running at the current start
+        for r in rows:
+            start, end = r[2], r[2] + r[3]
+            open_rows = [o for o in open_rows if o[2] + o[3] > start]
+            for o in open_rows:
+                if o[2] + o[3] >= end:
+                    out.add(o)
+            open_rows.append(r)
+    return out
 
 
 def kernel_kind(name: str) -> str:

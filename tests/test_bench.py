@@ -179,6 +179,40 @@ def test_event_rows_drop_device_mirrors_of_host_ranges():
     ]
 
 
+def test_event_rows_find_annotations_where_events_cannot_say_their_kind():
+    """torch 2.11's kineto events have no activity type: an event spanning another on its stream is an
+    annotation; kernels one after another on a stream, or overlapping on two streams, are kept."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from sft.profiling import event_rows
+
+    def ev(name, device, start, dur, stream=7):
+        dt = torch.autograd.DeviceType.CUDA if device else torch.autograd.DeviceType.CPU
+        return SimpleNamespace(
+            name=lambda: name, device_type=lambda: dt, device_resource_id=lambda: stream,
+            start_ns=lambda: start, duration_ns=lambda: dur,
+        )  # fmt: skip
+
+    rows = event_rows(
+        [
+            ev("ProfilerStep#1", False, 0, 100),
+            ev("ProfilerStep#1", True, 5, 90),  # spans the two kernels below: dropped
+            ev("gemm", True, 10, 20),
+            ev("FSDP::all_gather", True, 30, 10),  # spans the copy: dropped
+            ev("copy", True, 30, 10),
+            ev("nccl", True, 20, 60, stream=9),  # overlaps stream 7's kernels, contains none of its own: kept
+        ]
+    )
+    assert rows == [
+        ("ProfilerStep#1", False, 0, 100),
+        ("gemm", True, 10, 20),
+        ("copy", True, 30, 10),
+        ("nccl", True, 20, 60),
+    ]
+
+
 def test_command_mode_times_the_real_trainer(demo_dir, tmp_path, capsys, fresh_world):
     from conftest import base_overrides
 
