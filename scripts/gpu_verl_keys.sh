@@ -19,6 +19,7 @@
 #  PART=fa4  : FlashAttention-4 (carried in two halves, scripts/fa4_env.sh): the attention kernels timed
 #              (scripts/attn_bench.py), the verl production keys with model.attn_kernel=auto (FA4) and =torch, the 0.5B
 #              shape with auto, then the GPU attention tests and the sync-free loop test.
+#  PART=fa4keep then PART=fa4run (within 30 s): the verl keys on the torch kernel, then on FA4 (and capped at 32k).
 #  PART=probe: the verl production keys, then the same + model.compile=true without checkpointing (is compile
 #              without recompute faster than Liger's eager kernels?); read device_s_by_kind and top_kernels.
 # Qwen2.5-1.5B shape (SHAPE), max_length 4096, global batch 128. Results: $OUT/results.jsonl (one JSON line per
@@ -73,6 +74,13 @@ elif [ "${PART:-sync}" = recompute ] || [ "${PART:-sync}" = pair ]; then
 elif [ "${PART:-sync}" = trlalone ]; then
   source "$(dirname "$0")/fa4_env.sh" keep
   trl trl_liger "$PYTHONPATH" --trl-liger
+elif [ "${PART:-sync}" = fa4keep ]; then  # first of two calls: keep FA4's first half, time the torch kernel
+  source "$(dirname "$0")/fa4_env.sh" keep
+  cmd verl_torch "$VERL model.attn_kernel=torch"
+elif [ "${PART:-sync}" = fa4run ]; then  # second call, within 30 s: the verl keys on FA4 (auto), then capped at 32k
+  source "$(dirname "$0")/fa4_env.sh" assemble
+  cmd verl_fa4 "$VERL"
+  cmd verl_fa4_32k "$VERL data.max_token_len_per_gpu=32768"
 elif [ "${PART:-sync}" = fa4 ]; then
   source "$(dirname "$0")/fa4_env.sh" assemble
   for s in "12 2 128" "14 2 64"; do set -- $s
