@@ -13,6 +13,7 @@ import functools
 import importlib.util
 import inspect
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,11 +29,20 @@ class Kernel:
     install: str  # how a user gets it
     majors: tuple[int, ...] | None  # CUDA compute-capability majors it runs on (None: any the build has)
     softcap: bool  # computes attention-logit soft-capping itself
+    # Environment defaults set when the kernel is chosen (a user's own value is kept).
+    env: tuple[tuple[str, str], ...] = ()
 
 
 KERNELS: dict[str, Kernel] = {
     "fa4": Kernel(
-        "FlashAttention-4 (flash-attn-4, CuTe DSL)", "flash_attn.cute", "pip install flash-attn-4", (9, 10), True
+        "FlashAttention-4 (flash-attn-4, CuTe DSL)",
+        "flash_attn.cute",
+        "pip install flash-attn-4",
+        (9, 10),
+        True,
+        # FA4 compiles its kernels on first use (12-13 s per head shape on the H200); its disk cache lets a
+        # relaunch after preemption, and every rank after the first, load them instead.
+        env=(("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1"),),
     ),
     "flash_attn": Kernel("FlashAttention-2 (flash-attn)", "flash_attn", "pip install flash-attn", None, True),
     "torch": Kernel(
@@ -87,14 +97,20 @@ def choose_attn_kernel(setting: str, device: torch.device) -> str | None:
         reason = why_not(setting, major)
         if reason is not None:
             raise ValueError(f"model.attn_kernel={setting}: {reason}; or set model.attn_kernel=auto")
-        return setting
+        return _chosen(setting)
     for name in AUTO_ORDER:
         if why_not(name, major) is None:
-            return name
+            return _chosen(name)
     raise ValueError(
         f"use_remove_padding=true on CUDA needs a varlen attention kernel: {KERNELS['torch'].install}, "
         f"{KERNELS['flash_attn'].install} or {KERNELS['fa4'].install}"
     )
+
+
+def _chosen(name: str) -> str:
+    for key, value in KERNELS[name].env:
+        os.environ.setdefault(key, value)
+    return name
 
 
 def _fa4(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap):

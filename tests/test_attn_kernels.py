@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 
@@ -84,3 +85,15 @@ def test_fa4_gets_its_own_spelling_of_causal_and_windows(monkeypatch):
     assert [c["softcap"] for c in calls] == [0.0, 30.0]
     assert all(c["causal"] and c["softmax_scale"] == 0.5 and c["max_seqlen_q"] == 4 for c in calls)
     assert calls[0]["cu_seqlens_q"] is cu and calls[0]["cu_seqlens_k"] is cu
+
+
+def test_choosing_fa4_keeps_its_compiled_kernels_on_disk_unless_the_user_said_otherwise(gpu, monkeypatch):
+    gpu(9, {"fa4", "torch"})
+    monkeypatch.delenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", raising=False)
+    choose_attn_kernel("torch", CUDA)
+    assert "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED" not in os.environ
+    choose_attn_kernel("auto", CUDA)
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] == "1"
+    monkeypatch.setenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "0")
+    choose_attn_kernel("fa4", CUDA)
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] == "0"
