@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import logging
+import os
 from collections.abc import Callable
 from functools import partial
 
@@ -65,6 +66,22 @@ def liger_wanted(setting: bool | str, device_type: str, model_type: str, compile
     return True
 
 
+# Liger >= 0.8.5 dispatches each op to one of several implementations and prefers its CuTe DSL ones on
+# Hopper when the CUTLASS DSL is importable (flash-attn-4 brings it). Its CuTe DSL RoPE compiles per input
+# shape, and packed micro-batches change shape every time: on the H200 (2026-12-03, 1.5B shape) each call
+# stalled the host about 0.45 s and the step went from 2.40 s to 4.45 s. So the ops sft uses run Liger's
+# Triton kernels, the ones measured here; a user's own LIGER_KERNEL_IMPL* setting is kept.
+LIGER_TRITON_OPS = ("rope", "rms_norm", "swiglu")
+
+
+def pin_liger_triton() -> None:
+    """Ask Liger's dispatcher for its Triton kernels of `LIGER_TRITON_OPS`, unless the user chose."""
+    if os.environ.get("LIGER_KERNEL_IMPL") or os.environ.get("LIGER_KERNEL_BACKEND"):
+        return
+    for op in LIGER_TRITON_OPS:
+        os.environ.setdefault(f"LIGER_KERNEL_IMPL_{op.upper()}", "nvidia-triton")
+
+
 def apply_liger(lm: nn.Module) -> None:
     """Patch RMSNorm, SwiGLU and RoPE of the (meta-device) model in place, before sharding.
 
@@ -83,6 +100,7 @@ def apply_liger(lm: nn.Module) -> None:
             f"model.use_liger=true: Liger has no kernels for model type {model_type!r} (supported: {supported}); "
             "set model.use_liger=false"
         )
+    pin_liger_triton()
     wanted = {"rope": True, "rms_norm": True, "swiglu": liger_swiglu(model_type), "cross_entropy": False}
     wanted["fused_linear_cross_entropy"] = False
     accepted = inspect.signature(apply).parameters

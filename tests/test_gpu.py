@@ -160,3 +160,18 @@ def test_fused_ce_on_cuda_matches_fp64(softcap):
     # dL/dlogits is rounded to bf16 before the two head GEMMs (as in any bf16 backward): compare in norm.
     for got, want in ((h.grad, h64.grad), (w.grad, w64.grad)):
         assert float((got.double() - want).norm() / want.norm()) < 1e-2
+
+
+def test_liger_resolves_the_pinned_triton_kernels_on_cuda(monkeypatch):
+    """The op names and implementation name sft pins (sft/kernels.py) are the ones Liger's dispatcher knows."""
+    pytest.importorskip("liger_kernel.backends.dispatch")
+    from liger_kernel.backends.dispatch import resolve_impl
+
+    from sft.kernels import LIGER_TRITON_OPS, pin_liger_triton
+
+    for op in LIGER_TRITON_OPS:
+        monkeypatch.delenv(f"LIGER_KERNEL_IMPL_{op.upper()}", raising=False)
+    pin_liger_triton()
+    assert {op: resolve_impl(op).impl_name for op in LIGER_TRITON_OPS} == dict.fromkeys(
+        LIGER_TRITON_OPS, "nvidia-triton"
+    )

@@ -60,3 +60,21 @@ def test_checkpointing_modes_match_no_checkpointing(mode: str) -> None:
         assert backward_mms == backward_mms_plain + 6
     else:  # selective keeps the matmul outputs: no matmul is recomputed
         assert backward_mms == backward_mms_plain
+
+
+def test_liger_ops_are_pinned_to_triton_unless_the_user_chose(monkeypatch):
+    """With the CUTLASS DSL importable, Liger would pick its CuTe DSL RoPE, which compiles per packed shape."""
+    from sft.kernels import pin_liger_triton
+
+    for var in ("LIGER_KERNEL_IMPL", "LIGER_KERNEL_BACKEND", "LIGER_KERNEL_IMPL_ROPE", "LIGER_KERNEL_IMPL_RMS_NORM"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("LIGER_KERNEL_IMPL_SWIGLU", "nvidia-cutedsl")  # the user's per-op choice stays
+    pin_liger_triton()
+    import os
+
+    assert os.environ["LIGER_KERNEL_IMPL_ROPE"] == os.environ["LIGER_KERNEL_IMPL_RMS_NORM"] == "nvidia-triton"
+    assert os.environ["LIGER_KERNEL_IMPL_SWIGLU"] == "nvidia-cutedsl"
+    monkeypatch.delenv("LIGER_KERNEL_IMPL_ROPE")
+    monkeypatch.setenv("LIGER_KERNEL_IMPL", "nvidia-cutedsl")  # a global choice: no per-op pins on top
+    pin_liger_triton()
+    assert "LIGER_KERNEL_IMPL_ROPE" not in os.environ
