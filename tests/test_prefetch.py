@@ -78,3 +78,21 @@ def test_trainer_builds_steps_on_the_prefetch_thread(demo_dir, tmp_path, single_
     assert built_on and set(built_on) == {"sft-prefetch"}
     assert trainer.state.global_step == 3
     assert not _workers()
+
+
+def test_short_gil_switches_while_a_prefetch_thread_runs():
+    """The training thread takes the GIL back after each torch op it launches; a 5 ms switch interval
+    beside a Python-busy builder made each take-back slow (sft/data/prefetch.py)."""
+    import sys
+
+    from sft.data.prefetch import SWITCH_INTERVAL_S
+
+    before = sys.getswitchinterval()
+    assert before > SWITCH_INTERVAL_S  # Python's default, 5 ms
+    outer = prefetched(range(3))
+    assert next(outer) == 0 and sys.getswitchinterval() == SWITCH_INTERVAL_S
+    assert list(prefetched(range(2))) == [0, 1]  # a second one ending leaves the first one's setting
+    assert sys.getswitchinterval() == SWITCH_INTERVAL_S
+    outer.close()  # leaving early
+    assert sys.getswitchinterval() == before
+    assert list(prefetched(range(2))) == [0, 1] and sys.getswitchinterval() == before  # run to the end
