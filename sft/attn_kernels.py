@@ -58,18 +58,26 @@ AUTO_ORDER = ("fa4", "flash_attn", "torch")
 CHOICES = ("auto", *KERNELS)
 
 
+@functools.cache
 def installed(name: str) -> bool:
-    """Whether the kernel's package imports (FA4 and flash-attn share the `flash_attn` namespace)."""
-    if name == "flash_attn":  # FA4 alone leaves `flash_attn` an empty namespace: ask for FA2's function
-        try:
-            from flash_attn import flash_attn_varlen_func  # noqa: F401
-        except ImportError:
-            return False
-        return True
+    """Whether the kernel's function imports. An import, not a package lookup: flash-attn 2 and FA4 share
+    the `flash_attn` namespace, and FA4 needs the CUTLASS DSL (`cutlass.cute`) besides its own files."""
     try:
-        return importlib.util.find_spec(KERNELS[name].module) is not None
+        if importlib.util.find_spec(KERNELS[name].module) is None:
+            return False
     except ModuleNotFoundError:
         return False
+    try:
+        if name == "fa4":
+            from flash_attn.cute import flash_attn_varlen_func  # noqa: F401
+        elif name == "flash_attn":
+            from flash_attn import flash_attn_varlen_func  # noqa: F401, F811
+        else:
+            from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except Exception as exc:  # a broken install (a missing CUDA library, say) is "not installed", said once
+        logger.info("attention kernel %s does not import: %s: %s", name, type(exc).__name__, exc)
+        return False
+    return True
 
 
 def why_not(name: str, major: int) -> str | None:

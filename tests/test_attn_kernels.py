@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import types
@@ -97,3 +98,21 @@ def test_choosing_fa4_keeps_its_compiled_kernels_on_disk_unless_the_user_said_ot
     monkeypatch.setenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "0")
     choose_attn_kernel("fa4", CUDA)
     assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] == "0"
+
+
+def test_a_kernel_counts_as_installed_only_when_its_function_imports(tmp_path, monkeypatch):
+    """flash-attn 2 and FA4 share the `flash_attn` namespace, and FA4 also needs the CUTLASS DSL: a
+    `flash_attn/cute` folder whose import fails is not FA4."""
+    pkg = tmp_path / "flash_attn" / "cute"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("import cutlass.cute  # the CUTLASS DSL, absent here\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for mod in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    attn_kernels.installed.cache_clear()
+    try:
+        assert importlib.util.find_spec("flash_attn.cute") is not None  # the folder is there
+        assert not attn_kernels.installed("fa4") and not attn_kernels.installed("flash_attn")
+        assert attn_kernels.installed("torch")
+    finally:
+        attn_kernels.installed.cache_clear()
