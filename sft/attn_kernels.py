@@ -67,6 +67,7 @@ def installed(name: str) -> bool:
             return False
     except ModuleNotFoundError:
         return False
+    _set_env(name)  # before the import: FA4 reads its cache switch when its module loads
     try:
         if name == "fa4":
             from flash_attn.cute import flash_attn_varlen_func  # noqa: F401
@@ -115,9 +116,13 @@ def choose_attn_kernel(setting: str, device: torch.device) -> str | None:
     )
 
 
-def _chosen(name: str) -> str:
+def _set_env(name: str) -> None:
     for key, value in KERNELS[name].env:
         os.environ.setdefault(key, value)
+
+
+def _chosen(name: str) -> str:
+    _set_env(name)
     return name
 
 
