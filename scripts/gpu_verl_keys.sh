@@ -19,6 +19,10 @@
 #  PART=fa4  : FlashAttention-4 (carried in two halves, scripts/fa4_env.sh): the attention kernels timed
 #              (scripts/attn_bench.py), the verl production keys with model.attn_kernel=auto (FA4) and =torch, the 0.5B
 #              shape with auto, then the GPU attention tests and the sync-free loop test.
+#  PART=trlwarm then PART=final (within 30 s; SHAPE=qwen2.5-0.5b for both): the same-call table with FA4. The first
+#              call keeps FA4's first half and runs TRL + Liger cold (TRL_TIMEOUT; its block-mask compile took over
+#              500 s on a cold H200) to fill the compile cache; the second installs FA4, runs TRL + Liger again on
+#              the warm cache, then the verl keys at 0.5B (auto: FA4), at 1.5B (auto) and at 1.5B on torch's kernel.
 #  PART=fa4keep then PART=fa4run (within 30 s): the verl keys on the torch kernel, then on FA4 (and capped at 32k).
 #  PART=probe: the verl production keys, then the same + model.compile=true without checkpointing (is compile
 #              without recompute faster than Liger's eager kernels?); read device_s_by_kind and top_kernels.
@@ -74,6 +78,21 @@ elif [ "${PART:-sync}" = recompute ] || [ "${PART:-sync}" = pair ]; then
 elif [ "${PART:-sync}" = trlalone ]; then
   source "$(dirname "$0")/fa4_env.sh" keep
   trl trl_liger "$PYTHONPATH" --trl-liger
+elif [ "${PART:-sync}" = trlwarm ]; then
+  source "$(dirname "$0")/fa4_env.sh" keep
+  trl trl_liger_cold "$PYTHONPATH" --trl-liger
+elif [ "${PART:-sync}" = final ]; then
+  source "$(dirname "$0")/fa4_env.sh" assemble
+  trl trl_liger "$PYTHONPATH" --trl-liger
+  cmd verl05 "$VERL"
+  SHAPE=qwen2.5-1.5b; read -r model data < <(python3 -c "
+from pathlib import Path; from sft.bench_data import ensure_assets
+m, d = ensure_assets(Path('$W'), '$SHAPE', 128 * $STEPS, 4096, 0); print(m, d)")
+  COMMON="data.train_files=$data data.multiturn.enable=true model.partial_pretrain=$model data.max_length=4096 \
+data.train_batch_size=128 trainer.total_training_steps=$STEPS trainer.logger=[console] \
+trainer.checkpoint.save_contents=[] trainer.resume_mode=disable"
+  cmd verl15 "$VERL"
+  cmd verl15_torch "$VERL model.attn_kernel=torch"
 elif [ "${PART:-sync}" = fa4keep ]; then  # first of two calls: keep FA4's first half, time the torch kernel
   source "$(dirname "$0")/fa4_env.sh" keep
   cmd verl_torch "$VERL model.attn_kernel=torch"
