@@ -33,12 +33,15 @@ source "$(dirname "$0")/gpu_env.sh"
 SHAPE=${SHAPE:-qwen2.5-1.5b}; W=/tmp/table; STEPS=7; L=/tmp/runlogs; mkdir -p $L
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"; date -u | tee -a "$OUT/gpu.txt"
 # The same files as `sft.bench --shape $SHAPE --steps 5 --warmup 2` (128 x 7 rows), so the TRL runs share them.
-read -r model data < <(python3 -c "
+use_shape() {  # shape: build (or find) its model and data, and the data/model keys of every run
+  SHAPE=$1; read -r model data < <(python3 -c "
 from pathlib import Path; from sft.bench_data import ensure_assets
 m, d = ensure_assets(Path('$W'), '$SHAPE', 128 * $STEPS, 4096, 0); print(m, d)")
-COMMON="data.train_files=$data data.multiturn.enable=true model.partial_pretrain=$model data.max_length=4096 \
+  COMMON="data.train_files=$data data.multiturn.enable=true model.partial_pretrain=$model data.max_length=4096 \
 data.train_batch_size=128 trainer.total_training_steps=$STEPS trainer.logger=[console] \
 trainer.checkpoint.save_contents=[] trainer.resume_mode=disable"
+}
+use_shape "$SHAPE"
 VERL="use_remove_padding=true data.micro_batch_size_per_gpu=2 model.fsdp_config.model_dtype=bf16"
 no_liger_path=$(echo "$PYTHONPATH" | tr ':' '\n' | grep -v "^${LIGER_SITE:-/none}$" | paste -sd:)
 cmd() {  # name, user keys: `torchrun ... -m sft.fsdp_sft_trainer` as typed, timed from outside by sft.bench --command
@@ -85,12 +88,7 @@ elif [ "${PART:-sync}" = final ]; then
   source "$(dirname "$0")/fa4_env.sh" assemble
   trl trl_liger "$PYTHONPATH" --trl-liger
   cmd verl05 "$VERL"
-  SHAPE=qwen2.5-1.5b; read -r model data < <(python3 -c "
-from pathlib import Path; from sft.bench_data import ensure_assets
-m, d = ensure_assets(Path('$W'), '$SHAPE', 128 * $STEPS, 4096, 0); print(m, d)")
-  COMMON="data.train_files=$data data.multiturn.enable=true model.partial_pretrain=$model data.max_length=4096 \
-data.train_batch_size=128 trainer.total_training_steps=$STEPS trainer.logger=[console] \
-trainer.checkpoint.save_contents=[] trainer.resume_mode=disable"
+  use_shape qwen2.5-1.5b
   cmd verl15 "$VERL"
   cmd verl15_torch "$VERL model.attn_kernel=torch"
 elif [ "${PART:-sync}" = fa4keep ]; then  # first of two calls: keep FA4's first half, time the torch kernel
@@ -107,12 +105,7 @@ elif [ "${PART:-sync}" = fa4 ]; then
   cat "$OUT/attn.jsonl"
   cmd verl_fa4 "$VERL model.attn_kernel=auto"
   cmd verl_torch "$VERL model.attn_kernel=torch"
-  SHAPE=qwen2.5-0.5b; read -r model data < <(python3 -c "
-from pathlib import Path; from sft.bench_data import ensure_assets
-m, d = ensure_assets(Path('$W'), '$SHAPE', 128 * $STEPS, 4096, 0); print(m, d)")
-  COMMON="data.train_files=$data data.multiturn.enable=true model.partial_pretrain=$model data.max_length=4096 \
-data.train_batch_size=128 trainer.total_training_steps=$STEPS trainer.logger=[console] \
-trainer.checkpoint.save_contents=[] trainer.resume_mode=disable"
+  use_shape qwen2.5-0.5b
   cmd verl05_fa4 "$VERL"
   timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py -k cuda >"$OUT/pytest.log" 2>&1
   echo "pytest attention: exit $?"; tail -3 "$OUT/pytest.log"
