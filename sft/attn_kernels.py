@@ -29,6 +29,9 @@ class Kernel:
     install: str  # how a user gets it
     majors: tuple[int, ...] | None  # CUDA compute-capability majors it runs on (None: any the build has)
     softcap: bool  # computes attention-logit soft-capping itself
+    # torch.compile can trace a call to it (a torch custom op); FA4's CuTe DSL call is plain Python that
+    # compiles its own kernels, which `model.compile=true` would try to trace.
+    traceable: bool = True
     # Environment defaults set when the kernel is chosen (a user's own value is kept).
     env: tuple[tuple[str, str], ...] = ()
 
@@ -40,6 +43,7 @@ KERNELS: dict[str, Kernel] = {
         "pip install flash-attn-4",
         (9, 10),
         True,
+        traceable=False,
         # FA4 compiles its kernels on first use (12-13 s per head shape on the H200); its disk cache lets a
         # relaunch after preemption, and every rank after the first, load them instead.
         env=(("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1"),),
@@ -91,8 +95,9 @@ def why_not(name: str, major: int) -> str | None:
     return None
 
 
-def choose_attn_kernel(setting: str, device: torch.device) -> str | None:
-    """The kernel for `model.attn_kernel=setting` on `device`; None off CUDA (the exact path runs there)."""
+def choose_attn_kernel(setting: str, device: torch.device, compiled: bool = False) -> str | None:
+    """The kernel for `model.attn_kernel=setting` on `device`; None off CUDA (the exact path runs there).
+    With `compiled` (model.compile=true) only kernels torch.compile can trace."""
     if setting not in CHOICES:
         raise ValueError(f"model.attn_kernel={setting!r}: choose one of {', '.join(CHOICES)}")
     if device.type != "cuda":
@@ -104,11 +109,13 @@ def choose_attn_kernel(setting: str, device: torch.device) -> str | None:
     major = torch.cuda.get_device_capability(device)[0]
     if setting != "auto":
         reason = why_not(setting, major)
+        if reason is None and compiled and not KERNELS[setting].traceable:
+            reason = f"torch.compile cannot trace {KERNELS[setting].title} (model.compile=true)"
         if reason is not None:
             raise ValueError(f"model.attn_kernel={setting}: {reason}; or set model.attn_kernel=auto")
         return _chosen(setting)
     for name in AUTO_ORDER:
-        if why_not(name, major) is None:
+        if (KERNELS[name].traceable or not compiled) and why_not(name, major) is None:
             return _chosen(name)
     raise ValueError(
         f"use_remove_padding=true on CUDA needs a varlen attention kernel: {KERNELS['torch'].install}, "

@@ -152,7 +152,8 @@ def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig) -> CausalLMWit
         # Packed rows: attention goes through our varlen function, found by name in transformers'
         # attention registry (no model code is patched).
         extra["attn_implementation"] = register_varlen_attention()
-        kernel = choose_attn_kernel(cfg.model.attn_kernel, torch.device(resolve_device_type(cfg.trainer.device)))
+        device = torch.device(resolve_device_type(cfg.trainer.device))
+        kernel = choose_attn_kernel(cfg.model.attn_kernel, device, compiled=cfg.model.compile)
         set_attn_kernel(kernel)
         if kernel is not None:
             logger.info(

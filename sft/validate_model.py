@@ -87,6 +87,11 @@ def _check_model(cfg: SFTConfig) -> None:
             f"model.attn_kernel={m.attn_kernel}: attention kernels run on CUDA GPUs; set model.attn_kernel=auto",
         )
         need(
+            ATTN_KERNELS[m.attn_kernel].traceable or not m.compile,
+            f"model.attn_kernel={m.attn_kernel} with model.compile=true: torch.compile cannot trace "
+            f"{ATTN_KERNELS[m.attn_kernel].title}; use model.attn_kernel=auto (a traceable kernel) or model.compile=false",
+        )
+        need(
             attn_installed(m.attn_kernel),
             f"model.attn_kernel={m.attn_kernel}: {ATTN_KERNELS[m.attn_kernel].title} is not installed "
             f"({ATTN_KERNELS[m.attn_kernel].install}); or set model.attn_kernel=auto",

@@ -116,3 +116,12 @@ def test_a_kernel_counts_as_installed_only_when_its_function_imports(tmp_path, m
         assert attn_kernels.installed("torch")
     finally:
         attn_kernels.installed.cache_clear()
+
+
+def test_compiled_layers_get_a_kernel_torch_compile_can_trace(gpu):
+    gpu(9, {"fa4", "flash_attn", "torch"})
+    assert choose_attn_kernel("auto", CUDA, compiled=True) == "flash_attn"
+    gpu(9, {"fa4", "torch"})
+    assert choose_attn_kernel("auto", CUDA, compiled=True) == "torch"
+    with pytest.raises(ValueError, match=r"model.attn_kernel=fa4: torch.compile cannot trace FlashAttention-4"):
+        choose_attn_kernel("fa4", CUDA, compiled=True)

@@ -232,6 +232,8 @@ def test_a_named_attention_kernel_must_be_installed(paths, monkeypatch):
     validate_config(compose([*base, "model.attn_kernel=torch"]), WORLD2)
     with pytest.raises(ConfigError, match=r"model.attn_kernel=fa4: FlashAttention-4 .* is not installed \(pip install"):
         validate_config(compose([*base, "model.attn_kernel=fa4"]), WORLD2)
+    with pytest.raises(ConfigError, match="model.attn_kernel=fa4 with model.compile=true: torch.compile cannot trace"):
+        validate_config(compose([*base, "model.attn_kernel=fa4", "model.compile=true"]), WORLD2)
 
 
 def test_token_budget_rules(paths):
