@@ -1,10 +1,10 @@
 """Which CUDA kernel computes packed (varlen) causal attention: the key `model.attn_kernel`.
 
-One declarative row per kernel (what must be installed, which GPUs it runs on, whether it computes
-attention-logit soft-capping). `choose_attn_kernel` turns the key into one kernel before anything
-loads and refuses, in one line, a kernel that is not installed or cannot run on this GPU;
-`run_kernel` calls it. Attention sinks (gpt-oss) and whatever a kernel lacks run on the exact
-per-segment path of sft/attention_math.py instead, as the startup log says.
+One declarative row per kernel (what must import, which GPUs it runs on, whether it computes
+attention-logit soft-capping, whether torch.compile can trace it). `choose_attn_kernel` turns the key
+into one kernel before anything loads, and refuses in one line a named kernel that is not installed,
+cannot run on this GPU or cannot be compiled; `run_kernel` calls it. Attention sinks (gpt-oss), and
+soft-capping where the kernel lacks it, run on the exact per-segment path of sft/attention_math.py.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ logger = logging.getLogger("sft")
 @dataclass(frozen=True)
 class Kernel:
     title: str
-    module: str  # what must import for the kernel to be installed
+    module: str  # its package (looked up before the kernel's function is imported)
     install: str  # how a user gets it
     majors: tuple[int, ...] | None  # CUDA compute-capability majors it runs on (None: any the build has)
     softcap: bool  # computes attention-logit soft-capping itself
