@@ -46,14 +46,14 @@ VERL="use_remove_padding=true data.micro_batch_size_per_gpu=2 model.fsdp_config.
 no_liger_path=$(echo "$PYTHONPATH" | tr ':' '\n' | grep -v "^${LIGER_SITE:-/none}$" | paste -sd:)
 cmd() {  # name, user keys: `torchrun ... -m sft.fsdp_sft_trainer` as typed, timed from outside by sft.bench --command
   local c="torchrun --standalone --nnodes=1 --nproc_per_node=1 -m sft.fsdp_sft_trainer $COMMON trainer.default_local_dir=/tmp/ck-$1 $2"
-  timeout ${3:-200} python3 -m sft.bench --command "$c" --warmup 2 --log $L/$1.log --out $L/$1.json >/dev/null 2>&1
+  timeout -k 10 ${3:-200} python3 -m sft.bench --command "$c" --warmup 2 --log $L/$1.log --out $L/$1.json >/dev/null 2>&1
   python3 -c "import json; r=json.load(open('$L/$1.json')); r['run']='$1'; r['shape']='$SHAPE'; print(json.dumps(r))" >>"$OUT/results.jsonl" \
     || echo "{\"run\": \"$1\", \"error\": \"no result\"}" >>"$OUT/results.jsonl"
   { echo "=== $1: $2"; grep -E "token budget|packed up to|loss:|Error|error" $L/$1.log | head -8; tail -3 $L/$1.log; } >>"$OUT/runs.log"
 }
 trl() {  # name, pythonpath[, extra bench args]
   local tps; tps=$(python3 -c "import json; print(json.load(open('$L/verl.json'))['tokens_per_step'])" 2>/dev/null || echo 130000)
-  PYTHONPATH=$2 timeout ${TRL_TIMEOUT:-420} python3 -m sft.bench --shape $SHAPE --steps 5 --warmup 2 --workdir $W \
+  PYTHONPATH=$2 timeout -k 10 ${TRL_TIMEOUT:-420} python3 -m sft.bench --shape $SHAPE --steps 5 --warmup 2 --workdir $W \
     --baseline trl --trl-only $tps --trl-attn flex_attention ${3:-} data.max_length=4096 data.train_batch_size=128 \
     --out $L/$1.json >$L/$1.log 2>&1
   python3 -c "import json; r=json.load(open('$L/$1.json')); r['run']='$1'; r['shape']='$SHAPE'; print(json.dumps(r))" >>"$OUT/results.jsonl" \
