@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -79,6 +81,30 @@ def summarize_command(steps: list[dict], profile: dict | None, warmup: int, t_la
     return out
 
 
+def _run_to_the_end(argv: list[str], env: dict, stdout, stderr) -> int:
+    """Run the command and wait for it. Stopped by SIGTERM or Ctrl-C (a time limit, say), we stop the
+    command too: a training run left behind on the GPU would slow whatever is timed next."""
+    child = subprocess.Popen(argv, env=env, stdout=stdout, stderr=stderr)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
+    previous = signal.signal(signal.SIGTERM, stop) if main else None
+    try:
+        return child.wait()
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+        if child.poll() is None:
+            child.terminate()  # torchrun passes it on to its workers
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
 def run_command(command: str, warmup: int, log: Path | None = None) -> dict:
     """Run the user's command line with the step probe on; its summary (exit status included)."""
     argv = check_command(command)
@@ -86,10 +112,10 @@ def run_command(command: str, warmup: int, log: Path | None = None) -> dict:
     env = {**os.environ, PROBE_ENV: str(probe)}
     t_launch = time.time()
     if log is None:  # the command's output goes where ours goes (stderr: the last line of stdout is the JSON)
-        rc = subprocess.run(argv, env=env, stdout=sys.stderr).returncode
+        rc = _run_to_the_end(argv, env, sys.stderr, None)
     else:
         with open(log, "w") as sink:
-            rc = subprocess.run(argv, env=env, stdout=sink, stderr=subprocess.STDOUT).returncode
+            rc = _run_to_the_end(argv, env, sink, subprocess.STDOUT)
     steps_file, profile_file = probe / "steps.jsonl", probe / "summary.json"
     steps = [json.loads(x) for x in steps_file.read_text().splitlines()] if steps_file.exists() else []
     profile = json.loads(profile_file.read_text()) if profile_file.exists() else None

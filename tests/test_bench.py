@@ -282,3 +282,32 @@ def test_device_time_by_kind():
         ["sm90_xmma_gemm_bf16bf16_bf16f32", 3.0, 1],
         ["pytorch_flash::flash_fwd_kernel", 2.0, 1],
     ]
+
+
+def test_a_stopped_benchmark_stops_the_command_it_runs(tmp_path):
+    """A time limit's SIGTERM to `sft.bench --command` must not leave the training run on the GPU."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    marker = tmp_path / "child.pid"
+    child = f"import os, time; open({str(marker)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    runner = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, subprocess, sys; from sft.bench_command import _run_to_the_end; "
+            f"_run_to_the_end([sys.executable, '-c', {child!r}], dict(os.environ), None, None)",
+        ]
+    )
+    deadline = time.time() + 60
+    while not (marker.exists() and marker.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    pid = int(marker.read_text())
+    runner.send_signal(signal.SIGTERM)
+    runner.wait(timeout=60)
+    time.sleep(0.2)
+    with pytest.raises(ProcessLookupError):  # terminated and reaped by the runner
+        os.kill(pid, 0)
