@@ -1,6 +1,6 @@
 """Which CUDA kernel computes packed (varlen) causal attention: the key `model.attn_kernel`.
 
-One declarative row per kernel (what must import, which GPUs it runs on, whether it computes
+One declarative row per kernel (what must import, how it is called, which GPUs it runs on, whether it computes
 attention-logit soft-capping, whether torch.compile can trace it). `choose_attn_kernel` turns the key
 into one kernel before anything loads, and refuses in one line a named kernel that is not installed,
 cannot run on this GPU or cannot be compiled; `run_kernel` calls it. Attention sinks (gpt-oss), and
@@ -22,13 +22,61 @@ import torch
 logger = logging.getLogger("sft")
 
 
+def _fa4(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap):
+    from flash_attn.cute import flash_attn_varlen_func
+
+    # FA4 spells plain causal as no window at all; (-1, 0) would turn into a local window of -1.
+    left = None if window[0] < 0 else window[0]
+    out = flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        max_seqlen_q=max_q,
+        max_seqlen_k=max_k,
+        softmax_scale=scale,
+        causal=True,
+        window_size=(left, None if left is None else 0),
+        softcap=softcap or 0.0,
+    )
+    return out[0] if isinstance(out, tuple) else out  # (out, lse)
+
+
+def _flash_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap):
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(
+        q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=True, window_size=window, softcap=softcap or 0.0
+    )
+
+
+@functools.cache
+def _varlen_takes_gqa_flag() -> bool:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
+def _torch(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap):
+    from torch.nn.attention.varlen import varlen_attn
+
+    # torch 2.11 takes fewer KV heads without a flag; later versions ask for `enable_gqa=True`.
+    gqa = q.shape[1] != k.shape[1] and _varlen_takes_gqa_flag()
+    # window_size=(-1, 0) is how this kernel spells "causal"; (W-1, 0) is a causal window of W.
+    return varlen_attn(
+        q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window, **({"enable_gqa": True} if gqa else {})
+    )
+
+
 @dataclass(frozen=True)
 class Kernel:
     title: str
-    module: str  # its package (looked up before the kernel's function is imported)
+    function: str  # "module:name" of its Python entry point; the kernel counts as installed when it imports
     install: str  # how a user gets it
-    majors: tuple[int, ...] | None  # CUDA compute-capability majors it runs on (None: any the build has)
-    softcap: bool  # computes attention-logit soft-capping itself
+    call: Callable[..., torch.Tensor]  # (q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap) -> out
+    majors: tuple[int, ...] | None = None  # CUDA compute-capability majors it runs on (None: any the build has)
+    softcap: bool = False  # computes attention-logit soft-capping itself
     # torch.compile can trace a call to it (a torch custom op); FA4's CuTe DSL call is plain Python that
     # compiles its own kernels, which `model.compile=true` would try to trace.
     traceable: bool = True
@@ -38,23 +86,29 @@ class Kernel:
 
 KERNELS: dict[str, Kernel] = {
     "fa4": Kernel(
-        "FlashAttention-4 (flash-attn-4, CuTe DSL)",
-        "flash_attn.cute",
-        "pip install flash-attn-4",
-        (9, 10),
-        True,
+        title="FlashAttention-4 (flash-attn-4, CuTe DSL)",
+        function="flash_attn.cute:flash_attn_varlen_func",
+        install="pip install flash-attn-4",
+        call=_fa4,
+        majors=(9, 10),
+        softcap=True,
         traceable=False,
         # FA4 compiles its kernels on first use (12-13 s per head shape on the H200); its disk cache lets a
         # relaunch after preemption, and every rank after the first, load them instead.
         env=(("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1"),),
     ),
-    "flash_attn": Kernel("FlashAttention-2 (flash-attn)", "flash_attn", "pip install flash-attn", None, True),
+    "flash_attn": Kernel(
+        title="FlashAttention-2 (flash-attn)",
+        function="flash_attn:flash_attn_varlen_func",
+        install="pip install flash-attn",
+        call=_flash_attn,
+        softcap=True,
+    ),
     "torch": Kernel(
-        "PyTorch's varlen_attn (FlashAttention-2 built into torch)",
-        "torch.nn.attention.varlen",
-        "torch >= 2.10",
-        None,
-        False,
+        title="PyTorch's varlen_attn (FlashAttention-2 built into torch)",
+        function="torch.nn.attention.varlen:varlen_attn",
+        install="torch >= 2.10",
+        call=_torch,
     ),
 }
 # `auto` takes the first that is installed and runs on this GPU: fastest first (docs/PERFORMANCE.md, H200).
@@ -64,21 +118,17 @@ CHOICES = ("auto", *KERNELS)
 
 @functools.cache
 def installed(name: str) -> bool:
-    """Whether the kernel's function imports. An import, not a package lookup: flash-attn 2 and FA4 share
-    the `flash_attn` namespace, and FA4 needs the CUTLASS DSL (`cutlass.cute`) besides its own files."""
+    """Whether the kernel's entry point imports. An import, not a package lookup: flash-attn 2 and FA4
+    share the `flash_attn` namespace, and FA4 needs the CUTLASS DSL (`cutlass.cute`) besides its own files."""
+    module, function = KERNELS[name].function.split(":")
     try:
-        if importlib.util.find_spec(KERNELS[name].module) is None:
+        if importlib.util.find_spec(module) is None:
             return False
     except ModuleNotFoundError:
         return False
     _set_env(name)  # before the import: FA4 reads its cache switch when its module loads
     try:
-        if name == "fa4":
-            from flash_attn.cute import flash_attn_varlen_func  # noqa: F401
-        elif name == "flash_attn":
-            from flash_attn import flash_attn_varlen_func  # noqa: F401, F811
-        else:
-            from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        getattr(importlib.import_module(module), function)
     except Exception as exc:  # a broken install (a missing CUDA library, say) is "not installed", said once
         logger.info("attention kernel %s does not import: %s: %s", name, type(exc).__name__, exc)
         return False
@@ -133,56 +183,6 @@ def _chosen(name: str) -> str:
     return name
 
 
-def _fa4(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap):
-    from flash_attn.cute import flash_attn_varlen_func
-
-    # FA4 spells plain causal as no window at all; (-1, 0) would turn into a local window of -1.
-    left = None if window[0] < 0 else window[0]
-    out = flash_attn_varlen_func(
-        q,
-        k,
-        v,
-        cu_seqlens_q=cu_q,
-        cu_seqlens_k=cu_k,
-        max_seqlen_q=max_q,
-        max_seqlen_k=max_k,
-        softmax_scale=scale,
-        causal=True,
-        window_size=(left, None if left is None else 0),
-        softcap=softcap or 0.0,
-    )
-    return out[0] if isinstance(out, tuple) else out  # (out, lse)
-
-
-def _flash_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap):
-    from flash_attn import flash_attn_varlen_func
-
-    return flash_attn_varlen_func(
-        q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=True, window_size=window, softcap=softcap or 0.0
-    )
-
-
-@functools.cache
-def _varlen_takes_gqa_flag() -> bool:
-    from torch.nn.attention.varlen import varlen_attn
-
-    return "enable_gqa" in inspect.signature(varlen_attn).parameters
-
-
-def _torch(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap):
-    from torch.nn.attention.varlen import varlen_attn
-
-    # torch 2.11 takes fewer KV heads without a flag; later versions ask for `enable_gqa=True`.
-    gqa = q.shape[1] != k.shape[1] and _varlen_takes_gqa_flag()
-    # window_size=(-1, 0) is how this kernel spells "causal"; (W-1, 0) is a causal window of W.
-    return varlen_attn(
-        q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window, **({"enable_gqa": True} if gqa else {})
-    )
-
-
-CALLS: dict[str, Callable[..., torch.Tensor]] = {"fa4": _fa4, "flash_attn": _flash_attn, "torch": _torch}
-
-
 def run_kernel(name, q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap) -> torch.Tensor:
     """q `[T, h, d]`, k/v `[T, h_kv, d]` (bf16/fp16, CUDA), int32 `cu_*`; window as flash-attn's (left, 0)."""
-    return CALLS[name](q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap)
+    return KERNELS[name].call(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap)

@@ -148,21 +148,24 @@ def test_profile_summary_counts():
     assert list(s["device_s_by_kind"]) == ["gemm"]
 
 
-def test_event_rows_drop_device_mirrors_of_host_ranges():
-    """A record_function's device-side annotation is not device work; an inductor kernel whose launch is a
-    host range of the same name is."""
+def _kineto_event(name, device, start, dur, **attrs):
+    """A stand-in for torch's kineto event: each attribute a method, as torch has them."""
     from types import SimpleNamespace
 
     import torch
 
+    dt = torch.autograd.DeviceType.CUDA if device else torch.autograd.DeviceType.CPU
+    fields = dict(name=name, device_type=dt, start_ns=start, duration_ns=dur, **attrs)
+    return SimpleNamespace(**{k: (lambda v=v: v) for k, v in fields.items()})
+
+
+def test_event_rows_drop_device_mirrors_of_host_ranges():
+    """A record_function's device-side annotation is not device work; an inductor kernel whose launch is a
+    host range of the same name is."""
     from sft.profiling import event_rows
 
     def ev(name, device, kind, start, dur):
-        dt = torch.autograd.DeviceType.CUDA if device else torch.autograd.DeviceType.CPU
-        return SimpleNamespace(
-            name=lambda: name, device_type=lambda: dt, activity_type=lambda: kind,
-            start_ns=lambda: start, duration_ns=lambda: dur,
-        )  # fmt: skip
+        return _kineto_event(name, device, start, dur, activity_type=kind)
 
     rows = event_rows(
         [
@@ -182,18 +185,10 @@ def test_event_rows_drop_device_mirrors_of_host_ranges():
 def test_event_rows_find_annotations_where_events_cannot_say_their_kind():
     """torch 2.11's kineto events have no activity type: an event spanning another on its stream is an
     annotation; kernels one after another on a stream, or overlapping on two streams, are kept."""
-    from types import SimpleNamespace
-
-    import torch
-
     from sft.profiling import event_rows
 
     def ev(name, device, start, dur, stream=7):
-        dt = torch.autograd.DeviceType.CUDA if device else torch.autograd.DeviceType.CPU
-        return SimpleNamespace(
-            name=lambda: name, device_type=lambda: dt, device_resource_id=lambda: stream,
-            start_ns=lambda: start, duration_ns=lambda: dur,
-        )  # fmt: skip
+        return _kineto_event(name, device, start, dur, device_resource_id=stream)
 
     rows = event_rows(
         [
