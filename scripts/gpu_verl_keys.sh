@@ -19,10 +19,11 @@
 #  PART=fa4  : FlashAttention-4 (carried in two halves, scripts/fa4_env.sh): the attention kernels timed
 #              (scripts/attn_bench.py), the verl production keys with model.attn_kernel=auto (FA4) and =torch, the 0.5B
 #              shape with auto, then the GPU attention tests and the sync-free loop test.
-#  PART=trlwarm then PART=final (within 30 s; SHAPE=qwen2.5-0.5b for both): the same-call table with FA4. The first
-#              call keeps FA4's first half and runs TRL + Liger cold (TRL_TIMEOUT; its block-mask compile took over
-#              500 s on a cold H200) to fill the compile cache; the second installs FA4, runs TRL + Liger again on
-#              the warm cache, then the verl keys at 0.5B (auto: FA4), at 1.5B (auto) and at 1.5B on torch's kernel.
+#  PART=trlwarm then PART=final (within 30 s): the same-call table with FA4. The first call keeps FA4's first
+#              half, builds both shapes' files and runs TRL + Liger at 0.5B cold (TRL_TIMEOUT 520 s; its block-mask
+#              compile took over 500 s on a cold H200) to fill the compile cache; the second installs FA4, runs the
+#              verl keys at 1.5B (auto: FA4) and 0.5B, TRL + Liger at 0.5B on the warm cache, the Liger-pin GPU test,
+#              and the verl keys at 1.5B on torch's kernel.
 #  PART=fa4keep then PART=fa4run (within 30 s): the verl keys on the torch kernel, then on FA4 (and capped at 32k).
 #  PART=probe: the verl production keys, then the same + model.compile=true without checkpointing (is compile
 #              without recompute faster than Liger's eager kernels?); read device_s_by_kind and top_kernels.
@@ -83,13 +84,19 @@ elif [ "${PART:-sync}" = trlalone ]; then
   trl trl_liger "$PYTHONPATH" --trl-liger
 elif [ "${PART:-sync}" = trlwarm ]; then
   source "$(dirname "$0")/fa4_env.sh" keep
-  trl trl_liger_cold "$PYTHONPATH" --trl-liger
+  use_shape qwen2.5-1.5b; use_shape qwen2.5-0.5b  # build both shapes' files now, for the next call
+  TRL_TIMEOUT=${TRL_TIMEOUT:-520} trl trl_liger_cold "$PYTHONPATH" --trl-liger
 elif [ "${PART:-sync}" = final ]; then
+  # FA4 at 1.5B first (the open figure); TRL on the warm cache after, so a cache miss cannot eat the call.
   source "$(dirname "$0")/fa4_env.sh" assemble
-  trl trl_liger "$PYTHONPATH" --trl-liger
-  cmd verl05 "$VERL"
   use_shape qwen2.5-1.5b
   cmd verl15 "$VERL"
+  use_shape qwen2.5-0.5b
+  cmd verl05 "$VERL"
+  TRL_TIMEOUT=${TRL_TIMEOUT:-150} trl trl_liger "$PYTHONPATH" --trl-liger
+  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k liger_resolves >"$OUT/pytest.log" 2>&1
+  echo "pytest liger pin: exit $?"; tail -2 "$OUT/pytest.log"
+  use_shape qwen2.5-1.5b
   cmd verl15_torch "$VERL model.attn_kernel=torch"
 elif [ "${PART:-sync}" = fa4keep ]; then  # first of two calls: keep FA4's first half, time the torch kernel
   source "$(dirname "$0")/fa4_env.sh" keep
