@@ -31,7 +31,7 @@ from sft.cli import TrainingError, run_cli
 from sft.data import build_dataset
 from sft.data.cache import cache_location
 from sft.data.loader import MicroBatchBuilder, build_train_loader
-from sft.data.prefetch import prefetched
+from sft.data.prefetch import BuildWindow, prefetched
 from sft.data.sampler import StepBatchSampler, eval_indices
 from sft.data.scan import write_bad_samples
 from sft.data.storage import TokenizeShard
@@ -129,6 +129,8 @@ class FSDPSFTTrainer:
         self._aux_weight: torch.Tensor | float = 0.0
         self.peak_flops = peak_flops_per_gpu(ctx.device)  # None on CPU or an unknown GPU: no train/mfu
         self.probe = StepProbe.from_env(ctx, self.plan.total_steps)
+        # Opened at each step's read-back: the next step is built while the device drains this one.
+        self.build_window = BuildWindow()
         self.state = TrainState()
         run_id = self._maybe_resume()
         self.metrics = MetricsLogger(
@@ -262,7 +264,9 @@ class FSDPSFTTrainer:
             dist.all_reduce(sums, group=world)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        # The step's one read-back: the logged values, and the finiteness check before the update.
+        # The step's one read-back: the logged values, and the finiteness check before the update. The host
+        # now waits for the device, so the prefetch thread builds the next step (sft/data/prefetch.py).
+        self.build_window.open()
         loss_total, correct, grad_norm, global_targets, real_tokens, slots, preempt, flops = torch.cat(
             [sums, grad_norm.double().reshape(1), counts]
         ).tolist()
@@ -379,7 +383,7 @@ class FSDPSFTTrainer:
             if st.step_in_epoch >= plan.steps_per_epoch:
                 st.epoch, st.step_in_epoch = st.epoch + 1, 0
             self.sampler.set_position(st.epoch, st.step_in_epoch)
-            with closing(prefetched(self.loader)) as steps:
+            with closing(prefetched(self.loader, window=self.build_window)) as steps:
                 yield from steps
 
     def save(self) -> None:

@@ -7,7 +7,7 @@ from contextlib import closing
 
 import pytest
 
-from sft.data.prefetch import prefetched
+from sft.data.prefetch import BuildWindow, prefetched
 
 
 def _workers() -> list[threading.Thread]:
@@ -51,6 +51,29 @@ def test_reads_one_step_ahead_and_stops_on_early_exit():
     assert len(read) <= 7  # nothing read far past the exit
 
 
+def test_with_a_window_builds_only_when_opened_or_asked():
+    """The training thread opens the window while it waits on the device; between openings the thread
+    builds nothing, so it does not hold the GIL while the training thread launches work."""
+    read = []
+
+    def items():
+        for i in range(5):
+            read.append(i)
+            yield i
+
+    window = BuildWindow()
+    steps = prefetched(items(), window=window)
+    assert next(steps) == 0  # asked for and not built: built on demand
+    time.sleep(0.3)
+    assert read == [0]  # no read-ahead while the window is shut
+    window.open()
+    time.sleep(0.3)
+    assert read == [0, 1]  # one item per opening
+    assert next(steps) == 1 and read == [0, 1]
+    assert list(steps) == [2, 3, 4]  # the rest on demand, in order, to the end
+    assert not _workers()
+
+
 def test_trainer_builds_steps_on_the_prefetch_thread(demo_dir, tmp_path, single_rank):
     """fit() asks the background thread for its steps: each is built off the training thread."""
     from conftest import base_overrides
@@ -74,8 +97,13 @@ def test_trainer_builds_steps_on_the_prefetch_thread(demo_dir, tmp_path, single_
             return original(indices)
 
     build.__class__ = Recording
+    openings = []
+    import traceback
+    trainer.build_window.open = lambda open_=trainer.build_window.open: (openings.append(traceback.extract_stack()[-2].name), open_())[1]
     trainer.fit()
     assert built_on and set(built_on) == {"sft-prefetch"}
+    # The first step is asked for before anything is built; each step then opens the window at its read-back.
+    assert openings == ["prefetched", "train_step", "train_step", "train_step"]
     assert trainer.state.global_step == 3
     assert not _workers()
 

@@ -13,8 +13,14 @@ each take-back can wait that long: on this project's 2-core VM (`scripts/gil_ben
 small torch op beside a Python-busy thread took 0.08-15 ms on average per run (4.9 ms over the runs),
 against 0.7-1.6 ms (1.2 ms) with a 0.5 ms interval; in the H200 profile of 2026-12-03 the step's first
 ops (host-side sums) took 8-16 ms each with the GPU idle. So while a prefetch thread runs, the interval
-is at most `SWITCH_INTERVAL_S` (restored when the last one stops). Its effect on the GPU step is not
-measured yet.
+is at most `SWITCH_INTERVAL_S` (restored when the last one stops).
+
+The 0.5 ms interval did not remove the gap: the H200 profile of 2026-12-03 (third session) still shows the
+1.5B step starting with 19 ms of GPU idle. That is when the thread began building the next step, just as the
+training thread had to launch the optimizer and the first forward with the device empty. With a
+`BuildWindow` the thread builds only when the training thread opens it, just before it blocks on the step's
+read-back (the device still has the whole backward queued), or when the training thread asks for a step
+that is not built yet.
 """
 
 from __future__ import annotations
@@ -49,13 +55,40 @@ def _short_switches(on: bool) -> None:
                 sys.setswitchinterval(_saved_interval)
 
 
+class BuildWindow:
+    """When a prefetch thread may build its next item: opened by the training thread while it waits on
+    the device (or asks for an item not built yet), taken by the thread when it starts a build."""
+
+    def __init__(self) -> None:
+        self._open = threading.Event()
+        self.building = threading.Event()
+
+    def open(self) -> None:
+        self._open.set()
+
+    def shut_and_idle(self) -> bool:
+        """Neither opened nor building: an item asked for now would never come without an opening."""
+        return not self._open.is_set() and not self.building.is_set()
+
+    def take(self, stop: threading.Event) -> bool:
+        """Wait until the window opens (True: taking it closes it, and marks a build as running) or `stop`
+        is set (False)."""
+        while not stop.is_set():
+            if self._open.wait(timeout=0.1):
+                self.building.set()  # before the window shuts: a consumer never sees it shut with nothing building
+                self._open.clear()
+                return True
+        return False
+
+
 class _Failed:
     def __init__(self, exc: BaseException) -> None:
         self.exc = exc
 
 
-def prefetched(items: Iterable[T], depth: int = 1) -> Iterator[T]:
-    """Iterate `items` on a daemon thread, at most `depth` items ahead of the consumer.
+def prefetched(items: Iterable[T], depth: int = 1, window: BuildWindow | None = None) -> Iterator[T]:
+    """Iterate `items` on a daemon thread, at most `depth` items ahead of the consumer; with a `window`,
+    each item is built only once the window opens (or the consumer waits for it).
 
     Leaving the loop early (break, an exception, a preemption) stops the thread: the item it
     holds is dropped, and nothing is read past it.
@@ -73,20 +106,27 @@ def prefetched(items: Iterable[T], depth: int = 1) -> Iterator[T]:
         return False
 
     def produce() -> None:
+        it = iter(items)
         try:
-            for item in items:
-                if not put(item):
+            while window is None or window.take(stop):
+                item = next(it, _DONE)  # `building` stays set until it is queued: the consumer waits, not reopens
+                if not put(item) or item is _DONE:
                     return
+                if window is not None:
+                    window.building.clear()
         except BaseException as exc:  # handed to the consumer, raised there
             put(_Failed(exc))
-            return
-        put(_DONE)
+        finally:
+            if window is not None:
+                window.building.clear()
 
     worker = threading.Thread(target=produce, name="sft-prefetch", daemon=True)
     _short_switches(True)
     worker.start()
     try:
         while True:
+            if window is not None and slots.empty() and window.shut_and_idle():
+                window.open()  # asked for an item not built yet: build it now
             item = slots.get()
             if item is _DONE:
                 return
