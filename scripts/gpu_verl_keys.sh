@@ -24,6 +24,8 @@
 #              compile took over 500 s on a cold H200) to fill the compile cache; the second installs FA4, runs the
 #              verl keys at 1.5B (auto: FA4) and 0.5B, TRL + Liger at 0.5B on the warm cache, the Liger-pin GPU test,
 #              and the verl keys at 1.5B on torch's kernel.
+#  PART=keep15 then PART=fa4trl (within 30 s): the verl keys at 1.5B on torch's kernel; then, with FA4, at 1.5B and
+#              0.5B, each beside TRL + Liger on transformers' flash_attention_4 (Liger pinned to Triton for both).
 #  PART=fa4keep then PART=fa4run (within 30 s): the verl keys on the torch kernel, then on FA4 (and capped at 32k).
 #  PART=probe: the verl production keys, then the same + model.compile=true without checkpointing (is compile
 #              without recompute faster than Liger's eager kernels?); read device_s_by_kind and top_kernels.
@@ -53,9 +55,9 @@ cmd() {  # name, user keys: `torchrun ... -m sft.fsdp_sft_trainer` as typed, tim
   { echo "=== $1: $2"; grep -E "token budget|packed up to|loss:|Error|error" $L/$1.log | head -8; tail -3 $L/$1.log; } >>"$OUT/runs.log"
 }
 trl() {  # name, pythonpath[, extra bench args]
-  local tps; tps=$(python3 -c "import json; print(json.load(open('$L/verl.json'))['tokens_per_step'])" 2>/dev/null || echo 130000)
+  local tps; tps=$(python3 -c "import json; print(json.load(open('$L/${TPS_RUN:-verl}.json'))['tokens_per_step'])" 2>/dev/null || echo 130000)
   PYTHONPATH=$2 timeout -k 10 ${TRL_TIMEOUT:-420} python3 -m sft.bench --shape $SHAPE --steps 5 --warmup 2 --workdir $W \
-    --baseline trl --trl-only $tps --trl-attn flex_attention ${3:-} data.max_length=4096 data.train_batch_size=128 \
+    --baseline trl --trl-only $tps --trl-attn ${TRL_ATTN:-flex_attention} ${3:-} data.max_length=4096 data.train_batch_size=128 \
     --out $L/$1.json >$L/$1.log 2>&1
   python3 -c "import json; r=json.load(open('$L/$1.json')); r['run']='$1'; r['shape']='$SHAPE'; print(json.dumps(r))" >>"$OUT/results.jsonl" \
     || echo "{\"run\": \"$1\", \"error\": \"no result\"}" >>"$OUT/results.jsonl"
@@ -98,6 +100,21 @@ elif [ "${PART:-sync}" = final ]; then
   echo "pytest liger pin: exit $?"; tail -2 "$OUT/pytest.log"
   use_shape qwen2.5-1.5b
   cmd verl15_torch "$VERL model.attn_kernel=torch"
+elif [ "${PART:-sync}" = keep15 ]; then  # first of two calls: keep FA4's first half, the verl keys on torch's kernel
+  source "$(dirname "$0")/fa4_env.sh" keep
+  cmd verl15_torch "$VERL model.attn_kernel=torch"
+elif [ "${PART:-sync}" = fa4trl ]; then  # second call, within 30 s: ours (auto: FA4) beside TRL on FA4, 1.5B then 0.5B
+  source "$(dirname "$0")/fa4_env.sh" assemble
+  # TRL + Liger on transformers' flash_attention_4 (padding-free, no flex compile). With the CUTLASS DSL
+  # importable Liger would pick its CuTe DSL RoPE, which recompiles per packed shape: TRL gets the same
+  # Triton pin as ours (sft/kernels.py::pin_liger_triton).
+  export TRL_ATTN=flash_attention_4 LIGER_KERNEL_IMPL_ROPE=nvidia-triton LIGER_KERNEL_IMPL_RMS_NORM=nvidia-triton \
+    LIGER_KERNEL_IMPL_SWIGLU=nvidia-triton TRL_TIMEOUT=${TRL_TIMEOUT:-150}
+  for s in qwen2.5-1.5b qwen2.5-0.5b; do
+    use_shape $s; n=${s#qwen2.5-}; n=${n%b}; n=${n/./}
+    cmd verl$n "$VERL"
+    TPS_RUN=verl$n trl trl$n "$PYTHONPATH" --trl-liger
+  done
 elif [ "${PART:-sync}" = fa4keep ]; then  # first of two calls: keep FA4's first half, time the torch kernel
   source "$(dirname "$0")/fa4_env.sh" keep
   cmd verl_torch "$VERL model.attn_kernel=torch"
