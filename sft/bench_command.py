@@ -77,6 +77,7 @@ def summarize_command(steps: list[dict], profile: dict | None, warmup: int, t_la
             longest_gap_host_ops=profile.get("longest_gap_host_ops"),
             device_s_by_kind=profile.get("device_s_by_kind"),
             top_kernels=profile.get("top_kernels"),
+            top_other_kernels=profile.get("top_other_kernels"),
         )
     return out
 

@@ -133,7 +133,9 @@ def kernel_kind(name: str) -> str:
 
 
 def device_time(events: list[tuple[str, bool, int, int]], end: int, top: int = 12) -> dict:
-    """Device seconds by kind, and the `top` kernels by total time: [name (cut at 90), ms, calls]."""
+    """Device seconds by kind, and the `top` kernels by total time: [name (cut at 90), ms, calls]; the
+    same for the kernels of kind "other" alone, the bucket no name rule explains (0.33 s of the 1.5B
+    step on an H200, 2026-12-03, with none of its kernels but one add in the overall top 12)."""
     by_kind: dict[str, float] = {}
     by_name: dict[str, list[float]] = {}
     for name, dev, s, d in events:
@@ -143,10 +145,15 @@ def device_time(events: list[tuple[str, bool, int, int]], end: int, top: int = 1
             acc = by_name.setdefault(name, [0.0, 0])
             acc[0] += d / 1e6
             acc[1] += 1
-    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])
+
+    def rows(items) -> list[list]:
+        return [[name[:90], round(ms, 3), int(n)] for name, (ms, n) in items[:top]]
+
     return {
         "device_s_by_kind": {k: round(v, 6) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-        "top_kernels": [[name[:90], round(ms, 3), int(n)] for name, (ms, n) in ranked],
+        "top_kernels": rows(ranked),
+        "top_other_kernels": rows([kv for kv in ranked if kernel_kind(kv[0]) == "other"]),
     }
 
 
