@@ -3,6 +3,7 @@ the thread stopped when the loop is left early, never more than one item read ah
 
 import threading
 import time
+import traceback
 from contextlib import closing
 
 import pytest
@@ -97,9 +98,14 @@ def test_trainer_builds_steps_on_the_prefetch_thread(demo_dir, tmp_path, single_
             return original(indices)
 
     build.__class__ = Recording
-    openings = []
-    import traceback
-    trainer.build_window.open = lambda open_=trainer.build_window.open: (openings.append(traceback.extract_stack()[-2].name), open_())[1]
+    openings = []  # the function that opened the window, each time
+    open_window = trainer.build_window.open
+
+    def recording_open():
+        openings.append(traceback.extract_stack()[-2].name)
+        open_window()
+
+    trainer.build_window.open = recording_open
     trainer.fit()
     assert built_on and set(built_on) == {"sft-prefetch"}
     # The first step is asked for before anything is built; each step then opens the window at its read-back.
