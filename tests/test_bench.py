@@ -261,6 +261,8 @@ def test_device_time_by_kind():
         ("pytorch_flash::flash_fwd_kernel", True, 10, 2_000_000),
         ("triton_red_fused_logsumexp_0", True, 20, 500_000),
         ("void at::native::vectorized_elementwise_kernel", True, 30, 250_000),
+        ("_swiglu_backward_kernel", True, 35, 200_000),  # Liger's names do not say "triton"
+        ("_rms_norm_forward_kernel", True, 36, 100_000),
         ("Memcpy HtoD (Pinned -> Device)", True, 40, 100_000),
         ("cudaLaunchKernel", False, 0, 9_000_000),  # host time is not device time
         ("late_gemm", True, 100, 7_000_000),  # after the end mark: not counted
@@ -270,6 +272,7 @@ def test_device_time_by_kind():
         "gemm": 0.004,
         "attention": 0.002,
         "triton": 0.0005,
+        "liger": 0.0003,
         "other": 0.00025,
         "copy": 0.0001,
     }
