@@ -27,6 +27,8 @@
 #  PART=keep15 then PART=fa4trl (within 30 s): the verl keys at 1.5B on torch's kernel; then, with FA4, at 1.5B and
 #              0.5B, each beside TRL + Liger on transformers' flash_attention_4 (Liger pinned to Triton for both).
 #  PART=fa4keep then PART=fa4run (within 30 s): the verl keys on the torch kernel, then on FA4 (and capped at 32k).
+#  PART=norms: RMSNorm alone (scripts/norm_bench.py: Liger, torch's fused rms_norm, compiled, eager; each its
+#              own process) at the 1.5B and 0.5B micro-batch sizes: $OUT/norms.jsonl.
 #  PART=probe: the verl production keys, then the same + model.compile=true without checkpointing (is compile
 #              without recompute faster than Liger's eager kernels?); read device_s_by_kind and top_kernels.
 # Qwen2.5-1.5B shape (SHAPE), max_length 4096, global batch 128. Results: $OUT/results.jsonl (one JSON line per
@@ -74,6 +76,13 @@ elif [ "${PART:-sync}" = tests ]; then
   gpu_tests
   for v in fused eager; do timeout 120 python3 scripts/ce_bench.py --variant $v >>"$OUT/ce.jsonl" 2>>"$OUT/ce.err"; done
   cat "$OUT/ce.jsonl"; exit 0
+elif [ "${PART:-sync}" = norms ]; then  # RMSNorm implementations alone at the 1.5B and 0.5B micro-batch sizes
+  for shape in "41000 1536" "61000 896"; do set -- $shape
+    for v in liger torch compiled eager; do
+      timeout 120 python3 scripts/norm_bench.py --variant $v --rows $1 --hidden $2 >>"$OUT/norms.jsonl" 2>>"$OUT/norms.err"
+    done
+  done
+  cat "$OUT/norms.jsonl"; exit 0
 elif [ "${PART:-sync}" = recompute ] || [ "${PART:-sync}" = pair ]; then
   cmd verl "$VERL"
   cmd verl_full "$VERL model.gradient_checkpointing_mode=full"
