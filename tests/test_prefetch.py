@@ -75,6 +75,33 @@ def test_with_a_window_builds_only_when_opened_or_asked():
     assert not _workers()
 
 
+def test_builds_that_outlast_the_window_hold_it_open():
+    """A slow dataset: each build outlasts the window, so after LATE_BUILDS_TO_HOLD late ones in a row the
+    thread builds ahead without openings, as it would without a window."""
+    from sft.data.prefetch import LATE_BUILDS_TO_HOLD
+
+    read = []
+
+    def items():
+        for i in range(12):
+            time.sleep(0.15)  # the build
+            read.append(i)
+            yield i
+
+    window = BuildWindow()
+    steps = prefetched(items(), window=window)
+    with closing(steps):
+        for i in range(LATE_BUILDS_TO_HOLD):  # the first is asked for before any window: not late
+            assert next(steps) == i
+            assert not window.held_open
+            window.open()  # the read-back: the next build starts, and is still running when it is asked for
+        assert next(steps) == LATE_BUILDS_TO_HOLD and window.held_open
+        time.sleep(0.6)  # no opening: the thread still builds the next one ahead
+        assert len(read) >= LATE_BUILDS_TO_HOLD + 2
+        assert list(steps) == list(range(LATE_BUILDS_TO_HOLD + 1, 12))
+    assert not _workers()
+
+
 def test_trainer_builds_steps_on_the_prefetch_thread(demo_dir, tmp_path, single_rank):
     """fit() asks the background thread for its steps: each is built off the training thread."""
     from conftest import base_overrides
@@ -109,7 +136,7 @@ def test_trainer_builds_steps_on_the_prefetch_thread(demo_dir, tmp_path, single_
     trainer.fit()
     assert built_on and set(built_on) == {"sft-prefetch"}
     # The first step is asked for before anything is built; each step then opens the window at its read-back.
-    assert openings == ["prefetched", "train_step", "train_step", "train_step"]
+    assert openings == ["asked", "train_step", "train_step", "train_step"]
     assert trainer.state.global_step == 3
     assert not _workers()
 

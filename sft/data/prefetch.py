@@ -22,6 +22,10 @@ training thread had to launch the optimizer and the first forward with the devic
 read-back (the device still has the whole backward queued), or when the training thread asks for a step
 that is not built yet. Measured on the H200 the same day: the 1.5B step's first GPU gap went from 21 ms to
 2 ms, and the 0.5B one from 23 ms to 10 ms (GPU busy 91.1 % to 94.6 %; docs/PERFORMANCE.md).
+A build that outlasts the window (slow data: on-the-fly tokenization, a cold disk) would leave the training
+thread waiting for it every step, where building ahead would have hidden it behind the whole step. So when
+the training thread asks, `LATE_BUILDS_TO_HOLD` times in a row, for a step whose build is still running, the
+window stays open for good and the thread builds ahead as soon as a slot frees.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ T = TypeVar("T")
 
 _DONE = object()
 SWITCH_INTERVAL_S = 0.0005
+LATE_BUILDS_TO_HOLD = 3  # in a row; one late build (a GC pause, a cold page) is not a slow dataset
 _active = 0  # prefetch threads running; the interval is restored when it drops to 0
 _saved_interval = 0.0
 _lock = threading.Lock()
@@ -63,9 +68,26 @@ class BuildWindow:
     def __init__(self) -> None:
         self._open = threading.Event()
         self.building = threading.Event()
+        self.held_open = False  # builds outlast the window: build ahead, as without one
+        self.late_in_a_row = 0
 
     def open(self) -> None:
         self._open.set()
+
+    def asked(self, ready: bool) -> None:
+        """The consumer asks for an item: `ready` when it is queued. Opens the window when nothing is being
+        built, and holds it open after LATE_BUILDS_TO_HOLD asks in a row that found the build not done."""
+        if self.held_open:
+            self._open.set()  # again: a take that read held_open just before it was set may have shut it
+        elif ready:
+            self.late_in_a_row = 0
+        elif self.shut_and_idle():
+            self.open()  # asked for an item not built yet: build it now
+        else:  # its build, asked for in the window, is running or about to start: late
+            self.late_in_a_row += 1
+            if self.late_in_a_row >= LATE_BUILDS_TO_HOLD:
+                self.held_open = True
+                self._open.set()
 
     def shut_and_idle(self) -> bool:
         """Neither opened nor building: an item asked for now would never come without an opening."""
@@ -77,7 +99,8 @@ class BuildWindow:
         while not stop.is_set():
             if self._open.wait(timeout=0.1):
                 self.building.set()  # before the window shuts: a consumer never sees it shut with nothing building
-                self._open.clear()
+                if not self.held_open:
+                    self._open.clear()
                 return True
         return False
 
@@ -126,8 +149,8 @@ def prefetched(items: Iterable[T], depth: int = 1, window: BuildWindow | None = 
     worker.start()
     try:
         while True:
-            if window is not None and slots.empty() and window.shut_and_idle():
-                window.open()  # asked for an item not built yet: build it now
+            if window is not None:
+                window.asked(ready=not slots.empty())
             item = slots.get()
             if item is _DONE:
                 return
