@@ -102,6 +102,26 @@ def test_builds_that_outlast_the_window_hold_it_open():
     assert not _workers()
 
 
+def test_short_late_builds_keep_the_window(monkeypatch):
+    """A build a little late costs less than building during the launches: waits under LATE_WAIT_S
+    (here raised above the build time) never hold the window open."""
+    import sft.data.prefetch as prefetch
+
+    monkeypatch.setattr(prefetch, "LATE_WAIT_S", 1.0)
+
+    def items():
+        for i in range(8):
+            time.sleep(0.15)
+            yield i
+
+    window = BuildWindow()
+    with closing(prefetched(items(), window=window)) as steps:
+        for i in range(7):
+            assert next(steps) == i
+            window.open()
+        assert not window.held_open
+
+
 def test_trainer_builds_steps_on_the_prefetch_thread(demo_dir, tmp_path, single_rank):
     """fit() asks the background thread for its steps: each is built off the training thread."""
     from conftest import base_overrides
