@@ -24,7 +24,8 @@
 #              compile took over 500 s on a cold H200) to fill the compile cache; the second installs FA4, runs the
 #              verl keys at 1.5B (auto: FA4) and 0.5B, TRL + Liger at 0.5B on the warm cache, the Liger-pin GPU test,
 #              and the verl keys at 1.5B on torch's kernel.
-#  PART=keep15 then PART=fa4trl (within 30 s): the verl keys at 1.5B on torch's kernel; then, with FA4, at 1.5B and
+#  PART=keep15 then PART=fa4trl (within 30 s): the verl keys at 1.5B on torch's kernel (NORMS=1: then PART=norms's
+#              benchmarks); then, with FA4, at 1.5B and
 #              0.5B, each beside TRL + Liger on transformers' flash_attention_4 (Liger pinned to Triton for both).
 #  PART=fa4keep then PART=fa4run (within 30 s): the verl keys on the torch kernel, then on FA4 (and capped at 32k).
 #  PART=norms: RMSNorm alone (scripts/norm_bench.py: Liger, torch's fused rms_norm, compiled, eager; each its
@@ -65,6 +66,13 @@ trl() {  # name, pythonpath[, extra bench args]
     || echo "{\"run\": \"$1\", \"error\": \"no result\"}" >>"$OUT/results.jsonl"
   { echo "=== $1"; tail -5 $L/$1.log; } >>"$OUT/runs.log"
 }
+norms() {  # scripts/norm_bench.py, each variant its own process: $OUT/norms.jsonl
+  for shape in "41000 1536" "61000 896"; do set -- $shape
+    for v in liger torch compiled eager; do
+      timeout 120 python3 scripts/norm_bench.py --variant $v --rows $1 --hidden $2 >>"$OUT/norms.jsonl" 2>>"$OUT/norms.err"
+    done
+  done
+}
 gpu_tests() {
   timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "fused_ce or never_syncs or compile" \
     >"$OUT/pytest.log" 2>&1; echo "pytest: exit $?"; tail -4 "$OUT/pytest.log"
@@ -77,12 +85,7 @@ elif [ "${PART:-sync}" = tests ]; then
   for v in fused eager; do timeout 120 python3 scripts/ce_bench.py --variant $v >>"$OUT/ce.jsonl" 2>>"$OUT/ce.err"; done
   cat "$OUT/ce.jsonl"; exit 0
 elif [ "${PART:-sync}" = norms ]; then  # RMSNorm implementations alone at the 1.5B and 0.5B micro-batch sizes
-  for shape in "41000 1536" "61000 896"; do set -- $shape
-    for v in liger torch compiled eager; do
-      timeout 120 python3 scripts/norm_bench.py --variant $v --rows $1 --hidden $2 >>"$OUT/norms.jsonl" 2>>"$OUT/norms.err"
-    done
-  done
-  cat "$OUT/norms.jsonl"; exit 0
+  norms; cat "$OUT/norms.jsonl"; exit 0
 elif [ "${PART:-sync}" = recompute ] || [ "${PART:-sync}" = pair ]; then
   cmd verl "$VERL"
   cmd verl_full "$VERL model.gradient_checkpointing_mode=full"
@@ -112,6 +115,7 @@ elif [ "${PART:-sync}" = final ]; then
 elif [ "${PART:-sync}" = keep15 ]; then  # first of two calls: keep FA4's first half, the verl keys on torch's kernel
   source "$(dirname "$0")/fa4_env.sh" keep
   cmd verl15_torch "$VERL model.attn_kernel=torch"
+  [ "${NORMS:-0}" = 1 ] && norms && cat "$OUT/norms.jsonl"
 elif [ "${PART:-sync}" = fa4trl ]; then  # second call, within 30 s: ours (auto: FA4) beside TRL on FA4, 1.5B then 0.5B
   source "$(dirname "$0")/fa4_env.sh" assemble
   # TRL + Liger on transformers' flash_attention_4 (padding-free, no flex compile). With the CUTLASS DSL
