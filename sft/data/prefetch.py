@@ -70,50 +70,52 @@ class BuildWindow:
 
     def __init__(self) -> None:
         self._open = threading.Event()
-        self.building = threading.Event()
+        self._building = threading.Event()  # from take() until the item is queued: the consumer waits, not reopens
         self.held_open = False  # builds outlast the window: build ahead, as without one
-        self.late_in_a_row = 0
+        self._late_in_a_row = 0
+        self._late_since: float | None = None  # when the consumer asked for an item whose build was not done
 
     def open(self) -> None:
         self._open.set()
 
-    def asked(self, ready: bool) -> bool:
+    def asked(self, ready: bool) -> None:
         """The consumer asks for an item (`ready`: it is queued). Opens the window when nothing is being
-        built. True when the item's build was started by the window and is not done: a possible late build."""
+        built; notes a possibly late build when the window started one that is not done."""
+        self._late_since = None
         if self.held_open:
             self._open.set()  # again: a take that read held_open just before it was set may have shut it
-            return False
-        if ready:
-            return False
-        if self.shut_and_idle():
+        elif ready:
+            pass
+        elif not self._open.is_set() and not self._building.is_set():
             self.open()  # asked for an item not built yet: build it now
-            return False
-        return True  # its build, started in the window, is running or about to start
+        else:  # its build, started in the window, is running or about to start
+            self._late_since = time.perf_counter()
 
-    def waited(self, late: bool, wait_s: float) -> None:
-        """After the item came: hold the window open after LATE_BUILDS_TO_HOLD late builds in a row that
-        each kept the consumer waiting more than LATE_WAIT_S."""
+    def got(self) -> None:
+        """The item came: hold the window open after LATE_BUILDS_TO_HOLD late builds in a row that each
+        kept the consumer waiting more than LATE_WAIT_S."""
         if self.held_open:
             return
-        self.late_in_a_row = self.late_in_a_row + 1 if late and wait_s > LATE_WAIT_S else 0
-        if self.late_in_a_row >= LATE_BUILDS_TO_HOLD:
+        late = self._late_since is not None and time.perf_counter() - self._late_since > LATE_WAIT_S
+        self._late_in_a_row = self._late_in_a_row + 1 if late else 0
+        if self._late_in_a_row >= LATE_BUILDS_TO_HOLD:
             self.held_open = True
             self._open.set()
-
-    def shut_and_idle(self) -> bool:
-        """Neither opened nor building: an item asked for now would never come without an opening."""
-        return not self._open.is_set() and not self.building.is_set()
 
     def take(self, stop: threading.Event) -> bool:
         """Wait until the window opens (True: taking it closes it, and marks a build as running) or `stop`
         is set (False)."""
         while not stop.is_set():
             if self._open.wait(timeout=0.1):
-                self.building.set()  # before the window shuts: a consumer never sees it shut with nothing building
+                self._building.set()  # before the window shuts: a consumer never sees it shut with nothing building
                 if not self.held_open:
                     self._open.clear()
                 return True
         return False
+
+    def built(self) -> None:
+        """The item taken for is queued (or the thread stops)."""
+        self._building.clear()
 
 
 class _Failed:
@@ -144,27 +146,27 @@ def prefetched(items: Iterable[T], depth: int = 1, window: BuildWindow | None = 
         it = iter(items)
         try:
             while window is None or window.take(stop):
-                item = next(it, _DONE)  # `building` stays set until it is queued: the consumer waits, not reopens
-                if not put(item) or item is _DONE:
-                    return
+                item = next(it, _DONE)
+                queued = put(item)
                 if window is not None:
-                    window.building.clear()
+                    window.built()
+                if not queued or item is _DONE:
+                    return
         except BaseException as exc:  # handed to the consumer, raised there
             put(_Failed(exc))
-        finally:
             if window is not None:
-                window.building.clear()
+                window.built()
 
     worker = threading.Thread(target=produce, name="sft-prefetch", daemon=True)
     _short_switches(True)
     worker.start()
     try:
         while True:
-            late = window is not None and window.asked(ready=not slots.empty())
-            asked_at = time.perf_counter()
+            if window is not None:
+                window.asked(ready=not slots.empty())
             item = slots.get()
             if window is not None:
-                window.waited(late, time.perf_counter() - asked_at)
+                window.got()
             if item is _DONE:
                 return
             if isinstance(item, _Failed):
