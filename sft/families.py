@@ -43,6 +43,10 @@ class Family:
     # it reads a count back from the GPU in every layer (a host sync), autotunes for minutes on
     # the first step, and would silently override `model.experts_implementation`. MoE rows say no.
     liger_swiglu: bool = True
+    # The RMSNorm's math: "weight" (weight x normalised x, Llama style) runs on PyTorch's fused rms_norm when
+    # fused kernels are on (sft/kernels.py: it beats Liger's); "offset" ((1 + weight) x normalised x, Gemma)
+    # stays on Liger's kernel, which has the offset that PyTorch's lacks.
+    rms_norm: str = "weight"
 
 
 _QWEN_MOE = MoESpec(experts_keys=("num_experts", "num_local_experts"))
@@ -57,14 +61,17 @@ FAMILIES: dict[str, Family] = {
     "phi3": Family("Phi-3 / Phi-4", sliding_window=True),
     "olmo2": Family("OLMo 2"),
     "granite": Family("Granite", logit_scale=("logits_scaling", -1)),
-    "gemma": Family("Gemma"),
+    "gemma": Family("Gemma", rms_norm="offset"),
     "gemma2": Family(
         "Gemma 2",
+        rms_norm="offset",
         sliding_window=True,
         attn_softcap_key="attn_logit_softcapping",
         final_softcap_key="final_logit_softcapping",
     ),
-    "gemma3_text": Family("Gemma 3 (text)", sliding_window=True, final_softcap_key="final_logit_softcapping"),
+    "gemma3_text": Family(
+        "Gemma 3 (text)", sliding_window=True, final_softcap_key="final_logit_softcapping", rms_norm="offset"
+    ),
     "qwen3_moe": Family("Qwen3-MoE", sliding_window=True, moe=_QWEN_MOE, liger_swiglu=False),
     "mixtral": Family("Mixtral", sliding_window=True, moe=_LOCAL_MOE, liger_swiglu=False),
     "gpt_oss": Family("gpt-oss", sliding_window=True, sinks=True, moe=_LOCAL_MOE, liger=False),
@@ -181,3 +188,9 @@ def liger_swiglu(model_type: str) -> bool:
     """Whether Liger's SwiGLU patch may be applied (never for MoE rows: see `Family.liger_swiglu`)."""
     fam = FAMILIES.get(model_type)
     return fam is not None and fam.liger_swiglu
+
+
+def torch_rms_norm(model_type: str) -> bool:
+    """Whether the family's RMSNorms are Llama-style (no offset), so PyTorch's fused kernel computes them."""
+    fam = FAMILIES.get(model_type)
+    return fam is not None and fam.rms_norm == "weight"

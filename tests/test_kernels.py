@@ -78,3 +78,87 @@ def test_liger_ops_are_pinned_to_triton_unless_the_user_chose(monkeypatch):
     monkeypatch.setenv("LIGER_KERNEL_IMPL", "nvidia-cutedsl")  # a global choice: no per-op pins on top
     pin_liger_triton()
     assert "LIGER_KERNEL_IMPL_ROPE" not in os.environ
+
+
+def _tiny(model_type: str, dtype: torch.dtype = torch.bfloat16):
+    """A two-layer model of the family from its config class, norm weights set away from 1."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(
+        model_type, vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, use_cache=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.rand_like(p.float()) * 2 + 0.25)
+    return lm
+
+
+@pytest.mark.parametrize("model_type,norms", [("qwen2", 5), ("qwen3", 9), ("llama", 5), ("olmo2", 9)])
+def test_torch_rms_norm_computes_the_norm_math(model_type, norms):
+    """Each Llama-style RMSNorm on PyTorch's fused kernel gives weight x x / rms(x) (computed here in fp64)
+    to one bf16 rounding, forward and backward, with the same parameter names."""
+    from sft.kernels import use_torch_rms_norm
+
+    lm = _tiny(model_type)
+    names = [n for n, _ in lm.named_parameters()]
+    assert use_torch_rms_norm(lm) == norms
+    assert use_torch_rms_norm(lm) == 0  # already swapped: nothing left to swap
+    assert [n for n, _ in lm.named_parameters()] == names
+    swapped = [m for m in lm.modules() if type(m).forward.__name__ == "_torch_rms_norm_forward"]
+    assert len(swapped) == norms
+    for m in swapped:
+        x = (torch.randn(7, m.weight.shape[0]) * 3).to(torch.bfloat16).requires_grad_()
+        y = m(x)
+        dy = torch.randn_like(y)
+        (y * dy).sum().backward()
+        x64, w64 = x.detach().double().requires_grad_(), m.weight.detach().double().requires_grad_()
+        want = w64 * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + m.variance_epsilon)
+        (want * dy.double()).sum().backward()
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.double(), want, rtol=2**-8, atol=1e-6)
+        torch.testing.assert_close(x.grad.double(), x64.grad, rtol=2**-7, atol=2e-2)
+        torch.testing.assert_close(m.weight.grad.double(), w64.grad, rtol=2**-6, atol=5e-2)
+        m.weight.grad = None
+
+
+def test_torch_rms_norm_keeps_the_model_math_for_mixed_dtypes():
+    """A bf16 input to an fp32 weight keeps transformers' own promotion (an fp32 output), not the kernel's."""
+    from sft.kernels import use_torch_rms_norm
+
+    lm = _tiny("qwen2", torch.float32)
+    use_torch_rms_norm(lm)
+    norm = lm.model.norm
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    ref = norm.weight * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+    assert norm(x).dtype == torch.float32
+    torch.testing.assert_close(norm(x), ref)
+
+
+@pytest.mark.parametrize("model_type,liger_norm", [("qwen2", False), ("gemma", True), ("gemma2", True)])
+def test_apply_liger_puts_each_norm_on_its_faster_exact_kernel(monkeypatch, model_type, liger_norm):
+    """Llama-style norms go to PyTorch's kernel; Gemma's (1 + weight) norms stay with Liger, whose kernel has
+    the offset. A stand-in for liger-kernel records what `apply_liger` asks of it."""
+    import sys
+    import types
+
+    from sft.kernels import apply_liger
+
+    asked: dict = {}
+
+    def fake_apply(model=None, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, **_):
+        asked.update(rms_norm=rms_norm)
+
+    mod = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    mod.MODEL_TYPE_TO_APPLY_LIGER_FN = {model_type: fake_apply}
+    for name in ("liger_kernel", "liger_kernel.transformers"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", mod)
+    lm = _tiny(model_type)
+    apply_liger(lm)
+    swapped = sum(type(m).forward.__name__ == "_torch_rms_norm_forward" for m in lm.modules())
+    assert asked == {"rms_norm": liger_norm}
+    assert swapped == (0 if liger_norm else 5)
