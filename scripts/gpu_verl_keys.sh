@@ -27,6 +27,7 @@
 #  PART=keep15 then PART=fa4trl (within 30 s): the verl keys at 1.5B on torch's kernel (NORMS=1: then PART=norms's
 #              benchmarks); then, with FA4, at 1.5B and
 #              0.5B, each beside TRL + Liger on transformers' flash_attention_4 (Liger pinned to Triton for both).
+#              With .base/sft carried (an earlier commit's package), also its 1.5B run, for a before/after.
 #  PART=fa4keep then PART=fa4run (within 30 s): the verl keys on the torch kernel, then on FA4 (and capped at 32k).
 #  PART=norms: RMSNorm alone (scripts/norm_bench.py: Liger, torch's fused rms_norm, compiled, eager; each its
 #              own process) at the 1.5B and 0.5B micro-batch sizes: $OUT/norms.jsonl.
@@ -52,7 +53,8 @@ VERL="use_remove_padding=true data.micro_batch_size_per_gpu=2 model.fsdp_config.
 no_liger_path=$(echo "$PYTHONPATH" | tr ':' '\n' | grep -v "^${LIGER_SITE:-/none}$" | paste -sd:)
 cmd() {  # name, user keys: `torchrun ... -m sft.fsdp_sft_trainer` as typed, timed from outside by sft.bench --command
   local c="torchrun --standalone --nnodes=1 --nproc_per_node=1 -m sft.fsdp_sft_trainer $COMMON trainer.default_local_dir=/tmp/ck-$1 $2"
-  timeout -k 10 ${3:-200} python3 -m sft.bench --command "$c" --warmup 2 --log $L/$1.log --out $L/$1.json >/dev/null 2>&1
+  (cd "${CMD_DIR:-.}" && timeout -k 10 ${3:-200} python3 -m sft.bench --command "$c" --warmup 2 --log $L/$1.log \
+    --out $L/$1.json >/dev/null 2>&1)
   python3 -c "import json; r=json.load(open('$L/$1.json')); r['run']='$1'; r['shape']='$SHAPE'; print(json.dumps(r))" >>"$OUT/results.jsonl" \
     || echo "{\"run\": \"$1\", \"error\": \"no result\"}" >>"$OUT/results.jsonl"
   { echo "=== $1: $2"; grep -E "token budget|packed up to|loss:|Error|error" $L/$1.log | head -8; tail -3 $L/$1.log; } >>"$OUT/runs.log"
@@ -126,6 +128,8 @@ elif [ "${PART:-sync}" = fa4trl ]; then  # second call, within 30 s: ours (auto:
   for s in qwen2.5-1.5b qwen2.5-0.5b; do
     use_shape $s; n=${s#qwen2.5-}; n=${n%b}; n=${n/./}
     cmd verl$n "$VERL"
+    # The same keys on an earlier sft (carried in .base: git archive REV sft | tar -x -C .base), same call.
+    [ -d .base/sft ] && [ $n = 15 ] && CMD_DIR=.base cmd verl${n}_base "$VERL"
     TPS_RUN=verl$n trl trl$n "$PYTHONPATH" --trl-liger
   done
 elif [ "${PART:-sync}" = fa4keep ]; then  # first of two calls: keep FA4's first half, time the torch kernel
