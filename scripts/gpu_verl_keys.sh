@@ -29,8 +29,9 @@
 #              0.5B, each beside TRL + Liger on transformers' flash_attention_4 (Liger pinned to Triton for both).
 #              With .base/sft carried (an earlier commit's package), also its 1.5B run, for a before/after.
 #  PART=fa4keep then PART=fa4run (within 30 s): the verl keys on the torch kernel, then on FA4 (and capped at 32k).
-#  PART=norms: RMSNorm alone (scripts/norm_bench.py: Liger, torch's fused rms_norm, compiled, eager; each its
-#              own process) at the 1.5B and 0.5B micro-batch sizes: $OUT/norms.jsonl.
+#  PART=norms: RMSNorm alone (scripts/norm_bench.py: Liger, torch's fused rms_norm, sft's, compiled, eager; each
+#              its own process; NORM_VARIANTS picks) at the 1.5B and 0.5B micro-batch sizes: $OUT/norms.jsonl;
+#              then the GPU test of sft's RMSNorm backward.
 #  PART=probe: the verl production keys, then the same + model.compile=true without checkpointing (is compile
 #              without recompute faster than Liger's eager kernels?); read device_s_by_kind and top_kernels.
 # Qwen2.5-1.5B shape (SHAPE), max_length 4096, global batch 128. Results: $OUT/results.jsonl (one JSON line per
@@ -70,7 +71,7 @@ trl() {  # name, pythonpath[, extra bench args]
 }
 norms() {  # scripts/norm_bench.py, each variant its own process: $OUT/norms.jsonl
   for shape in "41000 1536" "61000 896"; do set -- $shape
-    for v in liger torch compiled eager; do
+    for v in ${NORM_VARIANTS:-liger torch sft compiled eager}; do
       timeout 120 python3 scripts/norm_bench.py --variant $v --rows $1 --hidden $2 >>"$OUT/norms.jsonl" 2>>"$OUT/norms.err"
     done
   done
@@ -87,7 +88,9 @@ elif [ "${PART:-sync}" = tests ]; then
   for v in fused eager; do timeout 120 python3 scripts/ce_bench.py --variant $v >>"$OUT/ce.jsonl" 2>>"$OUT/ce.err"; done
   cat "$OUT/ce.jsonl"; exit 0
 elif [ "${PART:-sync}" = norms ]; then  # RMSNorm implementations alone at the 1.5B and 0.5B micro-batch sizes
-  norms; cat "$OUT/norms.jsonl"; exit 0
+  norms; cat "$OUT/norms.jsonl"
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k rms_norm >"$OUT/pytest.log" 2>&1
+  echo "pytest rms_norm: exit $?"; tail -2 "$OUT/pytest.log"; exit 0
 elif [ "${PART:-sync}" = recompute ] || [ "${PART:-sync}" = pair ]; then
   cmd verl "$VERL"
   cmd verl_full "$VERL model.gradient_checkpointing_mode=full"
@@ -117,7 +120,11 @@ elif [ "${PART:-sync}" = final ]; then
 elif [ "${PART:-sync}" = keep15 ]; then  # first of two calls: keep FA4's first half, the verl keys on torch's kernel
   source "$(dirname "$0")/fa4_env.sh" keep
   cmd verl15_torch "$VERL model.attn_kernel=torch"
-  [ "${NORMS:-0}" = 1 ] && norms && cat "$OUT/norms.jsonl"
+  if [ "${NORMS:-0}" = 1 ]; then
+    norms; cat "$OUT/norms.jsonl"
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k rms_norm >"$OUT/pytest.log" 2>&1
+    echo "pytest rms_norm: exit $?"; tail -2 "$OUT/pytest.log"
+  fi
 elif [ "${PART:-sync}" = fa4trl ]; then  # second call, within 30 s: ours (auto: FA4) beside TRL on FA4, 1.5B then 0.5B
   source "$(dirname "$0")/fa4_env.sh" assemble
   # TRL + Liger on transformers' flash_attention_4 (padding-free, no flex compile). With the CUTLASS DSL

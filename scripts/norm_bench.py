@@ -2,6 +2,7 @@
 
   python3 scripts/norm_bench.py --variant liger     # Liger's Triton kernels, as `model.use_liger` runs them
   python3 scripts/norm_bench.py --variant torch     # torch.nn.functional.rms_norm (PyTorch's fused kernel)
+  python3 scripts/norm_bench.py --variant sft       # sft/rms_norm.py: PyTorch's fused forward, sft's one-pass backward
   python3 scripts/norm_bench.py --variant compiled  # transformers' RMSNorm math through torch.compile
   python3 scripts/norm_bench.py --variant eager     # transformers' RMSNorm math, eager ops
 
@@ -38,6 +39,10 @@ def variant_fn(name: str, hidden: int):
         return lambda x, w: LigerRMSNormFunction.apply(x, w, EPS, 0.0, "llama", True)
     if name == "torch":
         return lambda x, w: torch.nn.functional.rms_norm(x, (hidden,), w, EPS)
+    if name == "sft":
+        from sft.rms_norm import rms_norm
+
+        return lambda x, w: rms_norm(x, w, EPS)
     if name == "compiled":
         return torch.compile(hf_rms_norm, dynamic=True)
     return hf_rms_norm
@@ -62,7 +67,7 @@ def median_ms(fn) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--variant", choices=["liger", "torch", "compiled", "eager"], required=True)
+    ap.add_argument("--variant", choices=["liger", "torch", "sft", "compiled", "eager"], required=True)
     ap.add_argument("--rows", type=int, default=41000)
     ap.add_argument("--hidden", type=int, default=1536)
     args = ap.parse_args()

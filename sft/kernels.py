@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from sft.families import liger_covers, liger_swiglu, torch_rms_norm
+from sft.rms_norm import rms_norm
 
 logger = logging.getLogger("sft")
 
@@ -112,20 +113,22 @@ def apply_liger(lm: nn.Module) -> None:
     )
     if torch_norm:
         n = use_torch_rms_norm(lm)
-        logger.info("RMSNorm: PyTorch's fused kernel in %d modules (twice as fast as Liger's on an H200)", n)
+        logger.info("RMSNorm: PyTorch's fused forward and sft's one-pass backward in %d modules (sft/rms_norm.py)", n)
 
 
 # Liger kernels only where they win. RMSNorm forward + backward, bf16, one H200 (scripts/norm_bench.py,
 # 2026-12-03): [41k, 1536] Liger 0.87 ms, PyTorch's fused rms_norm 0.42 ms; [61k, 896] 0.89 vs 0.45 ms. In
-# the 1.5B step that is 171 calls. PyTorch's kernel rounds once, after the weight (Liger's "llama" casting
-# and transformers' Llama-style norm round before it): at most one bf16 step apart, and closer to fp32.
+# the 1.5B step (171 calls) the backward alone was 0.36 ms a call for Liger's, 0.31 ms for PyTorch's two
+# kernels: sft/rms_norm.py keeps PyTorch's forward and does the backward in one pass. The fused forward
+# rounds once, after the weight (Liger's "llama" casting and transformers' Llama-style norm round before
+# it): at most one bf16 step apart, and closer to fp32.
 _TORCH_NORM_CLASSES: dict[type, type] = {}
 
 
 def _torch_rms_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
     if x.dtype != self.weight.dtype:  # mixed dtypes: the model's own math and type promotion
         return super(type(self), self).forward(x)
-    return torch.nn.functional.rms_norm(x, (x.shape[-1],), self.weight, self.variance_epsilon)
+    return rms_norm(x, self.weight, self.variance_epsilon)
 
 
 def _is_model_rms_norm(m: nn.Module) -> bool:

@@ -175,3 +175,20 @@ def test_liger_resolves_the_pinned_triton_kernels_on_cuda(monkeypatch):
     assert {op: resolve_impl(op).impl_name for op in LIGER_TRITON_OPS} == dict.fromkeys(
         LIGER_TRITON_OPS, "nvidia-triton"
     )
+
+
+@pytest.mark.parametrize("rows,cols", [(4099, 1536), (3001, 896), (517, 5120), (64, 17000)])
+def test_rms_norm_backward_on_cuda(rows, cols):
+    """sft/rms_norm.py's compiled Triton backward (and, past MAX_TRITON_COLS, the torch one) against fp64 math."""
+    from sft.rms_norm import rms_norm, triton_backward_runs
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(rows, cols, device="cuda", generator=g) * 3).bfloat16().requires_grad_()
+    w = (torch.rand(cols, device="cuda", generator=g) * 2 + 0.25).bfloat16().requires_grad_()
+    dy = torch.randn(rows, cols, device="cuda", generator=g).bfloat16()
+    assert triton_backward_runs(x) == (cols <= 16384)
+    (rms_norm(x, w, 1e-6) * dy).sum().backward()
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    (w64 * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * dy.double()).sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=2**-7, atol=2e-2)
+    assert float((w.grad.double() - w64.grad).norm() / w64.grad.norm()) < 4e-3
