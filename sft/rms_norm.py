@@ -28,7 +28,6 @@ except ImportError:  # CPU machines: PyTorch's backward
 MAX_TRITON_COLS = 16384
 
 if triton is not None:
-
     # n_rows changes with every packed micro-batch: not specialised on, so the kernel compiles once per width.
     @triton.jit(do_not_specialize=["n_rows"])
     def _rms_norm_bwd_kernel(
