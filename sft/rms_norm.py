@@ -3,7 +3,7 @@
 Why a backward of our own: on an H200, 1.5B shape ([41k, 1536] bf16 per call, 171 calls a step),
 PyTorch's fused backward is two kernels (dx, then a column reduction for dw) taking about 0.31 ms a
 call and Liger's about 0.36 ms, while reading x and dy and writing dx once is about 0.1 ms of memory
-traffic. `_rms_norm_bwd_kernel` does dx and the dw partial sums in that one pass: each program takes
+traffic. `_sft_rms_norm_backward` does dx and the dw partial sums in that one pass: each program takes
 32 rows, a few at a time, and keeps its dw partial in registers; the partials (one fp32 row per
 program) are summed afterwards. Without Triton, or off CUDA, the same math runs
 as fp32 torch ops:
@@ -30,7 +30,7 @@ MAX_TRITON_COLS = 16384
 if triton is not None:
     # n_rows changes with every packed micro-batch: not specialised on, so the kernel compiles once per width.
     @triton.jit(do_not_specialize=["n_rows"])
-    def _rms_norm_bwd_kernel(
+    def _sft_rms_norm_backward(
         DY, X, W, RSTD, DX, DW_PART, n_rows, n_cols,
         ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
@@ -77,7 +77,7 @@ def _triton_backward(
     programs = triton.cdiv(n_rows, ROWS_PER_PROGRAM)
     dx = torch.empty_like(x2)
     dw_part = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
-    _rms_norm_bwd_kernel[(programs,)](
+    _sft_rms_norm_backward[(programs,)](
         dy2, x2, w, rstd.reshape(-1), dx, dw_part, n_rows, n_cols,
         ROWS=ROWS_PER_PROGRAM, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if block_m * block_n >= 4096 else 4,
     )  # fmt: skip
