@@ -132,7 +132,7 @@ elif [ "${PART:-sync}" = fa4trl ]; then  # second call, within 30 s: ours (auto:
   # Triton pin as ours (sft/kernels.py::pin_liger_triton).
   export TRL_ATTN=flash_attention_4 LIGER_KERNEL_IMPL_ROPE=nvidia-triton LIGER_KERNEL_IMPL_RMS_NORM=nvidia-triton \
     LIGER_KERNEL_IMPL_SWIGLU=nvidia-triton TRL_TIMEOUT=${TRL_TIMEOUT:-150}
-  for s in qwen2.5-1.5b qwen2.5-0.5b; do
+  for s in ${SHAPES:-qwen2.5-1.5b qwen2.5-0.5b}; do
     use_shape $s; n=${s#qwen2.5-}; n=${n%b}; n=${n/./}
     cmd verl$n "$VERL"
     # The same keys on an earlier sft (carried in .base: git archive REV sft | tar -x -C .base), same call.
