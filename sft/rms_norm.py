@@ -115,7 +115,7 @@ class _RMSNorm(torch.autograd.Function):
             dx, dw = _triton_backward(dy, x, w, rstd)
         else:
             dx, dw = _torch_backward(dy, x, w, rstd)
-        return dx, dw, None
+        return dx, (dw if ctx.needs_input_grad[1] else None), None  # frozen norms (LoRA): no weight gradient
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -90,3 +90,13 @@ def test_triton_backward_matches_the_math_in_fp64(rows, cols, dtype):
     tol = 2**-7 if dtype == "bfloat16" else 1e-5
     torch.testing.assert_close(torch.tensor(got["dx"]).double(), dx64, rtol=tol, atol=tol * 2)
     torch.testing.assert_close(torch.tensor(got["dw"]).double(), dw64, rtol=tol, atol=tol * 16)
+
+
+def test_a_frozen_weight_gets_no_gradient():
+    """LoRA freezes the norms: the input still gets its gradient, the weight none."""
+    x, w, dy = _case(5, 32, torch.float32)
+    x.requires_grad_()
+    (rms_norm(x, w, EPS) * dy).sum().backward()
+    _, dx64, _ = _fp64(x.detach(), w, dy)
+    assert w.grad is None
+    torch.testing.assert_close(x.grad.double(), dx64, rtol=1e-5, atol=1e-5)
