@@ -32,6 +32,8 @@
 #  PART=norms: RMSNorm alone (scripts/norm_bench.py: Liger, torch's fused rms_norm, sft's, compiled, eager; each
 #              its own process; NORM_VARIANTS picks) at the 1.5B and 0.5B micro-batch sizes: $OUT/norms.jsonl;
 #              then the GPU test of sft's RMSNorm backward.
+#  PART=proj : q/k/v and gate/up projections as separate GEMMs or one over the concatenated weights
+#              (scripts/proj_bench.py; each its own process): $OUT/proj.jsonl. PROJ=1 runs it in PART=keep15.
 #  PART=probe: the verl production keys, then the same + model.compile=true without checkpointing (is compile
 #              without recompute faster than Liger's eager kernels?); read device_s_by_kind and top_kernels.
 # Qwen2.5-1.5B shape (SHAPE), max_length 4096, global batch 128. Results: $OUT/results.jsonl (one JSON line per
@@ -76,6 +78,14 @@ norms() {  # scripts/norm_bench.py, each variant its own process: $OUT/norms.jso
     done
   done
 }
+projs() {  # scripts/proj_bench.py, each variant its own process: $OUT/proj.jsonl
+  for shape in "qwen2.5-1.5b 41000" "qwen2.5-0.5b 61000"; do set -- $shape
+    for g in qkv gate_up; do for v in separate fused fused_contiguous; do
+      timeout 120 python3 scripts/proj_bench.py --group $g --variant $v --shape $1 --rows $2 >>"$OUT/proj.jsonl" 2>>"$OUT/proj.err"
+    done; done
+  done
+  cat "$OUT/proj.jsonl"
+}
 gpu_tests() {
   timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "fused_ce or never_syncs or compile" \
     >"$OUT/pytest.log" 2>&1; echo "pytest: exit $?"; tail -4 "$OUT/pytest.log"
@@ -87,6 +97,8 @@ elif [ "${PART:-sync}" = tests ]; then
   gpu_tests
   for v in fused eager; do timeout 120 python3 scripts/ce_bench.py --variant $v >>"$OUT/ce.jsonl" 2>>"$OUT/ce.err"; done
   cat "$OUT/ce.jsonl"; exit 0
+elif [ "${PART:-sync}" = proj ]; then  # sibling projections separate or as one GEMM, at 1.5B and 0.5B sizes
+  projs; exit 0
 elif [ "${PART:-sync}" = norms ]; then  # RMSNorm implementations alone at the 1.5B and 0.5B micro-batch sizes
   norms; cat "$OUT/norms.jsonl"
   timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k rms_norm >"$OUT/pytest.log" 2>&1
@@ -120,6 +132,7 @@ elif [ "${PART:-sync}" = final ]; then
 elif [ "${PART:-sync}" = keep15 ]; then  # first of two calls: keep FA4's first half, the verl keys on torch's kernel
   source "$(dirname "$0")/fa4_env.sh" keep
   cmd verl15_torch "$VERL model.attn_kernel=torch"
+  [ "${PROJ:-0}" = 1 ] && projs
   if [ "${NORMS:-0}" = 1 ]; then
     norms; cat "$OUT/norms.jsonl"
     timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k rms_norm >"$OUT/pytest.log" 2>&1
