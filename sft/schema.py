@@ -105,7 +105,8 @@ class ModelConfig:
     # Module names (or one regex) that LoRA leaves alone, even when target_modules matches them.
     exclude_modules: Any = None
     lora_adapter_path: str | None = None
-    # Liger's Triton kernels for RMSNorm/SwiGLU/RoPE: true (required), false, or auto (on when
+    # Fused kernels: Liger's Triton SwiGLU/RoPE, and RMSNorm on PyTorch's fused forward with sft's
+    # one-pass backward (Gemma's offset norms on Liger's): true (required), false, or auto (on when
     # the run is on CUDA, liger-kernel is installed and supports the model type).
     use_liger: Any = "auto"
     # torch.compile each decoder layer (fuses norms, activations and rotary into fewer kernels).
