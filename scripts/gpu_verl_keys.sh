@@ -71,12 +71,15 @@ trl() {  # name, pythonpath[, extra bench args]
     || echo "{\"run\": \"$1\", \"error\": \"no result\"}" >>"$OUT/results.jsonl"
   { echo "=== $1"; tail -5 $L/$1.log; } >>"$OUT/runs.log"
 }
-norms() {  # scripts/norm_bench.py, each variant its own process: $OUT/norms.jsonl
+norms() {  # scripts/norm_bench.py, each variant its own process: $OUT/norms.jsonl; then the RMSNorm GPU test
   for shape in "41000 1536" "61000 896"; do set -- $shape
     for v in ${NORM_VARIANTS:-liger torch sft compiled eager}; do
       timeout 120 python3 scripts/norm_bench.py --variant $v --rows $1 --hidden $2 >>"$OUT/norms.jsonl" 2>>"$OUT/norms.err"
     done
   done
+  cat "$OUT/norms.jsonl"
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k rms_norm >"$OUT/pytest.log" 2>&1
+  echo "pytest rms_norm: exit $?"; tail -2 "$OUT/pytest.log"
 }
 projs() {  # scripts/proj_bench.py, each variant its own process: $OUT/proj.jsonl
   for shape in "qwen2.5-1.5b 41000" "qwen2.5-0.5b 61000"; do set -- $shape
@@ -100,9 +103,7 @@ elif [ "${PART:-sync}" = tests ]; then
 elif [ "${PART:-sync}" = proj ]; then  # sibling projections separate or as one GEMM, at 1.5B and 0.5B sizes
   projs; exit 0
 elif [ "${PART:-sync}" = norms ]; then  # RMSNorm implementations alone at the 1.5B and 0.5B micro-batch sizes
-  norms; cat "$OUT/norms.jsonl"
-  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k rms_norm >"$OUT/pytest.log" 2>&1
-  echo "pytest rms_norm: exit $?"; tail -2 "$OUT/pytest.log"; exit 0
+  norms; exit 0
 elif [ "${PART:-sync}" = recompute ] || [ "${PART:-sync}" = pair ]; then
   cmd verl "$VERL"
   cmd verl_full "$VERL model.gradient_checkpointing_mode=full"
@@ -133,11 +134,7 @@ elif [ "${PART:-sync}" = keep15 ]; then  # first of two calls: keep FA4's first 
   source "$(dirname "$0")/fa4_env.sh" keep
   cmd verl15_torch "$VERL model.attn_kernel=torch"
   [ "${PROJ:-0}" = 1 ] && projs
-  if [ "${NORMS:-0}" = 1 ]; then
-    norms; cat "$OUT/norms.jsonl"
-    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k rms_norm >"$OUT/pytest.log" 2>&1
-    echo "pytest rms_norm: exit $?"; tail -2 "$OUT/pytest.log"
-  fi
+  [ "${NORMS:-0}" = 1 ] && norms
 elif [ "${PART:-sync}" = fa4trl ]; then  # second call, within 30 s: ours (auto: FA4) beside TRL on FA4, 1.5B then 0.5B
   source "$(dirname "$0")/fa4_env.sh" assemble
   # TRL + Liger on transformers' flash_attention_4 (padding-free, no flex compile). With the CUTLASS DSL

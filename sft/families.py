@@ -43,9 +43,9 @@ class Family:
     # it reads a count back from the GPU in every layer (a host sync), autotunes for minutes on
     # the first step, and would silently override `model.experts_implementation`. MoE rows say no.
     liger_swiglu: bool = True
-    # The RMSNorm's math: "weight" (weight x normalised x, Llama style) runs on PyTorch's fused rms_norm when
-    # fused kernels are on (sft/kernels.py: it beats Liger's); "offset" ((1 + weight) x normalised x, Gemma)
-    # stays on Liger's kernel, which has the offset that PyTorch's lacks.
+    # The RMSNorm's math: "weight" (weight x normalised x, Llama style) runs sft/rms_norm.py (PyTorch's fused
+    # forward, sft's one-pass backward) when fused kernels are on: it beats Liger's; "offset" ((1 + weight) x
+    # normalised x, Gemma) stays on Liger's kernel, which has the offset that PyTorch's lacks.
     rms_norm: str = "weight"
 
 
@@ -190,7 +190,7 @@ def liger_swiglu(model_type: str) -> bool:
     return fam is not None and fam.liger_swiglu
 
 
-def torch_rms_norm(model_type: str) -> bool:
-    """Whether the family's RMSNorms are Llama-style (no offset), so PyTorch's fused kernel computes them."""
+def fused_rms_norm(model_type: str) -> bool:
+    """Whether the family's RMSNorms are Llama-style (no offset), so sft/rms_norm.py computes them."""
     fam = FAMILIES.get(model_type)
     return fam is not None and fam.rms_norm == "weight"

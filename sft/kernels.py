@@ -1,8 +1,8 @@
 """Fused kernels and activation-checkpointing policies for the decoder.
 
 `model.use_liger=true` swaps the decoder's SwiGLU MLP and rotary embedding for Liger's Triton
-kernels and its RMSNorm for the faster of Liger's and PyTorch's fused kernel (CUDA only, the model
-types Liger supports; MoE families keep their experts, see `Family.liger_swiglu`; Gemma's offset
+kernels and its RMSNorm for sft/rms_norm.py, faster than Liger's (CUDA only, the model types Liger
+supports; MoE families keep their experts, see `Family.liger_swiglu`; Gemma's offset
 norms stay on Liger's, see `Family.rms_norm`).
 `selective_checkpoint_context` is `model.gradient_checkpointing_mode=selective`. (The fused
 loss is sft's own, sft/fused_ce.py: Liger's reads a count back from the GPU on every call.)
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from sft.families import liger_covers, liger_swiglu, torch_rms_norm
+from sft.families import fused_rms_norm, liger_covers, liger_swiglu
 from sft.rms_norm import rms_norm
 
 logger = logging.getLogger("sft")
@@ -103,16 +103,16 @@ def apply_liger(lm: nn.Module) -> None:
             "set model.use_liger=false"
         )
     pin_liger_triton()
-    torch_norm = torch_rms_norm(model_type)
-    wanted = {"rope": True, "rms_norm": not torch_norm, "swiglu": liger_swiglu(model_type), "cross_entropy": False}
+    own_norm = fused_rms_norm(model_type)
+    wanted = {"rope": True, "rms_norm": not own_norm, "swiglu": liger_swiglu(model_type), "cross_entropy": False}
     wanted["fused_linear_cross_entropy"] = False
     accepted = inspect.signature(apply).parameters
     apply(model=lm, **{k: v for k, v in wanted.items() if k in accepted})
     logger.info(
         "Liger kernels applied to %s: %s", model_type, sorted(k for k, on in wanted.items() if on and k in accepted)
     )
-    if torch_norm:
-        n = use_torch_rms_norm(lm)
+    if own_norm:
+        n = use_fused_rms_norm(lm)
         logger.info("RMSNorm: PyTorch's fused forward and sft's one-pass backward in %d modules (sft/rms_norm.py)", n)
 
 
@@ -122,10 +122,10 @@ def apply_liger(lm: nn.Module) -> None:
 # kernels: sft/rms_norm.py keeps PyTorch's forward and does the backward in one pass. The fused forward
 # rounds once, after the weight (Liger's "llama" casting and transformers' Llama-style norm round before
 # it): at most one bf16 step apart, and closer to fp32.
-_TORCH_NORM_CLASSES: dict[type, type] = {}
+_FUSED_NORM_CLASSES: dict[type, type] = {}
 
 
-def _torch_rms_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
+def _fused_rms_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
     if x.dtype != self.weight.dtype:  # mixed dtypes: the model's own math and type promotion
         return super(type(self), self).forward(x)
     return rms_norm(x, self.weight, self.variance_epsilon)
@@ -136,26 +136,25 @@ def _is_model_rms_norm(m: nn.Module) -> bool:
     cls = type(m)
     return (
         cls.__name__.endswith("RMSNorm")
-        and cls.__module__.startswith("transformers.")
-        and cls not in _TORCH_NORM_CLASSES.values()
+        and cls.__module__.startswith("transformers.")  # neither Liger's nor the subclasses made below
         and hasattr(m, "variance_epsilon")
         and isinstance(getattr(m, "weight", None), nn.Parameter)
         and m.weight.dim() == 1
     )
 
 
-def use_torch_rms_norm(lm: nn.Module) -> int:
-    """Run every Llama-style RMSNorm of `lm` on PyTorch's fused rms_norm; returns how many.
+def use_fused_rms_norm(lm: nn.Module) -> int:
+    """Run every Llama-style RMSNorm of `lm` on sft/rms_norm.py; returns how many.
 
     Each module becomes a subclass of its own class (same parameters, names and isinstance checks)
-    whose forward calls the fused kernel. Only for families whose `Family.rms_norm` is "weight"."""
+    whose forward calls `rms_norm`. Only for families whose `Family.rms_norm` is "weight"."""
     n = 0
     for m in lm.modules():
         if _is_model_rms_norm(m):
             cls = type(m)
-            if cls not in _TORCH_NORM_CLASSES:
-                _TORCH_NORM_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": _torch_rms_norm_forward})
-            m.__class__ = _TORCH_NORM_CLASSES[cls]
+            if cls not in _FUSED_NORM_CLASSES:
+                _FUSED_NORM_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": _fused_rms_norm_forward})
+            m.__class__ = _FUSED_NORM_CLASSES[cls]
             n += 1
     return n
 

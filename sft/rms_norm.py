@@ -21,11 +21,14 @@ import torch
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU machines: PyTorch's backward
+except ImportError:  # CPU machines: the torch-op backward
     triton = None
 
-# Widest row the one-pass kernel keeps in registers (fp32 tiles of x and dy); wider rows use PyTorch's.
+# Widest row the one-pass kernel keeps in registers (fp32 tiles of x and dy); wider rows use the torch ops.
 MAX_TRITON_COLS = 16384
+# Read once: Triton itself decides at import whether its kernels are interpreted (tests on CPU).
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_FUSED_FORWARD = hasattr(torch.ops.aten, "_fused_rms_norm")  # PyTorch >= 2.8; it also returns the fp32 1/rms
 
 if triton is not None:
     # n_rows changes with every packed micro-batch: not specialised on, so the kernel compiles once per width.
@@ -62,8 +65,7 @@ ROWS_PER_PROGRAM = 32
 
 def triton_backward_runs(x: torch.Tensor) -> bool:
     """Whether `rms_norm`'s backward of `x` runs the Triton kernel (CUDA, or the Triton interpreter)."""
-    on_device = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    return triton is not None and on_device and x.shape[-1] <= MAX_TRITON_COLS
+    return triton is not None and (x.is_cuda or _INTERPRETED) and x.shape[-1] <= MAX_TRITON_COLS
 
 
 def _triton_backward(
@@ -100,7 +102,7 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
         x = x.contiguous()
-        if hasattr(torch.ops.aten, "_fused_rms_norm"):  # PyTorch >= 2.8; it also returns the fp32 1/rms
+        if _FUSED_FORWARD:
             y, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], w, eps)
         else:
             rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)

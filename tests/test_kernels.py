@@ -98,17 +98,17 @@ def _tiny(model_type: str, dtype: torch.dtype = torch.bfloat16):
 
 
 @pytest.mark.parametrize("model_type,norms", [("qwen2", 5), ("qwen3", 9), ("llama", 5), ("olmo2", 9)])
-def test_torch_rms_norm_computes_the_norm_math(model_type, norms):
+def test_fused_rms_norm_computes_the_norm_math(model_type, norms):
     """Each Llama-style RMSNorm on PyTorch's fused kernel gives weight x x / rms(x) (computed here in fp64)
     to one bf16 rounding, forward and backward, with the same parameter names."""
-    from sft.kernels import use_torch_rms_norm
+    from sft.kernels import use_fused_rms_norm
 
     lm = _tiny(model_type)
     names = [n for n, _ in lm.named_parameters()]
-    assert use_torch_rms_norm(lm) == norms
-    assert use_torch_rms_norm(lm) == 0  # already swapped: nothing left to swap
+    assert use_fused_rms_norm(lm) == norms
+    assert use_fused_rms_norm(lm) == 0  # already swapped: nothing left to swap
     assert [n for n, _ in lm.named_parameters()] == names
-    swapped = [m for m in lm.modules() if type(m).forward.__name__ == "_torch_rms_norm_forward"]
+    swapped = [m for m in lm.modules() if type(m).forward.__name__ == "_fused_rms_norm_forward"]
     assert len(swapped) == norms
     for m in swapped:
         x = (torch.randn(7, m.weight.shape[0]) * 3).to(torch.bfloat16).requires_grad_()
@@ -125,12 +125,12 @@ def test_torch_rms_norm_computes_the_norm_math(model_type, norms):
         m.weight.grad = None
 
 
-def test_torch_rms_norm_keeps_the_model_math_for_mixed_dtypes():
+def test_fused_rms_norm_keeps_the_model_math_for_mixed_dtypes():
     """A bf16 input to an fp32 weight keeps transformers' own promotion (an fp32 output), not the kernel's."""
-    from sft.kernels import use_torch_rms_norm
+    from sft.kernels import use_fused_rms_norm
 
     lm = _tiny("qwen2", torch.float32)
-    use_torch_rms_norm(lm)
+    use_fused_rms_norm(lm)
     norm = lm.model.norm
     x = torch.randn(3, 64).to(torch.bfloat16)
     ref = norm.weight * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
@@ -159,6 +159,6 @@ def test_apply_liger_puts_each_norm_on_its_faster_exact_kernel(monkeypatch, mode
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", mod)
     lm = _tiny(model_type)
     apply_liger(lm)
-    swapped = sum(type(m).forward.__name__ == "_torch_rms_norm_forward" for m in lm.modules())
+    swapped = sum(type(m).forward.__name__ == "_fused_rms_norm_forward" for m in lm.modules())
     assert asked == {"rms_norm": liger_norm}
     assert swapped == (0 if liger_norm else 5)
