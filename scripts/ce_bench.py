@@ -3,7 +3,7 @@
   python3 scripts/ce_bench.py --variant fused   # as the trainer runs it (sft/fused_ce.py)
   python3 scripts/ce_bench.py --variant eager   # the same math with eager ops: bf16 logits cast to fp32,
                                                 # the softmax pass uncompiled, the head gradient summed outside the GEMM
-Forward + backward of `--rows` targets against a `--vocab` x `--hidden` bf16 head, 2 warm-up and 5 timed
+`--chunk` sets the rows of logits per chunk (default: the trainer's). Forward + backward of `--rows` targets against a `--vocab` x `--hidden` bf16 head, 2 warm-up and 5 timed
 calls; prints one JSON line (ms per call, peak GB).
 """
 
@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=52000)
     ap.add_argument("--hidden", type=int, default=1536)
     ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--chunk", type=int, default=fce.DEFAULT_CHUNK, help="rows of logits per chunk")
     args = ap.parse_args()
     if args.variant == "eager":
         eager_variant()
@@ -45,7 +46,7 @@ def main() -> None:
     for i in range(7):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss, _ = fce.fused_linear_cross_entropy(h, w, y)
+        loss, _ = fce.fused_linear_cross_entropy(h, w, y, chunk=args.chunk)
         loss.backward()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -59,6 +60,7 @@ def main() -> None:
                 "rows": args.rows,
                 "vocab": args.vocab,
                 "hidden": args.hidden,
+                "chunk": args.chunk,
                 "ms_median": round(1000 * timed[len(timed) // 2], 2),
                 "first_call_s": round(t_first, 2),
                 "loss": float(loss),

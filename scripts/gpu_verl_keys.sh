@@ -34,6 +34,8 @@
 #              then the GPU test of sft's RMSNorm backward.
 #  PART=proj : q/k/v and gate/up projections as separate GEMMs or one over the concatenated weights
 #              (scripts/proj_bench.py; each its own process): $OUT/proj.jsonl. PROJ=1 runs it in PART=keep15.
+#  PART=swiglu: the SwiGLU gate alone (scripts/swiglu_bench.py: Liger, sft's, eager; each its own process) at the
+#              1.5B and 0.5B micro-batch sizes: $OUT/swiglu.jsonl; then its GPU test. SWIGLU=1 runs it in PART=keep15.
 #  PART=probe: the verl production keys, then the same + model.compile=true without checkpointing (is compile
 #              without recompute faster than Liger's eager kernels?); read device_s_by_kind and top_kernels.
 # Qwen2.5-1.5B shape (SHAPE), max_length 4096, global batch 128. Results: $OUT/results.jsonl (one JSON line per
@@ -81,6 +83,16 @@ norms() {  # scripts/norm_bench.py, each variant its own process: $OUT/norms.jso
   timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k rms_norm >"$OUT/pytest.log" 2>&1
   echo "pytest rms_norm: exit $?"; tail -2 "$OUT/pytest.log"
 }
+swiglus() {  # scripts/swiglu_bench.py, each variant its own process: $OUT/swiglu.jsonl; then the SwiGLU GPU test
+  for shape in "41000 8960" "61000 4864"; do set -- $shape
+    for v in liger sft eager; do
+      timeout 120 python3 scripts/swiglu_bench.py --variant $v --rows $1 --width $2 >>"$OUT/swiglu.jsonl" 2>>"$OUT/swiglu.err"
+    done
+  done
+  cat "$OUT/swiglu.jsonl"
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k swiglu >"$OUT/pytest_swiglu.log" 2>&1
+  echo "pytest swiglu: exit $?"; tail -2 "$OUT/pytest_swiglu.log"
+}
 projs() {  # scripts/proj_bench.py, each variant its own process: $OUT/proj.jsonl
   for shape in "qwen2.5-1.5b 41000" "qwen2.5-0.5b 61000"; do set -- $shape
     for g in qkv gate_up; do for v in separate fused fused_contiguous; do
@@ -104,6 +116,8 @@ elif [ "${PART:-sync}" = proj ]; then  # sibling projections separate or as one 
   projs; exit 0
 elif [ "${PART:-sync}" = norms ]; then  # RMSNorm implementations alone at the 1.5B and 0.5B micro-batch sizes
   norms; exit 0
+elif [ "${PART:-sync}" = swiglu ]; then  # SwiGLU gate implementations alone at the 1.5B and 0.5B micro-batch sizes
+  swiglus; exit 0
 elif [ "${PART:-sync}" = recompute ] || [ "${PART:-sync}" = pair ]; then
   cmd verl "$VERL"
   cmd verl_full "$VERL model.gradient_checkpointing_mode=full"
@@ -135,6 +149,7 @@ elif [ "${PART:-sync}" = keep15 ]; then  # first of two calls: keep FA4's first 
   cmd verl15_torch "$VERL model.attn_kernel=torch"
   [ "${PROJ:-0}" = 1 ] && projs
   [ "${NORMS:-0}" = 1 ] && norms
+  [ "${SWIGLU:-0}" = 1 ] && swiglus
 elif [ "${PART:-sync}" = fa4trl ]; then  # second call, within 30 s: ours (auto: FA4) beside TRL on FA4, 1.5B then 0.5B
   source "$(dirname "$0")/fa4_env.sh" assemble
   # TRL + Liger on transformers' flash_attention_4 (padding-free, no flex compile). With the CUTLASS DSL

@@ -38,11 +38,14 @@ class Family:
     # (config key, power): the LM head's logits are multiplied by value**power (Granite divides by logits_scaling)
     logit_scale: tuple[str, int] | None = None
     mlp_matrices: int = 3  # weight matrices of a dense MLP: 3 gated (gate/up/down), 2 plain (up/down)
-    liger: bool = True  # Liger's RMSNorm/SwiGLU/RoPE kernels apply (when liger-kernel has the type)
-    # Liger's `swiglu` patch of an MoE family replaces the experts with its own fused-MoE kernel:
-    # it reads a count back from the GPU in every layer (a host sync), autotunes for minutes on
-    # the first step, and would silently override `model.experts_implementation`. MoE rows say no.
-    liger_swiglu: bool = True
+    liger: bool = True  # fused kernels (sft's and Liger's RMSNorm/SwiGLU/RoPE) apply, when liger-kernel has the type
+    # The gated MLP's kernel when fused kernels are on: "sft" runs sft/swiglu.py in the model's own
+    # down(silu(gate(x)) * up(x)) MLP (faster than Liger's on Hopper); "liger" takes Liger's MLP patch
+    # (Phi-3's fused gate_up, Gemma's GEGLU); "none" keeps the model's own. MoE rows say "none": Liger's
+    # `swiglu` patch of an MoE family replaces the experts with its own fused-MoE kernel, which reads a
+    # count back from the GPU in every layer (a host sync), autotunes for minutes on the first step, and
+    # would silently override `model.experts_implementation`.
+    mlp: str = "sft"
     # The RMSNorm's math: "weight" (weight x normalised x, Llama style) runs sft/rms_norm.py (PyTorch's fused
     # forward, sft's one-pass backward) when fused kernels are on: it beats Liger's; "offset" ((1 + weight) x
     # normalised x, Gemma) stays on Liger's kernel, which has the offset that PyTorch's lacks.
@@ -58,22 +61,27 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family("Mistral (sliding_window optional)", sliding_window=True),
     "qwen2": Family("Qwen2 / Qwen2.5", sliding_window=True),
     "qwen3": Family("Qwen3", sliding_window=True),
-    "phi3": Family("Phi-3 / Phi-4", sliding_window=True),
+    "phi3": Family("Phi-3 / Phi-4", sliding_window=True, mlp="liger"),
     "olmo2": Family("OLMo 2"),
     "granite": Family("Granite", logit_scale=("logits_scaling", -1)),
-    "gemma": Family("Gemma", rms_norm="offset"),
+    "gemma": Family("Gemma", rms_norm="offset", mlp="liger"),
     "gemma2": Family(
         "Gemma 2",
         rms_norm="offset",
+        mlp="liger",
         sliding_window=True,
         attn_softcap_key="attn_logit_softcapping",
         final_softcap_key="final_logit_softcapping",
     ),
     "gemma3_text": Family(
-        "Gemma 3 (text)", sliding_window=True, final_softcap_key="final_logit_softcapping", rms_norm="offset"
+        "Gemma 3 (text)",
+        sliding_window=True,
+        final_softcap_key="final_logit_softcapping",
+        rms_norm="offset",
+        mlp="liger",
     ),
-    "qwen3_moe": Family("Qwen3-MoE", sliding_window=True, moe=_QWEN_MOE, liger_swiglu=False),
-    "mixtral": Family("Mixtral", sliding_window=True, moe=_LOCAL_MOE, liger_swiglu=False),
+    "qwen3_moe": Family("Qwen3-MoE", sliding_window=True, moe=_QWEN_MOE, mlp="none"),
+    "mixtral": Family("Mixtral", sliding_window=True, moe=_LOCAL_MOE, mlp="none"),
     "gpt_oss": Family("gpt-oss", sliding_window=True, sinks=True, moe=_LOCAL_MOE, liger=False),
     # Liger 0.8.5 has glm4 but raises on its RoPE patch (sft asks for rope): no Liger.
     "glm4": Family("GLM-4-0414", liger=False),
@@ -84,7 +92,7 @@ FAMILIES: dict[str, Family] = {
     "ministral": Family("Ministral", sliding_window=True),
     "starcoder2": Family("StarCoder2", sliding_window=True, mlp_matrices=2, liger=False),
     "qwen2_moe": Family(
-        "Qwen1.5-MoE / Qwen2-MoE", sliding_window=True, moe=_QWEN2_MOE, liger=False, liger_swiglu=False
+        "Qwen1.5-MoE / Qwen2-MoE", sliding_window=True, moe=_QWEN2_MOE, liger=False, mlp="none"
     ),
 }
 
@@ -184,10 +192,10 @@ def liger_covers(model_type: str) -> bool:
     return fam is not None and fam.liger
 
 
-def liger_swiglu(model_type: str) -> bool:
-    """Whether Liger's SwiGLU patch may be applied (never for MoE rows: see `Family.liger_swiglu`)."""
+def mlp_kernel(model_type: str) -> str:
+    """The gated MLP's fused kernel: "sft", "liger" or "none" (MoE rows, unknown types; see `Family.mlp`)."""
     fam = FAMILIES.get(model_type)
-    return fam is not None and fam.liger_swiglu
+    return fam.mlp if fam is not None and fam.liger else "none"
 
 
 def fused_rms_norm(model_type: str) -> bool:

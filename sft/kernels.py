@@ -1,9 +1,10 @@
 """Fused kernels and activation-checkpointing policies for the decoder.
 
-`model.use_liger=true` swaps the decoder's SwiGLU MLP and rotary embedding for Liger's Triton
-kernels and its RMSNorm for sft/rms_norm.py, faster than Liger's (CUDA only, the model types Liger
-supports; MoE families keep their experts, see `Family.liger_swiglu`; Gemma's offset
-norms stay on Liger's, see `Family.rms_norm`).
+`model.use_liger=true` swaps the decoder's rotary embedding for Liger's Triton kernel, its RMSNorm
+for sft/rms_norm.py and its SwiGLU for sft/swiglu.py, both faster than Liger's (CUDA only, the model
+types Liger supports). The family table says where Liger's own kernels stay (sft/families.py:
+Gemma's offset norms, `Family.rms_norm`; Phi-3's and Gemma's MLPs, `Family.mlp`) and that MoE
+families keep their experts.
 `selective_checkpoint_context` is `model.gradient_checkpointing_mode=selective`. (The fused
 loss is sft's own, sft/fused_ce.py: Liger's reads a count back from the GPU on every call.)
 """
@@ -21,8 +22,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from sft.families import fused_rms_norm, liger_covers, liger_swiglu
+from sft.families import fused_rms_norm, liger_covers, mlp_kernel
 from sft.rms_norm import rms_norm
+from sft.swiglu import silu_mul
 
 logger = logging.getLogger("sft")
 
@@ -103,8 +105,8 @@ def apply_liger(lm: nn.Module) -> None:
             "set model.use_liger=false"
         )
     pin_liger_triton()
-    own_norm = fused_rms_norm(model_type)
-    wanted = {"rope": True, "rms_norm": not own_norm, "swiglu": liger_swiglu(model_type), "cross_entropy": False}
+    own_norm, mlp = fused_rms_norm(model_type), mlp_kernel(model_type)
+    wanted = {"rope": True, "rms_norm": not own_norm, "swiglu": mlp == "liger", "cross_entropy": False}
     wanted["fused_linear_cross_entropy"] = False
     accepted = inspect.signature(apply).parameters
     apply(model=lm, **{k: v for k, v in wanted.items() if k in accepted})
@@ -114,6 +116,14 @@ def apply_liger(lm: nn.Module) -> None:
     if own_norm:
         n = use_fused_rms_norm(lm)
         logger.info("RMSNorm: PyTorch's fused forward and sft's one-pass backward in %d modules (sft/rms_norm.py)", n)
+    if mlp == "sft":
+        n = use_fused_swiglu(lm)
+        if n == 0:  # the family row promised a gated MLP: a transformers change must not go unnoticed
+            raise ValueError(
+                f"model.use_liger: no down(silu(gate(x)) * up(x)) MLP found in {model_type} for sft/swiglu.py; "
+                "set model.use_liger=false and report it"
+            )
+        logger.info("SwiGLU: sft's flat kernels in %d MLPs (sft/swiglu.py)", n)
 
 
 # Liger kernels only where they win. RMSNorm forward + backward, bf16, one H200 (scripts/norm_bench.py,
@@ -122,7 +132,17 @@ def apply_liger(lm: nn.Module) -> None:
 # kernels: sft/rms_norm.py keeps PyTorch's forward and does the backward in one pass. The fused forward
 # rounds once, after the weight (Liger's "llama" casting and transformers' Llama-style norm round before
 # it): at most one bf16 step apart, and closer to fp32.
-_FUSED_NORM_CLASSES: dict[type, type] = {}
+_SWAPPED_CLASSES: dict[tuple[type, str], type] = {}
+
+
+def _swap_forward(m: nn.Module, forward: Callable) -> None:
+    """Make `m` an instance of a subclass of its own class whose forward is `forward`: the same
+    parameters, names and isinstance checks (checkpoints and the HF export see no difference)."""
+    cls = type(m)
+    key = (cls, forward.__name__)
+    if key not in _SWAPPED_CLASSES:
+        _SWAPPED_CLASSES[key] = type(cls.__name__, (cls,), {"forward": forward})
+    m.__class__ = _SWAPPED_CLASSES[key]
 
 
 def _fused_rms_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,10 +171,41 @@ def use_fused_rms_norm(lm: nn.Module) -> int:
     n = 0
     for m in lm.modules():
         if _is_model_rms_norm(m):
-            cls = type(m)
-            if cls not in _FUSED_NORM_CLASSES:
-                _FUSED_NORM_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": _fused_rms_norm_forward})
-            m.__class__ = _FUSED_NORM_CLASSES[cls]
+            _swap_forward(m, _fused_rms_norm_forward)
+            n += 1
+    return n
+
+
+# SwiGLU off Liger: Liger's kernels run one program per row with next_power_of_2(width) lanes (45 % idle
+# at width 8,960); sft/swiglu.py walks the tensor flat. transformers' gated MLPs compute
+# down(act(gate(x)) * up(x)); with act = SiLU the product is sft's silu_mul, in fp32 and rounded once.
+_SILU = ("SiLU", "SiLUActivation")
+
+
+def _fused_swiglu_forward(self, x: torch.Tensor) -> torch.Tensor:
+    a, b = self.gate_proj(x), self.up_proj(x)
+    if a.dtype != b.dtype:  # mixed dtypes: the model's own math and type promotion
+        return self.down_proj(self.act_fn(a) * b)
+    return self.down_proj(silu_mul(a, b))
+
+
+def _is_model_swiglu_mlp(m: nn.Module) -> bool:
+    """transformers' own gated MLP with a SiLU activation (not one Liger or sft already replaced)."""
+    cls = type(m)
+    return (
+        cls.__name__.endswith("MLP")
+        and cls.__module__.startswith("transformers.")
+        and all(isinstance(getattr(m, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj"))
+        and type(getattr(m, "act_fn", None)).__name__ in _SILU
+    )
+
+
+def use_fused_swiglu(lm: nn.Module) -> int:
+    """Run every SiLU-gated MLP of `lm` on sft/swiglu.py; returns how many. For `Family.mlp` "sft" rows."""
+    n = 0
+    for m in lm.modules():
+        if _is_model_swiglu_mlp(m):
+            _swap_forward(m, _fused_swiglu_forward)
             n += 1
     return n
 

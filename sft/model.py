@@ -23,7 +23,7 @@ from sft.attention import register_varlen_attention, set_attn_kernel
 from sft.attn_kernels import KERNELS as ATTN_KERNELS
 from sft.attn_kernels import choose_attn_kernel
 from sft.distributed import DistContext, resolve_device_type
-from sft.families import final_softcap, liger_swiglu, logit_multiplier, moe_spec, unsupported_reason
+from sft.families import final_softcap, logit_multiplier, mlp_kernel, moe_spec, unsupported_reason
 from sft.kernels import apply_liger, liger_wanted, selective_checkpoint_context
 from sft.lora import add_lora
 from sft.loss import target_linear_cross_entropy
@@ -198,8 +198,8 @@ def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig) -> CausalLMWit
         routing = RouterStats(lm, spec, coef)
     model = CausalLMWithLoss(lm, fused_loss=fused, softcap=final_softcap(hf_config), routing=routing)
     model.logit_multiplier = logit_multiplier(hf_config)
-    # Liger's norms and SwiGLU keep fewer activations: the token budget's memory estimate uses it.
-    model.liger_layers = liger and liger_swiglu(hf_config.model_type)
+    # Fused norms and SwiGLU keep fewer activations: the token budget's memory estimate uses it.
+    model.liger_layers = liger and mlp_kernel(hf_config.model_type) != "none"
     return model
 
 

@@ -203,11 +203,12 @@ def test_untabled_models_refused_before_loading(demo_dir, tmp_path, model_type, 
         validate_config(cfg, WorldInfo(rank=0, world_size=1, local_rank=0, local_world_size=1))
 
 
-@pytest.mark.parametrize("model_type,swiglu", [("qwen2", True), ("qwen3_moe", False), ("mixtral", False)])
+@pytest.mark.parametrize("model_type,swiglu", [("phi3", True), ("qwen3_moe", False), ("mixtral", False)])
 def test_liger_never_swaps_moe_experts(monkeypatch, model_type, swiglu):
     """Liger's `swiglu` patch of an MoE family replaces the experts by its fused-MoE kernel (a host sync
     per layer, minutes of autotuning, and `model.experts_implementation` ignored): sft asks for its
-    norm and RoPE kernels only. A stand-in for liger-kernel records what `apply_liger` asks for."""
+    RoPE kernel only. Phi-3's fused gate_up MLP keeps Liger's patch. A stand-in for liger-kernel records
+    what `apply_liger` asks for (the dense families' MLPs: tests/test_kernels.py)."""
     import sys
     import types
 

@@ -192,3 +192,21 @@ def test_rms_norm_backward_on_cuda(rows, cols):
     (w64 * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * dy.double()).sum().backward()
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=2**-7, atol=2e-2)
     assert float((w.grad.double() - w64.grad).norm() / w64.grad.norm()) < 4e-3
+
+
+@pytest.mark.parametrize("rows,cols", [(4099, 8960), (3001, 4864), (7, 1001)])
+def test_swiglu_kernels_on_cuda(rows, cols):
+    """sft/swiglu.py's compiled Triton kernels (in-place backward) against fp64 autograd of silu(a) * b."""
+    from sft.swiglu import silu_mul, triton_runs
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a0, b0, dc = ((torch.randn(rows, cols, device="cuda", generator=g) * 3).bfloat16() for _ in range(3))
+    a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+    assert triton_runs(a)
+    c = silu_mul(a * 1, b * 1)
+    c.backward(dc)
+    a64, b64 = a0.double().requires_grad_(), b0.double().requires_grad_()
+    c64 = torch.nn.functional.silu(a64) * b64
+    c64.backward(dc.double())
+    for got, want in ((c, c64), (a.grad, a64.grad), (b.grad, b64.grad)):
+        torch.testing.assert_close(got.double(), want.detach(), rtol=2**-7, atol=2e-2)

@@ -86,7 +86,7 @@ def _tiny(model_type: str, dtype: torch.dtype = torch.bfloat16):
 
     cfg = AutoConfig.for_model(
         model_type, vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, use_cache=False,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, use_cache=False, pad_token_id=0,
     )  # fmt: skip
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
@@ -138,10 +138,14 @@ def test_fused_rms_norm_keeps_the_model_math_for_mixed_dtypes():
     torch.testing.assert_close(norm(x), ref)
 
 
-@pytest.mark.parametrize("model_type,liger_norm", [("qwen2", False), ("gemma", True), ("gemma2", True)])
-def test_apply_liger_puts_each_norm_on_its_faster_exact_kernel(monkeypatch, model_type, liger_norm):
-    """Llama-style norms go to PyTorch's kernel; Gemma's (1 + weight) norms stay with Liger, whose kernel has
-    the offset. A stand-in for liger-kernel records what `apply_liger` asks of it."""
+@pytest.mark.parametrize(
+    "model_type,liger_norm,liger_mlp",
+    [("qwen2", False, False), ("llama", False, False), ("phi3", False, True), ("gemma", True, True), ("gemma2", True, True)],
+)
+def test_apply_liger_puts_each_layer_on_its_faster_exact_kernel(monkeypatch, model_type, liger_norm, liger_mlp):
+    """Llama-style norms go to sft/rms_norm.py and SiLU-gated MLPs to sft/swiglu.py; Gemma's (1 + weight) norms
+    and GEGLU, and Phi-3's fused gate_up MLP, stay with Liger. A stand-in for liger-kernel records what
+    `apply_liger` asks of it."""
     import sys
     import types
 
@@ -150,7 +154,7 @@ def test_apply_liger_puts_each_norm_on_its_faster_exact_kernel(monkeypatch, mode
     asked: dict = {}
 
     def fake_apply(model=None, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, **_):
-        asked.update(rms_norm=rms_norm)
+        asked.update(rms_norm=rms_norm, swiglu=swiglu)
 
     mod = types.ModuleType("liger_kernel.transformers.monkey_patch")
     mod.MODEL_TYPE_TO_APPLY_LIGER_FN = {model_type: fake_apply}
@@ -159,6 +163,68 @@ def test_apply_liger_puts_each_norm_on_its_faster_exact_kernel(monkeypatch, mode
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", mod)
     lm = _tiny(model_type)
     apply_liger(lm)
-    swapped = sum(type(m).forward.__name__ == "_fused_rms_norm_forward" for m in lm.modules())
-    assert asked == {"rms_norm": liger_norm}
-    assert swapped == (0 if liger_norm else 5)
+    norms = sum(type(m).forward.__name__ == "_fused_rms_norm_forward" for m in lm.modules())
+    mlps = sum(type(m).forward.__name__ == "_fused_swiglu_forward" for m in lm.modules())
+    assert asked == {"rms_norm": liger_norm, "swiglu": liger_mlp}
+    assert norms == (0 if liger_norm else 5)
+    assert mlps == (0 if liger_mlp else 2)
+
+
+# Every family whose row says `mlp="sft"` and that Liger covers: its MLP must be down(silu(gate(x)) * up(x)).
+_SFT_MLP_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "olmo2", "granite", "smollm3", "olmo3", "ministral"]
+
+
+def test_the_sft_mlp_list_is_the_family_table():
+    from sft.families import FAMILIES, mlp_kernel
+
+    assert sorted(t for t in FAMILIES if mlp_kernel(t) == "sft") == sorted(_SFT_MLP_FAMILIES)
+
+
+@pytest.mark.parametrize("model_type", _SFT_MLP_FAMILIES)
+def test_fused_swiglu_computes_each_family_mlp(model_type):
+    """The swapped MLP of each family gives what the family's own MLP computes (run here in fp64 on a copy),
+    forward and every gradient, with the same parameter names: a family whose MLP is not
+    down(silu(gate(x)) * up(x)) fails here."""
+    import copy
+
+    from sft.kernels import use_fused_swiglu
+
+    lm = _tiny(model_type, torch.float32)
+    ref = copy.deepcopy(lm.model.layers[0].mlp).double()
+    names = [n for n, _ in lm.named_parameters()]
+    assert use_fused_swiglu(lm) == 2
+    assert use_fused_swiglu(lm) == 0  # already swapped
+    assert [n for n, _ in lm.named_parameters()] == names
+    mlp = lm.model.layers[0].mlp
+    assert type(mlp).forward.__name__ == "_fused_swiglu_forward"
+    x = (torch.randn(2, 7, 64) * 2).requires_grad_()
+    y = mlp(x)
+    dy = torch.randn_like(y)
+    (y * dy).sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    want = ref(x64)
+    (want * dy.double()).sum().backward()
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
+    for (name, p), p64 in zip(mlp.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad.double(), p64.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_apply_liger_refuses_a_family_row_whose_mlp_is_not_silu_gated(monkeypatch):
+    """A Llama-architecture checkpoint with a GELU MLP: the row's promise does not hold, so it fails before
+    loading instead of training with the model's own MLP unannounced."""
+    import sys
+    import types
+
+    from sft.kernels import apply_liger
+
+    mod = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    mod.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": lambda model=None, **_: None}
+    for name in ("liger_kernel", "liger_kernel.transformers"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", mod)
+    lm = _tiny("llama")
+    for layer in lm.model.layers:
+        layer.mlp.act_fn = torch.nn.GELU()
+    with pytest.raises(ValueError, match="no down.*MLP found in llama"):
+        apply_liger(lm)
