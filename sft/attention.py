@@ -151,10 +151,8 @@ def sft_varlen_attention_forward(
             f = f.with_sinks(f.sinks[local_heads(group, f.sinks.shape[0])])  # SP: this rank's heads only
         return varlen_attention(q, k, v, cu_q32, cu_k32, max_q, max_k, scale, f)
 
-    # [b, h, s, d] -> [b*s, h, d]: tokens first and contiguous, as the varlen kernels and the all-to-all want.
-    # With q/k/v from one GEMM (sft/fused_proj.py) v is a strided slice: copied here (a few MB), since the
-    # kernels' saved v would otherwise keep the whole fused output alive until the backward.
-    q, k, v = (t.transpose(1, 2).reshape(b * s, t.shape[1], d).contiguous() for t in (query, key, value))
+    # [b, h, s, d] -> [b*s, h, d]: tokens first, as the varlen kernels and the all-to-all want.
+    q, k, v = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (query, key, value))
     if group is not None and dist.get_world_size(group) > 1:
         assert b == 1, f"sequence parallelism packs one row per micro-batch, got batch {b}"
         out = ulysses_attention(q, k, v, group, attend)  # [s/sp, h, d]

@@ -24,7 +24,6 @@ from sft.attn_kernels import KERNELS as ATTN_KERNELS
 from sft.attn_kernels import choose_attn_kernel
 from sft.distributed import DistContext, resolve_device_type
 from sft.families import final_softcap, logit_multiplier, mlp_kernel, moe_spec, unsupported_reason
-from sft.fused_proj import fuse_qkv
 from sft.kernels import apply_liger, liger_wanted, selective_checkpoint_context
 from sft.lora import add_lora
 from sft.loss import target_linear_cross_entropy
@@ -180,8 +179,6 @@ def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig) -> CausalLMWit
     liger = liger_wanted(cfg.model.use_liger, device_type, hf_config.model_type, cfg.model.compile)
     if liger:
         apply_liger(lm)
-    if cfg.use_remove_padding and not cfg.model.compile:  # its hooks and per-call slices would break compiled graphs
-        logger.info("attention projections: q, k, v as one GEMM in %d layers (sft/fused_proj.py)", fuse_qkv(lm))
     if cfg.model.enable_gradient_checkpointing:
         # HF's own per-layer checkpointing keeps parameter names unchanged (checkpoint wrappers would not).
         # Renamed activation_checkpointing_enable (with a renamed argument) in newer transformers.
