@@ -95,7 +95,7 @@ swiglus() {  # scripts/swiglu_bench.py, each variant its own process: $OUT/swigl
 }
 projs() {  # scripts/proj_bench.py, each variant its own process: $OUT/proj.jsonl
   for shape in "qwen2.5-1.5b 41000" "qwen2.5-0.5b 61000"; do set -- $shape
-    for g in qkv gate_up; do for v in separate fused fused_contiguous; do
+    for g in qkv gate_up; do for v in separate fused fused_contiguous fused_split_copy; do
       timeout 120 python3 scripts/proj_bench.py --group $g --variant $v --shape $1 --rows $2 >>"$OUT/proj.jsonl" 2>>"$OUT/proj.err"
     done; done
   done

@@ -3,6 +3,7 @@
   python3 scripts/proj_bench.py --group qkv --variant separate          # q_proj, k_proj, v_proj as transformers runs them
   python3 scripts/proj_bench.py --group qkv --variant fused             # one GEMM over [Wq; Wk; Wv], then split
   python3 scripts/proj_bench.py --group qkv --variant fused_contiguous  # the same, the pieces copied contiguous
+  python3 scripts/proj_bench.py --group qkv --variant fused_split_copy  # the same, one split-copy kernel for all
   python3 scripts/proj_bench.py --group gate_up --variant fused         # the MLP's gate_proj and up_proj
 
 Why: in the 1.5B profile of 2026-12-03 (H200, FA4) the step had 591 bf16 adds (56 ms), most of them autograd
@@ -12,6 +13,12 @@ concatenated weights has one input gradient (no adds), one bias reduction, and w
 weight concatenation per call and, where a consumer needs contiguous pieces, their copies
 (`fused_contiguous`). Forward + backward of one layer's group at a packed micro-batch's size: 3 warm-up and
 20 timed calls (CUDA events, median); the input gradient's largest difference from `separate`. One JSON line.
+
+Measured (H200, 2026-12-03, 41k rows, 1.5B): separate 1.51 ms, fused 1.25, fused_contiguous 1.41; gate/up
+fused was slower (10.65 against 10.08 ms). The views variant was then tried in the training step (commit
+6e331e5, reverted): the adds and bias reductions it saved (25 ms a step) went to strided copies of the
+slices (20.6 ms: Liger's RoPE makes q and k contiguous, the attention v) and the split's backward (7.9 ms).
+`fused_split_copy` times the contiguous pieces from one kernel instead.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ def widths(group: str, shape: str) -> tuple[list[int], bool]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--group", choices=["qkv", "gate_up"], required=True)
-    ap.add_argument("--variant", choices=["separate", "fused", "fused_contiguous"], required=True)
+    ap.add_argument("--variant", choices=["separate", "fused", "fused_contiguous", "fused_split_copy"], required=True)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-1.5b")
     ap.add_argument("--rows", type=int, default=41000)
     args = ap.parse_args()
@@ -55,8 +62,11 @@ def main() -> None:
         if args.variant == "separate":
             pieces = [F.linear(x, w, b) for w, b in zip(ws, bs)]
         else:
-            b = torch.cat(bs) if bias else None
-            pieces = list(F.linear(x, torch.cat(ws), b).split(outs, dim=-1))
+            fused = F.linear(x, torch.cat(ws), torch.cat(bs) if bias else None)
+            if args.variant == "fused_split_copy":  # contiguous pieces from one kernel
+                pieces = list(torch.split_with_sizes_copy(fused, outs, dim=-1))
+            else:
+                pieces = list(fused.split(outs, dim=-1))
             if args.variant == "fused_contiguous":
                 pieces = [p.contiguous() for p in pieces]
         torch.autograd.backward(pieces, grads)

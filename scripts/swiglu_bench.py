@@ -7,7 +7,8 @@
 Why: in the 1.5B profile of 2026-12-03 (H200) Liger's SwiGLU backward took 91 ms of the step, 1.09 ms a
 call on [41k, 8960] bf16. Forward, and forward + backward, of `--rows` x `--width` bf16 inputs: 3 warm-up
 and 20 timed calls (CUDA events, median); each call gets fresh copies of a and b made before timing (the
-in-place backwards overwrite them). Then the largest differences of c, da and db from fp32 math, and the
+in-place backwards overwrite them), and the backward is `torch.autograd.grad` (nothing accumulated into
+.grad). Then the largest differences of c, da and db from fp32 math, and the
 memory traffic per second (5 tensors of the input's size for forward + backward). Prints one JSON line.
 """
 
@@ -63,7 +64,11 @@ def main() -> None:
 
     def fwd_bwd(i: int) -> None:
         a, b = pairs[i]
-        fn(a, b).backward(dc)
+        # autograd.grad returns the gradients without accumulating them into .grad, so only the op is timed.
+        # With .backward() into leaves (the 20:35 call of 2026-12-03) sft's forward + backward read 2.22 ms and
+        # Liger's 1.57, while in that call's training step sft's backward kernel took 0.95 ms a call and
+        # Liger's 1.09 ms (the 20:39 call's run of the earlier code): the leaves' gradient handling differed.
+        torch.autograd.grad(fn(a, b), (a, b), dc)
 
     # Fresh inputs per call, made before timing (Liger's backward and sft's write over a and b).
     pairs = [(a0.clone().requires_grad_(), b0.clone().requires_grad_()) for _ in range(n)]
