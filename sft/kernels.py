@@ -86,8 +86,11 @@ def pin_liger_triton() -> None:
         os.environ.setdefault(f"LIGER_KERNEL_IMPL_{op.upper()}", "nvidia-triton")
 
 
-def apply_liger(lm: nn.Module) -> None:
+def apply_liger(lm: nn.Module, required: bool = True) -> None:
     """Patch RMSNorm, SwiGLU and RoPE of the (meta-device) model in place, before sharding.
+
+    `required` (`model.use_liger=true`) refuses a model whose MLP the family row promised as SiLU-gated
+    but is not; with `auto` that MLP stays the model's own, said in the log.
 
     The patched modules keep their parameter names, so checkpoints and the HF export are
     unchanged. Liger's own loss patch is not used: the loss runs in `CausalLMWithLoss`.
@@ -118,12 +121,15 @@ def apply_liger(lm: nn.Module) -> None:
         logger.info("RMSNorm: PyTorch's fused forward and sft's one-pass backward in %d modules (sft/rms_norm.py)", n)
     if mlp == "sft":
         n = use_fused_swiglu(lm)
-        if n == 0:  # the family row promised a gated MLP: a transformers change must not go unnoticed
+        if n == 0 and required:  # the family row promised a gated MLP: a transformers change must not go unnoticed
             raise ValueError(
-                f"model.use_liger: no down(silu(gate(x)) * up(x)) MLP found in {model_type} for sft/swiglu.py; "
-                "set model.use_liger=false and report it"
+                f"model.use_liger=true: no down(silu(gate(x)) * up(x)) MLP found in {model_type} for sft/swiglu.py; "
+                "set model.use_liger=false (or auto) and report it"
             )
-        logger.info("SwiGLU: sft's flat kernels in %d MLPs (sft/swiglu.py)", n)
+        if n == 0:
+            logger.info("SwiGLU: no SiLU-gated MLP in this %s model; its MLPs run the model's own code", model_type)
+        else:
+            logger.info("SwiGLU: sft's flat kernels in %d MLPs (sft/swiglu.py)", n)
 
 
 # Liger kernels only where they win. RMSNorm forward + backward, bf16, one H200 (scripts/norm_bench.py,

@@ -178,7 +178,7 @@ def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig) -> CausalLMWit
     device_type = resolve_device_type(cfg.trainer.device)
     liger = liger_wanted(cfg.model.use_liger, device_type, hf_config.model_type, cfg.model.compile)
     if liger:
-        apply_liger(lm)
+        apply_liger(lm, required=cfg.model.use_liger is True)
     if cfg.model.enable_gradient_checkpointing:
         # HF's own per-layer checkpointing keeps parameter names unchanged (checkpoint wrappers would not).
         # Renamed activation_checkpointing_enable (with a renamed argument) in newer transformers.

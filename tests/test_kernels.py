@@ -211,8 +211,8 @@ def test_fused_swiglu_computes_each_family_mlp(model_type):
 
 
 def test_apply_liger_refuses_a_family_row_whose_mlp_is_not_silu_gated(monkeypatch):
-    """A Llama-architecture checkpoint with a GELU MLP: the row's promise does not hold, so it fails before
-    loading instead of training with the model's own MLP unannounced."""
+    """A Llama-architecture checkpoint with a GELU MLP: the row's promise does not hold, so `model.use_liger=true`
+    fails before loading instead of training with the model's own MLP unannounced; `auto` keeps that MLP."""
     import sys
     import types
 
@@ -226,5 +226,7 @@ def test_apply_liger_refuses_a_family_row_whose_mlp_is_not_silu_gated(monkeypatc
     lm = _tiny("llama")
     for layer in lm.model.layers:
         layer.mlp.act_fn = torch.nn.GELU()
-    with pytest.raises(ValueError, match="no down.*MLP found in llama"):
+    with pytest.raises(ValueError, match="use_liger=true: no down.*MLP found in llama"):
         apply_liger(lm)
+    apply_liger(lm, required=False)
+    assert not any(type(m).forward.__name__ == "_fused_swiglu_forward" for m in lm.modules())
