@@ -33,7 +33,7 @@ KINDS = (
     ("attention", ("flash", "fmha", "attention")),  # before gemm: flash kernels' names carry "cutlass"
     ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "s16816")),
     ("optimizer", ("multi_tensor_apply", "adam")),
-X
+    ("sft", ("_sft_",)),  # sft's own Triton kernels (sft/rms_norm.py, sft/swiglu.py), named _sft_*
     # Liger's Triton kernels carry their Python names, without "triton" (liger-kernel 0.8.5): its SwiGLU and
     # RMSNorm backward kernels alone took 0.154 s of the 1.5B step's 0.33 s of "other" (H200, 2026-12-03).
     ("liger", ("_rms_norm_", "_swiglu_", "_triton_rope", "_geglu_", "_layer_norm_", "liger")),
