@@ -91,9 +91,7 @@ FAMILIES: dict[str, Family] = {
     "olmo3": Family("OLMo 3", sliding_window=True),
     "ministral": Family("Ministral", sliding_window=True),
     "starcoder2": Family("StarCoder2", sliding_window=True, mlp_matrices=2, liger=False),
-    "qwen2_moe": Family(
-        "Qwen1.5-MoE / Qwen2-MoE", sliding_window=True, moe=_QWEN2_MOE, liger=False, mlp="none"
-    ),
+    "qwen2_moe": Family("Qwen1.5-MoE / Qwen2-MoE", sliding_window=True, moe=_QWEN2_MOE, liger=False, mlp="none"),
 }
 
 # Config keys that change what a model computes in ways a row above must declare before sft trains it.

@@ -140,7 +140,13 @@ def test_fused_rms_norm_keeps_the_model_math_for_mixed_dtypes():
 
 @pytest.mark.parametrize(
     "model_type,liger_norm,liger_mlp",
-    [("qwen2", False, False), ("llama", False, False), ("phi3", False, True), ("gemma", True, True), ("gemma2", True, True)],
+    [
+        ("qwen2", False, False),
+        ("llama", False, False),
+        ("phi3", False, True),
+        ("gemma", True, True),
+        ("gemma2", True, True),
+    ],
 )
 def test_apply_liger_puts_each_layer_on_its_faster_exact_kernel(monkeypatch, model_type, liger_norm, liger_mlp):
     """Llama-style norms go to sft/rms_norm.py and SiLU-gated MLPs to sft/swiglu.py; Gemma's (1 + weight) norms

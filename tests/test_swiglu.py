@@ -106,7 +106,11 @@ def test_triton_kernels_match_the_math_in_fp64(shape, dtype):
 def test_triton_one_tensor_as_both_inputs():
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run(
-        [sys.executable, "-c", _INTERPRETED, "5x8", "float32", "shared"], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", _INTERPRETED, "5x8", "float32", "shared"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     x, _, dc = _case((5, 8), torch.float32)
