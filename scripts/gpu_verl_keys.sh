@@ -73,33 +73,30 @@ trl() {  # name, pythonpath[, extra bench args]
     || echo "{\"run\": \"$1\", \"error\": \"no result\"}" >>"$OUT/results.jsonl"
   { echo "=== $1"; tail -5 $L/$1.log; } >>"$OUT/runs.log"
 }
-norms() {  # scripts/norm_bench.py, each variant its own process: $OUT/norms.jsonl; then the RMSNorm GPU test
-  for shape in "41000 1536" "61000 896"; do set -- $shape
-    for v in ${NORM_VARIANTS:-liger torch sft compiled eager}; do
-      timeout 120 python3 scripts/norm_bench.py --variant $v --rows $1 --hidden $2 >>"$OUT/norms.jsonl" 2>>"$OUT/norms.err"
-    done
-  done
-  cat "$OUT/norms.jsonl"
-  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k rms_norm >"$OUT/pytest.log" 2>&1
-  echo "pytest rms_norm: exit $?"; tail -2 "$OUT/pytest.log"
+bench_variants() {  # name script "variants" "args of a shape"...: each variant its own process, $OUT/name.jsonl
+  local name=$1 script=$2 variants=$3 args v; shift 3
+  for args in "$@"; do for v in $variants; do
+    timeout 120 python3 scripts/$script --variant $v $args >>"$OUT/$name.jsonl" 2>>"$OUT/$name.err"
+  done; done
+  cat "$OUT/$name.jsonl"
 }
-swiglus() {  # scripts/swiglu_bench.py, each variant its own process: $OUT/swiglu.jsonl; then the SwiGLU GPU test
-  for shape in "41000 8960" "61000 4864"; do set -- $shape
-    for v in liger sft eager; do
-      timeout 120 python3 scripts/swiglu_bench.py --variant $v --rows $1 --width $2 >>"$OUT/swiglu.jsonl" 2>>"$OUT/swiglu.err"
-    done
-  done
-  cat "$OUT/swiglu.jsonl"
-  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k swiglu >"$OUT/pytest_swiglu.log" 2>&1
-  echo "pytest swiglu: exit $?"; tail -2 "$OUT/pytest_swiglu.log"
+gpu_test() {  # log name, -k expression: tests/test_gpu.py on this machine
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "$2" >"$OUT/$1.log" 2>&1
+  echo "pytest $2: exit $?"; tail -2 "$OUT/$1.log"
 }
-projs() {  # scripts/proj_bench.py, each variant its own process: $OUT/proj.jsonl
-  for shape in "qwen2.5-1.5b 41000" "qwen2.5-0.5b 61000"; do set -- $shape
-    for g in qkv gate_up; do for v in separate fused fused_contiguous fused_split_copy; do
-      timeout 120 python3 scripts/proj_bench.py --group $g --variant $v --shape $1 --rows $2 >>"$OUT/proj.jsonl" 2>>"$OUT/proj.err"
-    done; done
-  done
-  cat "$OUT/proj.jsonl"
+norms() {  # scripts/norm_bench.py at the 1.5B and 0.5B micro-batch sizes, then the RMSNorm GPU test
+  bench_variants norms norm_bench.py "${NORM_VARIANTS:-liger torch sft compiled eager}" \
+    "--rows 41000 --hidden 1536" "--rows 61000 --hidden 896"
+  gpu_test pytest rms_norm
+}
+swiglus() {  # scripts/swiglu_bench.py at the 1.5B and 0.5B micro-batch sizes, then the SwiGLU GPU test
+  bench_variants swiglu swiglu_bench.py "liger sft eager" "--rows 41000 --width 8960" "--rows 61000 --width 4864"
+  gpu_test pytest_swiglu swiglu
+}
+projs() {  # scripts/proj_bench.py: q/k/v and gate/up at the 1.5B and 0.5B micro-batch sizes
+  bench_variants proj proj_bench.py "separate fused fused_contiguous fused_split_copy" \
+    "--group qkv --shape qwen2.5-1.5b --rows 41000" "--group gate_up --shape qwen2.5-1.5b --rows 41000" \
+    "--group qkv --shape qwen2.5-0.5b --rows 61000" "--group gate_up --shape qwen2.5-0.5b --rows 61000"
 }
 gpu_tests() {
   timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "fused_ce or never_syncs or compile" \

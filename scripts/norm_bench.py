@@ -20,6 +20,7 @@ import json
 import time
 
 import torch
+from cuda_timing import CALLS, WARMUP, median_ms  # scripts/ is on sys.path when run as a script
 
 EPS = 1e-6
 
@@ -46,23 +47,6 @@ def variant_fn(name: str, hidden: int):
     if name == "compiled":
         return torch.compile(hf_rms_norm, dynamic=True)
     return hf_rms_norm
-
-
-CALLS, WARMUP = 20, 3
-
-
-def median_ms(fn) -> float:
-    """Median device time of `fn(i)` over CALLS calls after WARMUP."""
-    times = []
-    for i in range(WARMUP + CALLS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(i)
-        end.record()
-        torch.cuda.synchronize()
-        if i >= WARMUP:
-            times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:

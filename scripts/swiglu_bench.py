@@ -19,8 +19,7 @@ import json
 
 import torch
 import torch.nn.functional as F
-
-CALLS, WARMUP = 20, 3
+from cuda_timing import CALLS, WARMUP, median_ms  # scripts/ is on sys.path when run as a script
 
 
 def variant_fn(name: str):
@@ -33,19 +32,6 @@ def variant_fn(name: str):
 
         return silu_mul
     return lambda a, b: F.silu(a) * b
-
-
-def median_ms(fn) -> float:
-    times = []
-    for i in range(WARMUP + CALLS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(i)
-        end.record()
-        torch.cuda.synchronize()
-        if i >= WARMUP:
-            times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:

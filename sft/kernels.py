@@ -151,6 +151,14 @@ def _swap_forward(m: nn.Module, forward: Callable) -> None:
     m.__class__ = _SWAPPED_CLASSES[key]
 
 
+def _swap_all(lm: nn.Module, is_target: Callable[[nn.Module], bool], forward: Callable) -> int:
+    """`_swap_forward` on every module of `lm` that `is_target` accepts; returns how many."""
+    targets = [m for m in lm.modules() if is_target(m)]
+    for m in targets:
+        _swap_forward(m, forward)
+    return len(targets)
+
+
 def _fused_rms_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
     if x.dtype != self.weight.dtype:  # mixed dtypes: the model's own math and type promotion
         return super(type(self), self).forward(x)
@@ -174,12 +182,7 @@ def use_fused_rms_norm(lm: nn.Module) -> int:
 
     Each module becomes a subclass of its own class (same parameters, names and isinstance checks)
     whose forward calls `rms_norm`. Only for families whose `Family.rms_norm` is "weight"."""
-    n = 0
-    for m in lm.modules():
-        if _is_model_rms_norm(m):
-            _swap_forward(m, _fused_rms_norm_forward)
-            n += 1
-    return n
+    return _swap_all(lm, _is_model_rms_norm, _fused_rms_norm_forward)
 
 
 # SwiGLU off Liger: Liger's kernels run one program per row with next_power_of_2(width) lanes (45 % idle
@@ -208,12 +211,7 @@ def _is_model_swiglu_mlp(m: nn.Module) -> bool:
 
 def use_fused_swiglu(lm: nn.Module) -> int:
     """Run every SiLU-gated MLP of `lm` on sft/swiglu.py; returns how many. For `Family.mlp` "sft" rows."""
-    n = 0
-    for m in lm.modules():
-        if _is_model_swiglu_mlp(m):
-            _swap_forward(m, _fused_swiglu_forward)
-            n += 1
-    return n
+    return _swap_all(lm, _is_model_swiglu_mlp, _fused_swiglu_forward)
 
 
 # Ops whose outputs selective checkpointing keeps: the matmuls and attention, i.e. the expensive
