@@ -36,6 +36,9 @@
 #              (scripts/proj_bench.py; each its own process): $OUT/proj.jsonl. PROJ=1 runs it in PART=keep15.
 #  PART=swiglu: the SwiGLU gate alone (scripts/swiglu_bench.py: Liger, sft's, eager; each its own process) at the
 #              1.5B and 0.5B micro-batch sizes: $OUT/swiglu.jsonl; then its GPU test. SWIGLU=1 runs it in PART=keep15.
+#  PART=ce   : the fused loss (scripts/ce_bench.py; each its own process): the softmax pass alone, sft's kernel
+#              at several blocks against inductor's, then the whole loss at the 1.5B and 0.5B heads: $OUT/ce_pass.jsonl,
+#              $OUT/ce.jsonl; then the fused-loss GPU test. CE=1 runs it in PART=keep15.
 #  PART=probe: the verl production keys, then the same + model.compile=true without checkpointing (is compile
 #              without recompute faster than Liger's eager kernels?); read device_s_by_kind and top_kernels.
 # Qwen2.5-1.5B shape (SHAPE), max_length 4096, global batch 128. Results: $OUT/results.jsonl (one JSON line per
@@ -98,6 +101,14 @@ projs() {  # scripts/proj_bench.py: q/k/v and gate/up at the 1.5B and 0.5B micro
     "--group qkv --shape qwen2.5-1.5b --rows 41000" "--group gate_up --shape qwen2.5-1.5b --rows 41000" \
     "--group qkv --shape qwen2.5-0.5b --rows 61000" "--group gate_up --shape qwen2.5-0.5b --rows 61000"
 }
+ces() {  # scripts/ce_bench.py: the softmax pass alone (sft's kernel at several blocks, inductor's), then the
+  # whole fused loss at the 1.5B and 0.5B heads (one micro-batch of targets), then the fused-loss GPU test
+  bench_variants ce_pass ce_bench.py "inductor fused" "--pass-only"
+  bench_variants ce_pass ce_bench.py fused "--pass-only --block 2048 --warps 8" "--pass-only --block 8192 --warps 16" \
+    "--pass-only --block 4096 --warps 4" "--pass-only --block 8192 --warps 8"
+  bench_variants ce ce_bench.py "inductor fused" "--rows 32700 --hidden 1536" "--rows 52000 --hidden 896"
+  gpu_test pytest_ce fused_ce
+}
 gpu_tests() {
   timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "fused_ce or never_syncs or compile" \
     >"$OUT/pytest.log" 2>&1; echo "pytest: exit $?"; tail -4 "$OUT/pytest.log"
@@ -113,6 +124,8 @@ elif [ "${PART:-sync}" = proj ]; then  # sibling projections separate or as one 
   projs; exit 0
 elif [ "${PART:-sync}" = norms ]; then  # RMSNorm implementations alone at the 1.5B and 0.5B micro-batch sizes
   norms; exit 0
+elif [ "${PART:-sync}" = ce ]; then  # the fused loss's softmax pass and the whole loss, sft's kernel vs inductor's
+  ces; exit 0
 elif [ "${PART:-sync}" = swiglu ]; then  # SwiGLU gate implementations alone at the 1.5B and 0.5B micro-batch sizes
   swiglus; exit 0
 elif [ "${PART:-sync}" = recompute ] || [ "${PART:-sync}" = pair ]; then
@@ -147,6 +160,7 @@ elif [ "${PART:-sync}" = keep15 ]; then  # first of two calls: keep FA4's first 
   [ "${PROJ:-0}" = 1 ] && projs
   [ "${NORMS:-0}" = 1 ] && norms
   [ "${SWIGLU:-0}" = 1 ] && swiglus
+  [ "${CE:-0}" = 1 ] && ces
 elif [ "${PART:-sync}" = fa4trl ]; then  # second call, within 30 s: ours (auto: FA4) beside TRL on FA4, 1.5B then 0.5B
   source "$(dirname "$0")/fa4_env.sh" assemble
   # TRL + Liger on transformers' flash_attention_4 (padding-free, no flex compile). With the CUTLASS DSL

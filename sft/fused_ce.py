@@ -8,14 +8,16 @@ positions only (the caller selects them with an index built on the host), so eve
 the number of chunks is known from the shape: nothing is read back from the device. Each chunk's logits live only inside the
 forward, which also computes d(loss)/d(hidden) and accumulates d(loss)/d(weight) in fp32; the
 backward scales those by the incoming gradient (a device scalar, never inspected on the host).
-On CUDA each chunk's logits come from a GEMM with an fp32 output, the softmax pass is compiled once
-per process (one reduction and one pointwise kernel), and the head gradient is summed in the GEMM's
-epilogue: 2.2x faster than the same math in eager ops on an H200 (docs/PERFORMANCE.md).
+On CUDA each chunk's logits come from a GEMM with an fp32 output, the softmax pass is one Triton
+kernel of sft's own (sft/ce_softmax.py: two reads of the logits), and the head gradient is summed in
+the GEMM's epilogue (docs/PERFORMANCE.md has the timings).
 """
 
 from __future__ import annotations
 
 import torch
+
+from sft import ce_softmax
 
 # Rows per chunk: a chunk holds about 2 fp32 [rows, vocab] buffers (1.2 GB each at 152k vocab).
 DEFAULT_CHUNK = 2048
@@ -26,8 +28,7 @@ def _softmax_grad(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss sum, dL/dlogits in `dtype`, correct count) from one chunk's fp32 logits [c, V] and labels [c].
 
-    Written without in-place ops so that on CUDA torch.compile turns it into a reduction pass and a
-    pointwise pass over the logits, instead of the seven or so passes of the eager ops."""
+    The reference math: it runs off CUDA; on CUDA sft/ce_softmax.py's kernel computes the same."""
     correct = (logits.argmax(-1) == y).sum()  # tanh keeps the order: the same argmax with a cap
     dcap = None
     if softcap is not None:
@@ -41,19 +42,6 @@ def _softmax_grad(
     if dcap is not None:
         grad = grad * dcap
     return loss, grad.to(dtype), correct
-
-
-_compiled_softmax_grad = None
-
-
-def _softmax_grad_fn(device: torch.device):
-    """The compiled `_softmax_grad` on CUDA (compiled once per process, on first use), the eager one elsewhere."""
-    global _compiled_softmax_grad
-    if device.type != "cuda":
-        return _softmax_grad
-    if _compiled_softmax_grad is None:
-        _compiled_softmax_grad = torch.compile(_softmax_grad, fullgraph=True, dynamic=False)
-    return _compiled_softmax_grad
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -73,29 +61,20 @@ def _chunk_grads(
 def _softmax_pass(
     logits: torch.Tensor, y: torch.Tensor, softcap: float | None, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if logits.is_cuda:
-        # One compiled graph for every chunk size: the row count is a dynamic dimension.
-        torch._dynamo.mark_dynamic(logits, 0)
-        torch._dynamo.mark_dynamic(y, 0)
-    return _softmax_grad_fn(logits.device)(logits, y, softcap, dtype)
+    """sft's Triton kernel on CUDA (sft/ce_softmax.py), the torch ops elsewhere."""
+    if ce_softmax.triton_runs(logits):
+        return ce_softmax.softmax_pass(logits, y, softcap, dtype)
+    return _softmax_grad(logits, y, softcap, dtype)
 
 
 def compile_ahead(device: torch.device, vocab: int, dtype: torch.dtype, softcap: float | None) -> None:
-    """Compile the softmax pass for this vocabulary, hidden dtype and soft-cap before training starts.
-
-    Inductor's first compile synchronises the device (its pattern matcher runs sample tensors) and
-    takes seconds: done lazily it would land inside the first micro-batch. Later chunks of any row
-    count reuse this graph (the row count is dynamic)."""
+    """Compile the softmax kernel for this vocabulary, hidden dtype and soft-cap before training starts,
+    so that Triton's first compile (a second or so of host time) does not land inside the first step.
+    One row is enough: the kernel is specialised on the vocabulary and the dtypes, not on the row count."""
     if device.type != "cuda":
         return
-    # A full chunk, as the first real call would be: inductor picks its reduction kernels from this size
-    # hint (with 16 rows the H200 run launched 4 more kernels per chunk, 2026-12-03).
-    rows = DEFAULT_CHUNK
-    logits = torch.zeros(rows, vocab, dtype=torch.float32, device=device)
-    with torch.no_grad():  # as inside the loss's autograd.Function forward: grad mode is part of the guards
-        _softmax_pass(logits, torch.zeros(rows, dtype=torch.int64, device=device), softcap, dtype)
-    del logits
-    torch.cuda.empty_cache()  # the token budget is sized from the free memory right after this
+    logits = torch.zeros(1, vocab, dtype=torch.float32, device=device)
+    _softmax_pass(logits, torch.zeros(1, dtype=torch.int64, device=device), softcap, dtype)
 
 
 def _accumulate_grad_w(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:

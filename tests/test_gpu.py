@@ -138,7 +138,7 @@ def test_micro_batch_loop_never_syncs_on_cuda(demo_dir, tmp_path, cuda_rank, fam
 
 @pytest.mark.parametrize("softcap", [None, 30.0])
 def test_fused_ce_on_cuda_matches_fp64(softcap):
-    """The CUDA path of the fused loss (fp32-output GEMMs, the compiled softmax pass, the fp32 epilogue
+    """The CUDA path of the fused loss (fp32-output GEMMs, sft's softmax kernel, the fp32 epilogue
     accumulation of the head gradient) against float64 autograd from the same bf16 values."""
     from sft.fused_ce import fused_linear_cross_entropy
 
