@@ -24,7 +24,7 @@
 #              compile took over 500 s on a cold H200) to fill the compile cache; the second installs FA4, runs the
 #              verl keys at 1.5B (auto: FA4) and 0.5B, TRL + Liger at 0.5B on the warm cache, the Liger-pin GPU test,
 #              and the verl keys at 1.5B on torch's kernel.
-#  PART=keep15 then PART=fa4trl (within 30 s): the verl keys at 1.5B on torch's kernel (NORMS=1: then PART=norms's
+#  PART=keep15 then PART=fa4trl (within 30 s; TESTS="expr" adds tests/test_gpu.py -k expr to keep15): the verl keys at 1.5B on torch's kernel (NORMS=1: then PART=norms's
 #              benchmarks); then, with FA4, at 1.5B and
 #              0.5B, each beside TRL + Liger on transformers' flash_attention_4 (Liger pinned to Triton for both).
 #              With .base/sft carried (an earlier commit's package), also its 1.5B run, for a before/after.
@@ -83,8 +83,8 @@ bench_variants() {  # name script "variants" "args of a shape"...: each variant 
   done; done
   cat "$OUT/$name.jsonl"
 }
-gpu_test() {  # log name, -k expression: tests/test_gpu.py on this machine
-  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "$2" >"$OUT/$1.log" 2>&1
+gpu_test() {  # log name, -k expression[, timeout]: tests/test_gpu.py on this machine
+  timeout ${3:-120} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "$2" >"$OUT/$1.log" 2>&1
   echo "pytest $2: exit $?"; tail -2 "$OUT/$1.log"
 }
 norms() {  # scripts/norm_bench.py at the 1.5B and 0.5B micro-batch sizes, then the RMSNorm GPU test
@@ -161,6 +161,7 @@ elif [ "${PART:-sync}" = keep15 ]; then  # first of two calls: keep FA4's first 
   [ "${NORMS:-0}" = 1 ] && norms
   [ "${SWIGLU:-0}" = 1 ] && swiglus
   [ "${CE:-0}" = 1 ] && ces
+  [ -n "${TESTS:-}" ] && gpu_test pytest_keep15 "$TESTS" 300  # TESTS="-k expression" of tests/test_gpu.py
 elif [ "${PART:-sync}" = fa4trl ]; then  # second call, within 30 s: ours (auto: FA4) beside TRL on FA4, 1.5B then 0.5B
   source "$(dirname "$0")/fa4_env.sh" assemble
   # TRL + Liger on transformers' flash_attention_4 (padding-free, no flex compile). With the CUTLASS DSL

@@ -1,10 +1,10 @@
 """Fused kernels and activation-checkpointing policies for the decoder.
 
-`model.use_liger=true` swaps the decoder's rotary embedding for Liger's Triton kernel, its RMSNorm
-for sft/rms_norm.py and its SwiGLU for sft/swiglu.py, both faster than Liger's (CUDA only, the model
+`model.use_liger=true` swaps the decoder's rotary embedding for sft/rope.py, its RMSNorm for
+sft/rms_norm.py and its SwiGLU for sft/swiglu.py, all faster than Liger's (CUDA only, the model
 types Liger supports). The family table says where Liger's own kernels stay (sft/families.py:
-Gemma's offset norms, `Family.rms_norm`; Phi-3's and Gemma's MLPs, `Family.mlp`) and that MoE
-families keep their experts.
+Gemma's offset norms, `Family.rms_norm`; Phi-3's and Gemma's MLPs, `Family.mlp`; Phi-3's partial
+rotary, `Family.rope`) and that MoE families keep their experts.
 `selective_checkpoint_context` is `model.gradient_checkpointing_mode=selective`. (The fused
 loss is sft's own, sft/fused_ce.py: Liger's reads a count back from the GPU on every call.)
 """
