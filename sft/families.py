@@ -50,10 +50,6 @@ class Family:
     # forward, sft's one-pass backward) when fused kernels are on: it beats Liger's; "offset" ((1 + weight) x
     # normalised x, Gemma) stays on Liger's kernel, which has the offset that PyTorch's lacks.
     rms_norm: str = "weight"
-    # The rotary embedding's kernel when fused kernels are on: "sft" runs sft/rope.py in place of the family's
-    # apply_rotary_pos_emb (checked to be the standard half-split rotation first); "liger" takes Liger's
-    # patch (Phi-3 rotates part of the head).
-    rope: str = "sft"
 
 
 _QWEN_MOE = MoESpec(experts_keys=("num_experts", "num_local_experts"))
@@ -65,7 +61,7 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family("Mistral (sliding_window optional)", sliding_window=True),
     "qwen2": Family("Qwen2 / Qwen2.5", sliding_window=True),
     "qwen3": Family("Qwen3", sliding_window=True),
-    "phi3": Family("Phi-3 / Phi-4", sliding_window=True, mlp="liger", rope="liger"),
+    "phi3": Family("Phi-3 / Phi-4", sliding_window=True, mlp="liger"),
     "olmo2": Family("OLMo 2"),
     "granite": Family("Granite", logit_scale=("logits_scaling", -1)),
     "gemma": Family("Gemma", rms_norm="offset", mlp="liger"),
@@ -204,9 +200,3 @@ def fused_rms_norm(model_type: str) -> bool:
     """Whether the family's RMSNorms are Llama-style (no offset), so sft/rms_norm.py computes them."""
     fam = FAMILIES.get(model_type)
     return fam is not None and fam.rms_norm == "weight"
-
-
-def rope_kernel(model_type: str) -> str:
-    """The rotary embedding's fused kernel: "sft" or "liger" (see `Family.rope`); "none" where fused kernels are off."""
-    fam = FAMILIES.get(model_type)
-    return fam.rope if fam is not None and fam.liger else "none"

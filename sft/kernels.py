@@ -1,10 +1,10 @@
 """Fused kernels and activation-checkpointing policies for the decoder.
 
-`model.use_liger=true` swaps the decoder's rotary embedding for sft/rope.py, its RMSNorm for
-sft/rms_norm.py and its SwiGLU for sft/swiglu.py, all faster than Liger's (CUDA only, the model
+`model.use_liger=true` swaps the decoder's rotary embedding for Liger's Triton kernel, its RMSNorm
+for sft/rms_norm.py and its SwiGLU for sft/swiglu.py, both faster than Liger's (CUDA only, the model
 types Liger supports). The family table says where Liger's own kernels stay (sft/families.py:
-Gemma's offset norms, `Family.rms_norm`; Phi-3's and Gemma's MLPs, `Family.mlp`; Phi-3's partial
-rotary, `Family.rope`) and that MoE families keep their experts.
+Gemma's offset norms, `Family.rms_norm`; Phi-3's and Gemma's MLPs, `Family.mlp`) and that MoE
+families keep their experts.
 `selective_checkpoint_context` is `model.gradient_checkpointing_mode=selective`. (The fused
 loss is sft's own, sft/fused_ce.py: Liger's reads a count back from the GPU on every call.)
 """
@@ -22,9 +22,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from sft.families import fused_rms_norm, liger_covers, mlp_kernel, rope_kernel
+from sft.families import fused_rms_norm, liger_covers, mlp_kernel
 from sft.rms_norm import rms_norm
-from sft.rope import patch_rope
 from sft.swiglu import silu_mul
 
 logger = logging.getLogger("sft")
@@ -109,8 +108,8 @@ def apply_liger(lm: nn.Module, required: bool = True) -> None:
             "set model.use_liger=false"
         )
     pin_liger_triton()
-    own_norm, mlp, rope = fused_rms_norm(model_type), mlp_kernel(model_type), rope_kernel(model_type)
-    wanted = {"rope": rope == "liger", "rms_norm": not own_norm, "swiglu": mlp == "liger", "cross_entropy": False}
+    own_norm, mlp = fused_rms_norm(model_type), mlp_kernel(model_type)
+    wanted = {"rope": True, "rms_norm": not own_norm, "swiglu": mlp == "liger", "cross_entropy": False}
     wanted["fused_linear_cross_entropy"] = False
     accepted = inspect.signature(apply).parameters
     apply(model=lm, **{k: v for k, v in wanted.items() if k in accepted})
@@ -120,16 +119,6 @@ def apply_liger(lm: nn.Module, required: bool = True) -> None:
     if own_norm:
         n = use_fused_rms_norm(lm)
         logger.info("RMSNorm: PyTorch's fused forward and sft's one-pass backward in %d modules (sft/rms_norm.py)", n)
-    if rope == "sft":
-        if patch_rope(lm):
-            logger.info("RoPE: sft's kernel (sft/rope.py)")
-        elif required:  # the family row promised the standard rotation: a transformers change must not go unnoticed
-            raise ValueError(
-                f"model.use_liger=true: {model_type}'s apply_rotary_pos_emb is not the standard half-split rotation "
-                "for sft/rope.py; set model.use_liger=false (or auto) and report it"
-            )
-        else:
-            logger.info("RoPE: %s's apply_rotary_pos_emb is not the standard rotation; its own code runs", model_type)
     if mlp == "sft":
         n = use_fused_swiglu(lm)
         if n == 0 and required:  # the family row promised a gated MLP: a transformers change must not go unnoticed

@@ -36,7 +36,14 @@ KINDS = (
     ("sft", ("_sft_",)),  # sft's own Triton kernels (sft/rms_norm.py, sft/swiglu.py), named _sft_*
     # Liger's Triton kernels carry their Python names, without "triton" (liger-kernel 0.8.5): its SwiGLU and
     # RMSNorm backward kernels alone took 0.154 s of the 1.5B step's 0.33 s of "other" (H200, 2026-12-03).
-    ("liger", ("_rms_norm_", "_swiglu_", "_triton_rope", "_geglu_", "_layer_norm_", "liger")),
+    # Its norm kernels by their full names: PyTorch's fused RMSNorm forward runs `vectorized_layer_norm_kernel`,
+    # which the bare word "_layer_norm_" put under Liger (15.8 ms of the 1.5B step's 29.7 ms "liger", 2026-12-03).
+    (
+        "liger",
+        ("_rms_norm_forward", "_rms_norm_backward", "_layer_norm_forward", "_layer_norm_backward")
+        + ("_swiglu_", "_triton_rope", "_geglu_", "liger"),
+    ),
+    ("norm", ("layer_norm",)),  # PyTorch's own norm kernels (its RMSNorm shares the layer-norm kernels)
     ("triton", ("triton",)),
 )
 

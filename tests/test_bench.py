@@ -264,6 +264,13 @@ def test_device_time_by_kind():
         ("_swiglu_backward_kernel", True, 35, 200_000),  # Liger's names do not say "triton"
         ("_rms_norm_forward_kernel", True, 36, 100_000),
         ("_sft_rms_norm_backward", True, 37, 60_000),  # sft's own Triton kernel: not Liger's
+        # PyTorch's fused RMSNorm forward: its own kind, not Liger's
+        (
+            "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float, true>",
+            True,
+            38,
+            30_000,
+        ),
         ("Memcpy HtoD (Pinned -> Device)", True, 40, 100_000),
         ("cudaLaunchKernel", False, 0, 9_000_000),  # host time is not device time
         ("late_gemm", True, 100, 7_000_000),  # after the end mark: not counted
@@ -276,6 +283,7 @@ def test_device_time_by_kind():
         "liger": 0.0003,
         "other": 0.00025,
         "sft": 0.00006,
+        "norm": 0.00003,
         "copy": 0.0001,
     }
     assert out["top_kernels"] == [

@@ -210,25 +210,3 @@ def test_swiglu_kernels_on_cuda(rows, cols):
     c64.backward(dc.double())
     for got, want in ((c, c64), (a.grad, a64.grad), (b.grad, b64.grad)):
         torch.testing.assert_close(got.double(), want.detach(), rtol=2**-7, atol=2e-2)
-
-
-@pytest.mark.parametrize("hq,hk,dim,seq", [(12, 2, 128, 4099), (14, 2, 64, 3001), (3, 1, 16, 7)])
-def test_rope_kernel_on_cuda(hq, hk, dim, seq):
-    """sft/rope.py's compiled kernel, q and k in transformers' [B, S, H, D]-as-[B, H, S, D] layout, against
-    the rotation x·cos + [-x2, x1]·sin and its gradient in fp64."""
-    from sft.rope import _Rope, kernel_runs, reference_rope
-
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q0 = torch.randn(1, seq, hq, dim, device="cuda", generator=g).bfloat16().transpose(1, 2)
-    k0 = torch.randn(1, seq, hk, dim, device="cuda", generator=g).bfloat16().transpose(1, 2)
-    cos, sin = (torch.randn(1, seq, dim, device="cuda", generator=g).bfloat16() for _ in range(2))
-    q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
-    assert kernel_runs(q, k, cos, sin, 1)
-    qo, ko = _Rope.apply(q, k, cos, sin)
-    dq, dk = torch.randn_like(qo), torch.randn_like(ko)
-    ((qo * dq).sum() + (ko * dk).sum()).backward()
-    q64, k64 = q0.double().requires_grad_(), k0.double().requires_grad_()
-    qw, kw = reference_rope(q64, k64, cos.double(), sin.double())
-    ((qw * dq.double()).sum() + (kw * dk.double()).sum()).backward()
-    for got, want in ((qo, qw), (ko, kw), (q.grad, q64.grad), (k.grad, k64.grad)):
-        torch.testing.assert_close(got.double(), want.detach(), rtol=2**-7, atol=3e-2)

@@ -139,21 +139,19 @@ def test_fused_rms_norm_keeps_the_model_math_for_mixed_dtypes():
 
 
 @pytest.mark.parametrize(
-    "model_type,liger_norm,liger_mlp,liger_rope",
+    "model_type,liger_norm,liger_mlp",
     [
-        ("qwen2", False, False, False),
-        ("llama", False, False, False),
-        ("phi3", False, True, True),
-        ("gemma", True, True, False),
-        ("gemma2", True, True, False),
+        ("qwen2", False, False),
+        ("llama", False, False),
+        ("phi3", False, True),
+        ("gemma", True, True),
+        ("gemma2", True, True),
     ],
 )
-def test_apply_liger_puts_each_layer_on_its_faster_exact_kernel(
-    monkeypatch, model_type, liger_norm, liger_mlp, liger_rope
-):
-    """Llama-style norms go to sft/rms_norm.py, SiLU-gated MLPs to sft/swiglu.py and the standard rotary
-    embedding to sft/rope.py; Gemma's (1 + weight) norms and GEGLU, Phi-3's fused gate_up MLP and its
-    partial rotary stay with Liger. A stand-in for liger-kernel records what `apply_liger` asks of it."""
+def test_apply_liger_puts_each_layer_on_its_faster_exact_kernel(monkeypatch, model_type, liger_norm, liger_mlp):
+    """Llama-style norms go to sft/rms_norm.py and SiLU-gated MLPs to sft/swiglu.py; Gemma's (1 + weight) norms
+    and GEGLU, and Phi-3's fused gate_up MLP, stay with Liger. A stand-in for liger-kernel records what
+    `apply_liger` asks of it."""
     import sys
     import types
 
@@ -162,7 +160,7 @@ def test_apply_liger_puts_each_layer_on_its_faster_exact_kernel(
     asked: dict = {}
 
     def fake_apply(model=None, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, **_):
-        asked.update(rms_norm=rms_norm, swiglu=swiglu, rope=rope)
+        asked.update(rms_norm=rms_norm, swiglu=swiglu)
 
     mod = types.ModuleType("liger_kernel.transformers.monkey_patch")
     mod.MODEL_TYPE_TO_APPLY_LIGER_FN = {model_type: fake_apply}
@@ -170,13 +168,10 @@ def test_apply_liger_puts_each_layer_on_its_faster_exact_kernel(
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", mod)
     lm = _tiny(model_type)
-    modeling = sys.modules[type(lm).__module__]
-    monkeypatch.setattr(modeling, "apply_rotary_pos_emb", modeling.apply_rotary_pos_emb)  # restored afterwards
     apply_liger(lm)
     norms = sum(type(m).forward.__name__ == "_fused_rms_norm_forward" for m in lm.modules())
     mlps = sum(type(m).forward.__name__ == "_fused_swiglu_forward" for m in lm.modules())
-    assert asked == {"rms_norm": liger_norm, "swiglu": liger_mlp, "rope": liger_rope}
-    assert hasattr(modeling.apply_rotary_pos_emb, "sft_original") == (not liger_rope)
+    assert asked == {"rms_norm": liger_norm, "swiglu": liger_mlp}
     assert norms == (0 if liger_norm else 5)
     assert mlps == (0 if liger_mlp else 2)
 
