@@ -39,6 +39,8 @@
 #  PART=ce   : the fused loss (scripts/ce_bench.py; each its own process): the softmax pass alone, sft's kernel
 #              at several blocks against inductor's, then the whole loss at the 1.5B and 0.5B heads: $OUT/ce_pass.jsonl,
 #              $OUT/ce.jsonl; then the fused-loss GPU test. CE=1 runs it in PART=keep15.
+#  PART=gradsum: bias gradients as a reduction or a GEMV, sibling input gradients as mm + add or addmm
+#              (scripts/grad_sum_bench.py) at the 1.5B and 0.5B sizes: $OUT/gradsum.jsonl.
 #  PART=probe: the verl production keys, then the same + model.compile=true without checkpointing (is compile
 #              without recompute faster than Liger's eager kernels?); read device_s_by_kind and top_kernels.
 # Qwen2.5-1.5B shape (SHAPE), max_length 4096, global batch 128. Results: $OUT/results.jsonl (one JSON line per
@@ -124,6 +126,10 @@ elif [ "${PART:-sync}" = proj ]; then  # sibling projections separate or as one 
   projs; exit 0
 elif [ "${PART:-sync}" = norms ]; then  # RMSNorm implementations alone at the 1.5B and 0.5B micro-batch sizes
   norms; exit 0
+elif [ "${PART:-sync}" = gradsum ]; then  # bias-gradient and sibling fan-in sums, separate vs fused (one process each size)
+  for a in "--rows 41000 --hidden 1536 --widths 1536,256 --inter 8960" "--rows 61000 --hidden 896 --widths 896,128 --inter 4864"; do
+    timeout 120 python3 scripts/grad_sum_bench.py $a >>"$OUT/gradsum.jsonl" 2>>"$OUT/gradsum.err"; done
+  cat "$OUT/gradsum.jsonl"; exit 0
 elif [ "${PART:-sync}" = ce ]; then  # the fused loss's softmax pass and the whole loss, sft's kernel vs inductor's
   ces; exit 0
 elif [ "${PART:-sync}" = swiglu ]; then  # SwiGLU gate implementations alone at the 1.5B and 0.5B micro-batch sizes
