@@ -1,19 +1,20 @@
 """sft/ce_softmax.py: the fused cross-entropy's softmax kernel against log-softmax in fp64.
 
-The kernel runs here under Triton's interpreter when triton is installed (in a subprocess: the
-interpreter is chosen when the kernel is defined), with a small block so that a row spans several
-blocks; tests/test_gpu.py runs it compiled on CUDA through the fused loss."""
+The kernel runs here under Triton's interpreter (tests/triton_interp.py: in a subprocess, with triton from the
+environment or the side folder scripts/test.sh fills; the interpreter is chosen when the kernel is defined),
+with a small block so that a row spans several blocks; tests/test_gpu.py runs it compiled on CUDA through the
+fused loss."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
+import triton_interp
+from triton_interp import needs_triton
 
 _RUN = """
 import json, sys, torch
@@ -51,7 +52,7 @@ def _fp64(logits: torch.Tensor, y: torch.Tensor, cap: float | None):
     return float(loss), x.grad, int((first_max == y).sum())
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (CUDA hosts have it)")
+@needs_triton
 @pytest.mark.parametrize(
     "rows,vocab,block,cap,dtype",
     [
@@ -69,7 +70,7 @@ def test_kernel_matches_log_softmax_in_fp64(tmp_path, rows, vocab, block, cap, d
     torch.save((logits, y), path)
     out = subprocess.run(
         [sys.executable, "-c", _RUN, str(block), cap, str(path), dtype],
-        env=dict(os.environ, TRITON_INTERPRET="1"),
+        env=triton_interp.env(),
         capture_output=True,
         text=True,
         timeout=300,

@@ -1,18 +1,19 @@
 """sft/rms_norm.py: PyTorch's fused forward with a one-pass backward, checked against the math in fp64.
 
-The Triton kernel runs here under Triton's interpreter when triton is installed (in a subprocess: the
-interpreter is chosen when the kernel is defined); tests/test_gpu.py runs it compiled on CUDA."""
+The Triton kernel runs here under Triton's interpreter (tests/triton_interp.py: in a subprocess, with triton
+from the environment or the side folder scripts/test.sh fills; the interpreter is chosen when the kernel is
+defined); tests/test_gpu.py runs it compiled on CUDA."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
+import triton_interp
+from triton_interp import needs_triton
 
 from sft.rms_norm import rms_norm
 
@@ -72,13 +73,13 @@ print(json.dumps({"dx": x.grad.float().tolist(), "dw": w.grad.float().tolist()})
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (CUDA hosts have it)")
+@needs_triton
 @pytest.mark.parametrize(
     "rows,cols,dtype", [(37, 100, "float32"), (50, 64, "bfloat16"), (9, 1536, "float32"), (70, 48, "bfloat16")]
 )
 def test_triton_backward_matches_the_math_in_fp64(rows, cols, dtype):
     """Row counts that are not a multiple of the row block, widths that are not a power of two."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = triton_interp.env()
     out = subprocess.run(
         [sys.executable, "-c", _INTERPRETED, str(rows), str(cols), dtype],
         env=env, capture_output=True, text=True, timeout=300,

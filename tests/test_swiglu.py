@@ -1,18 +1,19 @@
 """sft/swiglu.py: silu(a) * b and its in-place backward, checked against autograd in fp64.
 
-The Triton kernels run here under Triton's interpreter when triton is installed (in a subprocess: the
-interpreter is chosen when the kernels are defined); tests/test_gpu.py runs them compiled on CUDA."""
+The Triton kernels run here under Triton's interpreter (tests/triton_interp.py: in a subprocess, with triton
+from the environment or the side folder scripts/test.sh fills; the interpreter is chosen when the kernels are
+defined); tests/test_gpu.py runs them compiled on CUDA."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
+import triton_interp
+from triton_interp import needs_triton
 
 from sft.swiglu import silu_mul
 
@@ -85,11 +86,11 @@ print(json.dumps({k: t.float().flatten().tolist() for k, t in (("c", c), ("da", 
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (CUDA hosts have it)")
+@needs_triton
 @pytest.mark.parametrize("shape,dtype", [("37x100", "float32"), ("3x1500", "bfloat16"), ("4096x3", "float32")])
 def test_triton_kernels_match_the_math_in_fp64(shape, dtype):
     """Element counts that are not a multiple of the block, and more than one block."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = triton_interp.env()
     out = subprocess.run(
         [sys.executable, "-c", _INTERPRETED, shape, dtype], env=env, capture_output=True, text=True, timeout=300
     )
@@ -102,9 +103,9 @@ def test_triton_kernels_match_the_math_in_fp64(shape, dtype):
         torch.testing.assert_close(torch.tensor(got[key]).double().view(dims), x64, rtol=tol, atol=tol * 2, msg=key)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (CUDA hosts have it)")
+@needs_triton
 def test_triton_one_tensor_as_both_inputs():
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = triton_interp.env()
     out = subprocess.run(
         [sys.executable, "-c", _INTERPRETED, "5x8", "float32", "shared"],
         env=env,
