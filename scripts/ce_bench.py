@@ -65,7 +65,10 @@ def main() -> None:
     ap.add_argument("--warps", type=int, default=ces.WARPS)
     args = ap.parse_args()
     ces.BLOCK, ces.WARPS = args.block, args.warps
-    {"eager": eager_variant, "inductor": inductor_variant}.get(args.variant, lambda: None)()
+    if args.variant == "eager":
+        eager_variant()
+    elif args.variant == "inductor":
+        inductor_variant()
     if args.pass_only:
         out = {"variant": args.variant, "vocab": args.vocab, "chunk": args.chunk, "block": args.block, "warps": args.warps}
         print(json.dumps({**out, **pass_only(args)}))

@@ -20,25 +20,20 @@ import torch
 from cuda_timing import median_ms  # scripts/ is on sys.path when run as a script
 
 
+def _timed(case: str, variant: str, fn, ref: torch.Tensor, **shape) -> dict:
+    """One JSON row: `fn`'s device time and its largest deviation from the fp64 reference."""
+    err = float((fn().double() - ref).abs().max())
+    return {"case": case, "variant": variant, **shape, "ms": round(median_ms(lambda i: fn()), 4), "max_err": err}
+
+
 def bias_cases(rows: int, widths: list[int]) -> list[dict]:
     out = []
     for n in widths:
         dy = torch.randn(rows, n, device="cuda").bfloat16()
         ones = torch.ones(rows, device="cuda", dtype=torch.bfloat16)
         ref = dy.double().sum(0)
-        variants = (("reduce", lambda dy=dy: dy.sum(0)), ("gemv", lambda dy=dy, ones=ones: torch.mv(dy.t(), ones)))
-        for name, fn in variants:
-            err = float((fn().double() - ref).abs().max())
-            out.append(
-                {
-                    "case": "bias",
-                    "variant": name,
-                    "rows": rows,
-                    "n": n,
-                    "ms": round(median_ms(lambda i, fn=fn: fn()), 4),
-                    "max_err": err,
-                }
-            )
+        out.append(_timed("bias", "reduce", lambda dy=dy: dy.sum(0), ref, rows=rows, n=n))
+        out.append(_timed("bias", "gemv", lambda dy=dy, ones=ones: torch.mv(dy.t(), ones), ref, rows=rows, n=n))
     return out
 
 
@@ -46,28 +41,13 @@ def fan_in_cases(rows: int, hidden: int, inter: int) -> list[dict]:
     da, db = (torch.randn(rows, inter, device="cuda").bfloat16() for _ in range(2))
     wg, wu = ((torch.randn(inter, hidden, device="cuda") * 0.02).bfloat16() for _ in range(2))
     ref = da.double() @ wg.double() + db.double() @ wu.double()
-
-    def autograd_form():
-        return da @ wg + db @ wu  # two GEMMs and an add, as autograd sums the two input gradients
-
-    def epilogue_form():
-        return torch.addmm(da @ wg, db, wu)  # the second GEMM adds into the first's output
-
-    out = []
-    for name, fn in (("mm_add", autograd_form), ("addmm", epilogue_form)):
-        err = float((fn().double() - ref).abs().max())
-        out.append(
-            {
-                "case": "fan_in",
-                "variant": name,
-                "rows": rows,
-                "hidden": hidden,
-                "inter": inter,
-                "ms": round(median_ms(lambda i, fn=fn: fn()), 4),
-                "max_err": err,
-            }
-        )
-    return out
+    shape = {"rows": rows, "hidden": hidden, "inter": inter}
+    return [
+        # two GEMMs and an add, as autograd sums the two input gradients
+        _timed("fan_in", "mm_add", lambda: da @ wg + db @ wu, ref, **shape),
+        # the second GEMM adds into the first's output
+        _timed("fan_in", "addmm", lambda: torch.addmm(da @ wg, db, wu), ref, **shape),
+    ]
 
 
 def main() -> None:

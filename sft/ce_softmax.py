@@ -17,18 +17,10 @@ are summed afterwards in a fixed order, so the result is the same bits run to ru
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU machines: sft/fused_ce.py's torch ops
-    triton = None
+from sft.triton_support import on_triton, tl, triton
 
-# Read once: Triton itself decides at import whether its kernels are interpreted (tests on CPU).
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Logits per loop iteration of a program, and its warps: 16 fp32 a thread, four 16-byte loads.
 BLOCK = 4096
 WARPS = 8
@@ -84,7 +76,7 @@ if triton is not None:
 
 def triton_runs(logits: torch.Tensor) -> bool:
     """Whether `softmax_pass` runs the Triton kernel for these logits (CUDA, or the Triton interpreter)."""
-    return triton is not None and (logits.is_cuda or _INTERPRETED) and logits.numel() > 0
+    return on_triton(logits) and logits.numel() > 0
 
 
 def softmax_pass(

@@ -14,20 +14,12 @@ as fp32 torch ops:
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU machines: the torch-op backward
-    triton = None
+from sft.triton_support import on_triton, tl, triton
 
 # Widest row the one-pass kernel keeps in registers (fp32 tiles of x and dy); wider rows use the torch ops.
 MAX_TRITON_COLS = 16384
-# Read once: Triton itself decides at import whether its kernels are interpreted (tests on CPU).
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _FUSED_FORWARD = hasattr(torch.ops.aten, "_fused_rms_norm")  # PyTorch >= 2.8; it also returns the fp32 1/rms
 
 if triton is not None:
@@ -65,7 +57,7 @@ ROWS_PER_PROGRAM = 32
 
 def triton_backward_runs(x: torch.Tensor) -> bool:
     """Whether `rms_norm`'s backward of `x` runs the Triton kernel (CUDA, or the Triton interpreter)."""
-    return triton is not None and (x.is_cuda or _INTERPRETED) and x.shape[-1] <= MAX_TRITON_COLS
+    return on_triton(x) and x.shape[-1] <= MAX_TRITON_COLS
 
 
 def _triton_backward(

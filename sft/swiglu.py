@@ -17,18 +17,10 @@ buffers at the MLP's widest point. Without Triton, or off CUDA, the same math ru
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU machines: torch ops
-    triton = None
+from sft.triton_support import on_triton, tl, triton
 
-# Read once: Triton itself decides at import whether its kernels are interpreted (tests on CPU).
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Elements per program: 16 per thread at 8 warps, i.e. two 16-byte loads of bf16 per operand.
 BLOCK = 4096
 
@@ -57,7 +49,7 @@ if triton is not None:
 
 def triton_runs(a: torch.Tensor) -> bool:
     """Whether `silu_mul` on `a` runs the Triton kernels (CUDA, or the Triton interpreter)."""
-    return triton is not None and (a.is_cuda or _INTERPRETED) and a.numel() > 0
+    return on_triton(a) and a.numel() > 0
 
 
 def _grid(n: int) -> tuple[int]:
