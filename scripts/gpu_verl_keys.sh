@@ -39,6 +39,9 @@
 #  PART=ce   : the fused loss (scripts/ce_bench.py; each its own process): the softmax pass alone, sft's kernel
 #              at several blocks against inductor's, then the whole loss at the 1.5B and 0.5B heads: $OUT/ce_pass.jsonl,
 #              $OUT/ce.jsonl; then the fused-loss GPU test. CE=1 runs it in PART=keep15.
+#  GEMM=1 in PART=keep15: the layer's GEMMs alone (scripts/gemm_bench.py; default, cuBLASLt, TunableOp; each its
+#              own process) at the 1.5B and 0.5B micro-batch sizes: $OUT/gemm.jsonl. keep15 and fa4trl sample the SM
+#              clock and power every 0.2 s into $OUT/clocks.csv.
 #  PART=gradsum: bias gradients as a reduction or a GEMV, sibling input gradients as mm + add or addmm
 #              (scripts/grad_sum_bench.py) at the 1.5B and 0.5B sizes: $OUT/gradsum.jsonl.
 #  PART=probe: the verl production keys, then the same + model.compile=true without checkpointing (is compile
@@ -103,6 +106,15 @@ projs() {  # scripts/proj_bench.py: q/k/v and gate/up at the 1.5B and 0.5B micro
     "--group qkv --shape qwen2.5-1.5b --rows 41000" "--group gate_up --shape qwen2.5-1.5b --rows 41000" \
     "--group qkv --shape qwen2.5-0.5b --rows 61000" "--group gate_up --shape qwen2.5-0.5b --rows 61000"
 }
+gemmb() {  # scripts/gemm_bench.py: the layer's GEMMs at the 1.5B and 0.5B micro-batch sizes, three BLAS choices
+  bench_variants gemm gemm_bench.py "default lt tunable" "--rows 48128 --hidden 1536 --inter 8960 --q 1536 --kv 256" \
+    "--rows 65536 --hidden 896 --inter 4864 --q 896 --kv 128"
+}
+clocks() {  # the SM clock and power every 0.2 s into $OUT/clocks.csv until the script ends (throttling under load?)
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu,utilization.gpu \
+    --format=csv,noheader -lms 200 >>"$OUT/clocks.csv" 2>/dev/null &
+  CLOCKS_PID=$!; trap 'kill $CLOCKS_PID 2>/dev/null' EXIT
+}
 ces() {  # scripts/ce_bench.py: the softmax pass alone (sft's kernel at several blocks, inductor's), then the
   # whole fused loss at the 1.5B and 0.5B heads (one micro-batch of targets), then the fused-loss GPU test
   bench_variants ce_pass ce_bench.py "inductor fused" "--pass-only"
@@ -162,6 +174,8 @@ elif [ "${PART:-sync}" = final ]; then
   cmd verl15_torch "$VERL model.attn_kernel=torch"
 elif [ "${PART:-sync}" = keep15 ]; then  # first of two calls: keep FA4's first half, the verl keys on torch's kernel
   source "$(dirname "$0")/fa4_env.sh" keep
+  clocks
+  [ "${GEMM:-0}" = 1 ] && gemmb
   cmd verl15_torch "$VERL model.attn_kernel=torch"
   [ "${PROJ:-0}" = 1 ] && projs
   [ "${NORMS:-0}" = 1 ] && norms
@@ -170,6 +184,7 @@ elif [ "${PART:-sync}" = keep15 ]; then  # first of two calls: keep FA4's first 
   [ -n "${TESTS:-}" ] && gpu_test pytest_keep15 "$TESTS" 300  # TESTS="-k expression" of tests/test_gpu.py
 elif [ "${PART:-sync}" = fa4trl ]; then  # second call, within 30 s: ours (auto: FA4) beside TRL on FA4, 1.5B then 0.5B
   source "$(dirname "$0")/fa4_env.sh" assemble
+  clocks
   # TRL + Liger on transformers' flash_attention_4 (padding-free, no flex compile). With the CUTLASS DSL
   # importable Liger would pick its CuTe DSL RoPE, which recompiles per packed shape: TRL gets the same
   # Triton pin as ours (sft/kernels.py::pin_liger_triton).
