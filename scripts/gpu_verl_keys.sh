@@ -39,6 +39,8 @@
 #  PART=ce   : the fused loss (scripts/ce_bench.py; each its own process): the softmax pass alone, sft's kernel
 #              at several blocks against inductor's, then the whole loss at the 1.5B and 0.5B heads: $OUT/ce_pass.jsonl,
 #              $OUT/ce.jsonl; then the fused-loss GPU test. CE=1 runs it in PART=keep15.
+#  PART=ab   : after keep15 (KEEP_ONLY=1: nothing else in it), within 30 s: at 1.5B, the verl keys (FA4) and TRL +
+#              Liger (FA4) taking turns, REPS (2) times each; STEPS=12 for 9 timed steps a run.
 #  GEMM=1 in PART=keep15: the layer's GEMMs alone (scripts/gemm_bench.py; default, cuBLASLt, TunableOp; each its
 #              own process) at the 1.5B and 0.5B micro-batch sizes: $OUT/gemm.jsonl. keep15 and fa4trl sample the SM
 #              clock and power every 0.2 s into $OUT/clocks.csv.
@@ -50,9 +52,9 @@
 # run), $OUT/runs.log (tails of each run's log), $OUT/pytest.log, $OUT/gpu.txt. Carry .whl (trl, datasets too).
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
-SHAPE=${SHAPE:-qwen2.5-1.5b}; W=/tmp/table; STEPS=7; L=/tmp/runlogs; mkdir -p $L
+SHAPE=${SHAPE:-qwen2.5-1.5b}; W=/tmp/table; STEPS=${STEPS:-7}; L=/tmp/runlogs; mkdir -p $L
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"; date -u | tee -a "$OUT/gpu.txt"
-# The same files as `sft.bench --shape $SHAPE --steps 5 --warmup 2` (128 x 7 rows), so the TRL runs share them.
+# The same files as `sft.bench --shape $SHAPE --steps $((STEPS-2)) --warmup 2` (128 x STEPS rows), so the TRL runs share them.
 use_shape() {  # shape: build (or find) its model and data, and the data/model keys of every run
   SHAPE=$1; read -r model data < <(python3 -c "
 from pathlib import Path; from sft.bench_data import ensure_assets
@@ -74,7 +76,7 @@ cmd() {  # name, user keys: `torchrun ... -m sft.fsdp_sft_trainer` as typed, tim
 }
 trl() {  # name, pythonpath[, extra bench args]
   local tps; tps=$(python3 -c "import json; print(json.load(open('$L/${TPS_RUN:-verl}.json'))['tokens_per_step'])" 2>/dev/null || echo 130000)
-  PYTHONPATH=$2 timeout -k 10 ${TRL_TIMEOUT:-420} python3 -m sft.bench --shape $SHAPE --steps 5 --warmup 2 --workdir $W \
+  PYTHONPATH=$2 timeout -k 10 ${TRL_TIMEOUT:-420} python3 -m sft.bench --shape $SHAPE --steps $((STEPS-2)) --warmup 2 --workdir $W \
     --baseline trl --trl-only $tps --trl-attn ${TRL_ATTN:-flex_attention} ${3:-} data.max_length=4096 data.train_batch_size=128 \
     --out $L/$1.json >$L/$1.log 2>&1
   python3 -c "import json; r=json.load(open('$L/$1.json')); r['run']='$1'; r['shape']='$SHAPE'; print(json.dumps(r))" >>"$OUT/results.jsonl" \
@@ -176,6 +178,7 @@ elif [ "${PART:-sync}" = keep15 ]; then  # first of two calls: keep FA4's first 
   source "$(dirname "$0")/fa4_env.sh" keep
   clocks
   [ "${GEMM:-0}" = 1 ] && gemmb
+  [ "${KEEP_ONLY:-0}" = 1 ] && exit 0  # only FA4's first half kept, for the next call
   cmd verl15_torch "$VERL model.attn_kernel=torch"
   [ "${PROJ:-0}" = 1 ] && projs
   [ "${NORMS:-0}" = 1 ] && norms
@@ -196,6 +199,16 @@ elif [ "${PART:-sync}" = fa4trl ]; then  # second call, within 30 s: ours (auto:
     # The same keys on an earlier sft (carried in .base: git archive REV sft | tar -x -C .base), same call.
     [ -d .base/sft ] && [ $n = 15 ] && CMD_DIR=.base cmd verl${n}_base "$VERL"
     TPS_RUN=verl$n trl trl$n "$PYTHONPATH" --trl-liger
+  done
+elif [ "${PART:-sync}" = ab ]; then  # after keep15 (within 30 s): sft and TRL + Liger (both FA4) taking turns, REPS
+  # times at 1.5B (STEPS=12 gives 9 timed steps a run), so a slow or fast stretch of the machine hits both alike
+  source "$(dirname "$0")/fa4_env.sh" assemble
+  clocks
+  export TRL_ATTN=flash_attention_4 LIGER_KERNEL_IMPL_ROPE=nvidia-triton LIGER_KERNEL_IMPL_RMS_NORM=nvidia-triton \
+    LIGER_KERNEL_IMPL_SWIGLU=nvidia-triton TRL_TIMEOUT=${TRL_TIMEOUT:-150}
+  for r in $(seq ${REPS:-2}); do
+    cmd verl15_r$r "$VERL"
+    TPS_RUN=verl15_r$r trl trl15_r$r "$PYTHONPATH" --trl-liger
   done
 elif [ "${PART:-sync}" = fa4keep ]; then  # first of two calls: keep FA4's first half, time the torch kernel
   source "$(dirname "$0")/fa4_env.sh" keep
