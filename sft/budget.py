@@ -23,7 +23,7 @@ import torch.distributed as dist
 from transformers import PretrainedConfig
 
 from sft.families import moe_spec
-from sft.fused_ce import DEFAULT_CHUNK
+from sft.fused_ce import DEFAULT_CHUNK, GRAD_W_ROWS
 from sft.metrics import matmul_params
 from sft.parallelize import layerwise_recompute
 
@@ -114,7 +114,8 @@ def fixed_bytes_to_come(
     layer = max(n_params - root, 0) / layers
     state = 3 * n_trainable * param_bytes / world
     gathered = 2 * root + 4 * root + 2 * 2 * layer
-    loss = 4 * vocab * h + 3 * DEFAULT_CHUNK * vocab * 4
+    # fp32 head gradient; one chunk's fp32 logits and as much again of slack; the held bf16 dL/dlogits (sft/fused_ce.py)
+    loss = 4 * vocab * h + 2 * DEFAULT_CHUNK * vocab * 4 + GRAD_W_ROWS * vocab * 2
     return state + gathered + loss
 
 

@@ -80,15 +80,17 @@ def triton_runs(logits: torch.Tensor) -> bool:
 
 
 def softmax_pass(
-    logits: torch.Tensor, y: torch.Tensor, softcap: float | None, dtype: torch.dtype
+    logits: torch.Tensor, y: torch.Tensor, softcap: float | None, dtype: torch.dtype, out: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss sum fp32, dL/dlogits [c, V] in `dtype`, argmax hits int64) of fp32 logits [c, V] and labels y [c].
 
-    Only where `triton_runs(logits)`: the caller keeps the torch ops for the rest."""
+    The gradient goes into `out` when given ([c, V] of `dtype`, rows contiguous). Only where
+    `triton_runs(logits)`: the caller keeps the torch ops for the rest."""
     assert logits.dtype == torch.float32 and logits.stride(1) == 1, "fp32 logits with contiguous rows"
     c, v = logits.shape
     y = y.contiguous()
-    grad = torch.empty((c, v), dtype=dtype, device=logits.device)
+    grad = torch.empty((c, v), dtype=dtype, device=logits.device) if out is None else out
+    assert grad.shape == (c, v) and grad.dtype == dtype and grad.stride(1) == 1, "out: [c, V] of dtype, rows contiguous"
     loss = torch.empty(c, dtype=torch.float32, device=logits.device)
     hit = torch.empty(c, dtype=torch.int32, device=logits.device)
     _sft_ce_softmax[(c,)](

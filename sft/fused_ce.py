@@ -10,7 +10,9 @@ forward, which also computes d(loss)/d(hidden) and accumulates d(loss)/d(weight)
 backward scales those by the incoming gradient (a device scalar, never inspected on the host).
 On CUDA each chunk's logits come from a GEMM with an fp32 output, the softmax pass is one Triton
 kernel of sft's own (sft/ce_softmax.py: two reads of the logits), and the head gradient is summed in
-the GEMM's epilogue (docs/PERFORMANCE.md has the timings).
+the GEMM's epilogue (docs/PERFORMANCE.md has the timings). The head gradient takes one GEMM per
+`GRAD_W_ROWS` rows, not per chunk: each such GEMM reads and writes the whole fp32 [V, d] sum (1.9 GB at
+the 1.5B head), so fewer, longer ones move less memory, while the fp32 logits stay one chunk at a time.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ from sft import ce_softmax
 
 # Rows per chunk: a chunk holds about 2 fp32 [rows, vocab] buffers (1.2 GB each at 152k vocab).
 DEFAULT_CHUNK = 2048
+# Rows per head-gradient GEMM: the chunks' dL/dlogits (in the hidden dtype) are kept until this many rows are
+# in, then summed into the fp32 head gradient at once (2.5 GB of bf16 at 152k vocab). On an H200 (2026-12-03,
+# scripts/ce_bench.py, 1.5B head, 32,700 targets) one GEMM per 8,192 rows instead of per 2,048 took the whole
+# loss from 89.6 to 84.9 ms (there with 8,192-row chunks, whose fp32 logits cost 7.5 GB more).
+GRAD_W_ROWS = 8192
 
 
 def _softmax_grad(
@@ -52,19 +59,21 @@ def _logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_grads(
-    h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, softcap: float | None
+    h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, softcap: float | None, out: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss sum, dL/dlogits in h's dtype, correct count) of one chunk: h [c, d], weight [V, d], y [c]."""
-    return _softmax_pass(_logits(h, weight), y, softcap, h.dtype)
+    """(loss sum, dL/dlogits in h's dtype, correct count) of one chunk: h [c, d], weight [V, d], y [c].
+    The gradient is written into `out` when given."""
+    return _softmax_pass(_logits(h, weight), y, softcap, h.dtype, out)
 
 
 def _softmax_pass(
-    logits: torch.Tensor, y: torch.Tensor, softcap: float | None, dtype: torch.dtype
+    logits: torch.Tensor, y: torch.Tensor, softcap: float | None, dtype: torch.dtype, out: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """sft's Triton kernel on CUDA (sft/ce_softmax.py), the torch ops elsewhere."""
     if ce_softmax.triton_runs(logits):
-        return ce_softmax.softmax_pass(logits, y, softcap, dtype)
-    return _softmax_grad(logits, y, softcap, dtype)
+        return ce_softmax.softmax_pass(logits, y, softcap, dtype, out)
+    loss, grad, correct = _softmax_grad(logits, y, softcap, dtype)
+    return loss, (grad if out is None else out.copy_(grad)), correct
 
 
 def compile_ahead(device: torch.device, vocab: int, dtype: torch.dtype, softcap: float | None) -> None:
@@ -96,15 +105,21 @@ class _FusedLinearCE(torch.autograd.Function):
         correct = torch.zeros((), dtype=torch.int64, device=hidden.device)
         grad_h = torch.empty_like(hidden) if hidden.requires_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
-        for start in range(0, n, chunk):
-            h, y = hidden[start : start + chunk], labels[start : start + chunk]
-            loss, g, right = _chunk_grads(h, weight, y, softcap)
-            total += loss
-            correct += right
-            if grad_h is not None:
-                torch.mm(g, weight, out=grad_h[start : start + chunk])  # [c, V] @ [V, d] -> [c, d]
-            if grad_w is not None:
-                _accumulate_grad_w(grad_w, g, h)  # [V, c] @ [c, d] -> [V, d], summed in fp32
+        # Whole chunks per head-gradient GEMM; their dL/dlogits wait in `held` until it runs.
+        group = max(chunk, GRAD_W_ROWS // chunk * chunk) if grad_w is not None else chunk
+        held = torch.empty((min(group, n), weight.shape[0]), dtype=hidden.dtype, device=hidden.device)
+        for first in range(0, n, group):
+            last = min(first + group, n)
+            for start in range(first, last, chunk):
+                end = min(start + chunk, last)
+                g = held[start - first : end - first]
+                loss, _, right = _chunk_grads(hidden[start:end], weight, labels[start:end], softcap, out=g)
+                total += loss
+                correct += right
+                if grad_h is not None:
+                    torch.mm(g, weight, out=grad_h[start:end])  # [c, V] @ [V, d] -> [c, d]
+            if grad_w is not None:  # [V, rows] @ [rows, d] -> [V, d], summed in fp32
+                _accumulate_grad_w(grad_w, held[: last - first], hidden[first:last])
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(correct)

@@ -23,8 +23,13 @@ m.BLOCK = int(sys.argv[1])
 cap = None if sys.argv[2] == "none" else float(sys.argv[2])
 logits, y = torch.load(sys.argv[3])
 assert m.triton_runs(logits), "Triton kernel not selected"
-loss, grad, hit = m.softmax_pass(logits, y, cap, getattr(torch, sys.argv[4]))
-print(json.dumps({"loss": float(loss), "hit": int(hit), "grad": grad.float().flatten().tolist(), "dtype": str(grad.dtype)}))
+dtype, into = getattr(torch, sys.argv[4]), sys.argv[5] == "into"
+# "into": the gradient goes into rows 1..c of a larger buffer (the fused loss's held gradients); rows 0 and c+1 stay 7
+buf = torch.full((logits.shape[0] + 2, logits.shape[1]), 7.0, dtype=dtype) if into else None
+loss, grad, hit = m.softmax_pass(logits, y, cap, dtype, out=buf[1:-1] if into else None)
+kept = bool((buf[0] == 7).all() and (buf[-1] == 7).all() and grad.data_ptr() == buf[1].data_ptr()) if into else True
+print(json.dumps({"loss": float(loss), "hit": int(hit), "grad": grad.float().flatten().tolist(), "dtype": str(grad.dtype),
+                  "kept": kept}))
 """
 
 
@@ -54,22 +59,22 @@ def _fp64(logits: torch.Tensor, y: torch.Tensor, cap: float | None):
 
 @needs_triton
 @pytest.mark.parametrize(
-    "rows,vocab,block,cap,dtype",
+    "rows,vocab,block,cap,dtype,into",
     [
-        (6, 300, 64, "none", "float32"),  # 5 blocks, the last one partial
-        (6, 256, 64, "none", "bfloat16"),  # exact multiple of the block; bf16 gradient
-        (5, 200, 64, "30.0", "float32"),  # Gemma's soft-cap
-        (5, 77, 128, "none", "float32"),  # one block, mostly masked
+        (6, 300, 64, "none", "float32", "new"),  # 5 blocks, the last one partial
+        (6, 256, 64, "none", "bfloat16", "into"),  # exact multiple of the block; bf16 gradient into a given buffer
+        (5, 200, 64, "30.0", "float32", "new"),  # Gemma's soft-cap
+        (5, 77, 128, "none", "float32", "new"),  # one block, mostly masked
     ],
 )
-def test_kernel_matches_log_softmax_in_fp64(tmp_path, rows, vocab, block, cap, dtype):
+def test_kernel_matches_log_softmax_in_fp64(tmp_path, rows, vocab, block, cap, dtype, into):
     logits, y = _case(rows, vocab)
     if block >= vocab:  # no cross-block tie possible: keep the tie inside the one block
         logits[1, vocab - 3] = 50.0
     path = tmp_path / "case.pt"
     torch.save((logits, y), path)
     out = subprocess.run(
-        [sys.executable, "-c", _RUN, str(block), cap, str(path), dtype],
+        [sys.executable, "-c", _RUN, str(block), cap, str(path), dtype, into],
         env=triton_interp.env(),
         capture_output=True,
         text=True,
@@ -78,7 +83,7 @@ def test_kernel_matches_log_softmax_in_fp64(tmp_path, rows, vocab, block, cap, d
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     want_loss, want_grad, want_hit = _fp64(logits, y, None if cap == "none" else float(cap))
-    assert got["dtype"] == f"torch.{dtype}"
+    assert got["dtype"] == f"torch.{dtype}" and got["kept"]
     assert got["hit"] == want_hit
     assert got["loss"] == pytest.approx(want_loss, rel=1e-5)
     tol = {"rtol": 2**-8, "atol": 1e-3} if dtype == "bfloat16" else {"rtol": 1e-5, "atol": 1e-6}

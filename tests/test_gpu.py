@@ -136,14 +136,17 @@ def test_micro_batch_loop_never_syncs_on_cuda(demo_dir, tmp_path, cuda_rank, fam
     assert len(losses) == 3 and all(x == x for x in losses)
 
 
+@pytest.mark.parametrize("n", [5000, 18000], ids=["one_group", "three_groups"])
 @pytest.mark.parametrize("softcap", [None, 30.0])
-def test_fused_ce_on_cuda_matches_fp64(softcap):
+def test_fused_ce_on_cuda_matches_fp64(softcap, n):
     """The CUDA path of the fused loss (fp32-output GEMMs, sft's softmax kernel, the fp32 epilogue
-    accumulation of the head gradient) against float64 autograd from the same bf16 values."""
+    accumulation of the head gradient) against float64 autograd from the same bf16 values.
+    5,000 rows: three chunks of 2,048, the last one short, in one head-gradient GEMM; 18,000: two full
+    groups of 8,192 rows (sft/fused_ce.py GRAD_W_ROWS) and a short one."""
     from sft.fused_ce import fused_linear_cross_entropy
 
     torch.manual_seed(0)
-    n, d, vocab = 5000, 256, 32000  # three chunks of 2,048 rows, the last one short
+    d, vocab = 256, 32000
     h = (torch.randn(n, d, device="cuda") * 0.5).bfloat16().requires_grad_()
     w = (torch.randn(vocab, d, device="cuda") * 0.05).bfloat16().requires_grad_()
     y = torch.randint(0, vocab, (n,), device="cuda")

@@ -63,3 +63,25 @@ def test_loss_accuracy_and_softcap_match_full_logits(fused, softcap):
     torch.testing.assert_close(grads[1], weight.grad, rtol=1e-5, atol=1e-5)
     want = int((logits.argmax(-1) == labels)[labels != -100].sum())
     assert int(hits) == want and 0 < want < len(index)  # a count that could be wrong either way
+
+
+@pytest.mark.parametrize("grad_w_rows", [1, 16, 8192], ids=["per_chunk", "two_chunks", "one_gemm"])
+def test_fused_head_gradient_in_groups_of_chunks(monkeypatch, grad_w_rows):
+    """The fused loss sums the head gradient once per GRAD_W_ROWS rows (whole chunks), not per chunk:
+    with 30 rows in chunks of 7 that is per chunk, per two chunks (the last group one short chunk) and
+    all at once. Each gives fp64 autograd's gradients; the hidden gradient and loss too."""
+    from sft import fused_ce
+
+    monkeypatch.setattr(fused_ce, "GRAD_W_ROWS", grad_w_rows)
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(30, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(29, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 29, (30,), generator=g)
+    loss, _ = fused_ce.fused_linear_cross_entropy(hidden, weight, labels, chunk=7)
+    (loss * 0.5).backward()
+    got = loss.detach(), hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    ref = F.cross_entropy(hidden @ weight.t(), labels, reduction="sum")
+    (ref * 0.5).backward()
+    for a, b in zip(got, (ref.detach(), hidden.grad, weight.grad)):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
