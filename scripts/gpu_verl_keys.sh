@@ -39,8 +39,9 @@
 #  PART=ce   : the fused loss (scripts/ce_bench.py; each its own process): the softmax pass alone, sft's kernel
 #              at several blocks against inductor's, then the whole loss at the 1.5B and 0.5B heads: $OUT/ce_pass.jsonl,
 #              $OUT/ce.jsonl; then the fused-loss GPU test. CE=1 runs it in PART=keep15.
-#  PART=ab   : after keep15 (KEEP_ONLY=1: nothing else in it), within 30 s: at 1.5B, the verl keys (FA4) and TRL +
-#              Liger (FA4) taking turns, REPS (2) times each; STEPS=12 for 9 timed steps a run.
+#  PART=ab   : after keep15 (KEEP_ONLY=1: without its training run), within 30 s: at 1.5B, the verl keys (FA4) and
+#              TRL + Liger (FA4) taking turns, REPS (2) times each; STEPS=12 for 9 timed steps a run. With .base/sft
+#              carried, also that package's run after the first pair.
 #  GEMM=1 in PART=keep15: the layer's GEMMs alone (scripts/gemm_bench.py; default, cuBLASLt, TunableOp; each its
 #              own process) at the 1.5B and 0.5B micro-batch sizes: $OUT/gemm.jsonl. keep15 and fa4trl sample the SM
 #              clock and power every 0.2 s into $OUT/clocks.csv.
@@ -178,8 +179,7 @@ elif [ "${PART:-sync}" = keep15 ]; then  # first of two calls: keep FA4's first 
   source "$(dirname "$0")/fa4_env.sh" keep
   clocks
   [ "${GEMM:-0}" = 1 ] && gemmb
-  [ "${KEEP_ONLY:-0}" = 1 ] && exit 0  # only FA4's first half kept, for the next call
-  cmd verl15_torch "$VERL model.attn_kernel=torch"
+  [ "${KEEP_ONLY:-0}" = 1 ] || cmd verl15_torch "$VERL model.attn_kernel=torch"  # KEEP_ONLY=1: no training run
   [ "${PROJ:-0}" = 1 ] && projs
   [ "${NORMS:-0}" = 1 ] && norms
   [ "${SWIGLU:-0}" = 1 ] && swiglus
@@ -209,6 +209,8 @@ elif [ "${PART:-sync}" = ab ]; then  # after keep15 (within 30 s): sft and TRL +
   for r in $(seq ${REPS:-2}); do
     cmd verl15_r$r "$VERL"
     TPS_RUN=verl15_r$r trl trl15_r$r "$PYTHONPATH" --trl-liger
+    # With .base/sft carried (an earlier commit's package): its run after the first pair, same call
+    [ -d .base/sft ] && [ $r = 1 ] && CMD_DIR=.base cmd verl15_base "$VERL"
   done
 elif [ "${PART:-sync}" = fa4keep ]; then  # first of two calls: keep FA4's first half, time the torch kernel
   source "$(dirname "$0")/fa4_env.sh" keep

@@ -222,6 +222,7 @@ def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoint(demo_d
     assert result["code"] == 3
     assert "sft: error: step 3: non-finite loss nan" in result["stderr"]
     assert "the optimizer step was skipped" in result["stderr"]
+    assert result["unchanged"] is True  # the queued fused update skipped itself: weights and AdamW state as before
     assert (out / "latest_checkpointed_iteration.txt").read_text() == "2"
     assert (out / "global_step_2" / "COMPLETE").exists() and not (out / "global_step_3").exists()
 

@@ -96,7 +96,8 @@ def cuda_rank(single_rank):
 )
 def test_micro_batch_loop_never_syncs_on_cuda(demo_dir, tmp_path, cuda_rank, family, liger, kernel):
     """The verl production keys (remove-padding, mb 2, bf16 master, checkpointing) train with the
-    micro-batch loop under torch.cuda.set_sync_debug_mode("error"): any host sync raises. The MoE
+    micro-batch loop and the queued AdamW update under torch.cuda.set_sync_debug_mode("error"): any host sync
+    raises. The MoE
     case runs grouped-GEMM experts with Liger's norm/RoPE kernels (never Liger's fused MoE). `auto` runs
     the fastest attention kernel installed (FA4 where it is), `torch` PyTorch's own varlen kernel."""
     from family_models import write_family_model

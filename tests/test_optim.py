@@ -131,16 +131,32 @@ def test_param_groups() -> None:
         id(m.norm.bias),
     }
     assert no_decay["weight_decay"] == 0.0
-    assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
+    assert opt.defaults["fused"] is True  # the trainer queues it before the read-back, skipped by a device flag
     assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["lr"] == 1e-3
 
 
-def test_fused_on_cuda_device_type() -> None:
-    try:
-        opt = build_optimizer(torch.nn.Linear(2, 2), 1e-3, (0.9, 0.95), 0.1, "cuda")
-    except RuntimeError as e:  # a torch build without fused AdamW for CPU tensors
-        pytest.skip(f"fused AdamW unavailable for CPU tensors: {e}")
+def test_fused_on_cuda_device_type_and_foreach_elsewhere() -> None:
+    opt = build_optimizer(torch.nn.Linear(2, 2), 1e-3, (0.9, 0.95), 0.1, "cuda")
     assert opt.defaults["fused"] is True
+    opt = build_optimizer(torch.nn.Linear(2, 2), 1e-3, (0.9, 0.95), 0.1, "mps")
+    assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
+
+
+def test_fused_adamw_skips_itself_on_the_device_flag() -> None:
+    """The trainer's queued update (sft/fsdp_sft_trainer.py::train_step) relies on this: with `found_inf` set
+    the fused step leaves weights, moments and step count as they were; with it clear it updates them."""
+    m = torch.nn.Linear(3, 2)
+    opt = build_optimizer(m, 1e-2, (0.9, 0.95), 0.1, "cpu")
+    m(torch.randn(4, 3)).sum().backward()
+    before = [p.detach().clone() for p in m.parameters()]
+    opt.found_inf = torch.ones(())
+    opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, m.parameters()))
+    assert all(float(s["step"]) == 0 and float(s["exp_avg"].abs().sum()) == 0 for s in opt.state.values())
+    opt.found_inf = torch.zeros(())
+    opt.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, m.parameters()))
+    assert all(float(s["step"]) == 1 for s in opt.state.values())
 
 
 def test_no_trainable_params() -> None:

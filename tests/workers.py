@@ -109,9 +109,29 @@ def nan_at_step(overrides: list[str], bad_step: int, result_file: str) -> None:
         calls["n"] += 1
         return loss, n, correct
 
+    step_fn, seen = trainer_module.FSDPSFTTrainer.train_step, {}
+
+    def train_step(self, micro_batches):
+        """At the bad step: are the weights and AdamW's state after it those before it (the update skipped)?"""
+        if self.state.global_step + 1 != bad_step:
+            return step_fn(self, micro_batches)
+
+        def snapshot():
+            params = [p.full_tensor().clone() for p in self.model.parameters()]
+            state = [v.full_tensor().clone() if hasattr(v, "full_tensor") else v.clone()
+                     for s in self.optimizer.state.values() for v in s.values()]  # fmt: skip
+            return params + state
+
+        before = snapshot()
+        try:
+            return step_fn(self, micro_batches)
+        finally:
+            seen["unchanged"] = len(before) > 0 and all(torch.equal(a, b) for a, b in zip(before, snapshot()))
+
     trainer_module.FSDPSFTTrainer._forward = forward
+    trainer_module.FSDPSFTTrainer.train_step = train_step
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         code = run_cli(overrides, lambda cfg, ctx: trainer_module.FSDPSFTTrainer(cfg, ctx).fit())
     if int(os.environ["RANK"]) == 0:
-        torch.save({"code": code, "stderr": err.getvalue()}, result_file)
+        torch.save({"code": code, "stderr": err.getvalue(), "unchanged": seen.get("unchanged")}, result_file)
