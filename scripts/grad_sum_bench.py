@@ -7,6 +7,7 @@
   reads dy once the same way.
 - fan_in: the input gradient of sibling projections (gate and up), dx = da @ Wg + db @ Wu. Autograd runs two
   GEMMs and a bf16 add; `addmm` with beta=1 sums the second in its epilogue, in fp32 before rounding.
+- qkv_fan_in: the same for q, k and v (widths as --widths): two adds, or the k and v GEMMs adding in place.
 
 Device time per call (CUDA events, median of 20); one JSON line per case.
 """
@@ -50,6 +51,24 @@ def fan_in_cases(rows: int, hidden: int, inter: int) -> list[dict]:
     ]
 
 
+def qkv_fan_in_cases(rows: int, hidden: int, q: int, kv: int) -> list[dict]:
+    """The input gradient of q, k and v (one input, three projections): dx = dq @ Wq + dk @ Wk + dv @ Wv."""
+    dq, dk, dv = (torch.randn(rows, n, device="cuda").bfloat16() for n in (q, kv, kv))
+    wq, wk, wv = ((torch.randn(n, hidden, device="cuda") * 0.02).bfloat16() for n in (q, kv, kv))
+    ref = dq.double() @ wq.double() + dk.double() @ wk.double() + dv.double() @ wv.double()
+    shape = {"rows": rows, "hidden": hidden, "q": q, "kv": kv}
+
+    def chained():  # the k and v GEMMs add into the q one's output in their epilogues
+        dx = dq @ wq
+        dx.addmm_(dk, wk)
+        return dx.addmm_(dv, wv)
+
+    return [
+        _timed("qkv_fan_in", "mm_add", lambda: dq @ wq + dk @ wk + dv @ wv, ref, **shape),  # as autograd sums them
+        _timed("qkv_fan_in", "addmm", chained, ref, **shape),
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=41000)
@@ -58,9 +77,9 @@ def main() -> None:
     ap.add_argument("--inter", type=int, default=8960)
     args = ap.parse_args()
     torch.manual_seed(0)
-    for row in bias_cases(args.rows, [int(w) for w in args.widths.split(",")]) + fan_in_cases(
-        args.rows, args.hidden, args.inter
-    ):
+    widths = [int(w) for w in args.widths.split(",")]
+    rows = bias_cases(args.rows, widths) + fan_in_cases(args.rows, args.hidden, args.inter)
+    for row in rows + qkv_fan_in_cases(args.rows, args.hidden, widths[0], widths[1]):
         print(json.dumps(row))
 
 

@@ -28,6 +28,7 @@ from sft.kernels import apply_liger, liger_wanted, selective_checkpoint_context
 from sft.lora import add_lora
 from sft.loss import target_linear_cross_entropy
 from sft.moe import RouterStats, experts_kwargs
+from sft.qkv_proj import join_qkv
 from sft.schema import SFTConfig
 from sft.ulysses import check_sp_heads
 
@@ -179,6 +180,10 @@ def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig) -> CausalLMWit
     liger = liger_wanted(cfg.model.use_liger, device_type, hf_config.model_type, cfg.model.compile)
     if liger:
         apply_liger(lm, required=cfg.model.use_liger is True)
+    if not cfg.model.compile:  # its hooks and per-call outputs would break compiled graphs
+        logger.info(
+            "attention projections: q, k and v as one autograd node in %d layers (sft/qkv_proj.py)", join_qkv(lm)
+        )
     if cfg.model.enable_gradient_checkpointing:
         # HF's own per-layer checkpointing keeps parameter names unchanged (checkpoint wrappers would not).
         # Renamed activation_checkpointing_enable (with a renamed argument) in newer transformers.

@@ -166,6 +166,27 @@ def test_fused_ce_on_cuda_matches_fp64(softcap, n):
         assert float((got.double() - want).norm() / want.norm()) < 1e-2
 
 
+def test_joined_qkv_on_cuda_matches_fp64():
+    """sft/qkv_proj.py on CUDA in bf16 (in-place addmm_ of the k and v input gradients, GEMV bias gradients)
+    against float64 autograd of the three projections from the same bf16 values."""
+    from sft.qkv_proj import _QKV
+
+    torch.manual_seed(0)
+    x = torch.randn(4096, 256, device="cuda").bfloat16().requires_grad_()
+    params = []
+    for n in (256, 64, 64):
+        params += [(torch.randn(n, 256, device="cuda") * 0.05).bfloat16().requires_grad_()]
+        params += [(torch.randn(n, device="cuda") * 0.1).bfloat16().requires_grad_()]
+    cots = [torch.randn(4096, n, device="cuda").bfloat16() for n in (256, 64, 64)]
+    sum((o.float() * c.float()).sum() for o, c in zip(_QKV.apply(x, *params), cots)).backward()
+    x64 = x.detach().double().requires_grad_()
+    p64 = [p.detach().double().requires_grad_() for p in params]
+    refs = [torch.nn.functional.linear(x64, p64[i], p64[i + 1]) for i in (0, 2, 4)]
+    sum((r * c.double()).sum() for r, c in zip(refs, cots)).backward()
+    for got, want in zip([x.grad] + [p.grad for p in params], [x64.grad] + [p.grad for p in p64], strict=True):
+        assert float((got.double() - want).norm() / want.norm()) < 1e-2
+
+
 def test_liger_resolves_the_pinned_triton_kernels_on_cuda(monkeypatch):
     """The op names and implementation name sft pins (sft/kernels.py) are the ones Liger's dispatcher knows."""
     pytest.importorskip("liger_kernel.backends.dispatch")
