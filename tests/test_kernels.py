@@ -1,5 +1,6 @@
 """Activation checkpointing modes (selective, and partial as `gradient_checkpointing_mode=auto` sets it):
-same gradients as full/none, fewer recomputed matmuls."""
+same gradients as full/none, fewer recomputed matmuls; the same with q, k and v as one autograd node
+(sft/qkv_proj.py, on in every run without compile)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from sft import qkv_proj
 from sft.kernels import selective_checkpoint_context
 from sft.parallelize import apply_recompute
 
@@ -25,13 +27,15 @@ class CountMatmuls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _grads(mode: str) -> tuple[dict[str, torch.Tensor], int]:
+def _grads(mode: str, joined: bool = False) -> tuple[dict[str, torch.Tensor], int]:
     torch.manual_seed(0)
     cfg = Qwen2Config(
         vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, use_cache=False, attn_implementation="sdpa",
     )  # fmt: skip
     model = Qwen2ForCausalLM(cfg)
+    if joined:
+        assert qkv_proj.join_qkv(model) == 2
     if mode != "none":
         kwargs = {"use_reentrant": False}
         if mode == "selective":
@@ -43,15 +47,23 @@ def _grads(mode: str) -> tuple[dict[str, torch.Tensor], int]:
     model.train()
     ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
     loss = model(input_ids=ids, labels=ids).loss
-    with CountMatmuls() as counter:
-        loss.backward()
+    backward, nodes = qkv_proj._QKV.backward, []
+    qkv_proj._QKV.backward = staticmethod(lambda ctx, *g: nodes.append(1) or backward(ctx, *g))
+    try:
+        with CountMatmuls() as counter:
+            loss.backward()
+    finally:
+        qkv_proj._QKV.backward = staticmethod(backward)
+    assert len(nodes) == (2 if joined else 0)  # one q/k/v node per layer took the gradients
     return {n: p.grad.clone() for n, p in model.named_parameters()}, counter.n
 
 
+@pytest.mark.parametrize("joined", [False, True], ids=["own_qkv", "joined_qkv"])
 @pytest.mark.parametrize("mode", ["full", "selective", "partial"])
-def test_checkpointing_modes_match_no_checkpointing(mode: str) -> None:
-    ref, backward_mms_plain = _grads("none")
-    grads, backward_mms = _grads(mode)
+def test_checkpointing_modes_match_no_checkpointing(mode: str, joined: bool) -> None:
+    ref, _ = _grads("none")  # the model's own projections, nothing recomputed
+    _, backward_mms_plain = _grads("none", joined)
+    grads, backward_mms = _grads(mode, joined)
     for name, g in ref.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6, msg=name)
     if mode == "full":  # the backward re-runs each layer's forward matmuls (up to the last one it needs)
