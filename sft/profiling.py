@@ -31,7 +31,8 @@ KINDS = (
     ("comm", ("nccl",)),
     ("copy", ("memcpy", "memset")),
     ("attention", ("flash", "fmha", "attention")),  # before gemm: flash kernels' names carry "cutlass"
-    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "s16816")),
+    # BLAS kernels; "gemv": the matrix-vector ones (the bias gradients of sft/qkv_proj.py), "other" before.
+    ("gemm", ("gemm", "gemv", "nvjet", "xmma", "cutlass", "cublas", "s16816")),
     ("optimizer", ("multi_tensor_apply", "adam")),
     ("sft", ("_sft_",)),  # sft's own Triton kernels (sft/rms_norm.py, sft/swiglu.py), named _sft_*
     # Liger's Triton kernels carry their Python names, without "triton" (liger-kernel 0.8.5): its SwiGLU and

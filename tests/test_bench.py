@@ -258,6 +258,12 @@ def test_device_time_by_kind():
     ev = [
         ("sm90_xmma_gemm_bf16bf16_bf16f32", True, 0, 3_000_000),
         ("nvjet_tst_128x256", True, 5, 1_000_000),
+        (
+            "void gemv2T_kernel_val<int, int, __nv_bfloat16, float>",
+            True,
+            6,
+            500_000,
+        ),  # bias gradients (sft/qkv_proj.py)
         ("pytorch_flash::flash_fwd_kernel", True, 10, 2_000_000),
         ("triton_red_fused_logsumexp_0", True, 20, 500_000),
         ("void at::native::vectorized_elementwise_kernel", True, 30, 250_000),
@@ -277,7 +283,7 @@ def test_device_time_by_kind():
     ]
     out = device_time(ev, end=50, top=2)
     assert out["device_s_by_kind"] == {
-        "gemm": 0.004,
+        "gemm": 0.0045,
         "attention": 0.002,
         "triton": 0.0005,
         "liger": 0.0003,
