@@ -23,7 +23,7 @@ import torch
 from cuda_timing import median_ms  # scripts/ is on sys.path when run as a script
 
 
-def gemms(rows: int, hidden: int, inter: int, q: int, kv: int) -> list[tuple[str, int, int]]:
+def gemms(hidden: int, inter: int, q: int, kv: int) -> list[tuple[str, int, int]]:
     """(name, out, in) of each projection of one decoder layer."""
     return [("q", q, hidden), ("kv", kv, hidden), ("o", hidden, q), ("gate_up", inter, hidden), ("down", hidden, inter)]
 
@@ -56,7 +56,7 @@ def main() -> None:
     sq = torch.randn(8192, 8192, device="cuda").bfloat16()
     out.append(time_case("square", "8192^3", sq, sq, 2 * 8192**3))
     del sq
-    for name, n, k in gemms(m, args.hidden, args.inter, args.q, args.kv):
+    for name, n, k in gemms(args.hidden, args.inter, args.q, args.kv):
         x = torch.randn(m, k, device="cuda").bfloat16()
         w = (torch.randn(n, k, device="cuda") * 0.02).bfloat16()
         dy = torch.randn(m, n, device="cuda").bfloat16()

@@ -113,6 +113,12 @@ gemmb() {  # scripts/gemm_bench.py: the layer's GEMMs at the 1.5B and 0.5B micro
   bench_variants gemm gemm_bench.py "default lt tunable" "--rows 48128 --hidden 1536 --inter 8960 --q 1536 --kv 256" \
     "--rows 65536 --hidden 896 --inter 4864 --q 896 --kv 128"
 }
+trl_on_fa4() {  # TRL + Liger on transformers' flash_attention_4 (padding-free, no flex compile), Liger pinned to
+  # Triton as ours is: with the CUTLASS DSL importable Liger would pick its CuTe DSL RoPE, which recompiles per
+  # packed shape (sft/kernels.py::pin_liger_triton)
+  export TRL_ATTN=flash_attention_4 LIGER_KERNEL_IMPL_ROPE=nvidia-triton LIGER_KERNEL_IMPL_RMS_NORM=nvidia-triton \
+    LIGER_KERNEL_IMPL_SWIGLU=nvidia-triton TRL_TIMEOUT=${TRL_TIMEOUT:-150}
+}
 clocks() {  # the SM clock and power every 0.2 s into $OUT/clocks.csv until the script ends (throttling under load?)
   nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu,utilization.gpu \
     --format=csv,noheader -lms 200 >>"$OUT/clocks.csv" 2>/dev/null &
@@ -188,11 +194,7 @@ elif [ "${PART:-sync}" = keep15 ]; then  # first of two calls: keep FA4's first 
 elif [ "${PART:-sync}" = fa4trl ]; then  # second call, within 30 s: ours (auto: FA4) beside TRL on FA4, 1.5B then 0.5B
   source "$(dirname "$0")/fa4_env.sh" assemble
   clocks
-  # TRL + Liger on transformers' flash_attention_4 (padding-free, no flex compile). With the CUTLASS DSL
-  # importable Liger would pick its CuTe DSL RoPE, which recompiles per packed shape: TRL gets the same
-  # Triton pin as ours (sft/kernels.py::pin_liger_triton).
-  export TRL_ATTN=flash_attention_4 LIGER_KERNEL_IMPL_ROPE=nvidia-triton LIGER_KERNEL_IMPL_RMS_NORM=nvidia-triton \
-    LIGER_KERNEL_IMPL_SWIGLU=nvidia-triton TRL_TIMEOUT=${TRL_TIMEOUT:-150}
+  trl_on_fa4
   for s in ${SHAPES:-qwen2.5-1.5b qwen2.5-0.5b}; do
     use_shape $s; n=${s#qwen2.5-}; n=${n%b}; n=${n/./}
     cmd verl$n "$VERL"
@@ -204,8 +206,7 @@ elif [ "${PART:-sync}" = ab ]; then  # after keep15 (within 30 s): sft and TRL +
   # times at 1.5B (STEPS=12 gives 9 timed steps a run), so a slow or fast stretch of the machine hits both alike
   source "$(dirname "$0")/fa4_env.sh" assemble
   clocks
-  export TRL_ATTN=flash_attention_4 LIGER_KERNEL_IMPL_ROPE=nvidia-triton LIGER_KERNEL_IMPL_RMS_NORM=nvidia-triton \
-    LIGER_KERNEL_IMPL_SWIGLU=nvidia-triton TRL_TIMEOUT=${TRL_TIMEOUT:-150}
+  trl_on_fa4
   for r in $(seq ${REPS:-2}); do
     cmd verl15_r$r "$VERL"
     TPS_RUN=verl15_r$r trl trl15_r$r "$PYTHONPATH" --trl-liger

@@ -78,8 +78,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     widths = [int(w) for w in args.widths.split(",")]
-    rows = bias_cases(args.rows, widths) + fan_in_cases(args.rows, args.hidden, args.inter)
-    for row in rows + qkv_fan_in_cases(args.rows, args.hidden, widths[0], widths[1]):
+    cases = bias_cases(args.rows, widths) + fan_in_cases(args.rows, args.hidden, args.inter)
+    for row in cases + qkv_fan_in_cases(args.rows, args.hidden, widths[0], widths[1]):
         print(json.dumps(row))
 
 

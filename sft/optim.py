@@ -61,9 +61,9 @@ def build_optimizer(
             "model.fsdp_config.model_dtype=bf16: AdamW updates smaller than ~1/256 of a weight are lost in bf16 "
             "master weights, so training moves much less; model_dtype=fp32 (the default) keeps them"
         )
-    # The fused kernel (CUDA; CPU too since torch 2.4) is the fastest AdamW on CUDA, and it can skip itself on a
-    # device flag (`found_inf`): the trainer queues the update before the step's one read-back
-    # (sft/fsdp_sft_trainer.py::train_step). On CPU it runs so that the tests take that same path.
+    # Fused AdamW: the fastest on CUDA, and it skips itself on a device flag (`found_inf`), so the trainer can queue
+    # the update before the step's one read-back (sft/fsdp_sft_trainer.py::train_step). CPU runs it too, so the
+    # tests take that same path.
     backend = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **backend)
 
