@@ -1,4 +1,4 @@
-"""Time each installed packed-attention kernel on the GPU at a model's head shape (sft/attn_kernels.py).
+"""Time each installed packed-attention kernel on the GPU at a model's head shape (sft/models/attention/kernels.py).
 
   python3 scripts/attn_bench.py --heads 12 --kv-heads 2 --head-dim 128   # Qwen2.5-1.5B
   python3 scripts/attn_bench.py --heads 14 --kv-heads 2 --head-dim 64    # Qwen2.5-0.5B
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from sft.attn_kernels import run_kernel, why_not
+from sft.models.attention.kernels import run_kernel, why_not
 
 
 def lengths(total: int, gen: torch.Generator) -> list[int]:

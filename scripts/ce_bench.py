@@ -1,6 +1,6 @@
 """Time sft's fused linear cross-entropy on the GPU at a model's head size (one variant per process).
 
-  python3 scripts/ce_bench.py --variant fused     # as the trainer runs it (sft/fused_ce.py, sft/ce_softmax.py)
+  python3 scripts/ce_bench.py --variant fused     # as the trainer runs it (sft/ops/fused_ce.py, sft/ops/ce_softmax.py)
   python3 scripts/ce_bench.py --variant inductor  # the softmax pass compiled by torch.compile instead (until
                                                   # 2026-12-03: three reads of the logits)
   python3 scripts/ce_bench.py --variant eager     # the same math with eager ops: bf16 logits cast to fp32,
@@ -20,8 +20,8 @@ import time
 import torch
 from cuda_timing import median_ms  # scripts/ is on sys.path when run as a script
 
-import sft.ce_softmax as ces
-import sft.fused_ce as fce
+import sft.ops.ce_softmax as ces
+import sft.ops.fused_ce as fce
 
 
 def eager_variant() -> None:

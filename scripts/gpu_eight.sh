@@ -15,7 +15,7 @@ NPROC=${NPROC:-8}; RESUME_NPROC=${RESUME_NPROC:-2}; SHAPE=${SHAPE:-qwen2.5-7b}; 
 MAX_LENGTH=${MAX_LENGTH:-4096}; W=${W:-/tmp/eight}; H=$((STEPS / 2)); mkdir -p $W
 S="$OUT/summary.txt"
 read -r model data < <(python3 -c "
-from pathlib import Path; from sft.bench_data import ensure_assets
+from pathlib import Path; from sft.bench.assets import ensure_assets
 print(*ensure_assets(Path('$W'), '$SHAPE', $((128 * STEPS)), $MAX_LENGTH, 0))")
 launch() {  # dir nproc [overrides...]: run_sft.sh defaults, console + file logs, no restarts
   local dir=$1 n=$2; shift 2

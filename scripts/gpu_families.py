@@ -6,7 +6,7 @@
 Equivalence models: Gemma 3 / gpt-oss / Qwen3-MoE shapes at reduced width with a 256-token window
 (samples are ~800 tokens, so windows matter). Speed model: Qwen3-30B-A3B dimensions with
 $MOE_LAYERS layers, against the dense Qwen2.5-1.5B shape on the same samples. MFU is useful MFU
-(sft.metrics: active parameters for MoE, i.e. attention, router, top-k experts and LM head).
+(sft.loop.metrics: active parameters for MoE, i.e. attention, router, top-k experts and LM head).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from sft.metrics import matmul_params, useful_flops
+from sft.loop.metrics import matmul_params, useful_flops
 
 DRY = os.environ.get("DRY") == "1"
 PEAK = 989e12  # bf16 dense H100/H200 SXM (docs/DESIGN.md)
@@ -72,7 +72,7 @@ def write_model(model_type: str, kw: dict, tok_dir: Path, out: Path) -> None:
 
 
 def assets(work: Path) -> None:
-    from sft.bench_data import ensure_assets
+    from sft.bench.assets import ensure_assets
 
     tiny, data = ensure_assets(work, "tiny", 64 if DRY else 512, 256 if DRY else 2048, 0)
     _, fixed = ensure_assets(
@@ -113,7 +113,7 @@ def report(work: Path, out: Path) -> None:
             continue
         cfg = AutoConfig.from_pretrained(work / ("dense" if name == "dense" else "a3b"))
         tps = statistics.median(m["train/tokens_per_s_per_gpu"] for m in timed)
-        # sft.metrics counts active parameters of MoE layers (router + top-k experts) and the LM head.
+        # sft.loop.metrics counts active parameters of MoE layers (router + top-k experts) and the LM head.
         mfu = tps * useful_flops(cfg, [seq]) / seq / PEAK
         peak = max((m.get("train/peak_mem_gb") or 0.0) for m in ms)
         load = ms[-1].get("train/moe_max_load")

@@ -19,7 +19,7 @@ python3 -m sft.bench --shape "$SHAPE" --steps "${STEPS:-4}" --warmup 2 --workdir
 fi
 if [ "$PART" != bench ]; then
 read -r model data < <(python3 -c "
-from pathlib import Path; from sft.bench_data import ensure_assets
+from pathlib import Path; from sft.bench.assets import ensure_assets
 m, d = ensure_assets(Path('$W'), '$SHAPE', 512, 4096, 0); print(m, d)")
 ck=(data.train_files="$data" data.multiturn.enable=true model.partial_pretrain="$model" "${COMMON[@]}"
     use_remove_padding=true data.max_token_len_per_gpu=32768 model.fsdp_config.model_dtype=bf16

@@ -15,7 +15,7 @@ W=${W:-/tmp/two}; mkdir -p $W
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 assets() {  # shape rows max_length [sample_length] -> "model parquet"
   python3 -c "
-from pathlib import Path; from sft.bench_data import ensure_assets
+from pathlib import Path; from sft.bench.assets import ensure_assets
 print(*ensure_assets(Path('$W'), '$1', $2, $3, 0, ${4:-None}))"
 }
 train() {  # name nproc overrides... (trainer run, metrics.jsonl under $W/$name)

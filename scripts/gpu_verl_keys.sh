@@ -58,7 +58,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 # The same files as `sft.bench --shape $SHAPE --steps $((STEPS-2)) --warmup 2` (128 x STEPS rows), so the TRL runs share them.
 use_shape() {  # shape: build (or find) its model and data, and the data/model keys of every run
   SHAPE=$1; read -r model data < <(python3 -c "
-from pathlib import Path; from sft.bench_data import ensure_assets
+from pathlib import Path; from sft.bench.assets import ensure_assets
 m, d = ensure_assets(Path('$W'), '$SHAPE', 128 * $STEPS, 4096, 0); print(m, d)")
   COMMON="data.train_files=$data data.multiturn.enable=true model.partial_pretrain=$model data.max_length=4096 \
 data.train_batch_size=128 trainer.total_training_steps=$STEPS trainer.logger=[console] \
@@ -115,7 +115,7 @@ gemmb() {  # scripts/gemm_bench.py: the layer's GEMMs at the 1.5B and 0.5B micro
 }
 trl_on_fa4() {  # TRL + Liger on transformers' flash_attention_4 (padding-free, no flex compile), Liger pinned to
   # Triton as ours is: with the CUTLASS DSL importable Liger would pick its CuTe DSL RoPE, which recompiles per
-  # packed shape (sft/kernels.py::pin_liger_triton)
+  # packed shape (sft/ops/patch.py::pin_liger_triton)
   export TRL_ATTN=flash_attention_4 LIGER_KERNEL_IMPL_ROPE=nvidia-triton LIGER_KERNEL_IMPL_RMS_NORM=nvidia-triton \
     LIGER_KERNEL_IMPL_SWIGLU=nvidia-triton TRL_TIMEOUT=${TRL_TIMEOUT:-150}
 }

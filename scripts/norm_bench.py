@@ -2,7 +2,7 @@
 
   python3 scripts/norm_bench.py --variant liger     # Liger's Triton kernels, as `model.use_liger` runs them
   python3 scripts/norm_bench.py --variant torch     # torch.nn.functional.rms_norm (PyTorch's fused kernel)
-  python3 scripts/norm_bench.py --variant sft       # sft/rms_norm.py: PyTorch's fused forward, sft's one-pass backward
+  python3 scripts/norm_bench.py --variant sft       # sft/ops/rms_norm.py: PyTorch's fused forward, sft's one-pass backward
   python3 scripts/norm_bench.py --variant compiled  # transformers' RMSNorm math through torch.compile
   python3 scripts/norm_bench.py --variant eager     # transformers' RMSNorm math, eager ops
 
@@ -41,7 +41,7 @@ def variant_fn(name: str, hidden: int):
     if name == "torch":
         return lambda x, w: torch.nn.functional.rms_norm(x, (hidden,), w, EPS)
     if name == "sft":
-        from sft.rms_norm import rms_norm
+        from sft.ops.rms_norm import rms_norm
 
         return lambda x, w: rms_norm(x, w, EPS)
     if name == "compiled":

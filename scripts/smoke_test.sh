@@ -40,4 +40,4 @@ torchrun --standalone --nnodes=1 --nproc_per_node="$NPROC" -m sft.fsdp_sft_train
   "$@" 2>&1 | tee "$WORK/train.log"
 rc=${PIPESTATUS[0]}
 set -e
-python3 -m sft.smoke_check "$OUTDIR" "$WORK/train.log" "$rc"
+python3 -m sft.demo.smoke_check "$OUTDIR" "$WORK/train.log" "$rc"

@@ -1,7 +1,7 @@
 """Time one SwiGLU gate, silu(a) * b, on the GPU at a packed micro-batch's size (one variant per process).
 
   python3 scripts/swiglu_bench.py --variant liger   # Liger's Triton kernels (one program per row), as before
-  python3 scripts/swiglu_bench.py --variant sft     # sft/swiglu.py: flat kernels, backward in place
+  python3 scripts/swiglu_bench.py --variant sft     # sft/ops/swiglu.py: flat kernels, backward in place
   python3 scripts/swiglu_bench.py --variant eager   # transformers' math: silu(a) * b, eager ops
 
 Why: in the 1.5B profile of 2026-12-03 (H200) Liger's SwiGLU backward took 91 ms of the step, 1.09 ms a
@@ -28,7 +28,7 @@ def variant_fn(name: str):
 
         return LigerSiLUMulFunction.apply
     if name == "sft":
-        from sft.swiglu import silu_mul
+        from sft.ops.swiglu import silu_mul
 
         return silu_mul
     return lambda a, b: F.silu(a) * b

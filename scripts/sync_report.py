@@ -13,10 +13,10 @@ import traceback
 import warnings
 from pathlib import Path
 
-from sft.demo import main as demo_main
-from sft.distributed import init_distributed, teardown
+from sft.demo.assets import main as demo_main
+from sft.parallel.distributed import init_distributed, teardown
 from sft.fsdp_sft_trainer import FSDPSFTTrainer
-from sft.schema import load_config
+from sft.config.schema import load_config
 
 
 def main(workdir: str) -> None:

@@ -21,11 +21,11 @@ from omegaconf.errors import (
     ValidationError,
 )
 
-from sft.distributed import WorldInfo, init_distributed, resolve_device_type, setup_logging, teardown
-from sft.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
-from sft.preemption import Preempted
-from sft.schema import SFTConfig, load_config, to_dict
-from sft.validate import ConfigError, validate_config
+from sft.config.checks import ConfigError, validate_config
+from sft.config.schema import SFTConfig, load_config, to_dict
+from sft.loop.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
+from sft.loop.preemption import Preempted
+from sft.parallel.distributed import WorldInfo, init_distributed, resolve_device_type, setup_logging, teardown
 
 logger = logging.getLogger("sft")
 

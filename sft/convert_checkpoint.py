@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from sft import extra_state
-from sft.safe_dcp import UnsafeFileError
+from sft.checkpoint import extra_state
+from sft.checkpoint.safe_dcp import UnsafeFileError
 
 LEGACY = re.compile(r"^extra_state_rank_(\d+)\.pt$")
 

@@ -21,10 +21,10 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from sft.cli import compose
-from sft.data import build_dataset
-from sft.model import load_tokenizer
-from sft.schema import SFTConfig
-from sft.validate import ConfigError
+from sft.config.checks import ConfigError
+from sft.config.schema import SFTConfig
+from sft.data.build import build_dataset
+from sft.models.loading import load_tokenizer
 
 ANSI_ON, ANSI_OFF = "\x1b[1;32m", "\x1b[0m"
 BRACKETS = ("[[", "]]")
@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _cli() -> None:
-    from sft.distributed import setup_logging
+    from sft.parallel.distributed import setup_logging
 
     # Logging is set up only here so that calling main() from tests leaves it untouched.
     setup_logging(0)

@@ -5,7 +5,7 @@ model entries of `dcp/` (never the optimizer) a few tensors at a time with DCP's
 load, writes safetensors shards (+ index), and copies config, generation config and tokenizer
 from `huggingface/`; a LoRA checkpoint's adapters are folded into their base weights
 (plain names, scaling from `lora_adapter/adapter_config.json`). No torchrun or process group;
-refusals are one stderr line, exit code 2. Nothing read runs code: DCP through sft/safe_dcp.py,
+refusals are one stderr line, exit code 2. Nothing read runs code: DCP through sft/checkpoint/safe_dcp.py,
 the adapter config as JSON, the config with AutoConfig (never trust_remote_code).
 """
 
@@ -25,9 +25,9 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from transformers import AutoConfig
 
-from sft.checkpoint import MARKER
-from sft.lora import OfflineMerge
-from sft.safe_dcp import UnsafeFileError, load_metadata, safe_load
+from sft.checkpoint.manager import MARKER
+from sft.checkpoint.safe_dcp import UnsafeFileError, load_metadata, safe_load
+from sft.models.lora import OfflineMerge
 
 PREFIX = "model.lm."  # "model" is the save_contents entry, "lm." the trainer's wrapper attribute
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

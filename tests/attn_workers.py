@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from sft.attention import ATTN_NAME, register_varlen_attention, varlen_attention
-from sft.ulysses import ulysses_attention
+from sft.models.attention.varlen import ATTN_NAME, register_varlen_attention, varlen_attention
+from sft.parallel.ulysses import ulysses_attention
 
 # Sample lengths of one packed row; the last one is the padding segment that makes T a multiple of 4.
 LENGTHS = [7, 12, 1, 9, 3]

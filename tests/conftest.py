@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sft.demo import write_demo
+from sft.demo.assets import write_demo
 
 
 # ----- core fixtures (lead) -----
@@ -26,7 +26,7 @@ def _restore_sft_logger():
 def single_rank(monkeypatch):
     """`single_rank(device)` starts a one-process group in this process (torchrun's variables
     cleared), torn down after the test."""
-    from sft.distributed import init_distributed, teardown
+    from sft.parallel.distributed import init_distributed, teardown
 
     started = []
 
@@ -71,7 +71,7 @@ def base_overrides(demo: Path, out: Path) -> list[str]:
 @pytest.fixture(scope="session")
 def demo_tokenizer():
     """The demo's ChatML tokenizer; tests that change it work on `copy.deepcopy(demo_tokenizer)`."""
-    from sft.demo import build_tokenizer
+    from sft.demo.assets import build_tokenizer
 
     return build_tokenizer()
 

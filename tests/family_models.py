@@ -1,4 +1,4 @@
-"""Tiny random-weight models of every family in sft/families.py, written as HF model folders.
+"""Tiny random-weight models of every family in sft/models/families.py, written as HF model folders.
 
 Each uses the demo tokenizer, 2-3 layers, hidden 32, 4 query / 2 KV heads, and a sliding window
 of 8 tokens (demo samples are far longer, and an SP slice boundary falls inside windows). Soft-caps

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from sft.distributed import WorldInfo, init_distributed, teardown
-from sft.fsdp_sft_trainer import FSDPSFTTrainer
-from sft.schema import load_config
-from sft.validate import validate_config
+from sft.config.checks import validate_config
+from sft.config.schema import load_config
+from sft.parallel.distributed import WorldInfo, init_distributed, teardown
+from sft.trainer import FSDPSFTTrainer
 
 
 def train_many(jobs: list[tuple[list[str], str]], sp: int) -> None:

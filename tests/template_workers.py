@@ -5,16 +5,16 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from sft.distributed import init_distributed, teardown
+from sft.parallel.distributed import init_distributed, teardown
 
 
 def build_shared(jobs: list[tuple[str, str]], out_file: str) -> None:
     """For each (tokenizer folder, parquet), every rank tokenises its share; rank 0 saves every rank's arrays."""
     from transformers import AutoTokenizer
 
-    from sft.data import build_dataset
+    from sft.config.schema import DataConfig
+    from sft.data.build import build_dataset
     from sft.data.storage import TokenizeShard
-    from sft.schema import DataConfig
 
     ctx = init_distributed("cpu", 1)
     try:

@@ -10,9 +10,14 @@ from attn_workers import packed_row
 from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.masking_utils import AttentionMaskInterface
 
-from sft.attention import ATTN_NAME, register_varlen_attention, sft_varlen_attention_forward, varlen_attention
-from sft.attention_math import AttnFeatures
-from sft.demo import build_model_config
+from sft.demo.assets import build_model_config
+from sft.models.attention.reference import AttnFeatures
+from sft.models.attention.varlen import (
+    ATTN_NAME,
+    register_varlen_attention,
+    sft_varlen_attention_forward,
+    varlen_attention,
+)
 
 LENGTHS = [6, 11, 4]
 
@@ -131,8 +136,8 @@ def test_refuses_what_it_cannot_compute(models, model_config):
 @pytest.fixture
 def cuda_kernel(request):
     """Run the test's CUDA attention calls on kernel `request.param` (skipped where it cannot run)."""
-    from sft import attention
-    from sft.attn_kernels import why_not
+    from sft.models.attention import varlen as attention
+    from sft.models.attention.kernels import why_not
 
     reason = why_not(request.param, torch.cuda.get_device_capability()[0])
     if reason is not None:

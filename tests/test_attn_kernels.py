@@ -10,8 +10,8 @@ import types
 import pytest
 import torch
 
-from sft import attn_kernels
-from sft.attn_kernels import choose_attn_kernel, run_kernel
+from sft.models.attention import kernels as attn_kernels
+from sft.models.attention.kernels import choose_attn_kernel, run_kernel
 
 CUDA = torch.device("cuda")
 

@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from sft import bench
-from sft.bench_data import LENGTH_TARGETS, TRL_CHAT_TEMPLATE, synthetic_conversations
-from sft.demo import build_tokenizer
+from sft.bench import driver as bench
+from sft.bench.assets import LENGTH_TARGETS, TRL_CHAT_TEMPLATE, synthetic_conversations
+from sft.demo.assets import build_tokenizer
 
 KEYS = {
     "shape", "device", "world_size", "steps", "tokens_per_s_per_gpu", "trained_tokens_per_s_per_gpu", "model_mfu",
@@ -127,7 +127,7 @@ def test_user_micro_batch_keys_are_not_replaced():
 
 
 def test_profile_summary_counts():
-    from sft.profiling import summarize_events
+    from sft.bench.profiling import summarize_events
 
     ev = [
         ("cudaLaunchKernel", False, 0, 5),
@@ -162,7 +162,7 @@ def _kineto_event(name, device, start, dur, **attrs):
 def test_event_rows_drop_device_mirrors_of_host_ranges():
     """A record_function's device-side annotation is not device work; an inductor kernel whose launch is a
     host range of the same name is."""
-    from sft.profiling import event_rows
+    from sft.bench.profiling import event_rows
 
     def ev(name, device, kind, start, dur):
         return _kineto_event(name, device, start, dur, activity_type=kind)
@@ -185,7 +185,7 @@ def test_event_rows_drop_device_mirrors_of_host_ranges():
 def test_event_rows_find_annotations_where_events_cannot_say_their_kind():
     """torch 2.11's kineto events have no activity type: an event spanning another on its stream is an
     annotation; kernels one after another on a stream, or overlapping on two streams, are kept."""
-    from sft.profiling import event_rows
+    from sft.bench.profiling import event_rows
 
     def ev(name, device, start, dur, stream=7):
         return _kineto_event(name, device, start, dur, device_resource_id=stream)
@@ -238,7 +238,7 @@ def test_step_profiler_records_only_the_profiled_step(tmp_path):
 
     import torch
 
-    from sft.profiling import StepProfiler
+    from sft.bench.profiling import StepProfiler
 
     prof = StepProfiler(tmp_path, step=4, rank=0, trace=False)
     for step in range(1, 6):
@@ -253,7 +253,7 @@ def test_step_profiler_records_only_the_profiled_step(tmp_path):
 
 
 def test_device_time_by_kind():
-    from sft.profiling import device_time
+    from sft.bench.profiling import device_time
 
     ev = [
         ("sm90_xmma_gemm_bf16bf16_bf16f32", True, 0, 3_000_000),
@@ -263,7 +263,7 @@ def test_device_time_by_kind():
             True,
             6,
             500_000,
-        ),  # bias gradients (sft/qkv_proj.py)
+        ),  # bias gradients (sft/ops/qkv_proj.py)
         ("pytorch_flash::flash_fwd_kernel", True, 10, 2_000_000),
         ("triton_red_fused_logsumexp_0", True, 20, 500_000),
         ("void at::native::vectorized_elementwise_kernel", True, 30, 250_000),
@@ -314,7 +314,7 @@ def test_a_stopped_benchmark_stops_the_command_it_runs(tmp_path):
         [
             sys.executable,
             "-c",
-            "import os, subprocess, sys; from sft.bench_command import _run_to_the_end; "
+            "import os, subprocess, sys; from sft.bench.command import _run_to_the_end; "
             f"_run_to_the_end([sys.executable, '-c', {child!r}], dict(os.environ), None, None)",
         ]
     )

@@ -1,4 +1,4 @@
-"""The automatic token budget (sft/budget.py), the sync-free micro-batch loop and the fused loss.
+"""The automatic token budget (sft/loop/budget.py), the sync-free micro-batch loop and the fused loss.
 
 The loop test runs real training steps on CPU under a dispatch mode that fails on any op that
 would read a device value back to the host on a GPU (`.item()`, `nonzero`, `torch.equal`, ...),
@@ -15,11 +15,11 @@ from conftest import base_overrides
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sft import fsdp_sft_trainer
-from sft.budget import MAX_AUTO_TOKENS, TokenBudget, activation_bytes_per_token, auto_tokens, recompute_plan
-from sft.fused_ce import fused_linear_cross_entropy
-from sft.model import load_hf_config
-from sft.parallelize import decoder_layers
-from sft.schema import load_config
+from sft.config.schema import load_config
+from sft.loop.budget import MAX_AUTO_TOKENS, TokenBudget, activation_bytes_per_token, auto_tokens, recompute_plan
+from sft.models.loading import load_hf_config
+from sft.ops.fused_ce import fused_linear_cross_entropy
+from sft.parallel.fsdp import decoder_layers
 
 SYNCING_OPS = {
     torch.ops.aten._local_scalar_dense.default,

@@ -1,4 +1,4 @@
-"""sft/ce_softmax.py: the fused cross-entropy's softmax kernel against log-softmax in fp64.
+"""sft/ops/ce_softmax.py: the fused cross-entropy's softmax kernel against log-softmax in fp64.
 
 The kernel runs here under Triton's interpreter (tests/triton_interp.py: in a subprocess, with triton from the
 environment or the side folder scripts/test.sh fills; the interpreter is chosen when the kernel is defined),
@@ -18,7 +18,7 @@ from triton_interp import needs_triton
 
 _RUN = """
 import json, sys, torch
-from sft import ce_softmax as m
+from sft.ops import ce_softmax as m
 m.BLOCK = int(sys.argv[1])
 cap = None if sys.argv[2] == "none" else float(sys.argv[2])
 logits, y = torch.load(sys.argv[3])
@@ -91,8 +91,8 @@ def test_kernel_matches_log_softmax_in_fp64(tmp_path, rows, vocab, block, cap, d
 
 
 def test_reference_math_matches_log_softmax_in_fp64():
-    """The torch ops that run off CUDA (sft/fused_ce.py) agree with the same fp64 reference."""
-    from sft.fused_ce import _softmax_grad
+    """The torch ops that run off CUDA (sft/ops/fused_ce.py) agree with the same fp64 reference."""
+    from sft.ops.fused_ce import _softmax_grad
 
     logits, y = _case(6, 300)
     for cap in (None, 30.0):

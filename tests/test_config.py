@@ -11,9 +11,10 @@ import pytest
 import yaml
 
 from sft.cli import compose
-from sft.distributed import WorldInfo
-from sft.schema import SFTConfig
-from sft.validate import ConfigError, make_plan, validate_config
+from sft.config.checks import ConfigError, validate_config
+from sft.config.schema import SFTConfig
+from sft.loop.plan import make_plan
+from sft.parallel.distributed import WorldInfo
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD2 = WorldInfo(rank=0, local_rank=0, world_size=2, local_world_size=2)
@@ -224,10 +225,10 @@ def test_validation_errors(paths, override, needle):
 
 
 def test_a_named_attention_kernel_must_be_installed(paths, monkeypatch):
-    import sft.validate_model
+    import sft.config.model_checks
 
-    monkeypatch.setattr(sft.validate_model, "resolve_device_type", lambda device: "cuda")  # as on a GPU machine
-    monkeypatch.setattr(sft.validate_model, "attn_installed", lambda name: name == "torch")
+    monkeypatch.setattr(sft.config.model_checks, "resolve_device_type", lambda device: "cuda")  # as on a GPU machine
+    monkeypatch.setattr(sft.config.model_checks, "attn_installed", lambda name: name == "torch")
     base = [*paths, "data.train_batch_size=8", "data.micro_batch_size_per_gpu=2"]
     validate_config(compose([*base, "model.attn_kernel=torch"]), WORLD2)
     with pytest.raises(ConfigError, match=r"model.attn_kernel=fa4: FlashAttention-4 .* is not installed \(pip install"):

@@ -6,8 +6,10 @@ import copy
 
 import pytest
 
-from sft.data import MultiTurnSFTDataset, SFTDataset, build_dataset
-from sft.schema import DataConfig
+from sft.config.schema import DataConfig
+from sft.data.build import build_dataset
+from sft.data.multiturn import MultiTurnSFTDataset
+from sft.data.single_turn import SFTDataset
 
 CUSTOM = """
 from torch.utils.data import Dataset

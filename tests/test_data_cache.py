@@ -18,9 +18,9 @@ import torch
 from conftest import base_overrides
 from distributed_helper import run_ranks
 
-from sft.data import build_dataset
+from sft.config.schema import DataConfig
+from sft.data.build import build_dataset
 from sft.data.cache import PREFIX
-from sft.schema import DataConfig
 
 ARRAYS = ("input_ids", "loss_mask", "lengths", "rows", "offsets")
 
@@ -153,7 +153,7 @@ KILL = """
 import os, sys
 import sft.data.cache_write as w
 w._fsync = lambda path: os._exit(9)  # dies after the arrays are written, before the manifest
-from sft.demo import build_tokenizer
+from sft.demo.assets import build_tokenizer
 sys.path.insert(0, {tests!r})
 from test_data_cache import _build, _cfg
 _build({data!r}, build_tokenizer(), _cfg(), {cache!r})
@@ -195,9 +195,9 @@ def test_unwritable_folder_keeps_data_in_memory_with_one_warning(data, demo_toke
 
 def train_three_ways(overrides: list[str], out_file: str) -> None:
     """In one process group: train 2 steps with no cache, a cold cache and a warm cache."""
-    from sft.distributed import init_distributed, teardown
-    from sft.fsdp_sft_trainer import FSDPSFTTrainer
-    from sft.schema import load_config
+    from sft.config.schema import load_config
+    from sft.parallel.distributed import init_distributed, teardown
+    from sft.trainer import FSDPSFTTrainer
 
     ctx = init_distributed("cpu", 1)
     results = {}

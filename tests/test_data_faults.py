@@ -16,11 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import base_overrides
 
-from sft.data import MultiTurnSFTDataset, build_dataset
+from sft.config.schema import DataConfig
+from sft.data.build import build_dataset
 from sft.data.files import expand_paths
+from sft.data.multiturn import MultiTurnSFTDataset
 from sft.data.scan import BAD_SAMPLES_FILE, write_bad_samples
-from sft.demo import PARQUET_SCHEMA
-from sft.schema import DataConfig
+from sft.demo.assets import PARQUET_SCHEMA
 
 USER = {"role": "user", "content": "Sort: 3 1 2"}
 ANSWER = {"role": "assistant", "content": "1 2 3"}
@@ -352,7 +353,7 @@ def test_trainer_stops_with_one_line_before_the_model_and_keeps_the_checkpoint(d
     """In-process through the trainer's command line: exit 3, one line naming file and row,
     the model never loaded, and an existing output folder byte-for-byte unchanged."""
     from sft.cli import run_cli
-    from sft.fsdp_sft_trainer import FSDPSFTTrainer
+    from sft.trainer import FSDPSFTTrainer
 
     def no_model(self):
         raise AssertionError("the model was loaded before the data was checked")
@@ -381,7 +382,7 @@ def test_trainer_stops_with_one_line_before_the_model_and_keeps_the_checkpoint(d
 
 def test_trainer_skips_bad_rows_and_writes_them_next_to_the_metrics(demo_dir, tmp_path, capsys):
     from sft.cli import run_cli
-    from sft.fsdp_sft_trainer import FSDPSFTTrainer
+    from sft.trainer import FSDPSFTTrainer
 
     table = pq.read_table(demo_dir / "train.parquet").slice(0, 20).to_pylist()
     table[3]["messages"][0]["role"] = "human"
@@ -405,8 +406,8 @@ def test_trainer_skips_bad_rows_and_writes_them_next_to_the_metrics(demo_dir, tm
 
 def test_config_keys_are_validated(demo_dir, tmp_path):
     from sft.cli import compose
-    from sft.distributed import WorldInfo
-    from sft.validate import ConfigError, validate_config
+    from sft.config.checks import ConfigError, validate_config
+    from sft.parallel.distributed import WorldInfo
 
     world = WorldInfo(rank=0, world_size=1, local_rank=0, local_world_size=1)
     ov = base_overrides(demo_dir, tmp_path / "out")

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from sft.data import build_dataset, collate_padded
-from sft.schema import DataConfig
+from sft.config.schema import DataConfig
+from sft.data.batch import collate_padded
+from sft.data.build import build_dataset
 
 WORDS = "apple river stone cloud green tiger lemon piano moon bread".split()
 

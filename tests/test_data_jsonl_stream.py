@@ -15,12 +15,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from sft.data import build_dataset, files, json_rows, scan, store_build
+from sft.config.schema import DataConfig
+from sft.data import files, json_rows, scan, store_build
+from sft.data.build import build_dataset
 from sft.data.file_rows import TableRows
 from sft.data.files import ParquetSource
 from sft.data.json_types import ColumnTypes
 from sft.data.scan import write_bad_samples
-from sft.schema import DataConfig
 
 COLS = {"messages": "data.multiturn.messages_key"}
 OPTIONAL = ["tools", "enable_thinking"]

@@ -9,9 +9,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from sft.data import MultiTurnSFTDataset, build_dataset
-from sft.demo import PARQUET_SCHEMA
-from sft.schema import DataConfig
+from sft.config.schema import DataConfig
+from sft.data.build import build_dataset
+from sft.data.multiturn import MultiTurnSFTDataset
+from sft.demo.assets import PARQUET_SCHEMA
 
 IM_END = "<|im_end|>"
 

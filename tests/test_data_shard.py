@@ -13,8 +13,8 @@ from distributed_helper import run_ranks
 from workers import build_sharded
 
 from sft.cli import compose
-from sft.data import build_dataset
-from sft.model import load_tokenizer
+from sft.data.build import build_dataset
+from sft.models.loading import load_tokenizer
 
 
 def test_sharded_tokenization(demo_dir, tmp_path):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from sft.data import SFTDataset, build_dataset
-from sft.schema import DataConfig
+from sft.config.schema import DataConfig
+from sft.data.build import build_dataset
+from sft.data.single_turn import SFTDataset
 
 
 def cfg(**kwargs) -> DataConfig:

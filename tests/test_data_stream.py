@@ -15,9 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sft.data import build_dataset, scan, store_build
+from sft.config.schema import DataConfig
+from sft.data import scan, store_build
+from sft.data.build import build_dataset
 from sft.data.files import ParquetSource
-from sft.schema import DataConfig
 
 MSG = pa.struct([("role", pa.string()), ("content", pa.string())])
 COLS = {"messages": "data.multiturn.messages_key"}

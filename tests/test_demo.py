@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sft.demo import (
+from sft.demo.assets import (
     LOOKUP_TOOL,
     PARQUET_SCHEMA,
     build_model_config,
@@ -22,7 +22,7 @@ from sft.demo import (
     reference_answer,
     write_demo,
 )
-from sft.demo_train import evaluate, format_report, generate_answers, task_name
+from sft.demo.train import evaluate, format_report, generate_answers, task_name
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 DEFAULT_SYSTEM_TURN = f"{IM_START}system\nYou are a helpful assistant.{IM_END}\n"
@@ -231,7 +231,7 @@ def test_cli(tmp_path, capsys):
     assert pq.read_table(tmp_path / "cli" / "train.parquet").num_rows == 8
 
 
-# ----- the training demo's grading (sft/demo_train.py); the multi-minute run itself is not a test -----
+# ----- the training demo's grading (sft/demo/train.py); the multi-minute run itself is not a test -----
 
 
 class _Oracle:

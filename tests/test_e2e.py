@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from conftest import base_overrides
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sft.batch import labels_from_loss_mask
 from sft.cli import compose
-from sft.data import build_dataset
+from sft.data.batch import labels_from_loss_mask
+from sft.data.build import build_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Model families (sft/families.py) on real fully_shard over gloo: for every family in the table,
+"""Model families (sft/models/families.py) on real fully_shard over gloo: for every family in the table,
 padded (1 process) == remove-padding (1 process) == remove-padding + sp=2 (2 processes) on losses and
 weights after 2 steps, with samples far longer than the 8-token sliding window (so windows cut across
 SP slices); the HF export reproduces the trainer's validation loss; the attention features match an
@@ -18,13 +18,13 @@ from family_models import COMMON, FAMILY_TYPES, write_family_model
 from family_workers import train_many
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from sft.attention import ATTN_NAME, register_varlen_attention
-from sft.batch import labels_from_loss_mask
 from sft.cli import compose
-from sft.config_error import ConfigError
-from sft.data import build_dataset
-from sft.families import FAMILIES, unsupported_reason
-from sft.validate import validate_config
+from sft.config.checks import validate_config
+from sft.config.errors import ConfigError
+from sft.data.batch import labels_from_loss_mask
+from sft.data.build import build_dataset
+from sft.models.attention.varlen import ATTN_NAME, register_varlen_attention
+from sft.models.families import FAMILIES, unsupported_reason
 
 MODES = {
     "padded": (1, []),
@@ -197,7 +197,7 @@ def test_untabled_models_refused_before_loading(demo_dir, tmp_path, model_type, 
     cfg_json.update(model_type=model_type, **extra)
     (folder / "config.json").write_text(json.dumps(cfg_json))
     cfg = compose(base_overrides(demo_dir, tmp_path / "out") + [f"model.partial_pretrain={folder}"])
-    from sft.distributed import WorldInfo
+    from sft.parallel.distributed import WorldInfo
 
     with pytest.raises(ConfigError, match=expect):
         validate_config(cfg, WorldInfo(rank=0, world_size=1, local_rank=0, local_world_size=1))
@@ -212,7 +212,7 @@ def test_liger_never_swaps_moe_experts(monkeypatch, model_type, swiglu):
     import sys
     import types
 
-    from sft.kernels import apply_liger
+    from sft.ops.patch import apply_liger
 
     asked: dict = {}
 

@@ -18,8 +18,8 @@ from distributed_helper import run_ranks
 from test_e2e import ROOT, torchrun
 from transformers import AutoConfig, AutoTokenizer
 
-from sft.validate import ConfigError
-from sft.validate_model import check_vocab
+from sft.config.checks import ConfigError
+from sft.config.model_checks import check_vocab
 
 
 def run_trainer(overrides: list[str]) -> subprocess.CompletedProcess:
@@ -82,8 +82,8 @@ def test_command_exits_2_on_a_folder_without_config(demo_dir, tmp_path):
 def test_chat_template_from_config_key_is_accepted(demo_dir, tmp_path):
     """A template given by data.chat_template or inside tokenizer_config.json is enough."""
     from sft.cli import compose
-    from sft.distributed import WorldInfo
-    from sft.validate import validate_config
+    from sft.config.checks import validate_config
+    from sft.parallel.distributed import WorldInfo
 
     model = broken_copy(demo_dir, tmp_path, ["chat_template.jinja"])
     ov = [*base_overrides(demo_dir, tmp_path / "out"), f"model.partial_pretrain={model}"]
@@ -129,12 +129,12 @@ def disk_full_at_step(overrides: list[str], step: int, fail_rank: int, what: str
     """Runs in a spawned rank: one rank's write of checkpoint `step` fails as on a full disk."""
     import torch.distributed as dist
 
-    import sft.checkpoint as ck
-    import sft.extra_state as es
-    import sft.hf_export as hx
-    from sft.distributed import init_distributed, teardown
-    from sft.fsdp_sft_trainer import FSDPSFTTrainer
-    from sft.schema import load_config
+    import sft.checkpoint.extra_state as es
+    import sft.checkpoint.hf_export as hx
+    import sft.checkpoint.manager as ck
+    from sft.config.schema import load_config
+    from sft.parallel.distributed import init_distributed, teardown
+    from sft.trainer import FSDPSFTTrainer
 
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")

@@ -102,9 +102,9 @@ def test_micro_batch_loop_never_syncs_on_cuda(demo_dir, tmp_path, cuda_rank, fam
     the fastest attention kernel installed (FA4 where it is), `torch` PyTorch's own varlen kernel."""
     from family_models import write_family_model
 
-    from sft.fsdp_sft_trainer import FSDPSFTTrainer
-    from sft.kernels import liger_installed
-    from sft.schema import load_config
+    from sft.config.schema import load_config
+    from sft.ops.patch import liger_installed
+    from sft.trainer import FSDPSFTTrainer
 
     if liger == "true" and not liger_installed():
         pytest.skip("liger-kernel not installed")
@@ -143,8 +143,8 @@ def test_fused_ce_on_cuda_matches_fp64(softcap, n):
     """The CUDA path of the fused loss (fp32-output GEMMs, sft's softmax kernel, the fp32 epilogue
     accumulation of the head gradient) against float64 autograd from the same bf16 values.
     5,000 rows: three chunks of 2,048, the last one short, in one head-gradient GEMM; 18,000: two full
-    groups of 8,192 rows (sft/fused_ce.py GRAD_W_ROWS) and a short one."""
-    from sft.fused_ce import fused_linear_cross_entropy
+    groups of 8,192 rows (sft/ops/fused_ce.py GRAD_W_ROWS) and a short one."""
+    from sft.ops.fused_ce import fused_linear_cross_entropy
 
     torch.manual_seed(0)
     d, vocab = 256, 32000
@@ -167,9 +167,9 @@ def test_fused_ce_on_cuda_matches_fp64(softcap, n):
 
 
 def test_joined_qkv_on_cuda_matches_fp64():
-    """sft/qkv_proj.py on CUDA in bf16 (in-place addmm_ of the k and v input gradients, GEMV bias gradients)
+    """sft/ops/qkv_proj.py on CUDA in bf16 (in-place addmm_ of the k and v input gradients, GEMV bias gradients)
     against float64 autograd of the three projections from the same bf16 values."""
-    from sft.qkv_proj import _QKV
+    from sft.ops.qkv_proj import _QKV
 
     torch.manual_seed(0)
     x = torch.randn(4096, 256, device="cuda").bfloat16().requires_grad_()
@@ -188,11 +188,11 @@ def test_joined_qkv_on_cuda_matches_fp64():
 
 
 def test_liger_resolves_the_pinned_triton_kernels_on_cuda(monkeypatch):
-    """The op names and implementation name sft pins (sft/kernels.py) are the ones Liger's dispatcher knows."""
+    """The op names and implementation name sft pins (sft/ops/patch.py) are the ones Liger's dispatcher knows."""
     pytest.importorskip("liger_kernel.backends.dispatch")
     from liger_kernel.backends.dispatch import resolve_impl
 
-    from sft.kernels import LIGER_TRITON_OPS, pin_liger_triton
+    from sft.ops.patch import LIGER_TRITON_OPS, pin_liger_triton
 
     for op in LIGER_TRITON_OPS:
         monkeypatch.delenv(f"LIGER_KERNEL_IMPL_{op.upper()}", raising=False)
@@ -204,8 +204,8 @@ def test_liger_resolves_the_pinned_triton_kernels_on_cuda(monkeypatch):
 
 @pytest.mark.parametrize("rows,cols", [(4099, 1536), (3001, 896), (517, 5120), (64, 17000)])
 def test_rms_norm_backward_on_cuda(rows, cols):
-    """sft/rms_norm.py's compiled Triton backward (and, past MAX_TRITON_COLS, the torch one) against fp64 math."""
-    from sft.rms_norm import rms_norm, triton_backward_runs
+    """sft/ops/rms_norm.py's compiled Triton backward (and, past MAX_TRITON_COLS, the torch one) against fp64 math."""
+    from sft.ops.rms_norm import rms_norm, triton_backward_runs
 
     g = torch.Generator(device="cuda").manual_seed(0)
     x = (torch.randn(rows, cols, device="cuda", generator=g) * 3).bfloat16().requires_grad_()
@@ -221,8 +221,8 @@ def test_rms_norm_backward_on_cuda(rows, cols):
 
 @pytest.mark.parametrize("rows,cols", [(4099, 8960), (3001, 4864), (7, 1001)])
 def test_swiglu_kernels_on_cuda(rows, cols):
-    """sft/swiglu.py's compiled Triton kernels (in-place backward) against fp64 autograd of silu(a) * b."""
-    from sft.swiglu import silu_mul, triton_runs
+    """sft/ops/swiglu.py's compiled Triton kernels (in-place backward) against fp64 autograd of silu(a) * b."""
+    from sft.ops.swiglu import silu_mul, triton_runs
 
     g = torch.Generator(device="cuda").manual_seed(0)
     a0, b0, dc = ((torch.randn(rows, cols, device="cuda", generator=g) * 3).bfloat16() for _ in range(3))

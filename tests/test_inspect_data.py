@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from chat_templates import QWEN3
 
-from sft.data import build_dataset
+from sft.config.schema import load_config
+from sft.data.build import build_dataset
 from sft.inspect_data import main
-from sft.model import load_tokenizer
-from sft.schema import load_config
+from sft.models.loading import load_tokenizer
 
 
 def overrides(demo_dir) -> list[str]:

@@ -1,6 +1,6 @@
 """Activation checkpointing modes (selective, and partial as `gradient_checkpointing_mode=auto` sets it):
 same gradients as full/none, fewer recomputed matmuls; the same with q, k and v as one autograd node
-(sft/qkv_proj.py, on in every run without compile)."""
+(sft/ops/qkv_proj.py, on in every run without compile)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from sft import qkv_proj
-from sft.kernels import selective_checkpoint_context
-from sft.parallelize import apply_recompute
+from sft.ops import qkv_proj
+from sft.parallel.fsdp import apply_recompute, selective_checkpoint_context
 
 
 class CountMatmuls(TorchDispatchMode):
@@ -76,7 +75,7 @@ def test_checkpointing_modes_match_no_checkpointing(mode: str, joined: bool) -> 
 
 def test_liger_ops_are_pinned_to_triton_unless_the_user_chose(monkeypatch):
     """With the CUTLASS DSL importable, Liger would pick its CuTe DSL RoPE, which compiles per packed shape."""
-    from sft.kernels import pin_liger_triton
+    from sft.ops.patch import pin_liger_triton
 
     for var in ("LIGER_KERNEL_IMPL", "LIGER_KERNEL_BACKEND", "LIGER_KERNEL_IMPL_ROPE", "LIGER_KERNEL_IMPL_RMS_NORM"):
         monkeypatch.delenv(var, raising=False)
@@ -113,7 +112,7 @@ def _tiny(model_type: str, dtype: torch.dtype = torch.bfloat16):
 def test_fused_rms_norm_computes_the_norm_math(model_type, norms):
     """Each Llama-style RMSNorm on PyTorch's fused kernel gives weight x x / rms(x) (computed here in fp64)
     to one bf16 rounding, forward and backward, with the same parameter names."""
-    from sft.kernels import use_fused_rms_norm
+    from sft.ops.patch import use_fused_rms_norm
 
     lm = _tiny(model_type)
     names = [n for n, _ in lm.named_parameters()]
@@ -139,7 +138,7 @@ def test_fused_rms_norm_computes_the_norm_math(model_type, norms):
 
 def test_fused_rms_norm_keeps_the_model_math_for_mixed_dtypes():
     """A bf16 input to an fp32 weight keeps transformers' own promotion (an fp32 output), not the kernel's."""
-    from sft.kernels import use_fused_rms_norm
+    from sft.ops.patch import use_fused_rms_norm
 
     lm = _tiny("qwen2", torch.float32)
     use_fused_rms_norm(lm)
@@ -161,13 +160,13 @@ def test_fused_rms_norm_keeps_the_model_math_for_mixed_dtypes():
     ],
 )
 def test_apply_liger_puts_each_layer_on_its_faster_exact_kernel(monkeypatch, model_type, liger_norm, liger_mlp):
-    """Llama-style norms go to sft/rms_norm.py and SiLU-gated MLPs to sft/swiglu.py; Gemma's (1 + weight) norms
+    """Llama-style norms go to sft/ops/rms_norm.py and SiLU-gated MLPs to sft/ops/swiglu.py; Gemma's (1 + weight) norms
     and GEGLU, and Phi-3's fused gate_up MLP, stay with Liger. A stand-in for liger-kernel records what
     `apply_liger` asks of it."""
     import sys
     import types
 
-    from sft.kernels import apply_liger
+    from sft.ops.patch import apply_liger
 
     asked: dict = {}
 
@@ -193,7 +192,7 @@ _SFT_MLP_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "olmo2", "granite", "
 
 
 def test_the_sft_mlp_list_is_the_family_table():
-    from sft.families import FAMILIES, mlp_kernel
+    from sft.models.families import FAMILIES, mlp_kernel
 
     assert sorted(t for t in FAMILIES if mlp_kernel(t) == "sft") == sorted(_SFT_MLP_FAMILIES)
 
@@ -205,7 +204,7 @@ def test_fused_swiglu_computes_each_family_mlp(model_type):
     down(silu(gate(x)) * up(x)) fails here."""
     import copy
 
-    from sft.kernels import use_fused_swiglu
+    from sft.ops.patch import use_fused_swiglu
 
     lm = _tiny(model_type, torch.float32)
     ref = copy.deepcopy(lm.model.layers[0].mlp).double()
@@ -234,7 +233,7 @@ def test_apply_liger_refuses_a_family_row_whose_mlp_is_not_silu_gated(monkeypatc
     import sys
     import types
 
-    from sft.kernels import apply_liger
+    from sft.ops.patch import apply_liger
 
     mod = types.ModuleType("liger_kernel.transformers.monkey_patch")
     mod.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": lambda model=None, **_: None}

@@ -15,11 +15,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from sft.cli import compose
-from sft.distributed import WorldInfo
-from sft.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, add_lora, lora_layers
+from sft.config.checks import ConfigError, validate_config
 from sft.merge import main as merge_main
-from sft.model import build_meta_model
-from sft.validate import ConfigError, validate_config
+from sft.models.loading import build_meta_model
+from sft.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, add_lora, lora_layers
+from sft.parallel.distributed import WorldInfo
 
 WORLD2 = WorldInfo(rank=0, local_rank=0, world_size=2, local_world_size=2)
 RANK, ALPHA = 4, 8
@@ -101,9 +101,9 @@ def test_adapter_of_other_modules_is_refused(demo_dir, tmp_path):
 def lora_runs(demo: Path, root: Path) -> None:
     """A: 4 steps saving at 2 and 4. B: resume A's step 2 into another folder. C: a fresh run from A's
     step-4 adapter (built, not trained); rank 0 saves C's LoRA tensors as the trainer holds them."""
-    from sft.distributed import init_distributed, teardown
-    from sft.fsdp_sft_trainer import FSDPSFTTrainer
-    from sft.lora import adapter_state
+    from sft.models.lora import adapter_state
+    from sft.parallel.distributed import init_distributed, teardown
+    from sft.trainer import FSDPSFTTrainer
 
     ctx = init_distributed("cpu", 2)
     try:

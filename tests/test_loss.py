@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sft.loss import chunked_linear_cross_entropy
+from sft.models.loss import chunked_linear_cross_entropy
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 4096])
@@ -41,7 +41,7 @@ def test_no_target_gives_zero_but_keeps_the_graph():
 def test_loss_accuracy_and_softcap_match_full_logits(fused, softcap):
     """Both loss paths against a plain full-logits computation in float64: the CE sum, its
     gradients (through the final-logit soft-cap c·tanh(l/c) when set) and the argmax hit count."""
-    from sft.loss import target_linear_cross_entropy
+    from sft.models.loss import target_linear_cross_entropy
 
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(40, 16, generator=g, dtype=torch.float64, requires_grad=True)
@@ -70,7 +70,7 @@ def test_fused_head_gradient_in_groups_of_chunks(monkeypatch, grad_w_rows):
     """The fused loss sums the head gradient once per GRAD_W_ROWS rows (whole chunks), not per chunk:
     with 30 rows in chunks of 7 that is per chunk, per two chunks (the last group one short chunk) and
     all at once. Each gives fp64 autograd's gradients; the hidden gradient and loss too."""
-    from sft import fused_ce
+    from sft.ops import fused_ce
 
     monkeypatch.setattr(fused_ce, "GRAD_W_ROWS", grad_w_rows)
     g = torch.Generator().manual_seed(2)

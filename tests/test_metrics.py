@@ -1,4 +1,4 @@
-"""Metric sinks and FLOP accounting of sft/metrics.py, checked against hand-computed values."""
+"""Metric sinks and FLOP accounting of sft/loop/metrics.py, checked against hand-computed values."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sft.metrics import (
+from sft.loop.metrics import (
     MetricsLogger,
     StepTimer,
     matmul_params,
@@ -70,7 +70,7 @@ def test_tensor_values_are_written_as_numbers(tmp_path) -> None:
 def test_nonzero_rank_is_a_noop(tmp_path, monkeypatch) -> None:
     # Rank 1 must build no sink: the wandb/tensorboard ones would import their packages.
     for sink in ("_Wandb", "_TensorBoard", "_JsonlFile", "_Console"):
-        monkeypatch.setattr(f"sft.metrics.{sink}", lambda *a, **k: pytest.fail("a sink was built on rank 1"))
+        monkeypatch.setattr(f"sft.loop.metrics.{sink}", lambda *a, **k: pytest.fail("a sink was built on rank 1"))
     out = tmp_path / "run"
     ml = _logger(["console", "file", "wandb", "tensorboard"], out, rank=1)
     ml.log({"train/loss": 1.0}, step=1)
@@ -97,8 +97,8 @@ def test_missing_tracker_package_message(tmp_path, monkeypatch, rank) -> None:
 
 def test_missing_tracker_package_is_a_config_error(monkeypatch) -> None:
     from sft.cli import compose
-    from sft.distributed import WorldInfo
-    from sft.validate import ConfigError, _check_trainer
+    from sft.config.checks import ConfigError, _check_trainer
+    from sft.parallel.distributed import WorldInfo
 
     monkeypatch.setitem(sys.modules, "tensorboard", None)
     cfg = compose(["data.train_files=t.parquet", "model.partial_pretrain=m", "trainer.logger=[console,tensorboard]"])

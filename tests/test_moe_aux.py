@@ -1,4 +1,4 @@
-"""The MoE router load-balancing loss (sft/moe.py) against an independent reference.
+"""The MoE router load-balancing loss (sft/models/moe.py) against an independent reference.
 
 The reference runs the plain Hugging Face model on each sample alone, takes its router logits from
 transformers' own `output_router_logits`, and computes the token-weighted mean over samples of the
@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from sft.families import moe_spec
-from sft.model import CausalLMWithLoss
-from sft.moe import RouterStats, routing_inputs
+from sft.models.families import moe_spec
+from sft.models.loading import CausalLMWithLoss
+from sft.models.moe import RouterStats, routing_inputs
 
 E, K, COEF = 4, 2, 0.7
 

@@ -1,4 +1,4 @@
-"""AdamW parameter groups and the lr schedules of sft/optim.py, checked against hand values."""
+"""AdamW parameter groups and the lr schedules of sft/loop/optim.py, checked against hand values."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from sft.optim import (
+from sft.loop.optim import (
     build_optimizer,
     build_scheduler,
     lr_multiplier,
@@ -143,7 +143,7 @@ def test_fused_on_cuda_device_type_and_foreach_elsewhere() -> None:
 
 
 def test_fused_adamw_skips_itself_on_the_device_flag() -> None:
-    """The trainer's queued update (sft/fsdp_sft_trainer.py::train_step) relies on this: with `found_inf` set
+    """The trainer's queued update (sft/trainer.py::train_step) relies on this: with `found_inf` set
     the fused step leaves weights, moments and step count as they were; with it clear it updates them."""
     m = torch.nn.Linear(3, 2)
     opt = build_optimizer(m, 1e-2, (0.9, 0.95), 0.1, "cpu")

@@ -13,8 +13,8 @@ def test_watchdog_exits_with_143_after_the_grace_time():
     code = textwrap.dedent(
         """
         import os, signal, time, torch
-        from sft.distributed import init_distributed
-        from sft.preemption import PreemptionWatcher
+        from sft.parallel.distributed import init_distributed
+        from sft.loop.preemption import PreemptionWatcher
         ctx = init_distributed("cpu", 1)
         w = PreemptionWatcher(ctx.world_group, ctx.device, grace_s=0.5)
         assert not w.requested()

@@ -126,8 +126,8 @@ def test_trainer_builds_steps_on_the_prefetch_thread(demo_dir, tmp_path, single_
     """fit() asks the background thread for its steps: each is built off the training thread."""
     from conftest import base_overrides
 
-    from sft.fsdp_sft_trainer import FSDPSFTTrainer
-    from sft.schema import load_config
+    from sft.config.schema import load_config
+    from sft.trainer import FSDPSFTTrainer
 
     overrides = base_overrides(demo_dir, tmp_path) + [
         "use_remove_padding=true",

@@ -1,6 +1,6 @@
-"""sft/qkv_proj.py: q, k and v as one autograd node give what the model's own three projections give.
+"""sft/ops/qkv_proj.py: q, k and v as one autograd node give what the model's own three projections give.
 
-Every family of sft/families.py is built tiny from its config class and run twice in fp32, with and
+Every family of sft/models/families.py is built tiny from its config class and run twice in fp32, with and
 without the joined projections: logits and every parameter gradient must agree, and every projection must
 have returned the joined node's output (a silent fall-back would be correct but slower). The backward is
 checked on its own against autograd in fp64, with and without biases and with frozen weights (LoRA)."""
@@ -15,7 +15,7 @@ from family_models import COMMON, EXTRA, FAMILY_TYPES
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import sft.qkv_proj as qp
+import sft.ops.qkv_proj as qp
 
 # Families whose attention has no separate q/k/v projections (Phi-3 has one qkv_proj already).
 NO_QKV = {"phi3"}

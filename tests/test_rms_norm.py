@@ -1,4 +1,4 @@
-"""sft/rms_norm.py: PyTorch's fused forward with a one-pass backward, checked against the math in fp64.
+"""sft/ops/rms_norm.py: PyTorch's fused forward with a one-pass backward, checked against the math in fp64.
 
 The Triton kernel runs here under Triton's interpreter (tests/triton_interp.py: in a subprocess, with triton
 from the environment or the side folder scripts/test.sh fills; the interpreter is chosen when the kernel is
@@ -15,7 +15,7 @@ import torch
 import triton_interp
 from triton_interp import needs_triton
 
-from sft.rms_norm import rms_norm
+from sft.ops.rms_norm import rms_norm
 
 EPS = 1e-6
 
@@ -61,7 +61,7 @@ def test_rms_norm_matches_the_math_in_fp64(dtype):
 
 _INTERPRETED = """
 import json, sys, torch
-from sft import rms_norm as m
+from sft.ops import rms_norm as m
 assert m.triton_backward_runs(torch.zeros(1, 8)), "Triton backward not selected"
 rows, cols, dtype = int(sys.argv[1]), int(sys.argv[2]), getattr(torch, sys.argv[3])
 g = torch.Generator().manual_seed(0)

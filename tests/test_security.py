@@ -20,10 +20,9 @@ from safetensors.torch import load_file
 from test_e2e import ROOT, torchrun
 from torch.distributed.checkpoint.api import CheckpointException
 
-from sft import extra_state
-from sft.checkpoint import _refusal
+from sft.checkpoint.manager import _refusal, extra_state
+from sft.checkpoint.safe_dcp import UnsafeFileError, load_metadata, safe_load
 from sft.merge import main as merge_main
-from sft.safe_dcp import UnsafeFileError, load_metadata, safe_load
 
 
 class Planted:

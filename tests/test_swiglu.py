@@ -1,4 +1,4 @@
-"""sft/swiglu.py: silu(a) * b and its in-place backward, checked against autograd in fp64.
+"""sft/ops/swiglu.py: silu(a) * b and its in-place backward, checked against autograd in fp64.
 
 The Triton kernels run here under Triton's interpreter (tests/triton_interp.py: in a subprocess, with triton
 from the environment or the side folder scripts/test.sh fills; the interpreter is chosen when the kernels are
@@ -15,7 +15,7 @@ import torch
 import triton_interp
 from triton_interp import needs_triton
 
-from sft.swiglu import silu_mul
+from sft.ops.swiglu import silu_mul
 
 
 def _case(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0):
@@ -69,7 +69,7 @@ def test_one_tensor_as_both_inputs_gets_both_gradients():
 
 _INTERPRETED = """
 import json, sys, torch
-from sft import swiglu as m
+from sft.ops import swiglu as m
 shape, dtype = [int(s) for s in sys.argv[1].split("x")], getattr(torch, sys.argv[2])
 assert m.triton_runs(torch.zeros(shape)), "Triton kernels not selected"
 g = torch.Generator().manual_seed(0)

@@ -23,8 +23,8 @@ from chat_templates import TEMPLATES, TOKENS
 from distributed_helper import run_ranks
 from template_workers import build_shared
 
-from sft.data import build_dataset
-from sft.schema import DataConfig
+from sft.config.schema import DataConfig
+from sft.data.build import build_dataset
 
 WORDS = "apple pear kiwi fig plum lime sort the list count words reply add two nine seven".split()
 TOOLS = [{"type": "function", "function": {"name": "lookup", "description": "Value of a key.", "parameters": {}}}]

@@ -6,8 +6,8 @@ import pytest
 from attn_workers import ulysses_checks
 from distributed_helper import run_ranks
 
-from sft.demo import build_model_config
-from sft.ulysses import check_sp_heads
+from sft.demo.assets import build_model_config
+from sft.parallel.ulysses import check_sp_heads
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from sft.cli import compose
-from sft.config_error import ConfigError
-from sft.verl_layout import translate
+from sft.config.errors import ConfigError
+from sft.config.verl_layout import translate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ def test_the_layout_gets_its_own_defaults():
     assert cfg.model.partial_pretrain == "/m"
     assert cfg.optim.lr == pytest.approx(1e-3) and cfg.optim.betas == [0.9, 0.999]
     assert cfg.optim.lr_scheduler == "constant" and cfg.trainer.total_epochs == 4 and cfg.trainer.seed == 1
-    # Its 8192 default is not typed: the trainer chooses the budget (sft/budget.py) as for everyone.
+    # Its 8192 default is not typed: the trainer chooses the budget (sft/loop/budget.py) as for everyone.
     assert cfg.use_remove_padding and cfg.data.max_token_len_per_gpu is None
     typed, _ = _parse(["data.train_files=t.parquet", "model.path=/m", "data.max_token_len_per_gpu=8192"])
     assert typed.data.max_token_len_per_gpu == 8192
@@ -223,7 +223,7 @@ def test_cfg_prints_our_layout(demo_dir, capsys):
 def test_override_config_and_tokenizer_path_reach_the_model(demo_dir, tmp_path):
     import shutil
 
-    from sft.model import load_hf_config, load_tokenizer
+    from sft.models.loading import load_hf_config, load_tokenizer
 
     tok_dir = tmp_path / "tok"
     tok_dir.mkdir()

@@ -8,10 +8,10 @@ import os
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from sft.distributed import WorldInfo, init_distributed, teardown
-from sft.fsdp_sft_trainer import FSDPSFTTrainer
-from sft.schema import load_config
-from sft.validate import validate_config
+from sft.config.checks import validate_config
+from sft.config.schema import load_config
+from sft.parallel.distributed import WorldInfo, init_distributed, teardown
+from sft.trainer import FSDPSFTTrainer
 
 
 def train_and_dump(overrides: list[str], out_file: str) -> None:
@@ -47,7 +47,7 @@ def read_jsonl(path: str) -> list[dict]:
 def die_during_save(overrides: list[str], kill_step: int) -> None:
     """Train like the real command, but every rank dies abruptly in the middle of saving
     `kill_step` (after the sharded state is written, before the checkpoint is complete)."""
-    import sft.checkpoint as ck
+    import sft.checkpoint.manager as ck
 
     original = ck.FSDPCheckpointManager._export_hf
 
@@ -67,9 +67,9 @@ def build_sharded(override_sets: list[list[str]], out_file: str) -> None:
     ended with (the exchanged arrays, or the error message)."""
     import torch.distributed as dist
 
-    from sft.data import build_dataset
+    from sft.data.build import build_dataset
     from sft.data.storage import TokenizeShard
-    from sft.model import load_tokenizer
+    from sft.models.loading import load_tokenizer
 
     ctx = init_distributed("cpu", 1)
     try:
@@ -96,7 +96,7 @@ def nan_at_step(overrides: list[str], bad_step: int, result_file: str) -> None:
     import contextlib
     import io
 
-    import sft.fsdp_sft_trainer as trainer_module
+    import sft.trainer as trainer_module
     from sft.cli import run_cli
 
     original = trainer_module.FSDPSFTTrainer._forward

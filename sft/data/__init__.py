@@ -1,21 +1,8 @@
-"""Data: parquet reading, the SFT datasets, and collation into micro-batches.
+"""Data: from files of chat conversations to the micro-batches of one optimizer step.
 
-`build_dataset` picks the dataset class from the data config; every dataset tokenizes all
-rows up front and returns the item contract of DESIGN.md (`input_ids`, `attention_mask`,
-`position_ids`, `loss_mask`), padded or unpadded. `collate_padded` batches padded items.
+Files (parquet, JSON lines) are scanned for bad rows, rendered with the model's chat template and
+tokenised once into a compact store (cached on disk); each dataset item is `input_ids`, `attention_mask`,
+`position_ids` and `loss_mask`, padded or unpadded. The sampler picks each rank's samples per step, the
+balancer and packer build micro-batches (padded, or packed rows with varlen metadata), and the prefetch
+thread builds the next step while the device runs this one.
 """
-
-from sft.data.build import build_dataset, load_custom_class
-from sft.data.collate import collate_padded
-from sft.data.multiturn import MultiTurnSFTDataset
-from sft.data.single_turn import SFTDataset
-from sft.data.storage import TokenizedDataset
-
-__all__ = [
-    "MultiTurnSFTDataset",
-    "SFTDataset",
-    "TokenizedDataset",
-    "build_dataset",
-    "collate_padded",
-    "load_custom_class",
-]

@@ -17,10 +17,10 @@ from pathlib import Path
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from sft.config.schema import DataConfig
 from sft.data.multiturn import MultiTurnSFTDataset
 from sft.data.single_turn import SFTDataset
 from sft.data.storage import TokenizeShard
-from sft.schema import DataConfig
 
 
 def load_custom_class(path: str | None, name: str | None) -> type[Dataset]:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from sft.schema import DataConfig
+from sft.config.schema import DataConfig
 
 logger = logging.getLogger("sft")
 

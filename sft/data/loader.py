@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from sft.batch import empty_micro_batch, padded_micro_batch, pin, with_target_index
+from sft.data.batch import empty_micro_batch, padded_micro_batch, pin, with_target_index
 from sft.data.packing import empty_packed_batch, packed_micro_batch, sp_slice
 from sft.data.sampler import StepBatchSampler
 

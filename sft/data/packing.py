@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from sft.batch import labels_from_loss_mask
+from sft.data.batch import labels_from_loss_mask
 
 
 def packed_micro_batch(items: list[dict[str, torch.Tensor]], pad_id: int, multiple_of: int = 1) -> dict:

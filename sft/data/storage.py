@@ -23,10 +23,10 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from sft.config.schema import DataConfig
 from sft.data.files import ParquetSource
 from sft.data.scan import ON_BAD_SAMPLE, scan_source
 from sft.data.store_build import StoreBuild
-from sft.schema import DataConfig
 
 logger = logging.getLogger("sft")
 

@@ -1,0 +1,7 @@
+"""`python -m sft.bench ...`: the throughput benchmark (sft/bench/driver.py)."""
+
+import sys
+
+from sft.bench.driver import main
+
+sys.exit(main())

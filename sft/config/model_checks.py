@@ -1,0 +1,226 @@
+"""Checks of the `model` section and of the model folder, before any weight or tokenizer loads.
+
+Keys (strategy, dtypes, checkpointing mode, Liger, attention kernel, LoRA) are checked from the config alone; the
+folder from its json files only (config, weights present, tokenizer, chat template); the
+tokenizer's vocabulary against the embedding once both are loaded (`check_vocab`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sft.config.errors import ConfigError, need
+from sft.config.schema import ModelConfig, SFTConfig
+from sft.models.attention.kernels import CHOICES as ATTN_CHOICES
+from sft.models.attention.kernels import KERNELS as ATTN_KERNELS
+from sft.models.attention.kernels import installed as attn_installed
+from sft.models.families import unsupported_reason
+from sft.ops.patch import check_liger
+from sft.parallel.distributed import resolve_device_type
+
+MODEL_DTYPES = ("fp32", "float32", "bf16", "bfloat16")
+
+
+def _check_model(cfg: SFTConfig) -> None:
+    m = cfg.model
+    p = Path(m.partial_pretrain).expanduser()
+    need(
+        p.is_dir(),
+        f"model.partial_pretrain={m.partial_pretrain}: not a directory; give a local Hugging Face model folder",
+    )
+    need(
+        m.strategy == "fsdp2",
+        f"model.strategy={m.strategy!r}: sft supports FSDP2 only; set model.strategy=fsdp2 (or remove the key)",
+    )
+    need(
+        m.fsdp_config.model_dtype in MODEL_DTYPES,
+        f"model.fsdp_config.model_dtype={m.fsdp_config.model_dtype!r}: choose fp32 or bf16",
+    )
+    need(
+        m.fsdp_config.wrap_policy.min_num_params == 0,
+        f"model.fsdp_config.wrap_policy.min_num_params={m.fsdp_config.wrap_policy.min_num_params}: sft shards each "
+        "decoder layer and the root; size-based wrapping is not supported, remove the key",
+    )
+    need(not m.use_shm, "model.use_shm=true: shared-memory model copies are not supported; use a local model folder")
+    defaults = ModelConfig(partial_pretrain="")
+    if m.lora_rank == 0:
+        for key in ("lora_alpha", "target_modules", "exclude_modules", "lora_adapter_path"):
+            need(
+                getattr(m, key) == getattr(defaults, key),
+                f"model.{key}={getattr(m, key)!r} is set but model.lora_rank=0: set model.lora_rank>0 to use LoRA "
+                f"or remove model.{key}",
+            )
+    need(m.lora_rank >= 0, f"model.lora_rank={m.lora_rank}: must be >= 0")
+    if m.lora_rank > 0:
+        _check_lora(m)
+    need(
+        m.gradient_checkpointing_mode in ("auto", "full", "selective"),
+        f"model.gradient_checkpointing_mode={m.gradient_checkpointing_mode!r}: choose auto, full or selective",
+    )
+    need(
+        m.enable_gradient_checkpointing or m.gradient_checkpointing_mode in ("auto", "full"),
+        f"model.gradient_checkpointing_mode={m.gradient_checkpointing_mode} needs "
+        "model.enable_gradient_checkpointing=true (or remove the mode)",
+    )
+    need(
+        m.use_liger in (True, False, "auto"),
+        f"model.use_liger={m.use_liger!r}: choose true, false or auto",
+    )
+    need(
+        not (m.compile and m.gradient_checkpointing_mode == "selective"),
+        "model.gradient_checkpointing_mode=selective with model.compile=true: the compiled layer hides its matmuls "
+        "from the checkpoint policy; use gradient_checkpointing_mode=full with compile",
+    )
+    need(
+        m.attn_kernel in ATTN_CHOICES,
+        f"model.attn_kernel={m.attn_kernel!r}: choose one of {', '.join(ATTN_CHOICES)}",
+    )
+    if m.attn_kernel != "auto":
+        need(
+            cfg.use_remove_padding,
+            f"model.attn_kernel={m.attn_kernel} picks the packed-attention kernel, which only use_remove_padding=true "
+            "runs; set use_remove_padding=true or model.attn_kernel=auto",
+        )
+        need(
+            resolve_device_type(cfg.trainer.device) == "cuda",
+            f"model.attn_kernel={m.attn_kernel}: attention kernels run on CUDA GPUs; set model.attn_kernel=auto",
+        )
+        need(
+            ATTN_KERNELS[m.attn_kernel].traceable or not m.compile,
+            f"model.attn_kernel={m.attn_kernel} with model.compile=true: torch.compile cannot trace "
+            f"{ATTN_KERNELS[m.attn_kernel].title}; use model.attn_kernel=auto (a traceable kernel) or model.compile=false",
+        )
+        need(
+            attn_installed(m.attn_kernel),
+            f"model.attn_kernel={m.attn_kernel}: {ATTN_KERNELS[m.attn_kernel].title} is not installed "
+            f"({ATTN_KERNELS[m.attn_kernel].install}); or set model.attn_kernel=auto",
+        )
+    need(
+        m.experts_implementation in ("grouped_mm", "eager"),
+        f"model.experts_implementation={m.experts_implementation!r}: choose grouped_mm or eager",
+    )
+    need(
+        m.router_aux_loss_coef is None or m.router_aux_loss_coef >= 0,
+        f"model.router_aux_loss_coef={m.router_aux_loss_coef}: must be >= 0 (or null for the model config's)",
+    )
+    need(
+        not (m.compile and m.use_liger is True),
+        "model.use_liger=true with model.compile=true: torch.compile cannot trace Liger's kernels (it fails inside "
+        "LigerRMSNormFunction); use model.use_liger=auto (compile fuses the norms itself) or model.compile=false",
+    )
+    need(
+        not (m.compile and resolve_device_type(cfg.trainer.device) == "cpu"),
+        "model.compile=true on CPU: compiling the layers is supported on CUDA only (on CPU it takes minutes and "
+        "fails under gloo); set model.compile=false",
+    )
+    if m.use_liger is True:
+        try:
+            check_liger(resolve_device_type(cfg.trainer.device))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def _check_lora(m: ModelConfig) -> None:
+    """LoRA keys that need no model; module names are checked against the model (on meta) when it is built."""
+    need(m.lora_alpha > 0, f"model.lora_alpha={m.lora_alpha}: must be > 0 (the update is scaled by alpha / rank)")
+    t = m.target_modules
+    need(
+        (isinstance(t, str) and bool(t)) or (isinstance(t, list) and bool(t) and all(isinstance(x, str) for x in t)),
+        f"model.target_modules={t!r}: give all-linear or a list of module names, e.g. [q_proj,v_proj]",
+    )
+    if m.lora_adapter_path is None:
+        return
+    p = Path(m.lora_adapter_path).expanduser()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        need(
+            (p / name).is_file(),
+            f"model.lora_adapter_path={p}: no {name} in it; point it at a folder PeftModel.save_pretrained wrote "
+            "(e.g. a checkpoint's global_step_N/lora_adapter)",
+        )
+    try:
+        saved = json.loads((p / "adapter_config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.lora_adapter_path: cannot read {p / 'adapter_config.json'}: {exc}") from exc
+    for key, ours in (("r", m.lora_rank), ("lora_alpha", m.lora_alpha)):
+        cfg_key = "lora_rank" if key == "r" else key
+        need(
+            saved.get(key) == ours,
+            f"model.lora_adapter_path={p}: the adapter has {key}={saved.get(key)} but model.{cfg_key}={ours}; "
+            f"set model.{cfg_key}={saved.get(key)}",
+        )
+
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.partial_pretrain: cannot read {path}: {exc}; repair or replace the file") from exc
+
+
+def _has_chat_template(folder: Path) -> bool:
+    """transformers reads the template from any of these places (checked without loading the tokenizer)."""
+    if (folder / "chat_template.jinja").is_file() or (folder / "additional_chat_templates").is_dir():
+        return True
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        f = folder / name
+        if f.is_file() and _read_json(f).get("chat_template"):
+            return True
+    return False
+
+
+def _check_model_folder(cfg: SFTConfig) -> None:
+    """Cheap checks of the model folder (json files only), so a broken folder fails before anything loads."""
+    p = Path(cfg.model.partial_pretrain).expanduser()
+    need(
+        (p / "config.json").is_file(),
+        f"model.partial_pretrain={p}: not a Hugging Face model folder: no config.json in {p}",
+    )
+    config = _read_json(p / "config.json")
+    need(
+        any(any(p.glob(pat)) for pat in WEIGHT_PATTERNS),
+        f"model.partial_pretrain={p}: no weights in {p}; expected model.safetensors or pytorch_model.bin "
+        "(or sharded files with their .index.json), as save_pretrained writes them",
+    )
+    key, tp = "model.partial_pretrain", p
+    if cfg.model.tokenizer_path:
+        key, tp = "model.tokenizer_path", Path(cfg.model.tokenizer_path).expanduser()
+    need(
+        any((tp / f).is_file() for f in TOKENIZER_FILES),
+        f"{key}={tp}: no tokenizer files in {tp} (expected one of {', '.join(TOKENIZER_FILES)}); "
+        "copy the tokenizer of the model into the folder (tokenizer.save_pretrained)",
+    )
+    need(
+        not cfg.data.multiturn.enable or bool(cfg.data.chat_template) or _has_chat_template(tp),
+        f"data.multiturn.enable=true but the tokenizer in {tp} has no chat template; set data.chat_template "
+        "or add chat_template to tokenizer_config.json",
+    )
+    reason = unsupported_reason(config)
+    need(reason is None, f"model.partial_pretrain={p}: {reason}")
+    # The packed attention has no dropout; say so now rather than at the first forward, after loading.
+    dropout = cfg.model.override_config.get("attention_dropout", config.get("attention_dropout") or 0.0)
+    need(
+        not cfg.use_remove_padding or not dropout,
+        f"model.partial_pretrain={p}: config.json sets attention_dropout={dropout}, which remove-padding attention "
+        "does not apply; set +model.override_config.attention_dropout=0.0 (or use_remove_padding=false)",
+    )
+    vocab = config.get("vocab_size")
+    need(
+        vocab is None or (isinstance(vocab, int) and vocab > 0),
+        f"model.partial_pretrain={p}: config.json has vocab_size={vocab!r}; it must be a positive integer",
+    )
+
+
+def check_vocab(tokenizer, hf_config) -> None:
+    """Token ids beyond the embedding would index out of range (a CUDA assert, or garbage): refuse early."""
+    rows = getattr(hf_config, "vocab_size", None)
+    n = len(tokenizer)
+    need(
+        rows is None or n <= rows,
+        f"tokenizer has {n} tokens but the model's embedding has {rows} rows: ids >= {rows} would index out of "
+        "range; use the tokenizer that belongs to model.partial_pretrain or resize the embedding and save the model",
+    )

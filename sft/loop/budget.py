@@ -1,0 +1,235 @@
+"""The automatic token budget of a packed micro-batch (`use_remove_padding=true`).
+
+The loss is the exact global token mean, so how a rank's samples are cut into micro-batches
+does not change the update; only speed and memory depend on it. The budget is therefore the
+trainer's choice, for everyone: at least `micro_batch_size_per_gpu x max_length` tokens (the
+worst case of a padded micro-batch of the user's keys, so whatever fits in verl fits here),
+larger when the device's free memory, estimated from the model shape, holds more activations.
+An explicit `data.max_token_len_per_gpu` is a cap that is always obeyed. With
+`model.gradient_checkpointing_mode=auto` (the default) the same memory estimate also decides how
+many decoder layers are recomputed in the backward: as few as fit, none when everything fits.
+Every rank takes the smallest budget and the most recompute of the world, so the micro-batch
+plans of all ranks stay identical.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from transformers import PretrainedConfig
+
+from sft.loop.metrics import matmul_params
+from sft.models.families import moe_spec
+from sft.ops.fused_ce import DEFAULT_CHUNK, GRAD_W_ROWS
+from sft.parallel.fsdp import layerwise_recompute
+
+logger = logging.getLogger("sft")
+
+GIB = 1024**3
+# The estimate below is a model of memory, not a measurement: it is not extrapolated past this.
+MAX_AUTO_TOKENS = 65536
+# Multiplier on the per-token activation estimate. Measured peaks (one H200, Qwen2.5-1.5B shape, bf16
+# master): full checkpointing 19.4 GB with an 8,192-token budget vs 26.1 GB with 65,536, about 0.13 MB per
+# token where the formula gives 0.36 MB; Liger layers, no layer recomputed, 48,128 tokens: 105.7 GB, about
+# 1.9 MB per token over the ~15 GB of weights, gradients, optimizer state and loss buffers, where the
+# formula gives 2.1 MB (2026-12-02). The formula keeps that margin, and `reserve` below adds 15 % of the
+# GPU + 2 GB, so no further factor.
+SAFETY = 1.0
+ROUND = 1024
+# Matmul work of a micro-batch that hides the host's per-micro-batch work: Qwen2.5-1.5B shape on one H200,
+# full checkpointing, sync-free loop: 8,192-token micro-batches kept the GPU 54 % busy, 32,768 96 %
+# (docs/PERFORMANCE.md). 32k tokens of that shape are about 3e14 FLOP (6 x 1.54e9 per token).
+MIN_MICRO_BATCH_FLOP = 3e14
+AUTO_MOE = "every layer recomputed: gradient_checkpointing_mode=auto does not model the routing buffers of MoE layers"
+AUTO_NOT_LAYERWISE = (
+    "every layer recomputed: this model's layers are not transformers' checkpointing layers, so recompute "
+    "cannot be set layer by layer"
+)
+PADDED_COST = (
+    "use_remove_padding=false: padded micro-batches of data.micro_batch_size_per_gpu samples compute on padding "
+    "and wait for the GPU on every micro-batch; measured 5.9x fewer tokens/s than use_remove_padding=true "
+    "(Qwen2.5-1.5B shape, one H100, 2026-11-23, docs/PERFORMANCE.md). The loss is the same either way"
+)
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    tokens: int
+    reason: str
+    # Decoder layers recomputed in the backward (activation checkpointing); None: as configured.
+    recompute: int | None = None
+
+
+def layer_bytes_per_token(hf_config: PretrainedConfig, liger: bool) -> float:
+    """Activation bytes one decoder layer keeps per token for its backward when it is not recomputed.
+
+    The model's own layers keep about 32h + 8kv + 8i bytes (fp32 norm upcasts, q/k/v, rotary,
+    attention and MLP outputs). With Liger's RMSNorm and SwiGLU the norms keep only their bf16 input
+    and output and the MLP its gate, up and product: about 12h + 4kv + 6i. (One H100, Qwen2.5-1.5B
+    shape, Liger on, no checkpointing, 16k tokens: a 55.6 GB peak, of which about 31 GB weights,
+    gradients, AdamW state and loss buffers: about 1.5 MB per token for 28 layers, where this
+    formula gives 2.1 MB.)
+    """
+    h = hf_config.hidden_size
+    heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or h // heads
+    kv = (getattr(hf_config, "num_key_value_heads", None) or heads) * head_dim
+    inter = getattr(hf_config, "intermediate_size", None) or 4 * h
+    return 12 * h + 4 * kv + 6 * inter if liger else 32 * h + 8 * kv + 8 * inter
+
+
+def activation_bytes_per_token(hf_config: PretrainedConfig, recompute: int, liger: bool = False) -> float:
+    """Peak activation bytes per token of a packed row when the first `recompute` decoder layers are
+    checkpointed (each keeps only its input, 2h bytes) and the others keep everything.
+
+    The backward of one layer adds one layer's worth at the peak. A recomputed layer adds another while it
+    is replayed, but the first layers are replayed last, when the later layers' activations are freed:
+    that only sets the peak when every layer is recomputed.
+    """
+    h = hf_config.hidden_size
+    layers = hf_config.num_hidden_layers
+    one_layer = layer_bytes_per_token(hf_config, liger)
+    tail = 16 * h  # final norm, hidden state and its gradient before the loss
+    kept = recompute * 2 * h + (layers - recompute) * one_layer
+    replay = recompute * 2 * h + 2 * one_layer if recompute else 0.0
+    return SAFETY * (max(kept + one_layer, replay) + tail)
+
+
+def fixed_bytes_to_come(
+    hf_config: PretrainedConfig, n_params: int, n_trainable: int, world: int, param_bytes: int
+) -> float:
+    """Memory the step will still allocate beyond the loaded shards, whatever the budget.
+
+    Gradients and the two AdamW states of the trainable parameters (master dtype, sharded), the gathered bf16 root
+    (embeddings, head) with its fp32 gradient, two gathered layers, and the fused loss's
+    fp32 head gradient and chunk buffers.
+    """
+    h, vocab = hf_config.hidden_size, hf_config.vocab_size
+    layers = max(hf_config.num_hidden_layers, 1)
+    root = vocab * h * (1 if getattr(hf_config, "tie_word_embeddings", False) else 2)
+    layer = max(n_params - root, 0) / layers
+    state = 3 * n_trainable * param_bytes / world
+    gathered = 2 * root + 4 * root + 2 * 2 * layer
+    # fp32 head gradient; one chunk's fp32 logits and as much again of slack; the held bf16 dL/dlogits (sft/ops/fused_ce.py)
+    loss = 4 * vocab * h + 2 * DEFAULT_CHUNK * vocab * 4 + GRAD_W_ROWS * vocab * 2
+    return state + gathered + loss
+
+
+def auto_tokens(floor: int, cap: int | None, avail_bytes: float | None, per_token: float) -> TokenBudget:
+    """The rule, as a pure function: max(floor, what fits), rounded down, bounded, then capped."""
+    if avail_bytes is None:
+        tokens, why = floor, "no device memory to size from: micro_batch_size_per_gpu x max_length"
+    else:
+        fits = int(max(avail_bytes, 0) // per_token) // ROUND * ROUND
+        if fits <= floor:
+            tokens, why = floor, f"memory holds ~{fits} tokens: micro_batch_size_per_gpu x max_length, the floor"
+        elif fits > MAX_AUTO_TOKENS:
+            tokens, why = MAX_AUTO_TOKENS, f"memory holds ~{fits} tokens; bounded at {MAX_AUTO_TOKENS}"
+        else:
+            tokens, why = (
+                fits,
+                f"fits the free memory ({avail_bytes / GIB:.1f} GiB at ~{per_token / 1024:.0f} KiB/token)",
+            )
+    if cap is not None and cap < tokens:
+        return TokenBudget(cap, f"data.max_token_len_per_gpu={cap} caps it (automatic choice: {tokens}, {why})")
+    return TokenBudget(tokens, why)
+
+
+def recompute_plan(
+    floor: int,
+    cap: int | None,
+    avail_bytes: float | None,
+    per_token: Callable[[int], float],
+    layers: int,
+    min_tokens: int,
+) -> TokenBudget:
+    """`model.gradient_checkpointing_mode=auto`, as a pure function: the token budget and how many
+    decoder layers to recompute.
+
+    Recomputing a layer costs a third of its forward + backward again; a micro-batch smaller than
+    `min_tokens` leaves the GPU waiting on the host. So: the budget full checkpointing would choose,
+    lowered to `min_tokens` (never below the floor); then the fewest recomputed layers whose
+    activations fit; with none recomputed, the budget grows into what is left.
+    """
+    full = auto_tokens(floor, cap, avail_bytes, per_token(layers))
+    if avail_bytes is None:
+        return TokenBudget(full.tokens, f"{full.reason}; every layer recomputed", layers)
+    tokens = min(full.tokens, max(floor, min_tokens))
+    recompute = next((r for r in range(layers + 1) if tokens * per_token(r) <= avail_bytes), None)
+    if recompute is None or recompute == layers:  # all recomputed anyway: full checkpointing's larger budget
+        return TokenBudget(full.tokens, f"{full.reason}; every layer recomputed (memory)", layers)
+    if recompute == 0:
+        grown = auto_tokens(tokens, cap, avail_bytes, per_token(0))
+        return TokenBudget(grown.tokens, f"{grown.reason}; no layer recomputed", 0)
+    return TokenBudget(
+        tokens,
+        f"{recompute} of {layers} layers recomputed so that {tokens} tokens fit "
+        f"{avail_bytes / GIB:.1f} GiB (a micro-batch of at least {min_tokens} tokens keeps the GPU busy)",
+        recompute,
+    )
+
+
+def min_busy_tokens(hf_config: PretrainedConfig) -> int:
+    """Tokens whose matmuls take about MIN_MICRO_BATCH_FLOP: below this the host's per-micro-batch work
+    (kernel launches, FSDP hooks: about 0.3 s on one H200) is no longer hidden behind the GPU's."""
+    tokens = MIN_MICRO_BATCH_FLOP / (6 * matmul_params(hf_config))
+    return int(-(-tokens // ROUND) * ROUND)
+
+
+def choose_token_budget(
+    cfg, hf_config: PretrainedConfig, model: torch.nn.Module, device: torch.device, group: dist.ProcessGroup
+) -> TokenBudget | None:
+    """The budget for this run (None in padded mode); call after the model is sharded and loaded.
+
+    With `model.gradient_checkpointing_mode=auto` it also says how many decoder layers to recompute
+    (`TokenBudget.recompute`); `apply_recompute` sets it on the model.
+    """
+    if not cfg.use_remove_padding:
+        logger.info(PADDED_COST)
+        return None
+    m = cfg.model
+    floor = cfg.data.micro_batch_size_per_gpu * cfg.data.max_length
+    layers = hf_config.num_hidden_layers
+    liger = getattr(model, "liger_layers", False)
+    avail = None
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        n_params = sum(p.numel() for p in model.parameters())
+        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        param_bytes = 2 if m.fsdp_config.model_dtype in ("bf16", "bfloat16") else 4
+        world = dist.get_world_size(group)
+        reserve = 0.15 * total + 2 * GIB  # allocator fragmentation, NCCL and cuBLAS workspaces
+        avail = free - fixed_bytes_to_come(hf_config, n_params, n_trainable, world, param_bytes) - reserve
+    cap = cfg.data.max_token_len_per_gpu
+    if not m.enable_gradient_checkpointing:
+        budget = auto_tokens(floor, cap, avail, activation_bytes_per_token(hf_config, 0, liger))
+    elif m.gradient_checkpointing_mode != "auto":
+        budget = auto_tokens(floor, cap, avail, activation_bytes_per_token(hf_config, layers, liger))
+    elif (spec := moe_spec(hf_config)) is not None or not layerwise_recompute(model):
+        why = AUTO_MOE if spec is not None else AUTO_NOT_LAYERWISE
+        budget = auto_tokens(floor, cap, avail, activation_bytes_per_token(hf_config, layers, liger))
+        budget = TokenBudget(budget.tokens, f"{budget.reason}; {why}", layers)
+    else:
+        budget = recompute_plan(
+            floor,
+            cap,
+            avail,
+            lambda r: activation_bytes_per_token(hf_config, r, liger),
+            layers,
+            min_busy_tokens(hf_config),
+        )
+    # Identical plans on every rank: the smallest choice of the world (tokens and recompute alike).
+    t = torch.tensor([budget.tokens, -(budget.recompute or 0)], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    tokens, recompute = int(t[0]), -int(t[1])
+    if tokens != budget.tokens or recompute != (budget.recompute or 0):
+        budget = TokenBudget(
+            tokens,
+            f"the smallest choice over the ranks (this rank: {budget.tokens}, {budget.reason})",
+            recompute if budget.recompute is not None else None,
+        )
+    return budget

@@ -1,0 +1,173 @@
+"""Varlen (packed, padding-free) causal attention, registered with transformers' attention registry.
+
+The trainer packs a micro-batch into one row with per-sample `position_ids` and passes
+`cu_seq_lens_q/k` and `max_length_q/k` to the model's forward; the function registered here
+under `ATTN_NAME` attends within each sample only (on CUDA the kernel `model.attn_kernel` chose, see
+sft/models/attention/kernels.py; on CPU a per-sample SDPA reference) and hands over to Ulysses when an `sp_group` kwarg is given.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from sft.models.attention.kernels import KERNELS, choose_attn_kernel, run_kernel
+from sft.models.attention.reference import AttnFeatures, features_from_kwargs, kernel_window, segment_attention
+from sft.parallel.ulysses import local_heads, ulysses_attention
+
+ATTN_NAME = "sft_varlen"
+
+# The CUDA kernel chosen by `model.attn_kernel` (sft/models/attention/kernels.py), set when the model is built;
+# None until then: direct calls take `auto`.
+_kernel: str | None = None
+
+
+def set_attn_kernel(name: str | None) -> None:
+    """Use kernel `name` (a key of sft.models.attention.kernels.KERNELS) for CUDA calls from now on."""
+    global _kernel
+    _kernel = name
+
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _reference_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    scale: float,
+    features: AttnFeatures | None = None,
+) -> torch.Tensor:
+    """Causal SDPA per segment: correct everywhere, used on CPU and for dtypes the kernels lack."""
+    total, heads, _ = q.shape
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != total or any(nxt < cur for cur, nxt in zip(bounds[:-1], bounds[1:])):
+        raise ValueError(f"cu_seq_lens {bounds} must rise from 0 to the packed length {total}")
+    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    if features is not None and not features.plain(longest):
+        return segment_attention(q, k, v, bounds, scale, features)  # window / soft-cap / sinks, fp32 softmax
+    rep = heads // k.shape[1]
+    # GQA: query head i reads KV head i // rep, which is what repeat_interleave lays out.
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        # [n, h, d] -> [h, n, d] -> SDPA -> [n, h, d]
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1))
+    return torch.cat(outs, dim=0)
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_length_q: int,
+    max_length_k: int,
+    scale: float,
+    features: AttnFeatures | None = None,
+) -> torch.Tensor:
+    """Causal attention within each packed segment: q `[T, h, d]`, k/v `[T, h_kv, d]` -> `[T, h, d]`.
+
+    On CUDA in half precision, the kernel of `model.attn_kernel` (sft/models/attention/kernels.py) computes
+    causal attention, windows and, where that kernel can, soft-capping; sinks, what the kernel
+    lacks, and everything else take the exact per-segment reference.
+    """
+    assert q.shape[1] % k.shape[1] == 0, f"{q.shape[1]} query heads vs {k.shape[1]} KV heads"
+    f = features or AttnFeatures()
+    if q.is_cuda and q.dtype in _KERNEL_DTYPES and f.sinks is None:
+        if _kernel is None:  # a direct call, not through a built model: `auto`, chosen once
+            set_attn_kernel(choose_attn_kernel("auto", q.device))
+        name = _kernel
+        if f.softcap is None or KERNELS[name].softcap:
+            window = kernel_window(f.window, max_length_k)
+            return run_kernel(
+                name, q, k, v, cu_seqlens_q, cu_seqlens_k, max_length_q, max_length_k, scale, window, f.softcap
+            )
+    if not torch.equal(cu_seqlens_q, cu_seqlens_k):
+        raise ValueError(f"{ATTN_NAME} is self-attention: cu_seq_lens_q and cu_seq_lens_k must be equal")
+    return _reference_varlen(q, k, v, cu_seqlens_q, scale, f)
+
+
+def _check_module(module: torch.nn.Module, dropout: float, kwargs: dict[str, Any]) -> None:
+    """Refuse what this function would otherwise compute wrongly instead of silently ignoring it."""
+    if dropout:
+        raise ValueError(
+            f"attention dropout {dropout} is not supported by the {ATTN_NAME} attention; set `attention_dropout` "
+            "to 0.0 in the model's config.json (it only acts in training mode)"
+        )
+    # Sliding windows, soft-capping and sinks arrive as kwargs and are applied (sft/models/attention/reference.py).
+    if getattr(module, "is_causal", True) is False or kwargs.get("is_causal") is False:
+        raise NotImplementedError(f"{type(module).__name__} is not causal; {ATTN_NAME} is causal attention only")
+
+
+def sft_varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The registered function: q `[b, h, s, d]`, k/v `[b, h_kv, s, d]` -> (`[b, s, h, d]`, None).
+
+    Needs `cu_seq_lens_q/k` (int32 `[n+1]`, over the whole flattened `b*s` row, or over the full
+    sequence-parallel row) and `max_length_q/k`. With `sp_group` (size > 1) each rank holds a
+    contiguous `s/sp` slice, in group-rank order, and Ulysses gathers the sequence.
+    """
+    _check_module(module, dropout, kwargs)
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None or kwargs.get("max_length_q") is None:
+        raise ValueError(
+            f"attn_implementation={ATTN_NAME!r} needs packed inputs: pass cu_seq_lens_q/k and max_length_q/k to the "
+            "model's forward (a padded batch with only an attention_mask cannot be attended this way)"
+        )
+    if attention_mask is not None:
+        raise ValueError(f"{ATTN_NAME} got a dense attention_mask; packed rows are delimited by cu_seq_lens only")
+    cu_k = cu_q if cu_k is None else cu_k
+    max_q = int(kwargs["max_length_q"])
+    max_k = int(kwargs.get("max_length_k") or max_q)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    b, heads, s, d = query.shape
+
+    features = features_from_kwargs(kwargs)
+    group: dist.ProcessGroup | None = kwargs.get("sp_group")
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        cu_q32, cu_k32 = (c.to(device=q.device, dtype=torch.int32) for c in (cu_q, cu_k))
+        f = features
+        if f.sinks is not None and q.shape[1] != f.sinks.shape[0]:
+            f = f.with_sinks(f.sinks[local_heads(group, f.sinks.shape[0])])  # SP: this rank's heads only
+        return varlen_attention(q, k, v, cu_q32, cu_k32, max_q, max_k, scale, f)
+
+    # [b, h, s, d] -> [b*s, h, d]: tokens first, as the varlen kernels and the all-to-all want.
+    q, k, v = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (query, key, value))
+    if group is not None and dist.get_world_size(group) > 1:
+        assert b == 1, f"sequence parallelism packs one row per micro-batch, got batch {b}"
+        out = ulysses_attention(q, k, v, group, attend)  # [s/sp, h, d]
+    else:
+        out = attend(q, k, v)  # [b*s, h, d]
+    return out.view(b, s, heads, d), None
+
+
+def _no_dense_mask(*args: Any, **kwargs: Any) -> None:
+    """Packed rows are delimited by cu_seq_lens, so no `[b, 1, s, s]` mask is ever built."""
+    return None
+
+
+def register_varlen_attention() -> str:
+    """Register the attention and (empty) mask functions under `ATTN_NAME`; idempotent. Returns the name."""
+    AttentionInterface.register(ATTN_NAME, sft_varlen_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, _no_dense_mask)
+    return ATTN_NAME

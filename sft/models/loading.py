@@ -1,0 +1,240 @@
+"""Load the tokenizer, the HF config and the weights of `model.partial_pretrain`.
+
+Every rank builds the model on the meta device (no memory); after sharding, rank 0 alone
+reads the weights from disk and they reach the other ranks' shards by broadcast, so host
+memory holds one full copy, not one per rank. `CausalLMWithLoss` is the FSDP root: it runs
+the decoder and the chunked loss inside one root forward, so the LM head's weight is
+gathered while the loss uses it and logits are never materialised in full.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import logging
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+from sft.config.schema import SFTConfig
+from sft.models.attention.kernels import KERNELS as ATTN_KERNELS
+from sft.models.attention.kernels import choose_attn_kernel
+from sft.models.attention.varlen import register_varlen_attention, set_attn_kernel
+from sft.models.families import final_softcap, logit_multiplier, mlp_kernel, moe_spec, unsupported_reason
+from sft.models.lora import add_lora
+from sft.models.loss import target_linear_cross_entropy
+from sft.models.moe import RouterStats, experts_kwargs
+from sft.ops.patch import apply_liger, liger_wanted
+from sft.ops.qkv_proj import join_qkv
+from sft.parallel.distributed import DistContext, resolve_device_type
+from sft.parallel.fsdp import selective_checkpoint_context
+from sft.parallel.ulysses import check_sp_heads
+
+logger = logging.getLogger("sft")
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def import_external_lib(cfg: SFTConfig) -> None:
+    """`model.external_lib` registers custom architectures with the Auto classes on import."""
+    if cfg.model.external_lib:
+        importlib.import_module(cfg.model.external_lib)
+
+
+def load_tokenizer(cfg: SFTConfig):
+    """Tokenizer of the model folder, with `data.chat_template` applied and a pad token set."""
+    import_external_lib(cfg)
+    source = cfg.model.tokenizer_path or cfg.model.partial_pretrain
+    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.data.chat_template:
+        tok.chat_template = cfg.data.chat_template
+    if tok.pad_token_id is None:
+        # Padding is masked out of attention and loss, so any id works; EOS is always present.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_hf_config(cfg: SFTConfig) -> PretrainedConfig:
+    import_external_lib(cfg)
+    hf_config = AutoConfig.from_pretrained(cfg.model.partial_pretrain, trust_remote_code=cfg.model.trust_remote_code)
+    for key, value in cfg.model.override_config.items():
+        if not hasattr(hf_config, key):
+            raise ValueError(
+                f"model.override_config.{key}: {type(hf_config).__name__} has no such entry; "
+                "check the name against the model's config.json"
+            )
+        setattr(hf_config, key, value)
+    # No KV cache while training: it costs memory and makes torch.compile recompile.
+    hf_config.use_cache = False
+    return hf_config
+
+
+class CausalLMWithLoss(nn.Module):
+    """FSDP root: decoder forward + chunked cross-entropy against `labels` (-100 = no target).
+
+    Returns the sum of token losses, the number of target tokens and the number of targets whose
+    argmax prediction is right (token accuracy), for this micro-batch.
+    """
+
+    def __init__(
+        self,
+        lm: nn.Module,
+        chunk_size: int = 4096,
+        fused_loss: bool = False,
+        softcap: float | None = None,
+        routing: RouterStats | None = None,
+    ) -> None:
+        super().__init__()
+        self.lm = lm
+        self.chunk_size = chunk_size
+        # sft's fused linear CE (CUDA): gradients in the forward, no chunk recompute, no host sync.
+        self.fused_loss = fused_loss
+        self.softcap = softcap  # final-logit soft-capping, applied chunk by chunk in the loss
+        self.routing = routing  # MoE: router aux loss and metrics (sft/models/moe.py)
+        self.logit_multiplier = 1.0  # set from the family table: (h * m) @ W.T == m * logits
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        target_index: torch.Tensor | None = None,
+        **attn_kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # MoE routing inputs (sft/models/moe.py): sample id per token and the aux loss's weight in this loss.
+        sample_index, rows = attn_kwargs.pop("sample_index", None), attn_kwargs.pop("sample_rows", 0)
+        aux_weight = attn_kwargs.pop("aux_weight", 0.0)
+        if self.routing is not None:
+            self.routing.start()
+        if attention_mask is None and "cu_seq_lens_q" in attn_kwargs:
+            # Packed row: with no 2-D mask, transformers scans position_ids for packed sequences and
+            # reads the answer back from the GPU (a host sync per forward). An all-ones mask skips
+            # that scan; sft's registered mask function turns it into no mask (sft/models/attention/varlen.py).
+            attention_mask = torch.ones_like(input_ids)
+        out = self.lm.get_decoder()(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            **attn_kwargs,
+        )
+        hidden = out.last_hidden_state  # [b, s, h]
+        head = self.lm.get_output_embeddings()
+        hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)  # [b*s, h], [b*s]
+        if self.logit_multiplier != 1.0:
+            hidden = hidden * self.logit_multiplier
+        if target_index is None:  # (costs a device sync; the trainer passes it from the host)
+            target_index = (labels != -100).nonzero().squeeze(1)
+        loss_sum, n_correct = target_linear_cross_entropy(
+            hidden, head.weight, labels, target_index, self.chunk_size, fused=self.fused_loss, softcap=self.softcap
+        )
+        if self.routing is not None and sample_index is not None and torch.is_grad_enabled():
+            aux = aux_weight * self.routing.aux_sum(sample_index, rows, attn_kwargs.get("sp_group"))
+            loss_sum = loss_sum + (aux - aux.detach())  # the aux gradient flows; the returned value stays the CE
+        return loss_sum, (labels != -100).sum(), n_correct
+
+
+def check_supported_head(hf_config: PretrainedConfig) -> None:
+    """Refuse what sft/models/families.py's table cannot train (validation already did, from config.json)."""
+    reason = unsupported_reason(hf_config.to_dict())
+    if reason is not None:
+        raise ValueError(f"model.partial_pretrain: {reason}")
+
+
+def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig) -> CausalLMWithLoss:
+    """The model skeleton on the meta device, in the master-weight dtype."""
+    check_supported_head(hf_config)
+    dtype = DTYPES[cfg.model.fsdp_config.model_dtype]
+    extra = {}
+    if cfg.use_remove_padding:
+        # Packed rows: attention goes through our varlen function, found by name in transformers'
+        # attention registry (no model code is patched).
+        extra["attn_implementation"] = register_varlen_attention()
+        device = torch.device(resolve_device_type(cfg.trainer.device))
+        kernel = choose_attn_kernel(cfg.model.attn_kernel, device, compiled=cfg.model.compile)
+        set_attn_kernel(kernel)
+        if kernel is not None:
+            logger.info(
+                "attention: %s, %s (model.attn_kernel=%s)", kernel, ATTN_KERNELS[kernel].title, cfg.model.attn_kernel
+            )
+        n_heads = hf_config.num_attention_heads
+        kv_heads = getattr(hf_config, "num_key_value_heads", None) or n_heads
+        check_sp_heads(n_heads, kv_heads, cfg.ulysses_sequence_parallel_size)
+    with torch.device("meta"):
+        # A copy: from_config records the attention choice in the config object it is given, and
+        # the original is exported with checkpoints (where "sft_varlen" would not load).
+        lm = AutoModelForCausalLM.from_config(
+            copy.deepcopy(hf_config),
+            dtype=dtype,
+            trust_remote_code=cfg.model.trust_remote_code,
+            **extra,
+            **experts_kwargs(hf_config, cfg.model.experts_implementation),
+        )
+        add_lora(lm, cfg.model)  # no-op unless model.lora_rank > 0
+    if cfg.use_remove_padding:
+        assert lm.config._attn_implementation == extra["attn_implementation"], "varlen attention not selected"
+    device_type = resolve_device_type(cfg.trainer.device)
+    liger = liger_wanted(cfg.model.use_liger, device_type, hf_config.model_type, cfg.model.compile)
+    if liger:
+        apply_liger(lm, required=cfg.model.use_liger is True)
+    if not cfg.model.compile:  # its hooks and per-call outputs would break compiled graphs
+        logger.info(
+            "attention projections: q, k and v as one autograd node in %d layers (sft/ops/qkv_proj.py)", join_qkv(lm)
+        )
+    if cfg.model.enable_gradient_checkpointing:
+        # HF's own per-layer checkpointing keeps parameter names unchanged (checkpoint wrappers would not).
+        # Renamed activation_checkpointing_enable (with a renamed argument) in newer transformers.
+        ac_kwargs = {"use_reentrant": False}
+        if cfg.model.gradient_checkpointing_mode == "selective":
+            ac_kwargs["context_fn"] = selective_checkpoint_context()
+        if hasattr(lm, "activation_checkpointing_enable"):
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=ac_kwargs)
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ac_kwargs)
+    fused = resolve_device_type(cfg.trainer.device) == "cuda"
+    logger.info("loss: %s", "fused linear cross-entropy" if fused else "chunked linear cross-entropy")
+    spec, coef = moe_spec(hf_config), cfg.model.router_aux_loss_coef
+    routing = None
+    if spec is not None:
+        coef = float(getattr(hf_config, spec.coef_key, 0.0) or 0.0) if coef is None else coef
+        routing = RouterStats(lm, spec, coef)
+    model = CausalLMWithLoss(lm, fused_loss=fused, softcap=final_softcap(hf_config), routing=routing)
+    model.logit_multiplier = logit_multiplier(hf_config)
+    # Fused norms and SwiGLU keep fewer activations: the token budget's memory estimate uses it.
+    model.liger_layers = liger and mlp_kernel(hf_config.model_type) != "none"
+    return model
+
+
+def load_weights(model: CausalLMWithLoss, cfg: SFTConfig, ctx: DistContext) -> None:
+    """Materialise the sharded model and fill it from rank 0's copy of the checkpoint."""
+    model.to_empty(device=ctx.device)
+    full_sd: dict[str, torch.Tensor] = {}
+    buffers: dict[str, torch.Tensor] = {}
+    if ctx.is_main:
+        dtype = DTYPES[cfg.model.fsdp_config.model_dtype]
+        src = AutoModelForCausalLM.from_pretrained(
+            cfg.model.partial_pretrain,
+            dtype=dtype,
+            trust_remote_code=cfg.model.trust_remote_code,
+            use_cache=False,
+        )
+        add_lora(src, cfg.model, load_adapter=True)  # same names as the meta model; A random, B zero or the adapter
+        full_sd = {f"lm.{k}": v for k, v in src.state_dict().items()}
+        # Non-persistent buffers (rotary inv_freq) are not in the state dict but were garbage
+        # after to_empty: take rank 0's real values.
+        buffers = {f"lm.{k}": b for k, b in src.named_buffers()}
+        del src
+    set_model_state_dict(
+        model,
+        full_sd,
+        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True),
+    )
+    for name, buf in model.named_buffers():
+        src_buf = buffers[name].to(ctx.device) if ctx.is_main else torch.empty_like(buf)
+        dist.broadcast(src_buf, src=0, group=ctx.world_group)
+        buf.copy_(src_buf)
+    model.lm.tie_weights()

@@ -1,0 +1,121 @@
+"""Mixture-of-experts: grouped-GEMM experts, the router's load-balancing loss, and routing metrics.
+
+Aux loss definition (split-invariant). For each layer l and sample i, with E experts and top-k
+routing, f_lie = k * c_lie / sum_e c_lie (c = tokens of sample i routed to expert e, detached) and
+S_lie = sum over the sample's tokens of softmax(router logits)_e. The loss is
+
+    aux = (E / (L * N)) * sum_l sum_i sum_e f_lie * S_lie
+
+N = real (non-padding) tokens of the global batch: a token-weighted mean over samples of the Switch
+balance loss E * sum_e f_ie * P_ie (k when perfectly balanced). A sample never spans micro-batches,
+and across sequence-parallel ranks the counts c are summed, so the value and gradient do not depend
+on how the global batch is split. It is added to the loss times the config's `router_aux_loss_coef`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sft.models.families import MoESpec, num_experts
+
+
+def routing_inputs(mb: dict, sp_rank: int, sp_size: int) -> dict:
+    """Host side: `sample_index` `[T_local]`, the sample id of each of this rank's tokens (padding gets the
+    last id, a dump row), and `sample_rows`, the number of ids; the model's forward takes both."""
+    if "cu_seq_lens" in mb:  # one packed row [1, T/sp]; cu_seq_lens cover the whole row
+        cu = mb["cu_seq_lens"].long()
+        ids = torch.repeat_interleave(torch.arange(len(cu) - 1), cu[1:] - cu[:-1])  # [T]
+        t = ids.numel()
+        ids = ids[sp_rank * t // sp_size : (sp_rank + 1) * t // sp_size]
+        real, dump = mb["real_mask"].reshape(-1), len(cu) - 1
+    else:  # padded rows [b, s]: one sample per row
+        b, s = mb["attention_mask"].shape
+        ids = torch.arange(b).repeat_interleave(s)
+        real, dump = mb["attention_mask"].reshape(-1), b
+    return {"sample_index": torch.where(real.bool(), ids, torch.full_like(ids, dump)), "sample_rows": dump + 1}
+
+
+class RouterStats:
+    """Collects each forward's router logits by hooks and turns them into the aux loss and metrics.
+
+    A plain object (not a submodule): it holds no parameters and no state worth saving. Expert
+    parallelism would only change where counts are reduced: this reads the routers, never the experts.
+    """
+
+    def __init__(self, lm: nn.Module, spec: MoESpec, coef: float) -> None:
+        cfg = lm.config
+        self.num_experts, self.top_k, self.coef = (
+            num_experts(cfg, spec),
+            int(cfg.num_experts_per_tok),
+            coef,
+        )
+        routers = [m for m in lm.modules() if type(m).__name__.lower().endswith(spec.router_suffix)]
+        if not routers:
+            raise ValueError(
+                f"{type(lm).__name__}: no router modules (class name ending in {spec.router_suffix!r}) found; "
+                "this transformers version lays the MoE block out differently than sft expects"
+            )
+        self.num_layers = len(routers)
+        self._logits: list[torch.Tensor] = []
+        for r in routers:
+            r.register_forward_hook(self._record)
+        self._aux: torch.Tensor | None = None
+        self._counts: torch.Tensor | None = None
+
+    def _record(self, module: nn.Module, args: tuple, output: tuple) -> None:
+        self._logits.append(output[0] if isinstance(output, tuple) else output)  # [T, E]
+
+    def start(self) -> None:
+        self._logits = []  # also drops logits recorded by an activation-checkpoint recompute
+
+    def aux_sum(self, index: torch.Tensor, rows: int, sp_group: dist.ProcessGroup | None) -> torch.Tensor:
+        """This rank's share of `aux * N` for the micro-batch just run (differentiable in the router logits).
+
+        `index` `[T_local]` and `rows` (samples + 1 dump row) come from `routing_inputs` on the host.
+        """
+        logits, self._logits = self._logits[: self.num_layers], []
+        assert len(logits) == self.num_layers, f"{len(logits)} router outputs for {self.num_layers} routers"
+        e = self.num_experts
+        probs = torch.stack([torch.softmax(x.float(), dim=-1) for x in logits])  # [L, T, E]
+        chosen = torch.stack([x.topk(self.top_k, dim=-1).indices for x in logits])  # [L, T, k]
+        hits = torch.zeros_like(probs).scatter_(2, chosen, 1.0)  # [L, T, E] one-hot of the top-k
+        counts = probs.new_zeros(self.num_layers, rows, e).index_add_(1, index, hits)  # [L, n+1, E]
+        local = counts[:, :-1].sum(1)  # [L, E] this rank's real tokens per expert (before the SP sum)
+        if sp_group is not None and dist.get_world_size(sp_group) > 1:
+            dist.all_reduce(counts, group=sp_group)  # a sample's tokens may sit on several SP ranks
+        sums = probs.new_zeros(self.num_layers, rows, e).index_add_(1, index, probs)  # local S_lie
+        frac = self.top_k * counts / counts.sum(-1, keepdim=True).clamp_min(1.0)  # f_lie
+        aux = (frac[:, :-1] * sums[:, :-1]).sum() * (e / self.num_layers)  # the dump row is padding
+        self._accumulate(aux.detach(), local)
+        return aux
+
+    def _accumulate(self, aux: torch.Tensor, counts: torch.Tensor) -> None:
+        self._aux = aux if self._aux is None else self._aux + aux
+        self._counts = counts if self._counts is None else self._counts + counts
+
+    def step_metrics(self, group: dist.ProcessGroup, real_tokens: float) -> dict[str, float]:
+        """Once per step: `train/aux_loss` (before the coefficient) and `train/moe_max_load` (1.0 = balanced)."""
+        if self._aux is None:
+            return {}
+        flat = torch.cat([self._aux.reshape(1).double(), self._counts.reshape(-1).double()])
+        dist.all_reduce(flat, group=group)
+        self._aux = self._counts = None
+        counts = flat[1:].reshape(self.num_layers, self.num_experts)
+        load = (counts.max(-1).values / counts.mean(-1).clamp_min(1e-9)).mean()
+        aux, load = torch.stack([flat[0] / max(real_tokens, 1.0), load]).tolist()
+        return {"train/aux_loss": aux, "train/moe_max_load": load}
+
+
+def experts_kwargs(hf_config, implementation: str) -> dict:
+    """`from_config` kwargs choosing how an MoE family's experts run (`model.experts_implementation`).
+
+    `grouped_mm` sorts tokens by expert and runs each projection as one grouped GEMM; `eager` is the
+    per-expert Python loop. Dense families get nothing.
+    """
+    from sft.models.families import moe_spec
+
+    if moe_spec(hf_config) is None:
+        return {}
+    return {"experts_implementation": implementation}

@@ -1,0 +1,416 @@
+"""`FSDPSFTTrainer`: builds data, model, optimizer and checkpoint I/O, then runs the training loop.
+
+The entry points (sft/fsdp_sft_trainer.py, sft/sft_trainer.py) compose and validate the config, start the
+process group and the meshes, and call `train`. The trainer owns one loop:
+each optimizer step runs this rank's micro-batches with gradient sync only on the last, and
+normalises by the number of target tokens of the whole global batch, so the loss and the
+update do not depend on how the batch is split over ranks and micro-batches. The loop never
+waits for the GPU: batches are pinned and copied asynchronously, counts come from the host, and
+the one read-back of a step (loss, gradient norm, counts) comes after the last backward.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from transformers import GenerationConfig
+
+from sft.bench.profiling import StepProbe
+from sft.checkpoint.manager import FSDPCheckpointManager, set_rng_state
+from sft.cli import TrainingError
+from sft.config.model_checks import check_vocab
+from sft.config.schema import SFTConfig, to_dict
+from sft.data.batch import tensor_to_device, to_device
+from sft.data.build import build_dataset
+from sft.data.cache import cache_location
+from sft.data.loader import MicroBatchBuilder, build_train_loader
+from sft.data.prefetch import BuildWindow, prefetched
+from sft.data.sampler import StepBatchSampler, eval_indices
+from sft.data.scan import write_bad_samples
+from sft.data.storage import TokenizeShard
+from sft.loop.budget import TokenBudget, choose_token_budget
+from sft.loop.metrics import MetricsLogger, StepTimer, mfu, peak_flops_per_gpu, useful_flops
+from sft.loop.optim import build_optimizer, build_scheduler
+from sft.loop.plan import make_plan
+from sft.loop.preemption import Preempted, PreemptionWatcher
+from sft.loop.sync_check import sync_debug
+from sft.models.loading import DTYPES, build_meta_model, load_hf_config, load_tokenizer, load_weights
+from sft.models.moe import routing_inputs
+from sft.ops.fused_ce import compile_ahead
+from sft.parallel.distributed import DistContext
+from sft.parallel.fsdp import apply_compile, apply_fsdp, apply_recompute
+
+logger = logging.getLogger("sft")
+
+
+class NonFiniteError(TrainingError):
+    pass
+
+
+@dataclass
+class TrainState:
+    global_step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    tokens_seen: int = 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class FSDPSFTTrainer:
+    def __init__(self, cfg: SFTConfig, ctx: DistContext) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        seed_everything(cfg.trainer.seed)
+        self.tokenizer = load_tokenizer(cfg)
+        self.hf_config = load_hf_config(cfg)
+        check_vocab(self.tokenizer, self.hf_config)  # before the datasets: ids beyond the embedding
+        self.generation_config = self._generation_config()
+        self.train_ds = self._dataset(cfg.data.train_files, cfg.data.train_max_samples)
+        self.val_ds = self._dataset(cfg.data.val_files, cfg.data.val_max_samples) if cfg.data.val_files else None
+        write_bad_samples(cfg.trainer.default_local_dir, {"train": self.train_ds, "val": self.val_ds}, ctx.rank)
+        self.plan = make_plan(cfg, ctx.world_size, len(self.train_ds))
+        self.model = self._model()
+        self.optimizer = build_optimizer(
+            self.model, cfg.optim.lr, tuple(cfg.optim.betas), cfg.optim.weight_decay, ctx.device.type
+        )
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            total_steps=self.plan.total_steps,
+            warmup_steps=self.plan.warmup_steps,
+            kind=cfg.optim.lr_scheduler,
+            min_lr_ratio=cfg.optim.min_lr_ratio,
+            num_cycles=cfg.optim.num_cycles,
+            wsd_decay_ratio=cfg.optim.wsd_decay_ratio,
+        )
+        self.budget: TokenBudget | None = choose_token_budget(
+            cfg, self.hf_config, self.model, ctx.device, ctx.world_group
+        )
+        if self.budget is not None and self.budget.recompute is not None:
+            apply_recompute(self.model, self.budget.recompute)
+        budget = self.budget.tokens if self.budget else None
+        self.sampler = StepBatchSampler(
+            len(self.train_ds),
+            cfg.data.train_batch_size,
+            ctx.dp_rank,
+            ctx.dp_size,
+            cfg.trainer.seed,
+            cfg.data.micro_batch_size_per_gpu,
+            lengths=self.train_ds.lengths,
+            # Each GPU of an SP group holds 1/sp of the packed row: the row may be sp times the budget.
+            token_budget=budget * ctx.sp_size if budget else None,
+        )
+        self.loader = build_train_loader(self.sampler, self._builder(self.train_ds))
+        self.ckpt = FSDPCheckpointManager(
+            cfg.trainer.default_local_dir,
+            ctx,
+            cfg.trainer.checkpoint.save_contents,
+            cfg.trainer.checkpoint.load_contents,
+            cfg.trainer.max_ckpt_to_keep,
+            DTYPES[cfg.trainer.checkpoint.hf_dtype],
+        )
+        self.preemption = PreemptionWatcher(ctx.world_group, ctx.device, cfg.trainer.preempt_grace_s)
+        # torch.cuda.set_sync_debug_mode around the micro-batch loop and the queued update ("error" in the GPU tests).
+        self.sync_debug: str | int = "default"
+        self.preempt_requested = False
+        # MoE: the router aux loss's weight in units of the CE sum, set per step on the device (train_step).
+        self._aux_weight: torch.Tensor | float = 0.0
+        self.peak_flops = peak_flops_per_gpu(ctx.device)  # None on CPU or an unknown GPU: no train/mfu
+        self.probe = StepProbe.from_env(ctx, self.plan.total_steps)
+        # Opened at each step's read-back: the next step is built while the device drains this one.
+        self.build_window = BuildWindow()
+        self.state = TrainState()
+        run_id = self._maybe_resume()
+        self.metrics = MetricsLogger(
+            cfg.trainer.logger,
+            cfg.trainer.default_local_dir,
+            cfg.trainer.project_name,
+            cfg.trainer.experiment_name,
+            to_dict(cfg),
+            self.plan.total_steps,
+            ctx.rank,
+            resume=run_id is not None,
+            run_id=run_id,
+        )
+
+    # ----- construction -----
+    def _dataset(self, files, max_samples: int):
+        # Every rank needs the whole dataset; each tokenizes 1/world of it and they exchange.
+        shard = TokenizeShard(self.ctx.rank, self.ctx.world_size, self.ctx.world_group)
+        return build_dataset(
+            files,
+            self.tokenizer,
+            self.cfg.data,
+            max_samples,
+            pad_to_max_length=not self.cfg.use_remove_padding,
+            shard=shard if self.ctx.world_size > 1 else None,
+            cache_dir=cache_location(self.cfg.data.cache, self.cfg.data.cache_dir, self.cfg.trainer.default_local_dir),
+        )
+
+    def _builder(self, ds) -> MicroBatchBuilder:
+        return MicroBatchBuilder(
+            ds,
+            self.cfg.use_remove_padding,
+            self.tokenizer.pad_token_id,
+            self.ctx.sp_rank,
+            self.ctx.sp_size,
+            pin_memory=self.ctx.device.type == "cuda",
+        )
+
+    def _forward(self, mb: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run the model on one micro-batch (moved to the device); packed rows carry varlen metadata."""
+        if self.model.routing is not None:  # MoE: sample ids for the router aux loss, built on the host
+            mb = dict(
+                mb,
+                **routing_inputs(mb, self.ctx.sp_rank, self.ctx.sp_size),
+                aux_weight=self._aux_weight,
+            )
+        mb = to_device(mb, self.ctx.device)
+        mb.pop("real_mask", None)
+        mb.pop("sample_lens", None)
+        if "cu_seq_lens" in mb:
+            cu, max_len = mb.pop("cu_seq_lens"), mb.pop("max_length")
+            mb.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
+            if self.ctx.sp_size > 1:
+                mb["sp_group"] = self.ctx.sp_group
+        return self.model(**mb)
+
+    @staticmethod
+    def _real_mask(mb: dict) -> torch.Tensor:
+        return mb["real_mask"] if "real_mask" in mb else mb["attention_mask"]
+
+    def _useful_flops(self, micro_batches: list[dict]) -> float:
+        """This rank's share of the step's useful FLOPs (DESIGN.md), from the real sample lengths on
+        the host; an SP group's ranks hold the same samples, so each counts 1/sp of them."""
+        lengths: list[int] = []
+        for mb in micro_batches:
+            lengths += mb.get("sample_lens", []) if "cu_seq_lens" in mb else mb["attention_mask"].sum(1).tolist()
+        return useful_flops(self.hf_config, lengths) / self.ctx.sp_size
+
+    def _generation_config(self) -> GenerationConfig | None:
+        try:
+            return GenerationConfig.from_pretrained(self.cfg.model.partial_pretrain)
+        except OSError:  # the folder has no generation_config.json: derive one from the model config
+            return GenerationConfig.from_model_config(self.hf_config)
+
+    def _model(self) -> torch.nn.Module:
+        model = build_meta_model(self.hf_config, self.cfg)
+        if self.cfg.model.compile:
+            apply_compile(model)
+        apply_fsdp(model, self.cfg, self.ctx)
+        load_weights(model, self.cfg, self.ctx)
+        model.train()
+        if model.fused_loss:  # hidden states reach the loss in bf16 (sft/parallel/fsdp.py::mixed_precision)
+            vocab = model.lm.get_output_embeddings().weight.shape[0]
+            compile_ahead(self.ctx.device, vocab, torch.bfloat16, model.softcap)
+        return model
+
+    def _maybe_resume(self) -> str | None:
+        path = self.ckpt.find_resume_step(self.cfg.trainer.resume_mode, self.cfg.trainer.resume_from_path)
+        if path is None:
+            return None
+        extra = self.ckpt.load(path, self.model, self.optimizer)
+        logger.info("resumed from %s", self.ckpt.loaded_path or path)
+        if extra is None:
+            return None
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.state = TrainState(**extra["train_state"])
+        if extra.get("world_size") == self.ctx.world_size:
+            set_rng_state(extra["rng"])
+        return extra.get("wandb_run_id")
+
+    # ----- one optimizer step -----
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        device, world = self.ctx.device, self.ctx.world_group
+        # Counted on the host (the batches are host tensors); summed over the world on the device.
+        host_counts = torch.tensor(
+            [
+                sum(mb["target_index"].numel() for mb in micro_batches),
+                sum(int(self._real_mask(mb).sum()) for mb in micro_batches),
+                sum(self._real_mask(mb).numel() for mb in micro_batches),
+                # A preemption signal on any rank, seen by all with the step's one read-back.
+                1.0 if self.preemption.flag else 0.0,
+                self._useful_flops(micro_batches) if self.peak_flops else 0.0,
+            ],
+            dtype=torch.float64,
+        )
+        counts = tensor_to_device(host_counts, device)
+        dist.all_reduce(counts, group=world)
+        # FSDP averages gradients over the world; scaling by world/global_targets turns that
+        # average into the sum of token losses divided by the global number of targets. The
+        # scale stays on the device: reading it back would stop the host from running ahead.
+        scale = self.ctx.world_size / counts[0]
+        # MoE aux loss (sft/models/moe.py) is a sum over real tokens; in units of this loss it weighs coef * targets / tokens.
+        self._aux_weight = self.model.routing.coef * counts[0] / counts[1] if self.model.routing else 0.0
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, argmax hits]
+        with sync_debug(self.sync_debug):
+            for i, mb in enumerate(micro_batches):
+                self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+                mb_loss, _, correct = self._forward(mb)
+                (mb_loss * scale).backward()
+                sums += torch.stack([mb_loss.detach().double(), correct.double()])
+            dist.all_reduce(sums, group=world)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            lr = self.scheduler.get_last_lr()[0]
+            # The fused AdamW (sft/loop/optim.py) is queued before the read-back, told on the device to skip itself when
+            # the loss or the gradient norm is not finite: its host work (about 5 ms on an H200, DTensor dispatch)
+            # then overlaps the backward instead of leaving the device idle after the read-back.
+            queued = self.optimizer.defaults.get("fused", False)
+            if queued:
+                finite = torch.isfinite(sums[0]) & torch.isfinite(grad_norm)
+                self.optimizer.found_inf = (~finite).to(torch.float32)
+                self.optimizer.step()
+        # The step's one read-back: the logged values, and the finiteness check of the update. The host
+        # now waits for the device, so the prefetch thread builds the next step (sft/data/prefetch.py).
+        self.build_window.open()
+        loss_total, correct, grad_norm, global_targets, real_tokens, slots, preempt, flops = torch.cat(
+            [sums, grad_norm.double().reshape(1), counts]
+        ).tolist()
+        assert global_targets > 0, "samples without targets are dropped by the dataset"
+        self.preempt_requested = preempt > 0
+        loss = loss_total / global_targets
+        step = self.state.global_step + 1
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(
+                f"step {step}: non-finite loss {loss} or grad norm {grad_norm}; the optimizer step was skipped and "
+                "the last checkpoint is untouched; lower optim.lr or check the data of this step"
+            )
+        if not queued:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        moe = self.model.routing.step_metrics(world, real_tokens) if self.model.routing else {}
+        return {
+            **moe,
+            "train/loss": loss,
+            "train/lr": lr,
+            "train/grad_norm": grad_norm,
+            "train/trained_tokens": global_targets,
+            "train/total_tokens": real_tokens,
+            "train/padding_frac": 1.0 - real_tokens / slots,
+            "train/token_accuracy": correct / global_targets,
+            "train/useful_flops": flops,
+        }
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        ds, mb_size, device = self.val_ds, self.cfg.data.micro_batch_size_per_gpu, self.ctx.device
+        mine = eval_indices(len(ds), self.ctx.dp_rank, self.ctx.dp_size)
+        build = self._builder(ds)
+        # Every rank runs the same number of forwards (FSDP's collectives must match).
+        n_mb = math.ceil(math.ceil(len(ds) / self.ctx.dp_size) / mb_size)
+        totals = torch.zeros(3, dtype=torch.float64, device=device)
+        self.model.eval()
+        for k in range(n_mb):
+            loss_sum, n, correct = self._forward(build(mine[k * mb_size : (k + 1) * mb_size]))
+            totals += torch.stack([loss_sum.double(), n.double(), correct.double()])
+        self.model.train()
+        dist.all_reduce(totals, group=self.ctx.world_group)
+        loss_sum, n, correct = totals.tolist()
+        return {"val/loss": loss_sum / n, "val/token_accuracy": correct / n}
+
+    # ----- loop -----
+    def fit(self) -> None:
+        plan, st, tc = self.plan, self.state, self.cfg.trainer
+        budget = self.budget
+        micro = (
+            f"micro-batches packed up to {budget.tokens} tokens per GPU ({budget.reason})"
+            if budget
+            else f"{plan.micro_batches} micro-batch(es) of {self.cfg.data.micro_batch_size_per_gpu} per rank"
+        )
+        logger.info(
+            "training %d steps (%d per epoch), %d samples, dp=%d sp=%d, %s",
+            plan.total_steps,
+            plan.steps_per_epoch,
+            len(self.train_ds),
+            plan.dp_size,
+            plan.sp_size,
+            micro,
+        )
+        # No extra sync: train_step reads its metrics back once per step, which is the clock's tick.
+        timer = StepTimer(self.ctx.device, sync=False)
+        # The next step is built while the device runs this one (sft/data/prefetch.py).
+        with closing(self._steps()) as steps:
+            for micro_batches in steps:
+                timer.start()
+                m = self.train_step(micro_batches)
+                elapsed = timer.stop()
+                st.global_step += 1
+                st.step_in_epoch += 1
+                st.tokens_seen += int(m["train/total_tokens"])
+                m["train/step_time_s"] = elapsed
+                m["train/tokens_per_s_per_gpu"] = m["train/total_tokens"] / elapsed / self.ctx.world_size
+                m["train/trained_tokens_per_s_per_gpu"] = m["train/trained_tokens"] / elapsed / self.ctx.world_size
+                flops = m.pop("train/useful_flops")
+                if self.peak_flops:  # useful MFU (DESIGN.md), on CUDA with a known peak
+                    m["train/mfu"] = mfu(flops, elapsed, self.peak_flops, self.ctx.world_size)
+                m["train/epoch"] = st.epoch
+                if self.ctx.device.type == "cuda":
+                    m["train/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1024**3
+                self.metrics.log(m, st.global_step)
+                if self.probe is not None:
+                    self.probe.on_step_logged(st.global_step, m)
+                last = st.global_step >= plan.total_steps
+                if self.val_ds is not None and (last or (tc.test_freq > 0 and st.global_step % tc.test_freq == 0)):
+                    self.metrics.log(self.validate(), st.global_step)
+                saved = last or (tc.save_freq > 0 and st.global_step % tc.save_freq == 0)
+                if saved:
+                    self.save()
+                if self.preempt_requested:
+                    if not saved:
+                        self.save()
+                    self.metrics.close()
+                    self.preemption.close()
+                    raise Preempted(
+                        f"preempted: checkpoint of step {st.global_step} saved in {self.cfg.trainer.default_local_dir}; "
+                        "relaunch the same command to resume"
+                    )
+                if last:
+                    break
+        self.metrics.close()
+        self.preemption.close()
+
+    def _steps(self) -> Iterator[list[dict]]:
+        """This rank's steps from the current position on, epoch after epoch, until the last step; each
+        built on a background thread while the device runs the one before (sft/data/prefetch.py)."""
+        plan, st = self.plan, self.state
+        while st.global_step < plan.total_steps:
+            if st.step_in_epoch >= plan.steps_per_epoch:
+                st.epoch, st.step_in_epoch = st.epoch + 1, 0
+            self.sampler.set_position(st.epoch, st.step_in_epoch)
+            with closing(prefetched(self.loader, window=self.build_window)) as steps:
+                yield from steps
+
+    def save(self) -> None:
+        extra = {
+            "train_state": vars(self.state).copy(),
+            "scheduler": self.scheduler.state_dict(),
+            "world_size": self.ctx.world_size,
+            "wandb_run_id": self.metrics.run_id,
+        }
+        self.ckpt.save(
+            self.state.global_step,
+            self.model,
+            self.optimizer,
+            extra,
+            self.hf_config,
+            self.tokenizer,
+            self.generation_config,
+        )
+
+
+def train(cfg: SFTConfig, ctx: DistContext) -> None:
+    FSDPSFTTrainer(cfg, ctx).fit()
