@@ -14,7 +14,7 @@ import torch
 from conftest import base_overrides
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sft import fsdp_sft_trainer
+from sft import trainer as fsdp_sft_trainer
 from sft.config.schema import load_config
 from sft.loop.budget import MAX_AUTO_TOKENS, TokenBudget, activation_bytes_per_token, auto_tokens, recompute_plan
 from sft.models.loading import load_hf_config
