@@ -11,13 +11,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from sft.demo.__main__ import main
 from sft.demo.assets import (
     LOOKUP_TOOL,
     PARQUET_SCHEMA,
     build_model_config,
     build_tokenizer,
     check_answer,
-    main,
     make_conversations,
     reference_answer,
     write_demo,
