@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs sft and what it needs into the current Python, from the project's own files.
-# torch comes first and only when missing: `pip install torch==2.13.0` takes the local CPU
-# wheel on our CPU machines, while an unpinned torch would pull gigabytes of CUDA packages.
+# torch comes first and only when missing (`pip install torch==2.13.0`, SFT_TORCH_VERSION for another); on a GPU
+# host install the CUDA build of torch first. An unpinned torch could pull gigabytes of CUDA packages.
 # Usage: bash scripts/setup.sh [extra ...]   (extras: dev, trackers, gpu)
 set -euo pipefail
 cd "$(dirname "$0")/.."

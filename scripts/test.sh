@@ -8,6 +8,6 @@ bash scripts/setup.sh dev
 if ! python3 -c "import triton" 2>/dev/null && [ ! -d .cache/triton-interpreter/triton ]; then
   python3 -m pip install -q --no-deps --target .cache/triton-interpreter "triton==${SFT_TRITON_VERSION:-3.5.0}"
 fi
-python3 -m ruff check sft tests
-python3 -m ruff format --check sft tests
+python3 -m ruff check sft tests benchmarks
+python3 -m ruff format --check sft tests benchmarks
 python3 -m pytest -q -x "$@"
