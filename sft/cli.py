@@ -21,7 +21,8 @@ from omegaconf.errors import (
     ValidationError,
 )
 
-from sft.config.checks import ConfigError, validate_config
+from sft.config.checks import validate_config
+from sft.config.errors import ConfigError
 from sft.config.schema import SFTConfig, load_config, to_dict
 from sft.loop.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
 from sft.loop.preemption import Preempted
@@ -30,7 +31,7 @@ from sft.parallel.distributed import WorldInfo, init_distributed, resolve_device
 logger = logging.getLogger("sft")
 
 USAGE = """usage: torchrun --nproc_per_node=N -m sft.fsdp_sft_trainer key=value [key=value ...]
-       python -m sft.fsdp_sft_trainer --cfg key=value ...   (print the composed config and exit)
+       python -m sft.fsdp_sft_trainer --cfg [job] key=value ...   (print the composed config and exit)
        torchrun ... -m sft.sft_trainer key=value ...   (verl >= 0.7.1 key layout: model.path, engine.*, ...)
 Keys and defaults: sft/config/sft_trainer.yaml; README.md "Configuration reference"."""
 
@@ -80,6 +81,8 @@ def run_cli(argv: list[str], fn: Callable[[SFTConfig, object], None], translate:
         return 0
     show_cfg = bool(argv) and argv[0] == "--cfg"
     overrides = argv[1:] if show_cfg else argv
+    if show_cfg and overrides[:1] in (["job"], ["all"]):  # Hydra's spelling (`--cfg job`), as verl users type it
+        overrides = overrides[1:]
     world = WorldInfo.from_env()
     notes: list[str] = []
     try:

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from sft.cli import compose
-from sft.config.checks import ConfigError
+from sft.config.errors import ConfigError
 from sft.config.schema import SFTConfig
 from sft.data.build import build_dataset
 from sft.models.loading import load_tokenizer

@@ -27,10 +27,10 @@ from transformers import AutoConfig
 
 from sft.checkpoint.manager import MARKER
 from sft.checkpoint.safe_dcp import UnsafeFileError, load_metadata, safe_load
+from sft.config.schema import DTYPES, HF_DTYPES
 from sft.models.lora import OfflineMerge
 
 PREFIX = "model.lm."  # "model" is the save_contents entry, "lm." the trainer's wrapper attribute
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 READ_BYTES = 1024**3  # one dcp.load reads at most this much, so peak memory is ~ one output shard + this
 WEIGHT_FILES = ("model.safetensors", "model-", "model.safetensors.index.json", "pytorch_model")
 
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sft.merge", description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", type=Path, help="a global_step_N folder")
     ap.add_argument("out_dir", type=Path, help="new (or empty) folder for the Hugging Face model")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of the written weights")
+    ap.add_argument("--dtype", choices=HF_DTYPES, default="bf16", help="dtype of the written weights")
     ap.add_argument("--shard-size-gb", type=float, default=5.0, help="largest safetensors file (GB)")
     args = ap.parse_args(argv)
     if args.shard_size_gb <= 0:

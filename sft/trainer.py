@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 
@@ -23,12 +23,12 @@ import torch
 import torch.distributed as dist
 from transformers import GenerationConfig
 
-from sft.bench.profiling import StepProbe
-from sft.checkpoint.manager import FSDPCheckpointManager, set_rng_state
+from sft.checkpoint.extra_state import set_rng_state
+from sft.checkpoint.manager import FSDPCheckpointManager
 from sft.cli import TrainingError
 from sft.config.model_checks import check_vocab
-from sft.config.schema import SFTConfig, to_dict
-from sft.data.batch import tensor_to_device, to_device
+from sft.config.schema import DTYPES, SFTConfig, to_dict
+from sft.data.batch import MicroBatch, tensor_to_device, to_device
 from sft.data.build import build_dataset
 from sft.data.cache import cache_location
 from sft.data.loader import MicroBatchBuilder, build_train_loader
@@ -37,12 +37,16 @@ from sft.data.sampler import StepBatchSampler, eval_indices
 from sft.data.scan import write_bad_samples
 from sft.data.storage import TokenizeShard
 from sft.loop.budget import TokenBudget, choose_token_budget
-from sft.loop.metrics import MetricsLogger, StepTimer, mfu, peak_flops_per_gpu, useful_flops
+from sft.loop.callbacks import StepCallback, callback_factories, make_callbacks
+from sft.loop.flops import peak_flops_per_gpu, useful_flops
+from sft.loop.loggers import MetricsLogger
 from sft.loop.optim import build_optimizer, build_scheduler
 from sft.loop.plan import make_plan
 from sft.loop.preemption import Preempted, PreemptionWatcher
+from sft.loop.readback import StepReadback
 from sft.loop.sync_check import sync_debug
-from sft.models.loading import DTYPES, build_meta_model, load_hf_config, load_tokenizer, load_weights
+from sft.loop.throughput import StepTimer, step_rates
+from sft.models.loading import build_meta_model, load_hf_config, load_tokenizer, load_weights
 from sft.models.moe import routing_inputs
 from sft.ops.fused_ce import compile_ahead
 from sft.parallel.distributed import DistContext
@@ -70,81 +74,59 @@ def seed_everything(seed: int) -> None:
 
 
 class FSDPSFTTrainer:
-    def __init__(self, cfg: SFTConfig, ctx: DistContext) -> None:
+    """Supervised fine-tuning of one model on this process's ranks: build everything, then `fit()`.
+
+    `callbacks` (and any added by `add_callback` or named in `SFT_CALLBACKS`, sft/loop/callbacks.py)
+    are called after each step's metrics are logged, on every rank.
+    """
+
+    def __init__(self, cfg: SFTConfig, ctx: DistContext, callbacks: Sequence[StepCallback] = ()) -> None:
         self.cfg, self.ctx = cfg, ctx
-        seed_everything(cfg.trainer.seed)
-        self.tokenizer = load_tokenizer(cfg)
-        self.hf_config = load_hf_config(cfg)
-        check_vocab(self.tokenizer, self.hf_config)  # before the datasets: ids beyond the embedding
-        self.generation_config = self._generation_config()
-        self.train_ds = self._dataset(cfg.data.train_files, cfg.data.train_max_samples)
-        self.val_ds = self._dataset(cfg.data.val_files, cfg.data.val_max_samples) if cfg.data.val_files else None
-        write_bad_samples(cfg.trainer.default_local_dir, {"train": self.train_ds, "val": self.val_ds}, ctx.rank)
+        seed_everything(cfg.trainer.seed)  # first: the model's init and the data order draw from it
+        factories = callback_factories()  # SFT_CALLBACKS: a bad name fails before anything is loaded
+        self.tokenizer, self.hf_config, self.generation_config = self._build_tokenizer()
+        self.train_ds, self.val_ds = self._build_data()  # before the model: bad data fails before loading
         self.plan = make_plan(cfg, ctx.world_size, len(self.train_ds))
-        self.model = self._model()
-        self.optimizer = build_optimizer(
-            self.model, cfg.optim.lr, tuple(cfg.optim.betas), cfg.optim.weight_decay, ctx.device.type
-        )
-        self.scheduler = build_scheduler(
-            self.optimizer,
-            total_steps=self.plan.total_steps,
-            warmup_steps=self.plan.warmup_steps,
-            kind=cfg.optim.lr_scheduler,
-            min_lr_ratio=cfg.optim.min_lr_ratio,
-            num_cycles=cfg.optim.num_cycles,
-            wsd_decay_ratio=cfg.optim.wsd_decay_ratio,
-        )
-        self.budget: TokenBudget | None = choose_token_budget(
-            cfg, self.hf_config, self.model, ctx.device, ctx.world_group
-        )
-        if self.budget is not None and self.budget.recompute is not None:
-            apply_recompute(self.model, self.budget.recompute)
-        budget = self.budget.tokens if self.budget else None
-        self.sampler = StepBatchSampler(
-            len(self.train_ds),
-            cfg.data.train_batch_size,
-            ctx.dp_rank,
-            ctx.dp_size,
-            cfg.trainer.seed,
-            cfg.data.micro_batch_size_per_gpu,
-            lengths=self.train_ds.lengths,
-            # Each GPU of an SP group holds 1/sp of the packed row: the row may be sp times the budget.
-            token_budget=budget * ctx.sp_size if budget else None,
-        )
-        self.loader = build_train_loader(self.sampler, self._builder(self.train_ds))
-        self.ckpt = FSDPCheckpointManager(
-            cfg.trainer.default_local_dir,
-            ctx,
-            cfg.trainer.checkpoint.save_contents,
-            cfg.trainer.checkpoint.load_contents,
-            cfg.trainer.max_ckpt_to_keep,
-            DTYPES[cfg.trainer.checkpoint.hf_dtype],
-        )
-        self.preemption = PreemptionWatcher(ctx.world_group, ctx.device, cfg.trainer.preempt_grace_s)
-        # torch.cuda.set_sync_debug_mode around the micro-batch loop and the queued update ("error" in the GPU tests).
+        self.model = self._build_model()
+        self.optimizer, self.scheduler = self._build_optimizer()
+        self.budget = self._build_budget()  # measures the sharded model; may recompute fewer layers
+        self.sampler, self.loader = self._build_loader()
+        self.ckpt, self.preemption = self._build_io()
+        # Step state. sync_debug: torch.cuda.set_sync_debug_mode around the micro-batch loop and the queued
+        # update ("error" in the GPU tests). _aux_weight: the MoE router aux loss's weight in units of the CE
+        # sum, set per step on the device. build_window: opened at each step's read-back, so the next step
+        # is built while the device drains this one.
         self.sync_debug: str | int = "default"
         self.preempt_requested = False
-        # MoE: the router aux loss's weight in units of the CE sum, set per step on the device (train_step).
         self._aux_weight: torch.Tensor | float = 0.0
         self.peak_flops = peak_flops_per_gpu(ctx.device)  # None on CPU or an unknown GPU: no train/mfu
-        self.probe = StepProbe.from_env(ctx, self.plan.total_steps)
-        # Opened at each step's read-back: the next step is built while the device drains this one.
         self.build_window = BuildWindow()
         self.state = TrainState()
-        run_id = self._maybe_resume()
-        self.metrics = MetricsLogger(
-            cfg.trainer.logger,
-            cfg.trainer.default_local_dir,
-            cfg.trainer.project_name,
-            cfg.trainer.experiment_name,
-            to_dict(cfg),
-            self.plan.total_steps,
-            ctx.rank,
-            resume=run_id is not None,
-            run_id=run_id,
-        )
+        run_id = self._resume()  # before the metrics logger: a resumed run continues its wandb run
+        self.metrics = self._build_metrics(run_id)
+        self.callbacks: list[StepCallback] = [*callbacks, *make_callbacks(factories, self)]
+
+    def add_callback(self, callback: StepCallback) -> None:
+        """Call `callback.on_step_end(step, metrics)` after each step's metrics are logged (every rank)."""
+        self.callbacks.append(callback)
 
     # ----- construction -----
+    def _build_tokenizer(self) -> tuple:
+        tokenizer, hf_config = load_tokenizer(self.cfg), load_hf_config(self.cfg)
+        check_vocab(tokenizer, hf_config)  # before the datasets: ids beyond the embedding
+        try:
+            generation_config = GenerationConfig.from_pretrained(self.cfg.model.partial_pretrain)
+        except OSError:  # the folder has no generation_config.json: derive one from the model config
+            generation_config = GenerationConfig.from_model_config(hf_config)
+        return tokenizer, hf_config, generation_config
+
+    def _build_data(self) -> tuple:
+        d = self.cfg.data
+        train_ds = self._dataset(d.train_files, d.train_max_samples)
+        val_ds = self._dataset(d.val_files, d.val_max_samples) if d.val_files else None
+        write_bad_samples(self.cfg.trainer.default_local_dir, {"train": train_ds, "val": val_ds}, self.ctx.rank)
+        return train_ds, val_ds
+
     def _dataset(self, files, max_samples: int):
         # Every rank needs the whole dataset; each tokenizes 1/world of it and they exchange.
         shard = TokenizeShard(self.ctx.rank, self.ctx.world_size, self.ctx.world_group)
@@ -158,53 +140,7 @@ class FSDPSFTTrainer:
             cache_dir=cache_location(self.cfg.data.cache, self.cfg.data.cache_dir, self.cfg.trainer.default_local_dir),
         )
 
-    def _builder(self, ds) -> MicroBatchBuilder:
-        return MicroBatchBuilder(
-            ds,
-            self.cfg.use_remove_padding,
-            self.tokenizer.pad_token_id,
-            self.ctx.sp_rank,
-            self.ctx.sp_size,
-            pin_memory=self.ctx.device.type == "cuda",
-        )
-
-    def _forward(self, mb: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Run the model on one micro-batch (moved to the device); packed rows carry varlen metadata."""
-        if self.model.routing is not None:  # MoE: sample ids for the router aux loss, built on the host
-            mb = dict(
-                mb,
-                **routing_inputs(mb, self.ctx.sp_rank, self.ctx.sp_size),
-                aux_weight=self._aux_weight,
-            )
-        mb = to_device(mb, self.ctx.device)
-        mb.pop("real_mask", None)
-        mb.pop("sample_lens", None)
-        if "cu_seq_lens" in mb:
-            cu, max_len = mb.pop("cu_seq_lens"), mb.pop("max_length")
-            mb.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
-            if self.ctx.sp_size > 1:
-                mb["sp_group"] = self.ctx.sp_group
-        return self.model(**mb)
-
-    @staticmethod
-    def _real_mask(mb: dict) -> torch.Tensor:
-        return mb["real_mask"] if "real_mask" in mb else mb["attention_mask"]
-
-    def _useful_flops(self, micro_batches: list[dict]) -> float:
-        """This rank's share of the step's useful FLOPs (DESIGN.md), from the real sample lengths on
-        the host; an SP group's ranks hold the same samples, so each counts 1/sp of them."""
-        lengths: list[int] = []
-        for mb in micro_batches:
-            lengths += mb.get("sample_lens", []) if "cu_seq_lens" in mb else mb["attention_mask"].sum(1).tolist()
-        return useful_flops(self.hf_config, lengths) / self.ctx.sp_size
-
-    def _generation_config(self) -> GenerationConfig | None:
-        try:
-            return GenerationConfig.from_pretrained(self.cfg.model.partial_pretrain)
-        except OSError:  # the folder has no generation_config.json: derive one from the model config
-            return GenerationConfig.from_model_config(self.hf_config)
-
-    def _model(self) -> torch.nn.Module:
+    def _build_model(self) -> torch.nn.Module:
         model = build_meta_model(self.hf_config, self.cfg)
         if self.cfg.model.compile:
             apply_compile(model)
@@ -216,7 +152,65 @@ class FSDPSFTTrainer:
             compile_ahead(self.ctx.device, vocab, torch.bfloat16, model.softcap)
         return model
 
-    def _maybe_resume(self) -> str | None:
+    def _build_optimizer(self) -> tuple:
+        o = self.cfg.optim
+        optimizer = build_optimizer(self.model, o.lr, tuple(o.betas), o.weight_decay, self.ctx.device.type)
+        scheduler = build_scheduler(
+            optimizer,
+            total_steps=self.plan.total_steps,
+            warmup_steps=self.plan.warmup_steps,
+            kind=o.lr_scheduler,
+            min_lr_ratio=o.min_lr_ratio,
+            num_cycles=o.num_cycles,
+            wsd_decay_ratio=o.wsd_decay_ratio,
+        )
+        return optimizer, scheduler
+
+    def _build_budget(self) -> TokenBudget | None:
+        budget = choose_token_budget(self.cfg, self.hf_config, self.model, self.ctx.device, self.ctx.world_group)
+        if budget is not None and budget.recompute is not None:
+            apply_recompute(self.model, budget.recompute)
+        return budget
+
+    def _build_loader(self) -> tuple:
+        cfg, ctx, tokens = self.cfg, self.ctx, self.budget.tokens if self.budget else None
+        sampler = StepBatchSampler(
+            len(self.train_ds),
+            cfg.data.train_batch_size,
+            ctx.dp_rank,
+            ctx.dp_size,
+            cfg.trainer.seed,
+            cfg.data.micro_batch_size_per_gpu,
+            lengths=self.train_ds.lengths,
+            # Each GPU of an SP group holds 1/sp of the packed row: the row may be sp times the budget.
+            token_budget=tokens * ctx.sp_size if tokens else None,
+        )
+        return sampler, build_train_loader(sampler, self._builder(self.train_ds))
+
+    def _builder(self, ds) -> MicroBatchBuilder:
+        return MicroBatchBuilder(
+            ds,
+            self.cfg.use_remove_padding,
+            self.tokenizer.pad_token_id,
+            self.ctx.sp_rank,
+            self.ctx.sp_size,
+            pin_memory=self.ctx.device.type == "cuda",
+        )
+
+    def _build_io(self) -> tuple[FSDPCheckpointManager, PreemptionWatcher]:
+        tc = self.cfg.trainer
+        ckpt = FSDPCheckpointManager(
+            tc.default_local_dir,
+            self.ctx,
+            tc.checkpoint.save_contents,
+            tc.checkpoint.load_contents,
+            tc.max_ckpt_to_keep,
+            DTYPES[tc.checkpoint.hf_dtype],
+        )
+        return ckpt, PreemptionWatcher(self.ctx.world_group, self.ctx.device, tc.preempt_grace_s)
+
+    def _resume(self) -> str | None:
+        """Load the checkpoint that `trainer.resume_mode` asks for, if any; its wandb run id."""
         path = self.ckpt.find_resume_step(self.cfg.trainer.resume_mode, self.cfg.trainer.resume_from_path)
         if path is None:
             return None
@@ -230,22 +224,44 @@ class FSDPSFTTrainer:
             set_rng_state(extra["rng"])
         return extra.get("wandb_run_id")
 
-    # ----- one optimizer step -----
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        device, world = self.ctx.device, self.ctx.world_group
-        # Counted on the host (the batches are host tensors); summed over the world on the device.
-        host_counts = torch.tensor(
-            [
-                sum(mb["target_index"].numel() for mb in micro_batches),
-                sum(int(self._real_mask(mb).sum()) for mb in micro_batches),
-                sum(self._real_mask(mb).numel() for mb in micro_batches),
-                # A preemption signal on any rank, seen by all with the step's one read-back.
-                1.0 if self.preemption.flag else 0.0,
-                self._useful_flops(micro_batches) if self.peak_flops else 0.0,
-            ],
-            dtype=torch.float64,
+    def _build_metrics(self, run_id: str | None) -> MetricsLogger:
+        tc = self.cfg.trainer
+        return MetricsLogger(
+            tc.logger,
+            tc.default_local_dir,
+            tc.project_name,
+            tc.experiment_name,
+            to_dict(self.cfg),
+            self.plan.total_steps,
+            self.ctx.rank,
+            resume=run_id is not None,
+            run_id=run_id,
         )
-        counts = tensor_to_device(host_counts, device)
+
+    # ----- one forward -----
+    def _forward(self, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run the model on one micro-batch: its inputs moved to the device, plus what only the trainer knows."""
+        kwargs = to_device(mb.inputs, self.ctx.device)
+        if self.model.routing is not None:  # MoE: sample ids for the router aux loss, built on the host
+            routing = routing_inputs(mb.real_mask, mb.cu_seq_lens, self.ctx.sp_rank, self.ctx.sp_size)
+            kwargs.update(to_device(routing, self.ctx.device), aux_weight=self._aux_weight)
+        if mb.cu_seq_lens is not None and self.ctx.sp_size > 1:
+            kwargs["sp_group"] = self.ctx.sp_group
+        return self.model(**kwargs)
+
+    def _useful_flops(self, micro_batches: list[MicroBatch]) -> float:
+        """This rank's share of the step's useful FLOPs (causal attention over the real sample lengths, padding
+        not counted), from the host; an SP group's ranks hold the same samples, so each counts 1/sp of them."""
+        lengths = [n for mb in micro_batches for n in mb.sample_lens]
+        return useful_flops(self.hf_config, lengths) / self.ctx.sp_size
+
+    # ----- one optimizer step -----
+    def train_step(self, micro_batches: list[MicroBatch]) -> dict[str, float]:
+        device, world = self.ctx.device, self.ctx.world_group
+        # Counted on the host (by the micro-batch builder); summed over the world on the device.
+        # A preemption signal on any rank is seen by all with the step's one read-back.
+        flops = self._useful_flops(micro_batches) if self.peak_flops else 0.0
+        counts = tensor_to_device(StepReadback.host_counts(micro_batches, self.preemption.flag, flops), device)
         dist.all_reduce(counts, group=world)
         # FSDP averages gradients over the world; scaling by world/global_targets turns that
         # average into the sum of token losses divided by the global number of targets. The
@@ -264,9 +280,9 @@ class FSDPSFTTrainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             lr = self.scheduler.get_last_lr()[0]
-            # The fused AdamW (sft/loop/optim.py) is queued before the read-back, told on the device to skip itself when
-            # the loss or the gradient norm is not finite: its host work (about 5 ms on an H200, DTensor dispatch)
-            # then overlaps the backward instead of leaving the device idle after the read-back.
+            # The fused AdamW (sft/loop/optim.py) is queued before the read-back, told on the device to skip itself
+            # when the loss or the gradient norm is not finite: its host work (DTensor dispatch) then overlaps the
+            # backward instead of leaving the device idle after the read-back.
             queued = self.optimizer.defaults.get("fused", False)
             if queued:
                 finite = torch.isfinite(sums[0]) & torch.isfinite(grad_norm)
@@ -275,34 +291,31 @@ class FSDPSFTTrainer:
         # The step's one read-back: the logged values, and the finiteness check of the update. The host
         # now waits for the device, so the prefetch thread builds the next step (sft/data/prefetch.py).
         self.build_window.open()
-        loss_total, correct, grad_norm, global_targets, real_tokens, slots, preempt, flops = torch.cat(
-            [sums, grad_norm.double().reshape(1), counts]
-        ).tolist()
-        assert global_targets > 0, "samples without targets are dropped by the dataset"
-        self.preempt_requested = preempt > 0
-        loss = loss_total / global_targets
-        step = self.state.global_step + 1
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        r = StepReadback.read(sums, grad_norm, counts)
+        assert r.targets > 0, "samples without targets are dropped by the dataset"
+        self.preempt_requested = r.preempt > 0
+        loss, step = r.loss, self.state.global_step + 1
+        if not (math.isfinite(loss) and math.isfinite(r.grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(
-                f"step {step}: non-finite loss {loss} or grad norm {grad_norm}; the optimizer step was skipped and "
+                f"step {step}: non-finite loss {loss} or grad norm {r.grad_norm}; the optimizer step was skipped and "
                 "the last checkpoint is untouched; lower optim.lr or check the data of this step"
             )
         if not queued:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        moe = self.model.routing.step_metrics(world, real_tokens) if self.model.routing else {}
+        moe = self.model.routing.step_metrics(world, r.real_tokens) if self.model.routing else {}
         return {
             **moe,
             "train/loss": loss,
             "train/lr": lr,
-            "train/grad_norm": grad_norm,
-            "train/trained_tokens": global_targets,
-            "train/total_tokens": real_tokens,
-            "train/padding_frac": 1.0 - real_tokens / slots,
-            "train/token_accuracy": correct / global_targets,
-            "train/useful_flops": flops,
+            "train/grad_norm": r.grad_norm,
+            "train/trained_tokens": r.targets,
+            "train/total_tokens": r.real_tokens,
+            "train/padding_frac": 1.0 - r.real_tokens / r.slots,
+            "train/token_accuracy": r.correct / r.targets,
+            "train/useful_flops": r.useful_flops,
         }
 
     @torch.no_grad()
@@ -351,18 +364,15 @@ class FSDPSFTTrainer:
                 st.global_step += 1
                 st.step_in_epoch += 1
                 st.tokens_seen += int(m["train/total_tokens"])
-                m["train/step_time_s"] = elapsed
-                m["train/tokens_per_s_per_gpu"] = m["train/total_tokens"] / elapsed / self.ctx.world_size
-                m["train/trained_tokens_per_s_per_gpu"] = m["train/trained_tokens"] / elapsed / self.ctx.world_size
                 flops = m.pop("train/useful_flops")
-                if self.peak_flops:  # useful MFU (DESIGN.md), on CUDA with a known peak
-                    m["train/mfu"] = mfu(flops, elapsed, self.peak_flops, self.ctx.world_size)
+                total, trained = m["train/total_tokens"], m["train/trained_tokens"]
+                m.update(
+                    step_rates(total, trained, flops, elapsed, self.ctx.world_size, self.peak_flops, self.ctx.device)
+                )
                 m["train/epoch"] = st.epoch
-                if self.ctx.device.type == "cuda":
-                    m["train/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1024**3
                 self.metrics.log(m, st.global_step)
-                if self.probe is not None:
-                    self.probe.on_step_logged(st.global_step, m)
+                for callback in self.callbacks:
+                    callback.on_step_end(st.global_step, m)
                 last = st.global_step >= plan.total_steps
                 if self.val_ds is not None and (last or (tc.test_freq > 0 and st.global_step % tc.test_freq == 0)):
                     self.metrics.log(self.validate(), st.global_step)
@@ -383,7 +393,7 @@ class FSDPSFTTrainer:
         self.metrics.close()
         self.preemption.close()
 
-    def _steps(self) -> Iterator[list[dict]]:
+    def _steps(self) -> Iterator[list[MicroBatch]]:
         """This rank's steps from the current position on, epoch after epoch, until the last step; each
         built on a background thread while the device runs the one before (sft/data/prefetch.py)."""
         plan, st = self.plan, self.state

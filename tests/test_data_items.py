@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sft.config.schema import DataConfig
-from sft.data.batch import collate_padded
+from sft.data.batch import padded_micro_batch
 from sft.data.build import build_dataset
 
 WORDS = "apple river stone cloud green tiger lemon piano moon bread".split()
@@ -127,10 +127,18 @@ def test_padded_and_unpadded_items_agree(demo_tokenizer, chats):
         assert (p["input_ids"][n:] == pad_id).all()
         for key in ("attention_mask", "position_ids", "loss_mask"):
             assert not p[key][n:].any()
-    batch = collate_padded([padded[i] for i in range(len(padded))])
-    assert batch["input_ids"].shape == (3, 200) and torch.equal(batch["loss_mask"][1], padded[1]["loss_mask"])
-    with pytest.raises(ValueError, match="pad_to_max_length=True"):
-        collate_padded([unpadded[0], unpadded[1]])
+    # The padded micro-batch: stacked, cut to the longest real row, next-token labels where the next token is trained.
+    mb = padded_micro_batch([padded[i] for i in range(len(padded))])
+    batch, lengths = mb.inputs, [len(unpadded[i]["input_ids"]) for i in range(len(unpadded))]
+    width = max(lengths)
+    assert mb.sample_lens == lengths and torch.equal(mb.real_mask, batch["attention_mask"])
+    assert width < 200 and batch["input_ids"].shape == batch["labels"].shape == (3, width)
+    for i in range(len(unpadded)):
+        u, n = unpadded[i], len(unpadded[i]["input_ids"])
+        assert torch.equal(batch["input_ids"][i, :n], u["input_ids"]) and not batch["attention_mask"][i, n:].any()
+        want = torch.where(u["loss_mask"][1:].bool(), u["input_ids"][1:], -100)
+        assert torch.equal(batch["labels"][i, : n - 1], want) and (batch["labels"][i, n - 1 :] == -100).all()
+        assert int((want != -100).sum()) == int(u["loss_mask"][1:].sum()) > 0
 
 
 def test_negative_and_out_of_range_index(demo_tokenizer, chats):

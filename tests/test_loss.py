@@ -1,4 +1,4 @@
-"""The chunked linear cross-entropy equals the plain one (logits materialised), values and gradients."""
+"""The loss over target positions (chunked or fused) equals the plain one (logits materialised): values, gradients."""
 
 from __future__ import annotations
 
@@ -6,7 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sft.models.loss import chunked_linear_cross_entropy
+from sft.models.loss import target_linear_cross_entropy
+
+
+def targets(labels: torch.Tensor) -> torch.Tensor:
+    """The flat positions whose label is a target (the batch's `target_index`)."""
+    return (labels != -100).nonzero().squeeze(1)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 4096])
@@ -16,7 +21,7 @@ def test_chunked_equals_plain_cross_entropy(chunk):
     weight = torch.randn(37, 16, generator=g, dtype=torch.float32, requires_grad=True)
     labels = torch.randint(0, 37, (50,), generator=g)
     labels[::3] = -100  # untrained positions
-    got = chunked_linear_cross_entropy(hidden, weight, labels, chunk_size=chunk)
+    got, _ = target_linear_cross_entropy(hidden, weight, labels, targets(labels), chunk_size=chunk)
     got.backward()
     grads = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
@@ -27,12 +32,14 @@ def test_chunked_equals_plain_cross_entropy(chunk):
     torch.testing.assert_close(grads[1], weight.grad)
 
 
-def test_no_target_gives_zero_but_keeps_the_graph():
+@pytest.mark.parametrize("fused", [False, True], ids=["chunked", "fused"])
+def test_no_target_gives_zero_but_keeps_the_graph(fused):
     hidden = torch.randn(4, 8, requires_grad=True)
     weight = torch.randn(5, 8, requires_grad=True)
-    loss = chunked_linear_cross_entropy(hidden, weight, torch.full((4,), -100))
+    labels = torch.full((4,), -100)
+    loss, hits = target_linear_cross_entropy(hidden, weight, labels, targets(labels), fused=fused)
     loss.backward()
-    assert float(loss) == 0.0
+    assert float(loss) == 0.0 and int(hits) == 0
     assert weight.grad is not None and float(weight.grad.abs().sum()) == 0.0  # FSDP sees a (zero) gradient
 
 
@@ -41,8 +48,6 @@ def test_no_target_gives_zero_but_keeps_the_graph():
 def test_loss_accuracy_and_softcap_match_full_logits(fused, softcap):
     """Both loss paths against a plain full-logits computation in float64: the CE sum, its
     gradients (through the final-logit soft-cap c·tanh(l/c) when set) and the argmax hit count."""
-    from sft.models.loss import target_linear_cross_entropy
-
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(40, 16, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(29, 16, generator=g, dtype=torch.float64, requires_grad=True)

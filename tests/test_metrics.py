@@ -1,4 +1,5 @@
-"""Metric sinks and FLOP accounting of sft/loop/metrics.py, checked against hand-computed values."""
+"""Metric sinks (sft/loop/loggers.py), FLOP accounting (sft/loop/flops.py) and step rates
+(sft/loop/throughput.py), checked against hand-computed values."""
 
 from __future__ import annotations
 
@@ -12,15 +13,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sft.loop.metrics import (
-    MetricsLogger,
-    StepTimer,
-    matmul_params,
-    mfu,
-    model_flops_per_token,
-    peak_flops_per_gpu,
-    useful_flops,
-)
+from sft.loop.flops import matmul_params, mfu, model_flops_per_token, peak_flops_per_gpu, useful_flops
+from sft.loop.loggers import MetricsLogger
+from sft.loop.throughput import StepTimer, step_rates
 
 
 def _logger(backends: list[str], out_dir, rank: int = 0, **kw) -> MetricsLogger:
@@ -70,7 +65,7 @@ def test_tensor_values_are_written_as_numbers(tmp_path) -> None:
 def test_nonzero_rank_is_a_noop(tmp_path, monkeypatch) -> None:
     # Rank 1 must build no sink: the wandb/tensorboard ones would import their packages.
     for sink in ("_Wandb", "_TensorBoard", "_JsonlFile", "_Console"):
-        monkeypatch.setattr(f"sft.loop.metrics.{sink}", lambda *a, **k: pytest.fail("a sink was built on rank 1"))
+        monkeypatch.setattr(f"sft.loop.loggers.{sink}", lambda *a, **k: pytest.fail("a sink was built on rank 1"))
     out = tmp_path / "run"
     ml = _logger(["console", "file", "wandb", "tensorboard"], out, rank=1)
     ml.log({"train/loss": 1.0}, step=1)
@@ -315,6 +310,26 @@ def test_peak_flops_and_mfu(monkeypatch) -> None:
     # 2 GPUs, 2 s, 989e12 each: 989e12 FLOPs is a quarter of what they could do.
     assert mfu(989e12, 2.0, 989e12, n_gpus=2) == pytest.approx(0.25)
     assert mfu(1.0, 1.0, None) is None
+
+
+def test_step_rates(monkeypatch) -> None:
+    # 2 GPUs, 0.5 s: 1000 real tokens are 1000 tok/s per GPU; 989e12 useful FLOPs a quarter of the peak.
+    cpu = step_rates(1000.0, 400.0, 989e12, 0.5, 2, None, torch.device("cpu"))
+    assert cpu == {
+        "train/step_time_s": 0.5,
+        "train/tokens_per_s_per_gpu": 1000.0,
+        "train/trained_tokens_per_s_per_gpu": 400.0,
+    }  # no peak: no MFU; not CUDA: no memory
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 3 * 1024**3)
+    cuda = step_rates(1000.0, 400.0, 989e12, 0.5, 2, 989e12, torch.device("cuda"))
+    assert cuda["train/mfu"] == pytest.approx(1.0) and cuda["train/peak_mem_gb"] == 3.0
+
+
+def test_config_checks_use_the_loggers_own_backend_list() -> None:
+    from sft.config import checks
+    from sft.loop.loggers import LOGGER_BACKENDS
+
+    assert not hasattr(checks, "LOGGERS") and checks.LOGGER_BACKENDS is LOGGER_BACKENDS
 
 
 def test_step_timer_skips_warmup() -> None:

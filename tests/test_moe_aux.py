@@ -90,7 +90,6 @@ def test_aux_loss_value_and_gradient_match_reference(lengths, model_type):
         labels[i, : len(x) - 1] = x[1:]
     routing = RouterStats(lm, moe_spec(lm.config), COEF)
     model = CausalLMWithLoss(lm, routing=routing)
-    mb = {"attention_mask": mask}
     n_targets, n_real = int((labels != -100).sum()), int(mask.sum())
     loss_sum, n, _ = model(
         input_ids=ids,
@@ -98,7 +97,7 @@ def test_aux_loss_value_and_gradient_match_reference(lengths, model_type):
         labels=labels,
         attention_mask=mask,
         aux_weight=COEF * n_targets / n_real,  # the trainer's weight: aux is a sum over real tokens
-        **routing_inputs(mb, 0, 1),
+        **routing_inputs(mask, None, 0, 1),
     )
     assert int(n) == n_targets
     grads = torch.autograd.grad(loss_sum / n_targets, routers)

@@ -135,3 +135,49 @@ def nan_at_step(overrides: list[str], bad_step: int, result_file: str) -> None:
         code = run_cli(overrides, lambda cfg, ctx: trainer_module.FSDPSFTTrainer(cfg, ctx).fit())
     if int(os.environ["RANK"]) == 0:
         torch.save({"code": code, "stderr": err.getvalue(), "unchanged": seen.get("unchanged")}, result_file)
+
+
+class RecordingCallback:
+    """A step callback that keeps a copy of each step's metrics."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, dict]] = []
+
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
+        self.seen.append((step, dict(metrics)))
+
+
+def recording_callback(trainer) -> RecordingCallback:
+    """An `SFT_CALLBACKS` factory (tests/test_callbacks.py)."""
+    assert isinstance(trainer, FSDPSFTTrainer)
+    return RecordingCallback()
+
+
+def no_callback(trainer) -> None:
+    """An `SFT_CALLBACKS` factory with nothing to add on this run."""
+    return None
+
+
+def train_with_callbacks(overrides: list[str], out_prefix: str) -> None:
+    """Train with a callback given to the constructor, one added after, and one named in SFT_CALLBACKS;
+    every rank saves what each saw and what its metrics logger was given."""
+    os.environ["SFT_CALLBACKS"] = "workers:recording_callback, workers:no_callback"
+    cfg = load_config(overrides)
+    ctx = init_distributed("cpu", cfg.ulysses_sequence_parallel_size)
+    try:
+        given, added = RecordingCallback(), RecordingCallback()
+        trainer = FSDPSFTTrainer(cfg, ctx, callbacks=[given])
+        trainer.add_callback(added)
+        logged: list[tuple[int, dict]] = []
+        original = trainer.metrics.log
+
+        def capture(metrics: dict, step: int) -> None:
+            logged.append((step, dict(metrics)))
+            original(metrics, step)
+
+        trainer.metrics.log = capture
+        trainer.fit()
+        seen = {name: cb.seen for name, cb in zip(("given", "from_env", "added"), trainer.callbacks, strict=True)}
+        torch.save({"logged": logged, **seen}, f"{out_prefix}.rank{ctx.rank}.pt")
+    finally:
+        teardown()

@@ -1,9 +1,10 @@
 """`python -m sft.bench --command "torchrun ... -m sft.fsdp_sft_trainer key=value ..."`: time what a user types.
 
-The command runs as given, in its own process, with one addition: the environment variable
-`SFT_STEP_PROBE` names a folder where the trainer's rank 0 writes a line per logged step (wall
-clock, token counts) and a profile of the last step (kernel launches, host synchronisations,
-GPU busy fraction). No key of the command is changed. A step's time is the wall time between
+The command runs as given, in its own process, with two environment variables added:
+`SFT_CALLBACKS` loads the step probe of sft/bench/profiling.py into the trainer as a step callback,
+and `SFT_STEP_PROBE` names the folder where its rank 0 writes a line per logged step (wall clock,
+token counts) and a profile of the last step (kernel launches, host synchronisations, GPU busy
+fraction). No key of the command is changed. A step's time is the wall time between
 two logged steps; the first `warmup` steps and the profiled last step are not timed.
 """
 
@@ -21,7 +22,8 @@ import threading
 import time
 from pathlib import Path
 
-from sft.bench.profiling import PROBE_ENV
+from sft.bench.profiling import PROBE_ENV, PROBE_FACTORY
+from sft.loop.callbacks import CALLBACKS_ENV
 
 TRAINER_MODULE = "sft.fsdp_sft_trainer"
 
@@ -31,6 +33,11 @@ def check_command(command: str) -> list[str]:
     if TRAINER_MODULE not in argv:
         raise ValueError(f"--command must run the trainer (`-m {TRAINER_MODULE}`), got: {command}")
     return argv
+
+
+def probe_callbacks(user: str | None) -> str:
+    """`SFT_CALLBACKS` for the command: the user's own callbacks, if any, then the step probe."""
+    return ",".join(x for x in (user, PROBE_FACTORY) if x)
 
 
 def timed_steps(steps: list[dict], warmup: int, profiled: int | None) -> list[dict]:
@@ -110,7 +117,7 @@ def run_command(command: str, warmup: int, log: Path | None = None) -> dict:
     """Run the user's command line with the step probe on; its summary (exit status included)."""
     argv = check_command(command)
     probe = Path(tempfile.mkdtemp(prefix="sft-probe-"))
-    env = {**os.environ, PROBE_ENV: str(probe)}
+    env = {**os.environ, PROBE_ENV: str(probe), CALLBACKS_ENV: probe_callbacks(os.environ.get(CALLBACKS_ENV))}
     t_launch = time.time()
     if log is None:  # the command's output goes where ours goes (stderr: the last line of stdout is the JSON)
         rc = _run_to_the_end(argv, env, sys.stderr, None)

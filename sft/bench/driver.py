@@ -3,9 +3,9 @@
 Several GPUs: `torchrun --nproc_per_node=N -m sft.bench ...`. Local rank 0 of each node writes
 a random-weight model of the shape and a synthetic multi-turn parquet (sft.bench.assets), then
 `FSDPSFTTrainer` trains `--warmup` + `--steps` optimizer steps; further `key=value` arguments
-are trainer overrides. Per-step metrics come from wrapping `trainer.metrics.log`.
+are trainer overrides. Per-step metrics come from a step callback (sft/loop/callbacks.py).
 
-Measures (medians over the timed steps; DESIGN.md "Measuring speed honestly"):
+Measures (medians over the timed steps, after warm-up, against baselines run on the same machine):
 - a step's time is the wall time between two logged steps: data loading included, the
   end-of-run checkpoint excluded; the trainer synchronizes the GPU before it logs;
 - tokens_per_s_per_gpu counts all real tokens, trained_tokens_per_s_per_gpu the targets;
@@ -49,7 +49,7 @@ from sft.bench.profiling import StepProfiler
 from sft.bench.stats import median, peak_mem_gb, step_layout, summarize
 from sft.cli import compose
 from sft.config.checks import ConfigError, validate_config
-from sft.loop.metrics import model_flops_per_token, peak_flops_per_gpu, useful_flops
+from sft.loop.flops import model_flops_per_token, peak_flops_per_gpu, useful_flops
 from sft.parallel.distributed import (
     DistContext,
     WorldInfo,
@@ -66,6 +66,19 @@ TRL_MISSING = "sft.bench: --baseline trl needs the optional packages trl and dat
 # ----------------------------------------------------------------- our trainer
 
 
+class _Recorder:
+    """A step callback: each step's (step, wall clock, metrics), and the profiler's step hook."""
+
+    def __init__(self, profiler: StepProfiler | None) -> None:
+        self.profiler = profiler
+        self.logged: list[tuple[int, float, dict]] = []
+
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
+        self.logged.append((step, time.perf_counter(), dict(metrics)))
+        if self.profiler is not None:
+            self.profiler.on_step_logged(step)
+
+
 def run_ours(
     name: str, overrides: list[str], ctx: DistContext, warmup: int, until: int, profiler: StepProfiler | None = None
 ) -> dict:
@@ -76,20 +89,10 @@ def run_ours(
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(ctx.device)
     t_start = time.perf_counter()
-    trainer = FSDPSFTTrainer(cfg, ctx)
-    logged: list[tuple[int, float, dict]] = []
-    original = trainer.metrics.log
-
-    def capture(metrics: dict, step: int) -> None:
-        if "train/loss" in metrics:
-            logged.append((step, time.perf_counter(), dict(metrics)))
-            if profiler is not None:
-                profiler.on_step_logged(step)
-        original(metrics, step)
-
-    trainer.metrics.log = capture
+    recorder = _Recorder(profiler)
+    trainer = FSDPSFTTrainer(cfg, ctx, callbacks=[recorder])
     trainer.fit()
-    logged = [entry for entry in logged if entry[0] <= until]  # a profiled extra step is not timed
+    logged = [entry for entry in recorder.logged if entry[0] <= until]  # a profiled extra step is not timed
     per_step, prev_t, all_match = [], None, True
     for step, t, m in logged:
         lengths, rows = step_layout(trainer, step)

@@ -3,9 +3,10 @@
 `StepProfiler` records one step (from when the step before it is logged to when it is logged):
 rank 0 writes `summary.json` (kernel launches, host synchronisations, GPU busy fraction over the
 step's wall time) and, unless `trace=False`, a Chrome trace and `ops.txt` (the ops that took
-the most device time). `StepProbe` is what the trainer runs when the environment variable
-`SFT_STEP_PROBE` names a folder (set by the benchmark, never needed for training): rank 0 appends
-one line per logged step to `steps.jsonl` there and profiles the last step.
+the most device time). `StepProbe` is a trainer step callback (sft/loop/callbacks.py) that the
+benchmark loads into the user's unchanged command through `SFT_CALLBACKS=sft.bench.profiling:step_probe`,
+with the folder in `SFT_STEP_PROBE`: rank 0 appends one line per logged step to `steps.jsonl` there
+and every rank joins the profile of the last step.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch.profiler import ProfilerActivity, profile, schedule
 logger = logging.getLogger("sft")
 
 PROBE_ENV = "SFT_STEP_PROBE"
+PROBE_FACTORY = "sft.bench.profiling:step_probe"  # an SFT_CALLBACKS entry
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch")
 END_MARK = "sft_profile_end"
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
@@ -35,10 +37,9 @@ KINDS = (
     ("gemm", ("gemm", "gemv", "nvjet", "xmma", "cutlass", "cublas", "s16816")),
     ("optimizer", ("multi_tensor_apply", "adam")),
     ("sft", ("_sft_",)),  # sft's own Triton kernels (sft/ops/rms_norm.py, sft/ops/swiglu.py), named _sft_*
-    # Liger's Triton kernels carry their Python names, without "triton" (liger-kernel 0.8.5): its SwiGLU and
-    # RMSNorm backward kernels alone took 0.154 s of the 1.5B step's 0.33 s of "other" (H200, 2026-12-03).
-    # Its norm kernels by their full names: PyTorch's fused RMSNorm forward runs `vectorized_layer_norm_kernel`,
-    # which the bare word "_layer_norm_" put under Liger (15.8 ms of the 1.5B step's 29.7 ms "liger", 2026-12-03).
+    # Liger's Triton kernels carry their Python names, without "triton" (liger-kernel 0.8.5), so they would
+    # otherwise land in "other". Its norm kernels by their full names: PyTorch's fused RMSNorm forward runs
+    # `vectorized_layer_norm_kernel`, which a bare "_layer_norm_" would put under Liger.
     (
         "liger",
         ("_rms_norm_forward", "_rms_norm_backward", "_layer_norm_forward", "_layer_norm_backward")
@@ -100,9 +101,9 @@ def event_rows(kineto_events) -> list[tuple[str, bool, int, int]]:
     as a `gpu_user_annotation` spanning the kernels it launched, which is not device work and would hide
     the gaps between them. (Matching host range names instead would also drop inductor's kernels, whose
     launches are host ranges of the same name.) Where the event cannot say its kind (torch 2.11's kineto
-    events have neither `is_user_annotation` nor `activity_type`: the H200 profile of 2026-12-03 counted
-    ProfilerStep# as 3.7 s of device work), a device event that spans another device event of the same
-    stream is taken as an annotation: one stream runs its kernels one after another, never nested."""
+    events have neither `is_user_annotation` nor `activity_type`, and ProfilerStep# would count as device
+    work), a device event that spans another device event of the same stream is taken as an annotation:
+    one stream runs its kernels one after another, never nested."""
     rows, unknown = [], []
     for e in kineto_events:
         on_device = e.device_type() != torch.autograd.DeviceType.CPU
@@ -204,7 +205,7 @@ class StepProfiler:
 
     From step 3 on the profiler starts a step earlier, in torch.profiler's warm-up phase: starting the
     tracer costs the host hundreds of milliseconds, which would otherwise show as the GPU idling at the
-    start of the recorded step (0.3 s of a 1.2 s step on an H200, 2026-12-02)."""
+    start of the recorded step."""
 
     def __init__(self, out_dir: Path, step: int, rank: int, trace: bool = True) -> None:
         self.out_dir, self.step, self.rank, self.trace = out_dir, step, rank, trace
@@ -259,12 +260,7 @@ class StepProbe:
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
 
-    @classmethod
-    def from_env(cls, ctx, total_steps: int) -> StepProbe | None:
-        folder = os.environ.get(PROBE_ENV)
-        return cls(Path(folder), total_steps, ctx.rank, ctx.world_size) if folder else None
-
-    def on_step_logged(self, step: int, metrics: dict) -> None:
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
         if self.rank == 0:
             line = {"step": step, "t": time.time(), "world_size": self.world}
             line.update({k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("train/")})
@@ -272,3 +268,13 @@ class StepProbe:
                 f.write(json.dumps(line) + "\n")
         if self.profiler is not None:
             self.profiler.on_step_logged(step)
+
+
+def step_probe(trainer) -> StepProbe:
+    """The `SFT_CALLBACKS` factory: a probe writing to the folder named by `SFT_STEP_PROBE`."""
+    folder = os.environ.get(PROBE_ENV)
+    if not folder:
+        raise ValueError(
+            f"SFT_CALLBACKS names {PROBE_FACTORY}, which needs {PROBE_ENV} set to a folder; set it or drop the entry"
+        )
+    return StepProbe(Path(folder), trainer.plan.total_steps, trainer.ctx.rank, trainer.ctx.world_size)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from sft.loop.metrics import mfu
+from sft.loop.flops import mfu
 
 if TYPE_CHECKING:
     from sft.trainer import FSDPSFTTrainer

@@ -22,12 +22,12 @@ import torch.distributed as dist
 
 from sft.bench.assets import TRL_CHAT_TEMPLATE
 from sft.bench.stats import peak_mem_gb, summarize
-from sft.loop.metrics import model_flops_per_token, peak_flops_per_gpu, useful_flops
+from sft.loop.flops import model_flops_per_token, peak_flops_per_gpu, useful_flops
 from sft.parallel.distributed import DistContext
 
 logger = logging.getLogger("sft")
-# While TRL trains, every thread's Python stack goes to stderr this often: on the H200 (2026-12-03) its first
-# micro-batch did not finish in 320 s, and the log said nothing of where it was.
+# While TRL trains, every thread's Python stack goes to stderr this often: a TRL run can hang in its first
+# micro-batch for minutes with a log that says nothing of where it is.
 STACKS_EVERY_S = 120
 
 

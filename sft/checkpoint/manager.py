@@ -37,9 +37,10 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from transformers import GenerationConfig
 
 from sft.checkpoint import extra_state
-from sft.checkpoint.extra_state import set_rng_state  # noqa: F401  (re-exported for the trainer)
 from sft.checkpoint.hf_export import export_hf
 from sft.checkpoint.safe_dcp import UnsafeFileError, safe_load
+from sft.config.errors import either
+from sft.config.schema import CONTENTS, RESUME_MODES
 from sft.models.lora import adapter_config, adapter_state, is_lora, write_adapter
 from sft.parallel.distributed import DistContext
 
@@ -112,6 +113,10 @@ class FSDPCheckpointManager:
         max_keep: int | None,
         hf_dtype: torch.dtype = torch.bfloat16,
     ) -> None:
+        for key, contents in (("save_contents", save_contents), ("load_contents", load_contents)):
+            unknown = sorted(set(contents) - set(CONTENTS))
+            if unknown:
+                raise ValueError(f"trainer.checkpoint.{key}: unknown {unknown}; choose from {either(CONTENTS)}")
         self.hf_dtype = hf_dtype
         self.root = Path(root).expanduser()
         self.ctx = ctx
@@ -235,6 +240,8 @@ class FSDPCheckpointManager:
 
     # ----- load -----
     def find_resume_step(self, mode: str, resume_from_path: str | None) -> Path | None:
+        if mode not in RESUME_MODES:
+            raise ValueError(f"trainer.resume_mode={mode!r}: choose {either(RESUME_MODES)}")
         self.fallback = mode == "auto"  # only a checkpoint we picked ourselves may be swapped for an older one
         if mode == "disable":
             return None

@@ -11,15 +11,22 @@ import importlib.util
 import os
 from pathlib import Path
 
-from sft.config.errors import ConfigError, need
+from sft.config.errors import ConfigError, either, need
 from sft.config.model_checks import _check_model, _check_model_folder
-from sft.config.schema import SFTConfig
+from sft.config.schema import (
+    CONTENTS,
+    DEVICES,
+    HF_DTYPES,
+    ON_BAD_SAMPLE,
+    RESUME_MODES,
+    SCHEDULERS,
+    TRAIN_ON,
+    TRUNCATIONS,
+    SFTConfig,
+)
 from sft.data.files import expand_paths
+from sft.loop.loggers import LOGGER_BACKENDS
 from sft.parallel.distributed import WorldInfo
-
-LOGGERS = ("console", "file", "wandb", "tensorboard")
-CONTENTS = ("model", "optimizer", "extra", "hf_model")
-SCHEDULERS = ("cosine", "wsd", "constant")
 
 
 def _check_files(key: str, value) -> list[str]:
@@ -46,15 +53,15 @@ def _check_data(cfg: SFTConfig) -> None:
     need(d.micro_batch_size_per_gpu > 0, f"data.micro_batch_size_per_gpu={d.micro_batch_size_per_gpu}: must be > 0")
     need(d.max_length > 1, f"data.max_length={d.max_length}: must be > 1")
     need(
-        d.truncation in ("left", "right", "error"),
-        f"data.truncation={d.truncation!r}: choose left, right or error",
+        d.truncation in TRUNCATIONS,
+        f"data.truncation={d.truncation!r}: choose {either(TRUNCATIONS)}",
     )
     need(
-        d.on_bad_sample in ("error", "skip"),
+        d.on_bad_sample in ON_BAD_SAMPLE,
         f"data.on_bad_sample={d.on_bad_sample!r}: choose error (stop at the first bad row) or skip (drop bad rows)",
     )
     need(
-        d.multiturn.train_on in ("all", "last"),
+        d.multiturn.train_on in TRAIN_ON,
         f"data.multiturn.train_on={d.multiturn.train_on!r}: choose all (every assistant turn) or last",
     )
     need(
@@ -93,7 +100,7 @@ def _check_optim(cfg: SFTConfig) -> None:
     need(0 <= o.lr_warmup_steps_ratio <= 1, f"optim.lr_warmup_steps_ratio={o.lr_warmup_steps_ratio}: in [0, 1]")
     need(o.lr_warmup_steps >= -1, f"optim.lr_warmup_steps={o.lr_warmup_steps}: -1 (use the ratio) or >= 0")
     need(o.clip_grad > 0, f"optim.clip_grad={o.clip_grad}: must be > 0")
-    need(o.lr_scheduler in SCHEDULERS, f"optim.lr_scheduler={o.lr_scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+    need(o.lr_scheduler in SCHEDULERS, f"optim.lr_scheduler={o.lr_scheduler!r}: choose {either(SCHEDULERS)}")
     need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio}: in [0, 1]")
     need(0 < o.wsd_decay_ratio <= 1, f"optim.wsd_decay_ratio={o.wsd_decay_ratio}: in (0, 1]")
 
@@ -105,8 +112,8 @@ def _check_trainer(cfg: SFTConfig, world: WorldInfo) -> None:
         t.total_training_steps is None or t.total_training_steps > 0,
         f"trainer.total_training_steps={t.total_training_steps}: null or > 0",
     )
-    bad = [x for x in t.logger if x not in LOGGERS]
-    need(not bad, f"trainer.logger: unknown {bad}; choose from {', '.join(LOGGERS)}")
+    bad = [x for x in t.logger if x not in LOGGER_BACKENDS]
+    need(not bad, f"trainer.logger: unknown {bad}; choose from {', '.join(LOGGER_BACKENDS)}")
     for tracker in ("wandb", "tensorboard"):  # optional packages: missing ones fail here, not after the model loads
         need(
             tracker not in t.logger or importlib.util.find_spec(tracker) is not None,
@@ -121,8 +128,8 @@ def _check_trainer(cfg: SFTConfig, world: WorldInfo) -> None:
         f"trainer.max_ckpt_to_keep={t.max_ckpt_to_keep}: null or >= 1",
     )
     need(
-        t.resume_mode in ("auto", "disable", "resume_path"),
-        f"trainer.resume_mode={t.resume_mode!r}: choose auto, disable or resume_path",
+        t.resume_mode in RESUME_MODES,
+        f"trainer.resume_mode={t.resume_mode!r}: choose {either(RESUME_MODES)}",
     )
     need(
         t.resume_mode != "resume_path" or bool(t.resume_from_path),
@@ -132,15 +139,15 @@ def _check_trainer(cfg: SFTConfig, world: WorldInfo) -> None:
         bad = [x for x in getattr(t.checkpoint, key) if x not in CONTENTS]
         need(not bad, f"trainer.checkpoint.{key}: unknown {bad}; choose from {', '.join(CONTENTS)}")
     need(
-        t.checkpoint.hf_dtype in ("bf16", "fp32"),
-        f"trainer.checkpoint.hf_dtype={t.checkpoint.hf_dtype!r}: choose bf16 or fp32",
+        t.checkpoint.hf_dtype in HF_DTYPES,
+        f"trainer.checkpoint.hf_dtype={t.checkpoint.hf_dtype!r}: choose {either(HF_DTYPES)}",
     )
     need(
         t.default_hdfs_dir is None,
         "trainer.default_hdfs_dir: copying checkpoints to HDFS is not supported; remove the key and copy "
         "trainer.default_local_dir yourself",
     )
-    need(t.device in ("auto", "cpu", "cuda"), f"trainer.device={t.device!r}: choose auto, cpu or cuda")
+    need(t.device in DEVICES, f"trainer.device={t.device!r}: choose {either(DEVICES)}")
     need(t.preempt_grace_s > 0, f"trainer.preempt_grace_s={t.preempt_grace_s}: must be > 0 seconds")
     need(t.dist_timeout_s > 0, f"trainer.dist_timeout_s={t.dist_timeout_s}: must be > 0 seconds")
     nnodes = max(1, world.world_size // max(1, world.local_world_size))

@@ -10,16 +10,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sft.config.errors import ConfigError, need
-from sft.config.schema import ModelConfig, SFTConfig
+from sft.config.errors import ConfigError, either, need
+from sft.config.schema import DTYPES, EXPERTS_IMPLEMENTATIONS, GRADIENT_CHECKPOINTING_MODES, ModelConfig, SFTConfig
 from sft.models.attention.kernels import CHOICES as ATTN_CHOICES
 from sft.models.attention.kernels import KERNELS as ATTN_KERNELS
 from sft.models.attention.kernels import installed as attn_installed
 from sft.models.families import unsupported_reason
 from sft.ops.patch import check_liger
 from sft.parallel.distributed import resolve_device_type
-
-MODEL_DTYPES = ("fp32", "float32", "bf16", "bfloat16")
 
 
 def _check_model(cfg: SFTConfig) -> None:
@@ -34,8 +32,8 @@ def _check_model(cfg: SFTConfig) -> None:
         f"model.strategy={m.strategy!r}: sft supports FSDP2 only; set model.strategy=fsdp2 (or remove the key)",
     )
     need(
-        m.fsdp_config.model_dtype in MODEL_DTYPES,
-        f"model.fsdp_config.model_dtype={m.fsdp_config.model_dtype!r}: choose fp32 or bf16",
+        m.fsdp_config.model_dtype in DTYPES,
+        f"model.fsdp_config.model_dtype={m.fsdp_config.model_dtype!r}: choose {either(DTYPES)}",
     )
     need(
         m.fsdp_config.wrap_policy.min_num_params == 0,
@@ -55,8 +53,9 @@ def _check_model(cfg: SFTConfig) -> None:
     if m.lora_rank > 0:
         _check_lora(m)
     need(
-        m.gradient_checkpointing_mode in ("auto", "full", "selective"),
-        f"model.gradient_checkpointing_mode={m.gradient_checkpointing_mode!r}: choose auto, full or selective",
+        m.gradient_checkpointing_mode in GRADIENT_CHECKPOINTING_MODES,
+        f"model.gradient_checkpointing_mode={m.gradient_checkpointing_mode!r}: "
+        f"choose {either(GRADIENT_CHECKPOINTING_MODES)}",
     )
     need(
         m.enable_gradient_checkpointing or m.gradient_checkpointing_mode in ("auto", "full"),
@@ -97,8 +96,8 @@ def _check_model(cfg: SFTConfig) -> None:
             f"({ATTN_KERNELS[m.attn_kernel].install}); or set model.attn_kernel=auto",
         )
     need(
-        m.experts_implementation in ("grouped_mm", "eager"),
-        f"model.experts_implementation={m.experts_implementation!r}: choose grouped_mm or eager",
+        m.experts_implementation in EXPERTS_IMPLEMENTATIONS,
+        f"model.experts_implementation={m.experts_implementation!r}: choose {either(EXPERTS_IMPLEMENTATIONS)}",
     )
     need(
         m.router_aux_loss_coef is None or m.router_aux_loss_coef >= 0,

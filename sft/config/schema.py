@@ -12,10 +12,26 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import MISSING, OmegaConf
+
+# Allowed values of the string keys below: the one list each, read by the checks and by the code that acts on them.
+TRAIN_ON = ("all", "last")  # data.multiturn.train_on
+TRUNCATIONS = ("left", "right", "error")  # data.truncation
+ON_BAD_SAMPLE = ("error", "skip")  # data.on_bad_sample
+# model.fsdp_config.model_dtype (verl's short and long names); trainer.checkpoint.hf_dtype takes the short ones.
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+HF_DTYPES = ("bf16", "fp32")
+GRADIENT_CHECKPOINTING_MODES = ("auto", "full", "selective")  # model.gradient_checkpointing_mode
+EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "eager")  # model.experts_implementation
+SCHEDULERS = ("constant", "cosine", "wsd")  # optim.lr_scheduler
+CONTENTS = ("model", "optimizer", "extra", "hf_model")  # trainer.checkpoint.save_contents / load_contents
+RESUME_MODES = ("auto", "disable", "resume_path")  # trainer.resume_mode
+DEVICES = ("auto", "cpu", "cuda")  # trainer.device
+# model.attn_kernel's choices are the kernel table's (sft/models/attention/kernels.py: CHOICES).
 
 
 @dataclass

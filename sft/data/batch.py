@@ -1,30 +1,18 @@
-"""Turn dataset items into the model's micro-batches.
+"""Turn dataset items into the model's micro-batches (`MicroBatch`).
 
-A micro-batch is what one forward/backward sees: `input_ids`, `position_ids`,
-`attention_mask` and `labels`, where `labels[t]` is the token the model must predict at
-position t (`input_ids[t+1]` when `loss_mask[t+1] == 1`, else -100). Shifting here, once,
+A micro-batch is what one forward/backward sees: the model's keyword arguments (`input_ids`,
+`position_ids`, `attention_mask` or the packed row's varlen lengths, `labels`, `target_index`), where
+`labels[t]` is the token the model must predict at position t (`input_ids[t+1]` when
+`loss_mask[t+1] == 1`, else -100), and the host-only counts of the step. Shifting here, once,
 before any split, keeps the targets right however the sequence is cut later.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
-
-KEYS = ("input_ids", "attention_mask", "position_ids", "loss_mask")
-
-
-def collate_padded(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack padded items: each key becomes a `[len(items), max_length]` tensor."""
-    if not items:
-        raise ValueError("collate_padded got no items")
-    lengths = {int(item["input_ids"].shape[0]) for item in items}
-    if len(lengths) != 1:
-        raise ValueError(
-            f"collate_padded got items of lengths {sorted(lengths)}; build the dataset with pad_to_max_length=True"
-        )
-    return {key: torch.stack([item[key] for item in items]) for key in KEYS}
 
 
 def labels_from_loss_mask(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -35,7 +23,36 @@ def labels_from_loss_mask(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> t
     return labels
 
 
-def padded_micro_batch(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+@dataclass
+class MicroBatch:
+    """One forward's input, built on the host (by the prefetch thread during training).
+
+    `inputs` are the model's keyword arguments, moved to the device and passed as they are: `input_ids`,
+    `position_ids`, `labels`, `target_index`, and `attention_mask` for padded rows or `cu_seq_lens_q/k`
+    and `max_length_q/k` for a packed row (pinned on CUDA, so the copies do not block the host). The
+    other fields never leave the host: `real_mask` is 1 on the real tokens of this rank's rows,
+    `sample_lens` the real lengths of the samples (whole samples, for the useful-FLOPs count), and
+    `targets` / `real_tokens` the counts a step sums (set by `with_counts`).
+    """
+
+    inputs: dict[str, Any]
+    real_mask: torch.Tensor  # [b, s] padded (the attention mask), [1, T/sp] packed
+    sample_lens: list[int]
+    targets: int = 0
+    real_tokens: int = 0
+
+    @property
+    def slots(self) -> int:
+        """Token positions this rank runs, padding included."""
+        return self.real_mask.numel()
+
+    @property
+    def cu_seq_lens(self) -> torch.Tensor | None:
+        """A packed row's sample boundaries (the whole row's, on every SP rank); None for padded rows."""
+        return self.inputs.get("cu_seq_lens_q")
+
+
+def padded_micro_batch(items: list[dict[str, torch.Tensor]]) -> MicroBatch:
     """Stack right-padded items and cut the columns that are padding in every row."""
     input_ids = torch.stack([it["input_ids"] for it in items])
     attention_mask = torch.stack([it["attention_mask"] for it in items])
@@ -44,29 +61,51 @@ def padded_micro_batch(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.
     width = max(int(attention_mask.sum(dim=1).max()), 1)
     input_ids, attention_mask = input_ids[:, :width], attention_mask[:, :width]
     position_ids, loss_mask = position_ids[:, :width], loss_mask[:, :width]
-    return {
+    inputs = {
         "input_ids": input_ids,
         "position_ids": position_ids,
         "attention_mask": attention_mask,
         "labels": labels_from_loss_mask(input_ids, loss_mask * attention_mask),
     }
+    return MicroBatch(inputs, real_mask=attention_mask, sample_lens=attention_mask.sum(1).tolist())
 
 
-def empty_micro_batch(pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+def empty_micro_batch(pad_id: int) -> MicroBatch:
     """A one-token batch with no target, for a rank that has run out of validation samples
     (every rank must run the same number of forwards: FSDP's collectives are matched)."""
-    one = torch.ones(1, 1, dtype=torch.long, device=device)
-    return {
-        "input_ids": one * pad_id,
-        "position_ids": one * 0,
-        "attention_mask": one,
-        "labels": one * -100,
-    }
+    one = torch.ones(1, 1, dtype=torch.long)
+    inputs = {"input_ids": one * pad_id, "position_ids": one * 0, "attention_mask": one, "labels": one * -100}
+    return MicroBatch(inputs, real_mask=one, sample_lens=[1])
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    """Copy a batch's tensors; from pinned host memory (`pin`) the copies do not block the host."""
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+def with_counts(mb: MicroBatch) -> MicroBatch:
+    """Add `target_index` (flat positions whose label is a target) and the step's counts, found on the
+    host: the loss then sizes its work from a shape, and the step sums plain integers."""
+    target_index = (mb.inputs["labels"].reshape(-1) != -100).nonzero().squeeze(1)
+    return replace(
+        mb,
+        inputs=dict(mb.inputs, target_index=target_index),
+        targets=target_index.numel(),
+        real_tokens=int(mb.real_mask.sum()),
+    )
+
+
+def _map_tensors(batch: dict[str, Any], fn) -> dict[str, Any]:
+    # A tensor under two keys (a packed row's cu_seq_lens_q and _k) is moved once and stays shared.
+    done: dict[int, torch.Tensor] = {}
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            if id(v) not in done:
+                done[id(v)] = fn(v)
+            v = done[id(v)]
+        out[k] = v
+    return out
+
+
+def to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Copy a micro-batch's model inputs; from pinned host memory (`pin`) the copies do not block the host."""
+    return _map_tensors(inputs, lambda t: t.to(device, non_blocking=True))
 
 
 def tensor_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -74,12 +113,6 @@ def tensor_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
-def pin(batch: dict) -> dict:
-    """The batch's tensors in page-locked host memory, so `to_device` copies asynchronously."""
-    return {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def with_target_index(batch: dict) -> dict:
-    """Add `target_index` (flat positions whose label is a target), found on the host: the loss
-    then sizes its work from a shape, without reading anything back from the GPU."""
-    return dict(batch, target_index=(batch["labels"].reshape(-1) != -100).nonzero().squeeze(1))
+def pin(mb: MicroBatch) -> MicroBatch:
+    """The micro-batch with its model inputs in page-locked host memory, so `to_device` copies asynchronously."""
+    return replace(mb, inputs=_map_tensors(mb.inputs, lambda t: t.pin_memory()))

@@ -1,18 +1,17 @@
 """The training data loader: one item per optimizer step, holding this rank's micro-batches.
 
 The sampler yields a step's plan (micro-batches as lists of dataset indices); `StepFetcher`
-turns it into model-ready micro-batches, padded (`use_remove_padding=false`) or packed and
-sliced for this sequence-parallel rank (`true`). torchdata's StatefulDataLoader drives it,
-so worker processes can be added without changing the trainer.
+turns it into `MicroBatch`es (the model's keyword arguments and the host-side counts), padded
+(`use_remove_padding=false`) or packed and sliced for this sequence-parallel rank (`true`).
+torchdata's StatefulDataLoader drives it, so worker processes can be added without changing the trainer.
 """
 
 from __future__ import annotations
 
-import torch
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from sft.data.batch import empty_micro_batch, padded_micro_batch, pin, with_target_index
+from sft.data.batch import MicroBatch, empty_micro_batch, padded_micro_batch, pin, with_counts
 from sft.data.packing import empty_packed_batch, packed_micro_batch, sp_slice
 from sft.data.sampler import StepBatchSampler
 
@@ -20,8 +19,8 @@ from sft.data.sampler import StepBatchSampler
 class MicroBatchBuilder:
     """Dataset indices -> one micro-batch for this rank (an empty list -> a batch with no target).
 
-    Each batch carries its `target_index` (found here, on the host); with `pin_memory` its
-    tensors are page-locked, so the trainer's copies to the GPU never block the host.
+    Each batch carries its `target_index` and its counts (found here, on the host); with `pin_memory`
+    its model inputs are page-locked, so the trainer's copies to the GPU never block the host.
     """
 
     def __init__(
@@ -31,18 +30,18 @@ class MicroBatchBuilder:
         self.sp_rank, self.sp_size = sp_rank, sp_size
         self.pin_memory = pin_memory
 
-    def __call__(self, indices: list[int]) -> dict:
-        batch = with_target_index(self._build(indices))
-        return pin(batch) if self.pin_memory else batch
+    def __call__(self, indices: list[int]) -> MicroBatch:
+        mb = with_counts(self._build(indices))
+        return pin(mb) if self.pin_memory else mb
 
-    def _build(self, indices: list[int]) -> dict:
+    def _build(self, indices: list[int]) -> MicroBatch:
         if self.packed:
             if not indices:
                 return sp_slice(empty_packed_batch(self.pad_id, self.sp_size), self.sp_rank, self.sp_size)
             row = packed_micro_batch([self.dataset[i] for i in indices], self.pad_id, self.sp_size)
             return sp_slice(row, self.sp_rank, self.sp_size)
         if not indices:
-            return empty_micro_batch(self.pad_id, torch.device("cpu"))
+            return empty_micro_batch(self.pad_id)
         return padded_micro_batch([self.dataset[i] for i in indices])
 
 
@@ -55,11 +54,11 @@ class StepFetcher(Dataset):
     def __len__(self) -> int:
         return len(self.build.dataset)
 
-    def __getitem__(self, plan: list[list[int]]) -> list[dict]:
+    def __getitem__(self, plan: list[list[int]]) -> list[MicroBatch]:
         return [self.build(mb) for mb in plan]
 
 
-def _as_is(step: list[dict]) -> list[dict]:
+def _as_is(step: list[MicroBatch]) -> list[MicroBatch]:
     return step
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from sft.config.errors import either
+from sft.config.schema import TRAIN_ON
 from sft.data.audit import audit_spans
 from sft.data.messages import ChatRenderer, check_chat_template, clean_messages, parse_tools
 from sft.data.regions import common_prefix, message_windows, sentinel_for
@@ -25,8 +27,6 @@ from sft.data.storage import Encoded, TokenizedDataset
 
 logger = logging.getLogger("sft")
 
-TRAIN_ON = ("all", "last")
-
 
 class MultiTurnSFTDataset(TokenizedDataset):
     """Multi-turn chat SFT (`data.multiturn.enable=true`); see `TokenizedDataset` for the items."""
@@ -34,7 +34,7 @@ class MultiTurnSFTDataset(TokenizedDataset):
     def _prepare(self) -> None:
         check_chat_template(self.tokenizer)
         if self.config.multiturn.train_on not in TRAIN_ON:
-            raise ValueError(f"data.multiturn.train_on={self.config.multiturn.train_on!r}: choose all or last")
+            raise ValueError(f"data.multiturn.train_on={self.config.multiturn.train_on!r}: choose {either(TRAIN_ON)}")
         if not getattr(self.tokenizer, "is_fast", False):
             raise ValueError(
                 f"tokenizer {self.tokenizer.name_or_path!r} is a slow (Python) tokenizer; multi-turn masks need "

@@ -1,32 +1,20 @@
 """Build the next step's micro-batches on a background thread while the device runs this one.
 
-Fetching a step (reading 128 samples, packing them, finding the target positions, pinning) took
-91 ms of host time at the start of every step of the Qwen2.5-1.5B shape and 277 ms of the 0.5B
-one on an H200 (profiled, 2026-12-03), with the GPU idle all the while: the step's one read-back
-leaves the device with nothing queued. `prefetched(loader)` yields the same items in the same
-order, one step ahead. An error raised while building a step is raised again, unchanged, where that
-step is asked for.
+Fetching a step (reading samples, packing them, finding the target positions, pinning) takes host time
+during which the GPU would sit idle, since the step's one read-back leaves the device with nothing queued.
+`prefetched(loader)` yields the same items in the same order, one step ahead; an error raised while
+building a step is raised again, unchanged, where that step is asked for.
 
-Building a step runs Python code (packing) that holds the GIL, while the training thread gives the GIL
-up and takes it back around every torch op it launches. With Python's default switch interval (5 ms)
-each take-back can wait that long: on this project's 2-core VM (`scripts/gil_bench.py`, 5 runs each) a
-small torch op beside a Python-busy thread took 0.08-15 ms on average per run (4.9 ms over the runs),
-against 0.7-1.6 ms (1.2 ms) with a 0.5 ms interval; in the H200 profile of 2026-12-03 the step's first
-ops (host-side sums) took 8-16 ms each with the GPU idle. So while a prefetch thread runs, the interval
-is at most `SWITCH_INTERVAL_S` (restored when the last one stops).
-
-The 0.5 ms interval did not remove the gap: the H200 profile of 2026-12-03 (third session) still shows the
-1.5B step starting with 19 ms of GPU idle. That is when the thread began building the next step, just as the
-training thread had to launch the optimizer and the first forward with the device empty. With a
-`BuildWindow` the thread builds only when the training thread opens it, just before it blocks on the step's
-read-back (the device still has the whole backward queued), or when the training thread asks for a step
-that is not built yet. Measured on the H200 the same day: the 1.5B step's first GPU gap went from 21 ms to
-2 ms, and the 0.5B one from 23 ms to 10 ms (GPU busy 91.1 % to 94.6 %; docs/PERFORMANCE.md).
-A build that outlasts the window (slow data: on-the-fly tokenization, a cold disk) would leave the training
-thread waiting for it every step, where building ahead would have hidden it behind the whole step. So when
-the training thread waits more than `LATE_WAIT_S` for a step whose build the window started,
-`LATE_BUILDS_TO_HOLD` times in a row, the window stays open for good and the thread builds ahead as soon as
-a slot frees. A shorter wait costs less than the GPU idle the window saves (about 20 ms a step above).
+The build runs Python code (packing) that holds the GIL, while the training thread gives the GIL up and
+takes it back around every torch op it launches; at Python's default switch interval each take-back can
+wait milliseconds. So while a prefetch thread runs, the interval is at most `SWITCH_INTERVAL_S` (restored
+when the last one stops). A thread that builds as soon as a slot frees still competes with the training
+thread just when it launches the optimizer and the first forward with the device empty; with a
+`BuildWindow` the thread builds only when the training thread opens it, just before it blocks on the
+step's read-back (the device still has the whole backward queued), or when the training thread asks for a
+step that is not built yet. A build that outlasts the window (slow data: on-the-fly tokenization, a cold
+disk) would then make the training thread wait every step, so after `LATE_BUILDS_TO_HOLD` waits longer
+than `LATE_WAIT_S` in a row the window stays open for good. Measurements: docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations

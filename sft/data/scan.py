@@ -24,7 +24,6 @@ from sft.data.messages import ROLES, clean_messages
 
 logger = logging.getLogger("sft")
 
-ON_BAD_SAMPLE = ("error", "skip")
 SAMPLE = 20  # bad rows kept with their reason (logged / written to bad_samples.jsonl)
 BAD_SAMPLES_FILE = "bad_samples.jsonl"
 # Rows per scanned batch: vectorised enough, small enough to bound memory (~40 MB of Arrow at 5 KB a row).

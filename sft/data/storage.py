@@ -4,7 +4,7 @@
 tokenization), asks its subclass to encode rows in batches (`_encode_batch` -> token ids and
 a 0/1 loss mask per row), applies `data.truncation`, drops rows left with no trained token
 (and, with `data.on_bad_sample=skip`, bad rows), and stores the rest as flat int32 ids /
-uint8 masks with int64 offsets. `__getitem__` returns the item contract of DESIGN.md, padded or unpadded.
+uint8 masks with int64 offsets. `__getitem__` returns the item contract of docs/ARCHITECTURE.md, padded or unpadded.
 Given a `TokenizeShard` the ranks share the tokenizing; given a cache folder the store is read
 from (or written to) the tokenised cache and mapped. Both are `sft.data.store_build`'s job.
 """
@@ -23,14 +23,13 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from sft.config.schema import DataConfig
+from sft.config.errors import either
+from sft.config.schema import ON_BAD_SAMPLE, TRUNCATIONS, DataConfig
 from sft.data.files import ParquetSource
-from sft.data.scan import ON_BAD_SAMPLE, scan_source
+from sft.data.scan import scan_source
 from sft.data.store_build import StoreBuild
 
 logger = logging.getLogger("sft")
-
-TRUNCATIONS = ("left", "right", "error")
 
 Encoded = tuple[np.ndarray, np.ndarray]
 
@@ -60,9 +59,9 @@ class TokenizedDataset(StoreBuild, Dataset):
         self.shard = shard
         self.cache: tuple[Path, str, dict[str, Any]] | None = None
         if config.truncation not in TRUNCATIONS:
-            raise ValueError(f"data.truncation={config.truncation!r}: choose one of {', '.join(TRUNCATIONS)}")
+            raise ValueError(f"data.truncation={config.truncation!r}: choose {either(TRUNCATIONS)}")
         if config.on_bad_sample not in ON_BAD_SAMPLE:
-            raise ValueError(f"data.on_bad_sample={config.on_bad_sample!r}: choose error or skip")
+            raise ValueError(f"data.on_bad_sample={config.on_bad_sample!r}: choose {either(ON_BAD_SAMPLE)}")
         if config.max_length < 2:
             raise ValueError(f"data.max_length={config.max_length}: must be at least 2")
         self.tokenizer = tokenizer

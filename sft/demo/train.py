@@ -140,10 +140,10 @@ def run_trainer(overrides: list[str], nproc: int) -> None:
     cmd += [f"--nproc_per_node={nproc}", "-m", "sft.fsdp_sft_trainer", *overrides]
     env = dict(os.environ)
     # The package root on the path: the demo runs from a checkout without `pip install -e .`.
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])  # sft/demo/train.py -> the folder holding sft/
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     # The demo's 64-wide matmuls gain nothing from more threads and slow down badly when the
-    # cores are shared (measured: ~0.2-0.6 s per step with one thread vs 1-5 s with two).
+    # cores are shared (a step takes several times longer with two threads per rank than with one).
     env.setdefault("OMP_NUM_THREADS", "1")
     rc = subprocess.run(cmd, env=env, check=False).returncode
     if rc != 0:

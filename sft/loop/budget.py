@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 from transformers import PretrainedConfig
 
-from sft.loop.metrics import matmul_params
+from sft.config.schema import DTYPES
+from sft.loop.flops import matmul_params
 from sft.models.families import moe_spec
 from sft.ops.fused_ce import DEFAULT_CHUNK, GRAD_W_ROWS
 from sft.parallel.fsdp import layerwise_recompute
@@ -32,17 +33,14 @@ logger = logging.getLogger("sft")
 GIB = 1024**3
 # The estimate below is a model of memory, not a measurement: it is not extrapolated past this.
 MAX_AUTO_TOKENS = 65536
-# Multiplier on the per-token activation estimate. Measured peaks (one H200, Qwen2.5-1.5B shape, bf16
-# master): full checkpointing 19.4 GB with an 8,192-token budget vs 26.1 GB with 65,536, about 0.13 MB per
-# token where the formula gives 0.36 MB; Liger layers, no layer recomputed, 48,128 tokens: 105.7 GB, about
-# 1.9 MB per token over the ~15 GB of weights, gradients, optimizer state and loss buffers, where the
-# formula gives 2.1 MB (2026-12-02). The formula keeps that margin, and `reserve` below adds 15 % of the
-# GPU + 2 GB, so no further factor.
+# Multiplier on the per-token activation estimate. Measured peak memory per token stays below what the
+# formulas here give, with and without checkpointing (docs/PERFORMANCE.md); the formulas keep that margin,
+# and `reserve` below adds 15 % of the GPU + 2 GB, so no further factor.
 SAFETY = 1.0
 ROUND = 1024
-# Matmul work of a micro-batch that hides the host's per-micro-batch work: Qwen2.5-1.5B shape on one H200,
-# full checkpointing, sync-free loop: 8,192-token micro-batches kept the GPU 54 % busy, 32,768 96 %
-# (docs/PERFORMANCE.md). 32k tokens of that shape are about 3e14 FLOP (6 x 1.54e9 per token).
+# Matmul work of a micro-batch that hides the host's per-micro-batch work (kernel launches, FSDP hooks):
+# smaller micro-batches leave the GPU waiting for the host, this much keeps it nearly always busy
+# (docs/PERFORMANCE.md); it is 32k tokens of a 1.5B model (6 x 1.54e9 FLOP per token).
 MIN_MICRO_BATCH_FLOP = 3e14
 AUTO_MOE = "every layer recomputed: gradient_checkpointing_mode=auto does not model the routing buffers of MoE layers"
 AUTO_NOT_LAYERWISE = (
@@ -51,8 +49,8 @@ AUTO_NOT_LAYERWISE = (
 )
 PADDED_COST = (
     "use_remove_padding=false: padded micro-batches of data.micro_batch_size_per_gpu samples compute on padding "
-    "and wait for the GPU on every micro-batch; measured 5.9x fewer tokens/s than use_remove_padding=true "
-    "(Qwen2.5-1.5B shape, one H100, 2026-11-23, docs/PERFORMANCE.md). The loss is the same either way"
+    "and wait for the GPU on every micro-batch: several times fewer tokens/s than use_remove_padding=true "
+    "(docs/PERFORMANCE.md). The loss is the same either way"
 )
 
 
@@ -69,10 +67,8 @@ def layer_bytes_per_token(hf_config: PretrainedConfig, liger: bool) -> float:
 
     The model's own layers keep about 32h + 8kv + 8i bytes (fp32 norm upcasts, q/k/v, rotary,
     attention and MLP outputs). With Liger's RMSNorm and SwiGLU the norms keep only their bf16 input
-    and output and the MLP its gate, up and product: about 12h + 4kv + 6i. (One H100, Qwen2.5-1.5B
-    shape, Liger on, no checkpointing, 16k tokens: a 55.6 GB peak, of which about 31 GB weights,
-    gradients, AdamW state and loss buffers: about 1.5 MB per token for 28 layers, where this
-    formula gives 2.1 MB.)
+    and output and the MLP its gate, up and product: about 12h + 4kv + 6i. Measured peaks stay below
+    this estimate, so it errs on the safe side.
     """
     h = hf_config.hidden_size
     heads = hf_config.num_attention_heads
@@ -175,7 +171,7 @@ def recompute_plan(
 
 def min_busy_tokens(hf_config: PretrainedConfig) -> int:
     """Tokens whose matmuls take about MIN_MICRO_BATCH_FLOP: below this the host's per-micro-batch work
-    (kernel launches, FSDP hooks: about 0.3 s on one H200) is no longer hidden behind the GPU's."""
+    (kernel launches, FSDP hooks) is no longer hidden behind the GPU's."""
     tokens = MIN_MICRO_BATCH_FLOP / (6 * matmul_params(hf_config))
     return int(-(-tokens // ROUND) * ROUND)
 
@@ -200,7 +196,7 @@ def choose_token_budget(
         free, total = torch.cuda.mem_get_info(device)
         n_params = sum(p.numel() for p in model.parameters())
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        param_bytes = 2 if m.fsdp_config.model_dtype in ("bf16", "bfloat16") else 4
+        param_bytes = DTYPES[m.fsdp_config.model_dtype].itemsize
         world = dist.get_world_size(group)
         reserve = 0.15 * total + 2 * GIB  # allocator fragmentation, NCCL and cuBLAS workspaces
         avail = free - fixed_bytes_to_come(hf_config, n_params, n_trainable, world, param_bytes) - reserve

@@ -106,10 +106,6 @@ _FEATURE_KEYS = {
 }
 
 
-def family_of(model_type: str) -> Family | None:
-    return FAMILIES.get(model_type)
-
-
 def _row(hf_config: Any) -> Family | None:
     return FAMILIES.get(getattr(hf_config, "model_type", None))
 

@@ -19,7 +19,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from sft.config.schema import SFTConfig
+from sft.config.schema import DTYPES, SFTConfig
 from sft.models.attention.kernels import KERNELS as ATTN_KERNELS
 from sft.models.attention.kernels import choose_attn_kernel
 from sft.models.attention.varlen import register_varlen_attention, set_attn_kernel
@@ -34,8 +34,6 @@ from sft.parallel.fsdp import selective_checkpoint_context
 from sft.parallel.ulysses import check_sp_heads
 
 logger = logging.getLogger("sft")
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
 def import_external_lib(cfg: SFTConfig) -> None:

@@ -63,11 +63,3 @@ def target_linear_cross_entropy(
             loss, right = _chunk_loss(h[start:end], weight, y[start:end], softcap)
         total, correct = total + loss, correct + right
     return total, correct
-
-
-def chunked_linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096
-) -> torch.Tensor:
-    """Sum over target positions of CE(hidden @ weight.T, label). hidden [N, h], labels [N]."""
-    index = (labels != -100).nonzero().squeeze(1)
-    return target_linear_cross_entropy(hidden, weight, labels, index, chunk_size)[0]

@@ -18,22 +18,29 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sft.models.families import MoESpec, num_experts
+from sft.config.errors import either
+from sft.config.schema import EXPERTS_IMPLEMENTATIONS
+from sft.models.families import MoESpec, moe_spec, num_experts
 
 
-def routing_inputs(mb: dict, sp_rank: int, sp_size: int) -> dict:
+def routing_inputs(real_mask: torch.Tensor, cu_seq_lens: torch.Tensor | None, sp_rank: int, sp_size: int) -> dict:
     """Host side: `sample_index` `[T_local]`, the sample id of each of this rank's tokens (padding gets the
-    last id, a dump row), and `sample_rows`, the number of ids; the model's forward takes both."""
-    if "cu_seq_lens" in mb:  # one packed row [1, T/sp]; cu_seq_lens cover the whole row
-        cu = mb["cu_seq_lens"].long()
+    last id, a dump row), and `sample_rows`, the number of ids; the model's forward takes both.
+
+    `real_mask` is 1 on this rank's real tokens: `[1, T/sp]` for a packed row, whose `cu_seq_lens` cover
+    the whole row; `[b, s]` (the attention mask) for padded rows (`cu_seq_lens` None), one sample per row.
+    """
+    if cu_seq_lens is not None:
+        cu = cu_seq_lens.long()
         ids = torch.repeat_interleave(torch.arange(len(cu) - 1), cu[1:] - cu[:-1])  # [T]
         t = ids.numel()
         ids = ids[sp_rank * t // sp_size : (sp_rank + 1) * t // sp_size]
-        real, dump = mb["real_mask"].reshape(-1), len(cu) - 1
-    else:  # padded rows [b, s]: one sample per row
-        b, s = mb["attention_mask"].shape
+        dump = len(cu) - 1
+    else:
+        b, s = real_mask.shape
         ids = torch.arange(b).repeat_interleave(s)
-        real, dump = mb["attention_mask"].reshape(-1), b
+        dump = b
+    real = real_mask.reshape(-1)
     return {"sample_index": torch.where(real.bool(), ids, torch.full_like(ids, dump)), "sample_rows": dump + 1}
 
 
@@ -114,8 +121,8 @@ def experts_kwargs(hf_config, implementation: str) -> dict:
     `grouped_mm` sorts tokens by expert and runs each projection as one grouped GEMM; `eager` is the
     per-expert Python loop. Dense families get nothing.
     """
-    from sft.models.families import moe_spec
-
+    if implementation not in EXPERTS_IMPLEMENTATIONS:
+        raise ValueError(f"model.experts_implementation={implementation!r}: choose {either(EXPERTS_IMPLEMENTATIONS)}")
     if moe_spec(hf_config) is None:
         return {}
     return {"experts_implementation": implementation}

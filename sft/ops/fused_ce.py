@@ -24,9 +24,9 @@ from sft.ops import ce_softmax
 # Rows per chunk: a chunk holds about 2 fp32 [rows, vocab] buffers (1.2 GB each at 152k vocab).
 DEFAULT_CHUNK = 2048
 # Rows per head-gradient GEMM: the chunks' dL/dlogits (in the hidden dtype) are kept until this many rows are
-# in, then summed into the fp32 head gradient at once (2.5 GB of bf16 at 152k vocab). On an H200 (2026-12-03,
-# scripts/ce_bench.py, 1.5B head, 32,700 targets) one GEMM per 8,192 rows instead of per 2,048 took the whole
-# loss from 89.6 to 84.9 ms (there with 8,192-row chunks, whose fp32 logits cost 7.5 GB more).
+# in, then summed into the fp32 head gradient at once (2.5 GB of bf16 at 152k vocab). Fewer, larger GEMMs make
+# the whole loss measurably faster than one per chunk, while the chunks stay small enough that their fp32
+# logits fit (benchmarks/ce_bench.py, docs/PERFORMANCE.md).
 GRAD_W_ROWS = 8192
 
 
@@ -78,8 +78,7 @@ def _softmax_pass(
 
 def compile_ahead(device: torch.device, vocab: int, dtype: torch.dtype, softcap: float | None) -> None:
     """Compile the softmax kernel for this vocabulary, hidden dtype and soft-cap before training starts,
-    so that Triton's first compile does not land inside the first step (scripts/ce_bench.py's first call, compile
-    included: 0.74 s on an H200, against 4.0 s when the pass was inductor's).
+    so that Triton's first compile (most of a second) does not land inside the first step and its timing.
     One row is enough: the kernel is specialised on the vocabulary and the dtypes, not on the row count."""
     if device.type != "cuda":
         return

@@ -70,9 +70,9 @@ def liger_wanted(setting: bool | str, device_type: str, model_type: str, compile
 
 # Liger >= 0.8.5 dispatches each op to one of several implementations and prefers its CuTe DSL ones on
 # Hopper when the CUTLASS DSL is importable (flash-attn-4 brings it). Its CuTe DSL RoPE compiles per input
-# shape, and packed micro-batches change shape every time: on the H200 (2026-12-03, 1.5B shape) each call
-# stalled the host about 0.45 s and the step went from 2.40 s to 4.45 s. So the ops sft uses run Liger's
-# Triton kernels, the ones measured here; a user's own LIGER_KERNEL_IMPL* setting is kept.
+# shape, and packed micro-batches change shape every time, so each call stalls the host on a compile and
+# the step runs much slower. So the ops sft uses run Liger's Triton kernels, the ones we measured
+# (docs/PERFORMANCE.md); a user's own LIGER_KERNEL_IMPL* setting is kept.
 LIGER_TRITON_OPS = ("rope", "rms_norm", "swiglu")
 
 
@@ -132,10 +132,10 @@ def apply_liger(lm: nn.Module, required: bool = True) -> None:
             logger.info("SwiGLU: sft's flat kernels in %d MLPs (sft/ops/swiglu.py)", n)
 
 
-# Liger kernels only where they win. RMSNorm forward + backward, bf16, one H200 (scripts/norm_bench.py,
-# 2026-12-03): [41k, 1536] Liger 0.87 ms, PyTorch's fused rms_norm 0.42 ms; [61k, 896] 0.89 vs 0.45 ms. In
-# the 1.5B step (171 calls) the backward alone was 0.36 ms a call for Liger's, 0.31 ms for PyTorch's two
-# kernels: sft/ops/rms_norm.py keeps PyTorch's forward and does the backward in one pass. The fused forward
+# Liger kernels only where they win. For RMSNorm, PyTorch's fused rms_norm is about twice as fast as Liger's
+# forward + backward in bf16 at the shapes we train (benchmarks/norm_bench.py, docs/PERFORMANCE.md), and its
+# two-kernel backward is still slower than needed: sft/ops/rms_norm.py keeps PyTorch's forward and does the
+# backward in one pass. The fused forward
 # rounds once, after the weight (Liger's "llama" casting and transformers' Llama-style norm round before
 # it): at most one bf16 step apart, and closer to fp32.
 _SWAPPED_CLASSES: dict[tuple[type, str], type] = {}

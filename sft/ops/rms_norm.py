@@ -1,9 +1,9 @@
 """RMSNorm (weight x x / rms(x)) with PyTorch's fused forward and a one-pass Triton backward on CUDA.
 
-Why a backward of our own: on an H200, 1.5B shape ([41k, 1536] bf16 per call, 171 calls a step),
-PyTorch's fused backward is two kernels (dx, then a column reduction for dw) taking about 0.31 ms a
-call and Liger's about 0.36 ms, while reading x and dy and writing dx once is about 0.1 ms of memory
-traffic. `_sft_rms_norm_backward` does dx and the dw partial sums in that one pass: each program takes
+Why a backward of our own: a model calls RMSNorm twice per layer, and PyTorch's fused backward is two
+kernels (dx, then a column reduction for dw), Liger's slower still, both about three times the time
+that reading x and dy and writing dx once needs at memory bandwidth (docs/PERFORMANCE.md).
+`_sft_rms_norm_backward` does dx and the dw partial sums in that one pass: each program takes
 32 rows, a few at a time, and keeps its dw partial in registers; the partials (one fp32 row per
 program) are summed afterwards. Without Triton, or off CUDA, the same math runs
 as fp32 torch ops:

@@ -1,9 +1,9 @@
 """SwiGLU's gate, silu(a) x b, as flat elementwise Triton kernels on CUDA, with the backward in place.
 
 Why kernels of our own: Liger's (0.8.5, on Hopper) runs one program per row with a block of
-next_power_of_2(width) lanes. At the 1.5B shape (width 8,960, block 16,384) 45 % of the lanes are
-masked off, and its backward took 1.09 ms a call (91 ms of the step on an H200, 2026-12-03) for
-about 3.7 GB of memory traffic. These kernels walk the tensor as one flat array in fixed blocks, so
+next_power_of_2(width) lanes. At widths just above a power of two (8,960 in a block of 16,384) nearly
+half the lanes are masked off, and its backward runs well below the memory bandwidth its traffic
+needs (docs/PERFORMANCE.md). These kernels walk the tensor as one flat array in fixed blocks, so
 every lane loads, and the loads are 16 bytes wide.
 
     c  = silu(a) * b,                  silu(a) = a * sigmoid(a)

@@ -18,6 +18,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from sft.config.errors import either
+from sft.config.schema import DEVICES
+
 logger = logging.getLogger("sft")
 
 
@@ -81,6 +84,8 @@ class DistContext:
 
 def resolve_device_type(requested: str) -> str:
     """`auto` picks CUDA when a GPU is visible, else CPU."""
+    if requested not in DEVICES:
+        raise ValueError(f"trainer.device={requested!r}: choose {either(DEVICES)}")
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():

@@ -93,7 +93,7 @@ KERNELS: dict[str, Kernel] = {
         majors=(9, 10),
         softcap=True,
         traceable=False,
-        # FA4 compiles its kernels on first use (12-13 s per head shape on the H200); its disk cache lets a
+        # FA4 compiles its kernels on first use (seconds per head shape); its disk cache lets a
         # relaunch after preemption, and every rank after the first, load them instead.
         env=(("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1"),),
     ),
@@ -111,7 +111,7 @@ KERNELS: dict[str, Kernel] = {
         call=_torch,
     ),
 }
-# `auto` takes the first that is installed and runs on this GPU: fastest first (docs/PERFORMANCE.md, H200).
+# `auto` takes the first that is installed and runs on this GPU: fastest first (docs/PERFORMANCE.md).
 AUTO_ORDER = ("fa4", "flash_attn", "torch")
 CHOICES = ("auto", *KERNELS)
 
