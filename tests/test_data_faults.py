@@ -358,7 +358,7 @@ def test_trainer_stops_with_one_line_before_the_model_and_keeps_the_checkpoint(d
     def no_model(self):
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr(FSDPSFTTrainer, "_model", no_model)
+    monkeypatch.setattr(FSDPSFTTrainer, "_build_model", no_model)
     table = pq.read_table(demo_dir / "train.parquet").slice(0, 40).to_pylist()
     table[17]["messages"][0]["role"] = "human"
     bad = tmp_path / "bad.parquet"
