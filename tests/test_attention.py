@@ -120,7 +120,7 @@ def _call(module=None, dropout=0.0, **extra):
 def test_refuses_what_it_cannot_compute(models, model_config):
     with pytest.raises(ValueError, match="attention_dropout"):
         _call(dropout=0.1)
-    # A sliding window is applied, not refused (issue 15): a window of 1 attends to the token itself only.
+    # A sliding window is applied, not refused: a window of 1 attends to the token itself only.
     _, cu, max_len = packed_row(LENGTHS)
     q, k = torch.randn(1, 4, int(cu[-1]), 8), torch.randn(1, 2, int(cu[-1]), 8)
     kw = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len, sliding_window=1)
