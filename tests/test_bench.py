@@ -334,16 +334,16 @@ def test_command_mode_loads_the_probe_as_a_callback(monkeypatch, tmp_path):
     """The benchmark reaches the user's command through SFT_CALLBACKS only: the user's own entries stay first."""
     from sft.bench.command import probe_callbacks
     from sft.bench.profiling import PROBE_ENV, PROBE_FACTORY, StepProbe
-    from sft.loop.callbacks import load_callbacks
+    from sft.loop.callbacks import callback_factories, make_callbacks
 
     assert probe_callbacks(None) == PROBE_FACTORY
     assert probe_callbacks("mine:make") == f"mine:make,{PROBE_FACTORY}"
     trainer = SimpleNamespace(plan=SimpleNamespace(total_steps=1), ctx=SimpleNamespace(rank=0, world_size=1))
     monkeypatch.delenv(PROBE_ENV, raising=False)
     with pytest.raises(ValueError, match=PROBE_ENV):
-        load_callbacks(trainer, PROBE_FACTORY)
+        make_callbacks(callback_factories(PROBE_FACTORY), trainer)
     monkeypatch.setenv(PROBE_ENV, str(tmp_path / "probe"))
-    (probe,) = load_callbacks(trainer, PROBE_FACTORY)
+    (probe,) = make_callbacks(callback_factories(PROBE_FACTORY), trainer)
     assert isinstance(probe, StepProbe)
     probe.on_step_end(1, {"train/loss": 2.0, "val/loss": 3.0})
     line = json.loads((tmp_path / "probe" / "steps.jsonl").read_text())

@@ -9,9 +9,14 @@ from conftest import base_overrides
 from distributed_helper import run_ranks
 from workers import RecordingCallback, train_with_callbacks
 
-from sft.loop.callbacks import CALLBACKS_ENV, StepCallback, load_callbacks
+from sft.loop.callbacks import CALLBACKS_ENV, StepCallback, callback_factories, make_callbacks
 
 NOT_A_CALLBACK = object()
+
+
+def load_callbacks(trainer, spec: str | None = None) -> list:
+    """What the trainer does with `SFT_CALLBACKS` (or `spec`): import the factories, then call them."""
+    return make_callbacks(callback_factories(spec), trainer)
 
 
 def not_a_callback(trainer) -> object:

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from sft.cli import compose
-from sft.config.checks import ConfigError, validate_config
+from sft.config.checks import validate_config
+from sft.config.errors import ConfigError
 from sft.config.schema import SFTConfig
 from sft.loop.plan import make_plan
 from sft.parallel.distributed import WorldInfo

@@ -406,7 +406,8 @@ def test_trainer_skips_bad_rows_and_writes_them_next_to_the_metrics(demo_dir, tm
 
 def test_config_keys_are_validated(demo_dir, tmp_path):
     from sft.cli import compose
-    from sft.config.checks import ConfigError, validate_config
+    from sft.config.checks import validate_config
+    from sft.config.errors import ConfigError
     from sft.parallel.distributed import WorldInfo
 
     world = WorldInfo(rank=0, world_size=1, local_rank=0, local_world_size=1)

@@ -18,7 +18,7 @@ from distributed_helper import run_ranks
 from test_e2e import ROOT, torchrun
 from transformers import AutoConfig, AutoTokenizer
 
-from sft.config.checks import ConfigError
+from sft.config.errors import ConfigError
 from sft.config.model_checks import check_vocab
 
 

@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from sft.cli import compose
-from sft.config.checks import ConfigError, validate_config
+from sft.config.checks import validate_config
+from sft.config.errors import ConfigError
 from sft.merge import main as merge_main
 from sft.models.loading import build_meta_model
 from sft.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, add_lora, lora_layers

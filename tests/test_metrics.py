@@ -92,7 +92,8 @@ def test_missing_tracker_package_message(tmp_path, monkeypatch, rank) -> None:
 
 def test_missing_tracker_package_is_a_config_error(monkeypatch) -> None:
     from sft.cli import compose
-    from sft.config.checks import ConfigError, _check_trainer
+    from sft.config.checks import _check_trainer
+    from sft.config.errors import ConfigError
     from sft.parallel.distributed import WorldInfo
 
     monkeypatch.setitem(sys.modules, "tensorboard", None)

@@ -48,7 +48,8 @@ from sft.bench.overrides import OWNED, bench_overrides, merge, override_key
 from sft.bench.profiling import StepProfiler
 from sft.bench.stats import median, peak_mem_gb, step_layout, summarize
 from sft.cli import compose
-from sft.config.checks import ConfigError, validate_config
+from sft.config.checks import validate_config
+from sft.config.errors import ConfigError
 from sft.loop.flops import model_flops_per_token, peak_flops_per_gpu, useful_flops
 from sft.parallel.distributed import (
     DistContext,

@@ -70,8 +70,3 @@ def make_callbacks(
             )
         callbacks.append(callback)
     return callbacks
-
-
-def load_callbacks(trainer: Any, spec: str | None = None) -> list[StepCallback]:
-    """The callbacks named by `spec` (default: `SFT_CALLBACKS`), made for `trainer`. A bad entry raises ValueError."""
-    return make_callbacks(callback_factories(spec), trainer)
