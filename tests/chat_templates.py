@@ -5,8 +5,10 @@ reasoning kept only after the last user turn (Qwen3), everything up to </think> 
 (DeepSeek-R1 distills), a terminator after the last turn (Phi-3.5), system prompt and tool
 list placed at the last user turn (Mistral-Nemo), one turn split into channel messages with
 a different closer for the last one (gpt-oss harmony), trimmed content (Llama 3), and
-tool-call-only turns in all those that call tools. `TOKENS` are the added tokens each
-needs: (text, special).
+tool-call-only turns in all those that call tools; tool-call sections closed by several
+special tokens or by a tag, a newline and the end-of-turn token; a generation prompt that
+opens the reasoning; block tokens after the role header that depend on the turn. `TOKENS`
+are the added tokens each needs: (text, special).
 """
 
 from __future__ import annotations
@@ -320,6 +322,96 @@ R1TOOLS = r"""
 {%- endif -%}
 """
 
+# A tool-call section made of special tokens: section open, per call an open / name / arguments
+# marker / close, then section close, then the end-of-turn token (the shape of several 2025
+# templates). A turn's calls end three special tokens before its turn does.
+SECTIONS = r"""
+{%- if tools -%}
+  {{- '<|turn|>system<|sep|>Functions:' -}}{%- for t in tools -%}{{- ' ' + t.function.name -}}{%- endfor -%}{{- '<|eot|>' -}}
+{%- endif -%}
+{%- for m in messages -%}
+  {%- if m.role == 'assistant' -%}
+    {{- '<|turn|>assistant<|sep|>' + (m.content or '') -}}
+    {%- if m.tool_calls -%}
+      {{- '<|calls|>' -}}
+      {%- for c in m.tool_calls -%}
+        {{- '<|call|>' + c.function.name + ':' + (loop.index0 | string) + '<|args|>' + c.function.arguments + '<|/call|>' -}}
+      {%- endfor -%}
+      {{- '<|/calls|>' -}}
+    {%- endif -%}
+    {{- '<|eot|>' -}}
+  {%- else -%}
+    {{- '<|turn|>' + m.role + '<|sep|>' + m.content + '<|eot|>' -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|turn|>assistant<|sep|>' -}}{%- endif -%}
+"""
+
+# Calls as XML with one element per argument (arguments given as a mapping), the call block
+# closed by a special "</tool_call>", then a newline, then the end-of-turn token.
+XMLCALLS = r"""
+{%- for m in messages -%}
+  {%- if m.role == 'assistant' -%}
+    {{- '<|im_start|>assistant\n' + (m.content or '') -}}
+    {%- for c in m.tool_calls or [] -%}
+      {%- if m.content or not loop.first -%}{{- '\n' -}}{%- endif -%}
+      {{- '<tool_call>\n<function=' + c.function.name + '>\n' -}}
+      {%- for k, v in c.function.arguments | dictsort -%}{{- '<parameter=' + k + '>\n' + (v | string) + '\n</parameter>\n' -}}{%- endfor -%}
+      {{- '</function>\n</tool_call>' -}}
+    {%- endfor -%}
+    {{- ('\n' if m.tool_calls else '') + '<|im_end|>\n' -}}
+  {%- elif m.role == 'tool' -%}
+    {{- '<|im_start|>user\n<tool_response>\n' + m.content + '\n</tool_response><|im_end|>\n' -}}
+  {%- else -%}
+    {{- '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}
+"""
+
+# The generation prompt opens the reasoning ("<think>\n"); reasoning comes as
+# reasoning_content or written inside the content, rendered as given, and is dropped from
+# turns before the last user message (a 2025 reasoning-model shape).
+THINKPROMPT = r"""
+{%- set ns = namespace(last_user=-1) -%}
+{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}{%- endfor -%}
+{%- for m in messages -%}
+  {%- if m.role == 'assistant' -%}
+    {%- set text = m.content -%}
+    {%- if loop.index0 < ns.last_user -%}{%- set text = text.split('</think>')[-1].lstrip('\n') -%}{%- endif -%}
+    {{- '<|im_start|>assistant\n' -}}
+    {%- if m.reasoning_content and loop.index0 > ns.last_user -%}
+      {{- '<think>\n' + m.reasoning_content + '\n</think>\n\n' -}}
+    {%- endif -%}
+    {{- text + '<|im_end|>\n' -}}
+  {%- else -%}
+    {{- '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n<think>\n' -}}{%- endif -%}
+"""
+
+# The role header is followed by a block token that depends on the turn: reasoning, a call
+# plan or an answer; the generation prompt holds the reasoning one only.
+BLOCKS = r"""
+{%- for m in messages -%}
+  {%- if m.role == 'assistant' -%}
+    {{- '<|turn|>bot' -}}
+    {%- if m.thinking -%}{{- '<|think|>' + m.thinking + '<|/think|>' -}}{%- endif -%}
+    {%- if m.tool_calls -%}
+      {{- '<|plan|>' -}}
+      {%- for c in m.tool_calls -%}{{- c.function.name + ' ' + c.function.arguments + ';' -}}{%- endfor -%}
+      {{- '<|/plan|>' -}}
+    {%- endif -%}
+    {%- if m.content -%}{{- '<|answer|>' + m.content + '<|/answer|>' -}}{%- endif -%}
+    {{- '<|eot|>' -}}
+  {%- else -%}
+    {{- '<|turn|>' + m.role + '<|sep|>' + m.content + '<|eot|>' -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|turn|>bot<|think|>' -}}{%- endif -%}
+"""
+
 TOKENS: dict[str, list[tuple[str, bool]]] = {
     "qwen3": [("<think>", False), ("</think>", False)],
     "r1": [
@@ -376,6 +468,26 @@ TOKENS: dict[str, list[tuple[str, bool]]] = {
         ("<think>", False),
         ("</think>", False),
     ],
+    "sections": [
+        (t, True)
+        for t in ("<|turn|>", "<|sep|>", "<|eot|>", "<|calls|>", "<|/calls|>", "<|call|>", "<|args|>", "<|/call|>")
+    ],
+    "xmlcalls": [("<tool_call>", True), ("</tool_call>", True)],
+    "thinkprompt": [("<think>", False), ("</think>", False)],
+    "blocks": [
+        (t, True)
+        for t in (
+            "<|turn|>",
+            "<|sep|>",
+            "<|eot|>",
+            "<|think|>",
+            "<|/think|>",
+            "<|plan|>",
+            "<|/plan|>",
+            "<|answer|>",
+            "<|/answer|>",
+        )
+    ],
 }
 
 TEMPLATES = {
@@ -391,4 +503,8 @@ TEMPLATES = {
     "mistral": MISTRAL,
     "phi4": PHI4,
     "r1tools": R1TOOLS,
+    "sections": SECTIONS,
+    "xmlcalls": XMLCALLS,
+    "thinkprompt": THINKPROMPT,
+    "blocks": BLOCKS,
 }

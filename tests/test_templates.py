@@ -28,8 +28,25 @@ from sft.data.build import build_dataset
 
 WORDS = "apple pear kiwi fig plum lime sort the list count words reply add two nine seven".split()
 TOOLS = [{"type": "function", "function": {"name": "lookup", "description": "Value of a key.", "parameters": {}}}]
-FAMILIES = ("qwen3", "r1", "phi", "nemo", "harmony", "trim", "gemma", "llama", "mistral", "phi4", "r1tools")
-TOOL_FAMILIES = ("qwen3", "nemo", "harmony", "trim", "llama", "mistral", "r1tools")
+FAMILIES = (
+    "qwen3",
+    "r1",
+    "phi",
+    "nemo",
+    "harmony",
+    "trim",
+    "gemma",
+    "llama",
+    "mistral",
+    "phi4",
+    "r1tools",
+    "sections",
+    "xmlcalls",
+    "thinkprompt",
+    "blocks",
+)
+TOOL_FAMILIES = ("qwen3", "nemo", "harmony", "trim", "llama", "mistral", "r1tools", "sections", "xmlcalls", "blocks")
+MULTI_CALL = ("sections", "xmlcalls", "blocks")  # turns with one or two calls
 ROWS = 30
 
 
@@ -54,10 +71,14 @@ def padded(rng: random.Random, text: str) -> str:
     return rng.choice(["", " ", "\n", "  \n"]) + text + rng.choice(["", " ", "\n", "\n\n "])
 
 
-def tool_call(rng: random.Random) -> dict:
+def tool_call(rng: random.Random, mapping: bool = False) -> dict:
     cid = "".join(rng.choice("abcdefgh123") for _ in range(9))
-    args = json.dumps({"key": rng.choice(WORDS)})
-    return {"id": cid, "type": "function", "function": {"name": "lookup", "arguments": args}}
+    args = {"key": rng.choice(WORDS)}
+    return {
+        "id": cid,
+        "type": "function",
+        "function": {"name": "lookup", "arguments": args if mapping else json.dumps(args)},
+    }
 
 
 def conversation(rng: random.Random, family: str) -> dict:
@@ -70,14 +91,16 @@ def conversation(rng: random.Random, family: str) -> dict:
     for t in range(turns):
         messages.append({"role": "user", "content": padded(rng, say(rng))})
         if tools and rng.random() < 0.6:
-            call = tool_call(rng)
-            msg: dict = {"role": "assistant", "content": None, "tool_calls": [call]}
-            if family in ("qwen3", "llama", "mistral", "r1tools") and rng.random() < 0.4:
+            calls = [
+                tool_call(rng, family == "xmlcalls") for _ in range(rng.randint(1, 2) if family in MULTI_CALL else 1)
+            ]
+            msg: dict = {"role": "assistant", "content": None, "tool_calls": calls}
+            if family in ("qwen3", "llama", "mistral", "r1tools", *MULTI_CALL) and rng.random() < 0.4:
                 msg["content"] = say(rng)
-            if family in ("qwen3", "harmony") and rng.random() < 0.5:
+            if family in ("qwen3", "harmony", "blocks") and rng.random() < 0.5:
                 msg["reasoning_content" if family == "qwen3" else "thinking"] = say(rng)
             messages.append(msg)
-            messages.append({"role": "tool", "content": say(rng), "tool_call_id": call["id"]})
+            messages.extend({"role": "tool", "content": say(rng), "tool_call_id": c["id"]} for c in calls)
         answer: dict = {"role": "assistant", "content": padded(rng, say(rng))}
         last = t == turns - 1
         if family == "qwen3" and not (last and thinking is False):
@@ -88,10 +111,17 @@ def conversation(rng: random.Random, family: str) -> dict:
                 answer["content"] = f"<think>\n{say(rng)}\n</think>\n\n{say(rng)}"
         if family in ("r1", "r1tools"):
             answer["content"] = f"<think>\n{say(rng)}\n</think>\n\n{say(rng)}"
-        if family == "harmony":
+        if family in ("harmony", "blocks"):
             answer["content"] = say(rng)
             if rng.random() < 0.6:
                 answer["thinking"] = say(rng)
+        if family == "thinkprompt":
+            style = rng.choice(["field", "inline", "none"])
+            answer["content"] = say(rng)
+            if style == "field":
+                answer["reasoning_content"] = say(rng)
+            elif style == "inline":
+                answer["content"] = f"<think>\n{say(rng)}\n</think>\n\n{say(rng)}"
         messages.append(answer)
     return {"messages": messages, "tools": json.dumps(TOOLS) if tools else None, "enable_thinking": thinking}
 
@@ -128,8 +158,11 @@ def expected_turns(family: str, row: dict, eom: bool = False) -> list[tuple[str,
             lead, think = "<|im_start|>assistant\n", ""
             if i > last_user and (is_last or thought):
                 think = f"<think>\n{thought.strip(chr(10))}\n</think>\n\n"
-            if is_last and row["enable_thinking"] is False and not thought:
-                lead, think = lead + think, ""  # the generation prompt holds the empty think block
+            if row["enable_thinking"] is False and think:
+                # The generation prompt "<think>\n\n</think>\n\n" gives what the turn starts with:
+                # all of it for an empty thought, else the opening "<think>\n".
+                given = think if is_last and not thought else "<think>\n"
+                lead, think = lead + given, think[len(given) :]
             tail = "".join(
                 ("\n" if content or k else "") + f"<tool_call>\n{c}}}\n</tool_call>"
                 for k, c in enumerate(_calls_json(m))
@@ -177,6 +210,38 @@ def expected_turns(family: str, row: dict, eom: bool = False) -> list[tuple[str,
             out.append((lead, content + body + "</s>"))
         elif family == "phi4":
             out.append(("<|im_start|>assistant<|im_sep|>", content + "<|im_end|>"))
+        elif family == "sections":
+            section = "".join(
+                f"<|call|>{c['function']['name']}:{k}<|args|>{c['function']['arguments']}<|/call|>"
+                for k, c in enumerate(calls)
+            )
+            body = content + (f"<|calls|>{section}<|/calls|>" if calls else "")
+            out.append(("<|turn|>assistant<|sep|>", body + "<|eot|>"))
+        elif family == "xmlcalls":
+            body = content
+            for k, c in enumerate(calls):
+                params = "".join(
+                    f"<parameter={a}>\n{v}\n</parameter>\n" for a, v in sorted(c["function"]["arguments"].items())
+                )
+                body += ("\n" if content or k else "") + f"<tool_call>\n<function={c['function']['name']}>\n{params}"
+                body += "</function>\n</tool_call>"
+            out.append(("<|im_start|>assistant\n", body + ("\n" if calls else "") + "<|im_end|>"))
+        elif family == "thinkprompt":
+            if i < last_user:
+                content = content.split("</think>")[-1].lstrip("\n")
+            if m.get("reasoning_content") and i > last_user:
+                content = f"<think>\n{m['reasoning_content']}\n</think>\n\n" + content
+            # The generation prompt gives the opening "<think>\n", wherever the reasoning came from.
+            given = "<think>\n" if content.startswith("<think>\n") else ""
+            out.append(("<|im_start|>assistant\n" + given, content[len(given) :] + "<|im_end|>"))
+        elif family == "blocks":
+            thinking = m.get("thinking")
+            body = f"{thinking}<|/think|>" if thinking else ""
+            if calls:
+                body += "<|plan|>" + "".join(f"{c['function']['name']} {c['function']['arguments']};" for c in calls)
+                body += "<|/plan|>"
+            body += f"<|answer|>{content}<|/answer|>" if content else ""
+            out.append(("<|turn|>bot" + ("<|think|>" if thinking else ""), body + "<|eot|>"))
         elif family == "r1tools":
             if calls:
                 body = "\n".join(R1_CALL.format(**c["function"]) for c in calls)
@@ -421,3 +486,41 @@ def test_r1_call_turn_without_a_closing_special_token(demo_tokenizer, tmp_path):
     trained = tok.decode(ids[mask.astype(bool)].tolist())
     call = R1_CALL.format(**CALL["function"])
     assert trained == f"<｜tool▁calls▁begin｜>{call}fig is sweet<｜end▁of▁sentence｜>"
+
+
+# ----- tool-call tails, generation-prompt tokens, turn-dependent blocks --------------------
+
+
+def test_reasoning_field_or_inline_gives_one_mask(demo_tokenizer, tmp_path):
+    # The same rendered text gives the same mask whichever field the reasoning came in; the
+    # "<think>\n" that the generation prompt gives is never trained.
+    tok = tokenizer_for(demo_tokenizer, "thinkprompt")
+    head = [{"role": "user", "content": "add two nine"}, {"role": "assistant", "content": "eleven"}]
+    head.append({"role": "user", "content": "and seven"})
+    field = {"role": "assistant", "content": "eighteen", "reasoning_content": "eleven plus seven"}
+    inline = {"role": "assistant", "content": "<think>\neleven plus seven\n</think>\n\neighteen"}
+    rows = [{"messages": head + [field]}, {"messages": head + [inline]}]
+    ds = build_dataset(write_rows(tmp_path / "d.parquet", rows), tok, chat_cfg(), -1, pad_to_max_length=False)
+    (ids_a, mask_a), (ids_b, mask_b) = ds.token_ids(0), ds.token_ids(1)
+    assert ids_a.tolist() == ids_b.tolist()
+    np.testing.assert_array_equal(mask_a, mask_b)
+    trained = tok.decode(ids_a[mask_a.astype(bool)].tolist())
+    assert trained == "eleven<|im_end|>eleven plus seven\n</think>\n\neighteen<|im_end|>"
+
+
+def test_audit_refuses_a_span_that_stops_before_its_end_of_turn(demo_tokenizer, tmp_path, monkeypatch):
+    # The old end rule (the first special token after the calls) leaves "<|/calls|><|eot|>"
+    # untrained; the audit, which knows the end-of-turn token, refuses the row.
+    import sft.data.multiturn as multiturn
+
+    real = multiturn.trained_spans
+
+    def first_special_end_rule(messages, overrides, text, windows, starts, closers, *rest):
+        return real(messages, overrides, text, windows, starts, None, *rest)
+
+    monkeypatch.setattr(multiturn, "trained_spans", first_special_end_rule)
+    tok = tokenizer_for(demo_tokenizer, "sections")
+    messages = EDGES["ends_with_tool"] + [{"role": "assistant", "content": "fig is sweet"}]
+    path = write_rows(tmp_path / "d.parquet", [{"messages": messages, "tools": json.dumps(TOOLS)}])
+    with pytest.raises(ValueError, match=r"d\.parquet row 0: mask audit: .*message 1 .*stops before .*'<\|eot\|>'"):
+        build_dataset(path, tok, chat_cfg(), -1, pad_to_max_length=False)

@@ -2,17 +2,20 @@
 
 It checks the trained character spans of a row against the message windows (what the
 template rendered for each message, `sft.data.regions`): every assistant message must have
-one, and no trained span may touch the window of another message, so text rendered for a
-system, user or tool message (or for another turn) is never trained by mistake. A row that
-fails raises ValueError with the reason; the dataset refuses it or, with
-`data.on_bad_sample=skip`, drops it.
+one; no trained span may touch the window of another message, so text rendered for a
+system, user or tool message (or for another turn) is never trained by mistake; and an
+assistant turn's span may not stop before the end-of-turn token that closes it (the model
+must learn to close its tool calls and end its turn). A row that fails raises ValueError with
+the reason; the dataset refuses it or, with `data.on_bad_sample=skip`, drops it.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from sft.data.regions import Span
+from sft.data.spans import neighbours
 
 
 def _touches(span: Span, window: Span) -> bool:
@@ -22,8 +25,15 @@ def _touches(span: Span, window: Span) -> bool:
     return start < window[1] and window[0] < end
 
 
-def audit_spans(messages: list[dict[str, Any]], windows: list[Span | None], spans: dict[int, Span]) -> None:
-    """Raise ValueError naming the first message whose mask cannot be trusted."""
+def audit_spans(
+    messages: list[dict[str, Any]],
+    text: str,
+    windows: list[Span | None],
+    spans: dict[int, Span],
+    closers: re.Pattern[str] | None,
+) -> None:
+    """Raise ValueError naming the first message whose mask cannot be trusted; `closers` matches
+    the template's end-of-turn tokens."""
     for i, (msg, window) in enumerate(zip(messages, windows)):
         if msg["role"] == "assistant" and window is None:
             raise ValueError(
@@ -33,11 +43,22 @@ def audit_spans(messages: list[dict[str, Any]], windows: list[Span | None], span
             )
     for i, span in spans.items():
         own = windows[i]
-        assert own is not None and span[0] <= own[0] and own[1] <= span[1], "a trained span must hold its window"
+        # A span may start inside its window (the generation prompt gives the window's first
+        # characters, e.g. a think tag written in the content); it always runs past its end.
+        assert own is not None and span[0] <= own[1] <= span[1], "a trained span must reach its window's end"
         for j, window in enumerate(windows):
             if j != i and window is not None and _touches(span, window):
                 raise ValueError(
                     f"mask audit: the trained text of message {i} ({messages[i]['role']}) would include text "
                     f"rendered for message {j} ({messages[j]['role']}); the chat template mixes the two, so "
                     "this row cannot be masked exactly; fix data.chat_template or the row"
+                )
+        if messages[i]["role"] == "assistant" and closers is not None:
+            _, after = neighbours(windows, i)
+            m = closers.search(text, own[1], len(text) if after < 0 else after)
+            if m is not None and span[1] < m.end():
+                raise ValueError(
+                    f"mask audit: the trained text of message {i} (assistant) stops before the end-of-turn token "
+                    f"{m.group()!r} that closes its turn; the chat template closes this turn in a way sft cannot "
+                    "place; fix data.chat_template or the row"
                 )

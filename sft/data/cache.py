@@ -28,7 +28,7 @@ logger = logging.getLogger("sft")
 
 # Bump when the dataset code's output (ids, masks, kept rows, counters) changes for the same
 # inputs: every existing cache is then rebuilt. The data modules' authors own this number.
-CACHE_VERSION = "3"
+CACHE_VERSION = "4"
 MANIFEST = "manifest.json"
 PREFIX = "sft-"
 # Data config keys that do not change the tokenised result (batching, loss, the cache itself).

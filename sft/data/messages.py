@@ -122,15 +122,21 @@ class ChatRenderer:
             # then locates that turn by searching instead.
             return None
 
-    def try_render_each(self, conversations: list[list[dict[str, Any]]]) -> list[str | None]:
-        """`try_render` of each conversation (no generation prompt), in one batched call when
-        the template accepts them all (the per-call overhead is paid once)."""
+    def try_render_each(
+        self, conversations: list[list[dict[str, Any]]], add_generation_prompt: bool = False
+    ) -> list[str | None]:
+        """`try_render` of each conversation, in one batched call when the template accepts
+        them all (the per-call overhead is paid once)."""
         if not conversations:
             return []
+        if not all(conversations):
+            return [self.try_render(c, add_generation_prompt) for c in conversations]
         try:
-            texts = self.tokenizer.apply_chat_template(conversations, tokenize=False, **self.kwargs)
+            texts = self.tokenizer.apply_chat_template(
+                conversations, add_generation_prompt=add_generation_prompt, tokenize=False, **self.kwargs
+            )
         except (TemplateError, TypeError, ValueError, KeyError, IndexError):
-            return [self.try_render(c, add_generation_prompt=False) for c in conversations]
+            return [self.try_render(c, add_generation_prompt) for c in conversations]
         assert isinstance(texts, list) and len(texts) == len(conversations), "one rendering per conversation"
         return texts
 

@@ -22,8 +22,9 @@ from sft.data.audit import audit_spans
 from sft.data.messages import ChatRenderer, check_chat_template, clean_messages, parse_tools
 from sft.data.regions import common_prefix, message_windows, sentinel_for
 from sft.data.scan import scan_messages
-from sft.data.spans import HeaderFinder, Markers, merge, token_mask, trained_spans
+from sft.data.spans import Markers, merge, token_mask, trained_spans
 from sft.data.storage import Encoded, TokenizedDataset
+from sft.data.turns import TurnFinder
 
 logger = logging.getLogger("sft")
 
@@ -41,7 +42,7 @@ class MultiTurnSFTDataset(TokenizedDataset):
                 "character offsets: provide a tokenizer.json (fast tokenizer) in model.partial_pretrain"
             )
         self.markers = Markers(self.tokenizer)
-        self.headers = HeaderFinder(self.tokenizer, self.markers)
+        self.turns = TurnFinder(self.tokenizer, self.markers)
         self.num_misaligned = 0
         self.num_control_text = 0
 
@@ -85,7 +86,8 @@ class MultiTurnSFTDataset(TokenizedDataset):
     ) -> list[tuple[int, int]]:
         """Audited trained character spans of one rendered row."""
         windows = message_windows(messages, text, renderer)
-        header = self.headers.prefixes(renderer, messages)
+        starts = self.turns.starts(renderer, messages, text, windows)
+        closers = self.turns.closers(renderer)
         last_only = self.config.multiturn.train_on == "last"
 
         def rendered_end(i: int) -> int | None:
@@ -98,8 +100,10 @@ class MultiTurnSFTDataset(TokenizedDataset):
             return None if other is None else self.markers.token_start(text, common_prefix(text, other))
 
         try:
-            spans = trained_spans(messages, overrides, text, windows, header, self.markers, last_only, rendered_end)
-            audit_spans(messages, windows, spans)
+            spans = trained_spans(
+                messages, overrides, text, windows, starts, closers, self.markers, last_only, rendered_end
+            )
+            audit_spans(messages, text, windows, spans, closers)
         except ValueError as e:
             raise ValueError(f"{renderer.where}: {e}") from e
         return merge(list(spans.values()))

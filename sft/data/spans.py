@@ -1,14 +1,13 @@
 """Which characters of a rendered conversation are training targets, and the token mask.
 
 Each message's window (what the template made of its fields, `sft.data.regions`) anchors
-its turn. An assistant turn is trained from the end of its role header to the end of the
-first special token after its window (its end-of-turn token), never past the next message's
-window. The role header is what the template's generation prompt puts before a reply, found
-between the previous window and this one: the whole prompt, else its first line, else its
-longest prefix cut at a token end; where the generation prompt is empty or not found, the
-turn starts after the previous message's end-of-turn token. So a terminator appended after
-the last turn, history that the template rewrites, and system prompts or tool lists it moves
-are all handled by the one rule.
+its turn. An assistant turn is trained from its start (`sft.data.turns`: after what the
+template gives at that point at inference) through the first end-of-turn token after its
+window, never past the next message's window. A turn that no end-of-turn token closes before
+the next message (e.g. a call closed by its own token) runs through the first special token
+after its window, else to where the template's rendering of the conversation cut after it
+parts from the whole. So a terminator appended after the last turn, history that the template
+rewrites, and system prompts or tool lists it moves are all handled by the one rule.
 """
 
 from __future__ import annotations
@@ -20,11 +19,10 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from sft.data.messages import ChatRenderer
 from sft.data.regions import Span
 
 
-def _alternation(tokens: set[str]) -> str:
+def alternation(tokens: set[str]) -> str:
     # Longest first, so "<|im_end|>" wins over any shorter token it contains.
     return "|".join(re.escape(t) for t in sorted((t for t in tokens if t), key=len, reverse=True))
 
@@ -36,15 +34,12 @@ class Markers:
         added = {t.content: t.special for t in tokenizer.added_tokens_decoder.values()}
         special = {t for t, is_special in added.items() if is_special} | set(tokenizer.all_special_tokens)
         any_tokens = set(added) | special
-        self.any = re.compile(_alternation(any_tokens)) if any_tokens else None
-        self.special = re.compile(_alternation(special)) if special else None
+        self.any = re.compile(alternation(any_tokens)) if any_tokens else None
+        self.special = re.compile(alternation(special)) if special else None
 
     def first_special_end(self, text: str, start: int, stop: int) -> int | None:
         """End of the first special token lying within text[start:stop], if any."""
-        if self.special is None:
-            return None
-        m = self.special.search(text, start, stop)
-        return m.end() if m else None
+        return first_end(self.special, text, start, stop)
 
     def token_start(self, text: str, pos: int) -> int:
         """`pos`, moved back to the start of an added token that it falls inside."""
@@ -55,41 +50,13 @@ class Markers:
         return pos
 
 
-class HeaderFinder:
-    """The assistant role header: candidates derived from the template's generation prompt,
-    once per set of template arguments (tools aside), most specific first."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, markers: Markers) -> None:
-        self.tokenizer = tokenizer
-        self.markers = markers
-        self.cache: dict[str, tuple[str, ...]] = {}
-
-    def prefixes(self, renderer: ChatRenderer, messages: list[dict[str, Any]]) -> tuple[str, ...]:
-        key = repr(sorted((k, repr(v)) for k, v in renderer.kwargs.items() if k != "tools"))
-        if key in self.cache:
-            return self.cache[key]
-        first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), 0)
-        history = messages[:first]
-        prompted = renderer.try_render(history, add_generation_prompt=True)
-        plain = renderer.try_render(history, add_generation_prompt=False)
-        if prompted is None or plain is None:
-            return ()  # not cached: a later row may allow the derivation
-        # Where the two renderings part (a template may end a conversation without a
-        # generation prompt with a terminator instead), never inside an added token.
-        p = 0
-        while p < min(len(prompted), len(plain)) and prompted[p] == plain[p]:
-            p += 1
-        prompt = prompted[self.markers.token_start(prompted, p) :]
-        # The whole prompt, then its first line (the role line: what follows it, e.g. an empty
-        # think block, belongs to the prompt only when all of the prompt is there), then its
-        # prefixes cut at token ends (e.g. without a think opener the reply does not repeat).
-        enc = self.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
-        ends = sorted({int(e) for _, e in enc["offset_mapping"]}, reverse=True)
-        line = prompt[: prompt.find("\n") + 1] if "\n" in prompt else prompt
-        candidates = [prompt, line] + [prompt[:e] for e in ends]
-        found = tuple(dict.fromkeys(c for c in candidates if c.strip()))
-        self.cache[key] = found
-        return found
+def neighbours(windows: list[Span | None], i: int) -> Span:
+    """End of the last other window before message i's, and start of the first one after it."""
+    window = windows[i]
+    assert window is not None
+    before = max((w[1] for j, w in enumerate(windows) if j != i and w and w[1] <= window[0]), default=0)
+    after = min((w[0] for j, w in enumerate(windows) if j != i and w and w[0] >= window[1]), default=-1)
+    return before, after
 
 
 def trained_spans(
@@ -97,14 +64,16 @@ def trained_spans(
     overrides: list[int | None],
     text: str,
     windows: list[Span | None],
-    header: tuple[str, ...],
+    starts: dict[int, int],
+    closers: re.Pattern[str] | None,
     markers: Markers,
     last_only: bool = False,
     rendered_end: Callable[[int], int | None] | None = None,
 ) -> dict[int, Span]:
     """Character span of `text` trained for each trained message, by message index: the
     assistant turns (only the last one with `last_only`), changed by per-message `loss_mask`.
-    A turn that no special token closes (e.g. a call ended by plain-text markers) runs to
+    `starts` holds each assistant turn's start; `closers` matches the end-of-turn tokens. A turn
+    that no special token closes (e.g. a call ended by plain-text markers) runs to
     `rendered_end(i)`: where the template's rendering of the conversation cut after message
     i parts from `text`."""
     spans: dict[int, Span] = {}
@@ -122,24 +91,24 @@ def trained_spans(
                     "drop its loss_mask"
                 )
             continue
-        before = max((w[1] for j, w in enumerate(windows) if j != i and w and w[1] <= window[0]), default=0)
-        after = min((w[0] for j, w in enumerate(windows) if j != i and w and w[0] >= window[1]), default=len(text))
-        start = _turn_start(text, before, window[0], header, markers) if role == "assistant" else window[0]
-        end = markers.first_special_end(text, window[1], after)
+        _, after = neighbours(windows, i)
+        after = len(text) if after < 0 else after
+        end = first_end(closers, text, window[1], after)
+        if end is None:
+            end = markers.first_special_end(text, window[1], after)
         if end is None and rendered_end is not None:
             cut = rendered_end(i)
             end = cut if cut is not None and window[1] <= cut <= after else None
-        spans[i] = (start, window[1] if end is None else end)
+        end = window[1] if end is None else end
+        start = starts.get(i, window[0]) if role == "assistant" else window[0]
+        spans[i] = (min(start, end), end)
     return spans
 
 
-def _turn_start(text: str, before: int, start: int, header: tuple[str, ...], markers: Markers) -> int:
-    for prefix in header:
-        found = text.rfind(prefix, before, start)
-        if found >= 0:
-            return found + len(prefix)
-    closed = markers.first_special_end(text, before, start)
-    return start if closed is None else closed
+def first_end(pattern: re.Pattern[str] | None, text: str, start: int, stop: int) -> int | None:
+    """End of the first match of `pattern` lying within text[start:stop], if any."""
+    m = None if pattern is None else pattern.search(text, start, stop)
+    return None if m is None else m.end()
 
 
 def merge(spans: list[Span]) -> list[Span]:
