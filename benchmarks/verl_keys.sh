@@ -3,9 +3,11 @@
 #   bash benchmarks/verl_keys.sh                                  # sft, REPS runs
 #   BASE=/path/to/other/checkout bash benchmarks/verl_keys.sh     # that checkout and this one, taking turns
 #   TRL=1 bash benchmarks/verl_keys.sh                            # + TRL SFTTrainer with Liger, same model and data
-# Env: SHAPE (qwen2.5-1.5b | qwen2.5-0.5b | qwen2.5-7b), STEPS (12: 2 warm-up, the last profiled, the rest timed),
+#   FP8=1 bash benchmarks/verl_keys.sh                            # + the same keys and FP8_KEYS (needs torchao)
+# Env: SHAPE (qwen2.5-1.5b | qwen2.5-0.5b | qwen2.5-7b | qwen3-8b-short), STEPS (12: 2 warm-up, the last profiled, the rest timed),
 # REPS (2), TESTS=1 (tests/test_gpu.py first), TRL_ATTN (flash_attention_4 where FA4 imports, else flex_attention),
-# TIMEOUT (seconds per run, 900), EXTRA (keys added to every sft run), OUT_DIR (bench_out), WORK_DIR (OUT_DIR/work).
+# TIMEOUT (seconds per run, 900), EXTRA (keys added to every sft run), FP8_KEYS (what FP8=1 adds: model.fp8=true
+# model.compile=true), OUT_DIR (bench_out), WORK_DIR (OUT_DIR/work).
 # Each run is its own process. One JSON line per run in OUT_DIR/results.jsonl, logs in OUT_DIR/logs, a table last.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd); cd "$ROOT"
@@ -29,8 +31,8 @@ record() {  # name: the run's JSON result as one line of results.jsonl
   python3 -c "import json; r = json.load(open('$L/$1.json')); r.update(run='$1', shape='$SHAPE'); print(json.dumps(r))" \
     >>"$RES" 2>/dev/null || echo "{\"run\": \"$1\", \"error\": \"no result, see $L/$1.log\"}" >>"$RES"
 }
-sft_run() {  # name, checkout: the plain torchrun line, timed from outside by that checkout's sft.bench
-  local c="torchrun --standalone --nnodes=1 --nproc_per_node=1 -m sft.fsdp_sft_trainer $KEYS $VERL"
+sft_run() {  # name, checkout[, keys]: the plain torchrun line (+ keys), timed from outside by that checkout's sft.bench
+  local c="torchrun --standalone --nnodes=1 --nproc_per_node=1 -m sft.fsdp_sft_trainer $KEYS $VERL ${3:-}"
   rm -f "$L/$1.json"
   (cd "$2" && PYTHONPATH="$2${PYTHONPATH:+:$PYTHONPATH}" timeout -k 10 "${TIMEOUT:-900}" python3 -m sft.bench \
     --command "$c trainer.default_local_dir=$W/ck-$1" --warmup 2 --out "$L/$1.json" --log "$L/$1.log" >/dev/null 2>&1)
@@ -48,6 +50,7 @@ trl_run() {  # name: TRL 1.16+ SFTTrainer with Liger (pinned to its Triton kerne
 }
 for r in $(seq "$REPS"); do
   sft_run "sft_$r" "$ROOT"
+  [ "${FP8:-0}" = 1 ] && sft_run "fp8_$r" "$ROOT" "${FP8_KEYS:-model.fp8=true model.compile=true}"
   [ -n "$BASE" ] && sft_run "base_$r" "$BASE"
   [ "${TRL:-0}" = 1 ] && trl_run "trl_$r" "sft_$r"
 done
@@ -61,4 +64,8 @@ for r in map(json.loads, open(sys.argv[1])):
     print(f"{r['run']:<10}{r['tokens_per_s_per_gpu']:>13,.0f}{r['step_time_s_median']:>8.2f}"
           f"{'-' if busy is None else f'{busy:.1%}':>9}{r.get('host_syncs_per_step', '-')!s:>6}"
           f"{r.get('peak_mem_gb') or 0:>8.1f}  {loss if loss is not None else '-'}")
+rates = {r["run"]: r["tokens_per_s_per_gpu"] for r in map(json.loads, open(sys.argv[1])) if r.get("tokens_per_s_per_gpu")}
+for name, rate in rates.items():  # FP8=1: each round's FP8 run against that round's bf16 run
+    if name.startswith("fp8_") and "sft_" + name[4:] in rates:
+        print(f"{name} / sft_{name[4:]}: {rate / rates['sft_' + name[4:]]:.3f}x tokens/s")
 PY

@@ -10,4 +10,6 @@ if ! python3 -c "import triton" 2>/dev/null && [ ! -d .cache/triton-interpreter/
 fi
 python3 -m ruff check sft tests benchmarks
 python3 -m ruff format --check sft tests benchmarks
-python3 -m pytest -q -x "$@"
+# Two workers, whole files each (module fixtures build their models once): the 2-core CI machine's second core
+# would otherwise idle while one test waits on process start-up and imports.
+python3 -m pytest -q -x -n "${SFT_TEST_WORKERS:-2}" --dist loadfile "$@"

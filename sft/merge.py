@@ -4,7 +4,9 @@
 model entries of `dcp/` (never the optimizer) a few tensors at a time with DCP's single-process
 load, writes safetensors shards (+ index), and copies config, generation config and tokenizer
 from `huggingface/`; a LoRA checkpoint's adapters are folded into their base weights
-(plain names, scaling from `lora_adapter/adapter_config.json`). No torchrun or process group;
+(plain names, scaling from `lora_adapter/adapter_config.json`); a multimodal checkpoint's frozen tensors
+(`frozen_weights.safetensors`: vision tower, projector) are written as they are, never cast, so the folder is
+the whole checkpoint again. No torchrun or process group;
 refusals are one stderr line, exit code 2. Nothing read runs code: DCP through sft/checkpoint/safe_dcp.py,
 the adapter config as JSON, the config with AutoConfig (never trust_remote_code).
 """
@@ -29,6 +31,7 @@ from sft.checkpoint.manager import MARKER
 from sft.checkpoint.safe_dcp import UnsafeFileError, load_metadata, safe_load
 from sft.config.schema import DTYPES, HF_DTYPES
 from sft.models.lora import OfflineMerge
+from sft.models.multimodal import FROZEN_FILE, is_multimodal, load_frozen
 
 PREFIX = "model.lm."  # "model" is the save_contents entry, "lm." the trainer's wrapper attribute
 READ_BYTES = 1024**3  # one dcp.load reads at most this much, so peak memory is ~ one output shard + this
@@ -109,6 +112,28 @@ def lora_merge(ckpt: Path, items: list[tuple[str, TensorStorageMetadata]]) -> Of
         raise MergeError(f"{ckpt}: LoRA checkpoint without a readable lora_adapter/ ({exc})") from exc
 
 
+def frozen_shards(ckpt: Path, config, limit: int) -> list[dict[str, torch.Tensor]]:
+    """A multimodal checkpoint's unchanged tensors (as the model folder stored them) in files of at most `limit`
+    bytes; [] for a text model."""
+    if not is_multimodal(config):
+        return []
+    if not (ckpt / FROZEN_FILE).is_file():
+        raise MergeError(
+            f"{ckpt}: a multimodal checkpoint without {FROZEN_FILE} (its vision tensors); merge a checkpoint saved "
+            "with 'model' in trainer.checkpoint.save_contents"
+        )
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in load_frozen(ckpt / FROZEN_FILE).items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return [s for s in shards if s]
+
+
 def merge(ckpt: Path, out: Path, dtype: torch.dtype, shard_bytes: int) -> tuple[int, int, int]:
     """Write the merged folder to `out`; returns (tensors, bytes, files)."""
     if not (ckpt / MARKER).exists():
@@ -137,20 +162,19 @@ def merge(ckpt: Path, out: Path, dtype: torch.dtype, shard_bytes: int) -> tuple[
         config.dtype = dtype
         config.save_pretrained(tmp)
         shards = plan_shards(items, dtype, shard_bytes)
-        names = (
-            ["model.safetensors"]
-            if len(shards) == 1
-            else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-        )
+        frozen = frozen_shards(ckpt, config, shard_bytes)
+        n = len(shards) + len(frozen)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
         weight_map, total = {}, 0
-        for name, entries in zip(names, shards):
-            tensors = read_shard(ckpt / "dcp", entries, lora)
+        for i, name in enumerate(names):
+            tensors = read_shard(ckpt / "dcp", shards[i], lora) if i < len(shards) else frozen[i - len(shards)]
             save_file(tensors, tmp / name, metadata={"format": "pt"})
             for k, t in tensors.items():
+                assert k not in weight_map, f"{k} written twice"
                 weight_map[k] = name
                 total += t.numel() * t.element_size()
             del tensors
-        if len(shards) > 1:
+        if n > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         if out.exists():

@@ -48,6 +48,7 @@ from sft.loop.sync_check import sync_debug
 from sft.loop.throughput import StepTimer, step_rates
 from sft.models.loading import build_meta_model, load_hf_config, load_tokenizer, load_weights
 from sft.models.moe import routing_inputs
+from sft.ops.fp8 import fp8_gathers, refresh_fp8_scales, token_multiple
 from sft.ops.fused_ce import compile_ahead
 from sft.parallel.distributed import DistContext
 from sft.parallel.fsdp import apply_compile, apply_fsdp, apply_recompute
@@ -103,6 +104,7 @@ class FSDPSFTTrainer:
         self.build_window = BuildWindow()
         self.state = TrainState()
         run_id = self._resume()  # before the metrics logger: a resumed run continues its wandb run
+        self.fp8_scales = self._fp8_scales()  # model.fp8 tensorwise: weight scales refreshed after every update
         self.metrics = self._build_metrics(run_id)
         self.callbacks: list[StepCallback] = [*callbacks, *make_callbacks(factories, self)]
 
@@ -195,6 +197,7 @@ class FSDPSFTTrainer:
             self.ctx.sp_rank,
             self.ctx.sp_size,
             pin_memory=self.ctx.device.type == "cuda",
+            token_multiple=token_multiple(self.cfg.model.fp8),
         )
 
     def _build_io(self) -> tuple[FSDPCheckpointManager, PreemptionWatcher]:
@@ -224,6 +227,13 @@ class FSDPSFTTrainer:
             set_rng_state(extra["rng"])
         return extra.get("wandb_run_id")
 
+    def _fp8_scales(self) -> bool:
+        """Whether FSDP2 gathers weights in FP8 (sft/ops/fp8.py); if so, their scales for the loaded weights."""
+        if not fp8_gathers(self.model):
+            return False
+        refresh_fp8_scales(self.model)
+        return True
+
     def _build_metrics(self, run_id: str | None) -> MetricsLogger:
         tc = self.cfg.trainer
         return MetricsLogger(
@@ -247,6 +257,9 @@ class FSDPSFTTrainer:
             kwargs.update(to_device(routing, self.ctx.device), aux_weight=self._aux_weight)
         if mb.cu_seq_lens is not None and self.ctx.sp_size > 1:
             kwargs["sp_group"] = self.ctx.sp_group
+        if mb.cu_seq_lens is not None and self.model.recurrent:
+            # The host copy of the boundaries: recurrent kernels size their chunk tables from it, not from the GPU.
+            kwargs["cu_seq_lens_cpu"] = mb.cu_seq_lens
         return self.model(**kwargs)
 
     def _useful_flops(self, micro_batches: list[MicroBatch]) -> float:
@@ -288,6 +301,8 @@ class FSDPSFTTrainer:
                 finite = torch.isfinite(sums[0]) & torch.isfinite(grad_norm)
                 self.optimizer.found_inf = (~finite).to(torch.float32)
                 self.optimizer.step()
+                if self.fp8_scales:  # queued too: the next forward's FP8 all-gathers use the updated weights' scales
+                    refresh_fp8_scales(self.model)
         # The step's one read-back: the logged values, and the finiteness check of the update. The host
         # now waits for the device, so the prefetch thread builds the next step (sft/data/prefetch.py).
         self.build_window.open()
@@ -303,6 +318,8 @@ class FSDPSFTTrainer:
             )
         if not queued:
             self.optimizer.step()
+            if self.fp8_scales:
+                refresh_fp8_scales(self.model)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         moe = self.model.routing.step_metrics(world, r.real_tokens) if self.model.routing else {}

@@ -67,6 +67,23 @@ def base_overrides(demo: Path, out: Path) -> list[str]:
     ]
 
 
+def two_steps(demo: Path, model: Path, out: Path, *extra: str, samples: int | None = None, batch: int = 4) -> list[str]:
+    """Two steps of a tiny model over the demo, as the model tests (families, hybrids, multimodal) run it: rows of at
+    most 96 tokens, micro-batches of batch/2, 4 validation samples, no clipping; `samples` caps the training rows."""
+    return base_overrides(demo, out) + [
+        f"model.partial_pretrain={model}",
+        f"data.val_files={demo}/val.parquet",
+        *([f"data.train_max_samples={samples}"] if samples else []),
+        "data.val_max_samples=4",
+        "data.max_length=96",
+        f"data.train_batch_size={batch}",
+        f"data.micro_batch_size_per_gpu={batch // 2}",
+        "trainer.total_training_steps=2",
+        "optim.clip_grad=1e9",
+        *extra,
+    ]
+
+
 # ----- data fixtures (data package) -----
 @pytest.fixture(scope="session")
 def demo_tokenizer():

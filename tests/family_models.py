@@ -67,8 +67,60 @@ EXTRA: dict[str, dict] = {
     "qwen2_moe": dict(
         MOE, num_experts=4, shared_expert_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[]
     ),
+    # Gemma 4 with every text feature on: windowed and global layers, global layers 16 wide with 1 KV head and
+    # K = V, the last layer reusing layer 1's KV (shared KV, double-wide MLP), per-layer embeddings, an MoE block
+    # beside the MLP, final soft-capping.
+    "gemma4_text": dict(
+        num_hidden_layers=3,
+        layer_types=["sliding_attention", "full_attention", "full_attention"],
+        sliding_window=WINDOW,
+        final_logit_softcapping=0.5,
+        global_head_dim=16,
+        num_global_key_value_heads=1,
+        attention_k_eq_v=True,
+        num_kv_shared_layers=1,
+        use_double_wide_mlp=True,
+        hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=64,  # write_family_model sets it to the vocabulary, as in the released models
+        enable_moe_block=True,
+        num_experts=4,
+        top_k_experts=2,
+        moe_intermediate_size=16,
+    ),
+    # Sigmoid routers with a score-correction bias (randomised in write_family_model), group-limited choice,
+    # a shared expert and a dense first layer; partial RoPE, q/k norms, attention biases.
+    "glm4_moe": dict(
+        MOE,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        use_qk_norm=True,
+        attention_bias=True,
+    ),
+    "minimax_m2": dict(MOE, num_local_experts=4, rotary_dim=4),  # q/k norms over all heads, partial RoPE
+    # MLA: q/k heads 4 + 8 wide, value heads 6 wide; low-rank q and kv, interleaved RoPE; aux loss from aux_loss_alpha.
+    "deepseek_v3": dict(
+        MOE,
+        num_key_value_heads=4,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_nope_head_dim=4,
+        qk_rope_head_dim=8,
+        v_head_dim=6,
+        aux_loss_alpha=0.5,
+    ),
+    # Not in the table: trained because sft's packing probe (sft/models/probe.py) measures it exact; windows, qk-norm.
+    "exaone4": dict(layer_types=LAYERS2, sliding_window=WINDOW),
 }
 FAMILY_TYPES = list(EXTRA)
+PROBED_TYPES = ("exaone4",)
 
 
 def write_family_model(demo_model: Path, out: Path, model_type: str, **overrides) -> Path:
@@ -85,8 +137,13 @@ def write_family_model(demo_model: Path, out: Path, model_type: str, **overrides
         eos_token_id=demo_cfg.eos_token_id,
         pad_token_id=None,
     )
+    if "vocab_size_per_layer_input" in kw:  # Gemma 4's per-layer embeddings: one row per token
+        kw["vocab_size_per_layer_input"] = demo_cfg.vocab_size
     cfg = AutoConfig.for_model(model_type, **kw)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    for name, buf in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):  # zero at init: make it change which experts are chosen
+            buf.copy_(torch.randn(buf.shape) * 0.3)
     model.save_pretrained(out)
     return out

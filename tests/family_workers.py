@@ -1,36 +1,51 @@
-"""Rank function for the family tests: many tiny models trained in one spawned process group."""
+"""Rank functions for the model tests: many tiny models trained in one spawned process group, each run recorded."""
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from sft.config.checks import validate_config
 from sft.config.schema import load_config
-from sft.parallel.distributed import WorldInfo, init_distributed, teardown
+from sft.parallel.distributed import DistContext, WorldInfo, init_distributed, teardown
 from sft.trainer import FSDPSFTTrainer
 
 
+def train_recorded(ctx: DistContext, overrides: list[str], around=nullcontext) -> tuple[FSDPSFTTrainer, dict]:
+    """Train one run (inside `around()`); returns the trainer and {metrics: every logged step, rows: the cu_seq_lens
+    of each packed training row (whole row, SP padding included), weights: the full trained state dict}."""
+    cfg = load_config(overrides)
+    validate_config(cfg, WorldInfo.from_env())
+    trainer = FSDPSFTTrainer(cfg, ctx)
+    logged: list[dict] = []
+    rows: list[list[int]] = []
+    log, forward = trainer.metrics.log, trainer._forward
+
+    def capture(metrics: dict, step: int) -> None:
+        logged.append({"step": step, **metrics})
+        log(metrics, step)
+
+    def record(mb):
+        if trainer.model.training and mb.cu_seq_lens is not None:
+            rows.append([int(c) for c in mb.cu_seq_lens])
+        return forward(mb)
+
+    trainer.metrics.log, trainer._forward = capture, record
+    with around():
+        trainer.fit()
+    weights = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return trainer, {"weights": weights, "metrics": logged, "rows": rows}
+
+
 def train_many(jobs: list[tuple[list[str], str]], sp: int) -> None:
-    """For each (overrides, out_file): train, then rank 0 saves full weights, metrics and val loss (or the error)."""
+    """For each (overrides, out_file): train, then rank 0 saves full weights, metrics and packed rows."""
     ctx = init_distributed("cpu", sp)
     try:
         for overrides, out_file in jobs:
-            cfg = load_config(overrides)
-            validate_config(cfg, WorldInfo.from_env())
-            trainer = FSDPSFTTrainer(cfg, ctx)
-            logged: list[dict] = []
-            original = trainer.metrics.log
-
-            def capture(metrics: dict, step: int, logged=logged, original=original) -> None:
-                logged.append({"step": step, **metrics})
-                original(metrics, step)
-
-            trainer.metrics.log = capture
-            trainer.fit()
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            sd = get_model_state_dict(trainer.model, options=opts)
+            _, result = train_recorded(ctx, overrides)
             if ctx.rank == 0:
-                torch.save({"weights": sd, "metrics": logged}, out_file)
+                torch.save(result, out_file)
     finally:
         teardown()

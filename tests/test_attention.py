@@ -14,6 +14,7 @@ from sft.demo.assets import build_model_config
 from sft.models.attention.reference import AttnFeatures
 from sft.models.attention.varlen import (
     ATTN_NAME,
+    equal_width_call,
     register_varlen_attention,
     sft_varlen_attention_forward,
     varlen_attention,
@@ -110,6 +111,41 @@ def test_direct_call_matches_math_reference_forward_and_backward():
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"d{n}: {m}")
 
 
+@pytest.mark.parametrize("d_qk,d_v", [(12, 6), (6, 12)])
+def test_value_width_other_than_query_width(d_qk, d_v):
+    """MLA (DeepSeek-V3): q/k heads of one width, v heads of another. The registered function (per-segment path)
+    and the padding that lets equal-width kernels take it (`equal_width_call`, here around the per-segment path
+    standing in for a kernel that asserts equal widths) match the math reference, forward and backward."""
+    pos, cu, max_len = packed_row(LENGTHS)
+    total, scale, gen = int(cu[-1]), 0.3, torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, h, total, d, generator=gen) for h, d in ((4, d_qk), (2, d_qk), (2, d_v)))
+    weight = torch.randn(1, total, 4, d_v, generator=gen)
+    kw = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
+
+    def equal_widths_only(q, k, v, cu, scale):
+        assert q.shape[-1] == k.shape[-1] == v.shape[-1]
+        return varlen_attention(q, k, v, cu, cu, max_len, max_len, scale)
+
+    def registered(q, k, v):
+        return sft_varlen_attention_forward(torch.nn.Module(), q, k, v, None, scaling=scale, **kw)[0]
+
+    def padded(q, k, v):  # [1, h, T, d] -> [T, h, d] -> [1, T, h, d_v]
+        flat = [t[0].transpose(0, 1) for t in (q, k, v)]
+        return equal_width_call(equal_widths_only, *flat, cu, scale)[None]
+
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    expected = _math_reference(*ref, LENGTHS, scale)
+    (expected * weight).sum().backward()
+    for run in (registered, padded):
+        ours = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = run(*ours)
+        assert out.shape == (1, total, 4, d_v)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        (out * weight).sum().backward()
+        for name, a, b in zip("qkv", ours, ref):
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"d{n}: {m}")
+
+
 def _call(module=None, dropout=0.0, **extra):
     _, cu, max_len = packed_row(LENGTHS)
     q, k = torch.randn(1, 4, int(cu[-1]), 8), torch.randn(1, 2, int(cu[-1]), 8)
@@ -168,6 +204,29 @@ def test_cuda_kernel_matches_fp32_reference(cuda_kernel, heads, kv_heads, head_d
     ref = [t.bfloat16().float().requires_grad_() for t in (q, k, v)]
     out = varlen_attention(*fast, cu, cu, max_len, max_len, 0.125, features)
     expected = varlen_attention(*ref, cu, cu, max_len, max_len, 0.125, features)
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+    (out.float() * weight).sum().backward()
+    (expected * weight).sum().backward()
+    for name, a, b in zip("qkv", fast, ref):
+        torch.testing.assert_close(a.grad.float(), b.grad, atol=5e-2, rtol=5e-2, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("cuda_kernel", ["fa4", "flash_attn", "torch"], indirect=True)
+def test_cuda_kernel_mla_widths(cuda_kernel):
+    """DeepSeek-V3's widths (q/k 192, v 128; 16 heads) through each kernel, v padded to 192 and the output sliced,
+    against the exact fp32 per-segment path, forward and backward."""
+    lengths = [100, 37, 256, 1, 90]
+    _, cu, max_len = packed_row(lengths)
+    cu, total, gen = cu.cuda(), sum(lengths), torch.Generator(device="cuda").manual_seed(6)
+    q, k, v = (torch.randn(total, 16, d, device="cuda", generator=gen) for d in (192, 192, 128))
+    weight = torch.randn(total, 16, 128, device="cuda", generator=gen)
+    fast = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    ref = [t.bfloat16().float().requires_grad_() for t in (q, k, v)]
+    out = varlen_attention(*fast, cu, cu, max_len, max_len, 192**-0.5)
+    expected = varlen_attention(*ref, cu, cu, max_len, max_len, 192**-0.5)
+    assert out.shape == (total, 16, 128)
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
     (out.float() * weight).sum().backward()
     (expected * weight).sum().backward()

@@ -2,8 +2,9 @@
 padded (1 process) == remove-padding (1 process) == remove-padding + sp=2 (2 processes) on losses and
 weights after 2 steps, with samples far longer than the 8-token sliding window (so windows cut across
 SP slices); the HF export reproduces the trainer's validation loss; the attention features match an
-independent reference (the model's own eager attention on single unpacked samples); untabled models
-are refused before loading. One spawned run per mode covers all families."""
+independent reference (the model's own eager attention on single unpacked samples); a model type outside
+the table trains when sft's packing probe measures it exact (exaone4 here; the refusals: tests/test_probe.py),
+and what the probe cannot measure is refused before loading. One spawned run per mode covers all families."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import base_overrides
+from conftest import base_overrides, two_steps
 from distributed_helper import run_ranks
-from family_models import COMMON, FAMILY_TYPES, write_family_model
+from family_models import COMMON, FAMILY_TYPES, PROBED_TYPES, write_family_model
 from family_workers import train_many
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -33,7 +34,7 @@ MODES = {
 }
 
 
-AC = ("qwen3_moe", "gpt_oss")
+AC = ("qwen3_moe", "gpt_oss", "gemma4_text")  # router hooks, and Gemma 4's shared KV, under recompute
 
 
 @pytest.fixture(scope="module")
@@ -43,17 +44,7 @@ def family_dirs(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 
 
 def _overrides(demo: Path, model: Path, out: Path, extra: list[str]) -> list[str]:
-    return base_overrides(demo, out) + [
-        f"model.partial_pretrain={model}",
-        f"data.val_files={demo}/val.parquet",
-        "data.val_max_samples=4",
-        "data.max_length=96",
-        "data.train_batch_size=4",
-        "data.micro_batch_size_per_gpu=2",
-        "trainer.total_training_steps=2",
-        "optim.clip_grad=1e9",
-        *extra,
-    ]
+    return two_steps(demo, model, out, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +104,16 @@ def _effective(model_type: str, name: str, w: torch.Tensor) -> torch.Tensor:
     return w
 
 
+def test_rows_pack_samples_and_sp_cuts_inside_one(runs):
+    """What the equivalences rest on: a packed row holds at least 3 samples, and an SP slice boundary falls
+    inside a sample (the sp2 rows are padded to an even length; cu_seq_lens cover the whole row)."""
+    for t in FAMILY_TYPES:
+        assert max(len(cu) - 1 for cu in runs["rmpad"][t]["rows"]) >= 3, t
+        assert any(cu[-1] // 2 not in cu for cu in runs["sp2"][t]["rows"]), t
+
+
 def test_moe_metrics_logged(runs):
-    for t in ("qwen3_moe", "mixtral", "gpt_oss", "qwen2_moe"):
+    for t in ("qwen3_moe", "mixtral", "gpt_oss", "qwen2_moe", "gemma4_text", "glm4_moe", "minimax_m2", "deepseek_v3"):
         for m in _steps(runs["padded"][t]):
             # 2 of 4 experts per token: a balanced router gives aux = top_k = 2 and max load 1.0.
             assert 1.0 < m["train/aux_loss"] < 4.0 and 1.0 <= m["train/moe_max_load"] <= 2.0, (t, m)
@@ -142,9 +141,10 @@ def test_export_reproduces_val_loss(runs, demo_dir):
         assert total / count == pytest.approx(val, rel=1e-5), t
 
 
-@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text", "gpt_oss", "mistral"])
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text", "gpt_oss", "mistral", "gemma4_text", "deepseek_v3"])
 def test_attention_matches_eager_on_single_samples(family_dirs, model_type):
-    """Packed varlen forward (window, soft-cap, sinks) == the model's eager forward on each sample alone."""
+    """Packed varlen forward (window, soft-cap, sinks, Gemma 4's per-layer widths and shared KV, MLA's narrower
+    value heads) == the model's eager forward on each sample alone."""
     path = family_dirs[model_type]
     eager = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     packed = AutoModelForCausalLM.from_pretrained(
@@ -171,15 +171,18 @@ def test_attention_matches_eager_on_single_samples(family_dirs, model_type):
 
 def test_family_table_rows():
     for t in FAMILY_TYPES:
-        assert t in FAMILIES
+        assert (t in FAMILIES) == (t not in PROBED_TYPES), t  # probed types train without a row
         assert unsupported_reason(AutoConfig.for_model(t).to_dict()) is None, t
 
 
 @pytest.mark.parametrize(
     "model_type,extra,expect",
     [
-        ("falcon", {}, "not in sft's table"),
-        ("deepseek_v3", {}, "not in sft's table"),
+        # Outside the table the packing probe decides (tests/test_probe.py), but not for what sft's loss must apply.
+        ("falcon", {"final_logit_softcapping": 30.0}, "not in sft's table of tested families and its config"),
+        ("helium", {"num_experts": 4}, "mixture-of-experts routing.* needs a row"),
+        ("deepseek_v3", {"final_logit_softcapping": 30.0}, "final-logit soft-capping"),
+        ("gemma3_text", {"use_bidirectional_attention": True}, "attends to later tokens"),
         ("qwen3", {"logit_scale": 0.0625}, "scaled logits"),  # only the Cohere rows declare logit_scale
         ("llama", {"final_logit_softcapping": 30.0}, "final-logit soft-capping"),
         ("qwen2", {"num_experts": 4}, "mixture-of-experts"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -84,6 +85,34 @@ def test_compile_matches_eager_on_cuda(demo_dir, tmp_path):
     assert diff < 2e-2 * max(eager)
 
 
+# model.fp8 runs where torchao is installed and the GPU has FP8 GEMMs (compute capability 8.9+).
+FP8_READY = (
+    torch.cuda.is_available()
+    and importlib.util.find_spec("torchao") is not None
+    and torch.cuda.get_device_capability() >= (8, 9)
+)
+needs_fp8 = pytest.mark.skipif(not FP8_READY, reason="needs torchao and a GPU with FP8 (compute capability 8.9+)")
+
+
+@needs_fp8
+def test_fp8_matches_bf16_on_cuda(demo_dir, tmp_path):
+    """model.fp8 (torchao's FP8 GEMMs in the decoder's linears) against bf16, 10 steps of the demo model, packed rows:
+    tensorwise with FP8 all-gather (true), rowwise, with compiled layers, with selective checkpointing."""
+    bf16 = _cuda_run(demo_dir, tmp_path / "bf16", 1, ["use_remove_padding=true"])
+    variants = {
+        "true": ["model.fp8=true"],
+        "rowwise": ["model.fp8=rowwise"],
+        "true+compile": ["model.fp8=true", "model.compile=true"],
+        "true+selective": ["model.fp8=true", "model.enable_gradient_checkpointing=true"]
+        + ["model.gradient_checkpointing_mode=selective"],
+    }
+    for name, extra in variants.items():
+        fp8 = _cuda_run(demo_dir, tmp_path / name.replace("+", "_"), 1, ["use_remove_padding=true", *extra])
+        diff = max(abs(a - b) / b for a, b in zip(fp8, bf16))
+        print(f"model.fp8 {name} vs bf16 on CUDA, 10 steps: max relative |loss diff| = {diff:.2e}")
+        assert len(fp8) == len(bf16) and diff < 2e-2, (name, fp8, bf16)
+
+
 @pytest.fixture
 def cuda_rank(single_rank):
     return single_rank("cuda")
@@ -91,15 +120,24 @@ def cuda_rank(single_rank):
 
 # Liger off first: its patch of the model classes is process-wide and cannot be undone.
 @pytest.mark.parametrize(
-    "family,liger,kernel",
-    [("qwen2", "false", "auto"), ("qwen2", "true", "auto"), ("qwen2", "true", "torch"), ("qwen3_moe", "true", "auto")],
+    "family,liger,kernel,fp8",
+    [
+        ("qwen2", "false", "auto", "false"),
+        ("qwen2", "true", "auto", "false"),
+        ("qwen2", "true", "torch", "false"),
+        ("qwen3_moe", "true", "auto", "false"),
+        pytest.param("qwen2", "true", "auto", "true", marks=needs_fp8),
+        pytest.param("qwen3_moe", "true", "auto", "true", marks=needs_fp8),
+    ],
 )
-def test_micro_batch_loop_never_syncs_on_cuda(demo_dir, tmp_path, cuda_rank, family, liger, kernel):
+def test_micro_batch_loop_never_syncs_on_cuda(demo_dir, tmp_path, cuda_rank, family, liger, kernel, fp8):
     """The verl production keys (remove-padding, mb 2, bf16 master, checkpointing) train with the
     micro-batch loop and the queued AdamW update under torch.cuda.set_sync_debug_mode("error"): any host sync
     raises. The MoE
     case runs grouped-GEMM experts with Liger's norm/RoPE kernels (never Liger's fused MoE). `auto` runs
-    the fastest attention kernel installed (FA4 where it is), `torch` PyTorch's own varlen kernel."""
+    the fastest attention kernel installed (FA4 where it is), `torch` PyTorch's own varlen kernel. With
+    model.fp8=true the FP8 casts (scales on the device), the FP8 all-gathers and the weight-scale refresh after the
+    queued update join the loop."""
     from family_models import write_family_model
 
     from sft.config.schema import load_config
@@ -108,7 +146,7 @@ def test_micro_batch_loop_never_syncs_on_cuda(demo_dir, tmp_path, cuda_rank, fam
 
     if liger == "true" and not liger_installed():
         pytest.skip("liger-kernel not installed")
-    overrides = base_overrides(demo_dir, tmp_path / liger)
+    overrides = base_overrides(demo_dir, tmp_path / liger) + [f"model.fp8={fp8}"]
     if family != "qwen2":
         model = write_family_model(demo_dir / "model", tmp_path / family, family)
         overrides = [o for o in overrides if not o.startswith("model.partial_pretrain=")]
@@ -132,6 +170,7 @@ def test_micro_batch_loop_never_syncs_on_cuda(demo_dir, tmp_path, cuda_rank, fam
     trainer.metrics.log = lambda m, step: (logged.append(m), original(m, step))
     experts = {type(m).__name__ for m in trainer.model.modules() if m.__class__.__name__.endswith("Experts")}
     assert not any(name.startswith("Liger") for name in experts), experts
+    assert (fp8 == "true") == any(type(m).__name__ == "Float8Linear" for m in trainer.model.modules())
     trainer.fit()
     losses = [m["train/loss"] for m in logged if "train/loss" in m]
     assert len(losses) == 3 and all(x == x for x in losses)

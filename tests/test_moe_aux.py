@@ -21,11 +21,43 @@ from sft.models.moe import RouterStats, routing_inputs
 E, K, COEF = 4, 2, 0.7
 
 
+_QWEN = dict(num_experts=E, num_experts_per_tok=K, mlp_only_layers=[], decoder_sparse_step=1)
+_GROUPED = dict(n_routed_experts=E, num_experts_per_tok=K, n_shared_experts=1, n_group=2, topk_group=1)
+# Per family: config keys, and how the router turns logits into the aux loss's P ("probs": it returns them).
+FAMILIES = {
+    "qwen3_moe": (_QWEN, "softmax"),
+    # an always-on shared expert with a sigmoid gate beside the routed experts
+    "qwen2_moe": (dict(_QWEN, shared_expert_intermediate_size=16), "softmax"),
+    # sigmoid routers: a score-correction bias (randomised below) and, for DeepSeek-V3, group-limited choice
+    "minimax_m2": (dict(num_local_experts=E, num_experts_per_tok=K, intermediate_size=16), "sigmoid"),
+    "deepseek_v3": (
+        dict(
+            _GROUPED,
+            first_k_dense_replace=0,
+            num_key_value_heads=4,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_nope_head_dim=4,
+            qk_rope_head_dim=8,
+            v_head_dim=8,
+        ),
+        "sigmoid",
+    ),
+    "gemma4_text": (
+        dict(
+            enable_moe_block=True,
+            num_experts=E,
+            top_k_experts=K,
+            hidden_size_per_layer_input=0,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+        "probs",
+    ),
+}
+
+
 def _model(model_type: str):
-    # qwen2_moe adds an always-on shared expert with a sigmoid gate beside the routed experts.
-    extra = {"shared_expert_intermediate_size": 16} if model_type == "qwen2_moe" else {}
-    cfg = AutoConfig.for_model(
-        model_type,
+    base = dict(
         vocab_size=64,
         hidden_size=32,
         intermediate_size=64,
@@ -34,47 +66,63 @@ def _model(model_type: str):
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=8,
-        num_experts=E,
-        num_experts_per_tok=K,
-        mlp_only_layers=[],
-        decoder_sparse_step=1,
         initializer_range=0.3,
         use_cache=False,
         pad_token_id=None,
         bos_token_id=None,
         eos_token_id=None,
-        **extra,
     )
+    cfg = AutoConfig.for_model(model_type, **dict(base, **FAMILIES[model_type][0]))
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    lm = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    for name, buf in lm.named_buffers():
+        if name.endswith("e_score_correction_bias"):  # zero at init: make it change which experts are chosen
+            buf.copy_(torch.randn(buf.shape) * 0.5)
+    return lm
+
+
+def _scores(model_type: str, first: torch.Tensor) -> torch.Tensor:
+    """The aux loss's P from what transformers records as router logits (Gemma 4 records probabilities)."""
+    kind = FAMILIES[model_type][1]
+    if kind == "sigmoid":
+        return torch.sigmoid(first) / torch.sigmoid(first).sum(-1, keepdim=True)
+    return first if kind == "probs" else torch.softmax(first, dim=-1)
 
 
 def _reference(lm, samples: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(CE summed over targets / targets + COEF * aux, aux) from per-sample forwards."""
+    """(CE summed over targets / targets + COEF * aux, aux) from per-sample forwards; the chosen experts are
+    what each experts module was given."""
+    chosen: list[torch.Tensor] = []
+    experts = [m for m in lm.modules() if type(m).__name__.endswith("Experts")]
+    hooks = [m.register_forward_pre_hook(lambda m, args: chosen.append(args[1])) for m in experts]
     ce_sum, targets, weighted, tokens = 0.0, 0, 0.0, 0
     for ids in samples:
+        chosen.clear()
         out = lm(input_ids=ids[None], output_router_logits=True)
         ce_sum = ce_sum + F.cross_entropy(out.logits[0, :-1], ids[1:], reduction="sum")
         targets += len(ids) - 1
         per_layer = []
-        for logits in out.router_logits:  # [n, E] each
-            probs = torch.softmax(logits.float(), dim=-1)
-            slots = F.one_hot(logits.topk(K, dim=-1).indices, E).sum(1).float()  # [n, E]
+        assert len(chosen) == len(out.router_logits)
+        for logits, top in zip(out.router_logits, chosen):  # [n, E], [n, k] each
+            probs = _scores(lm.config.model_type, logits.float())
+            slots = F.one_hot(top, E).sum(1).float()  # [n, E]
             f = K * slots.sum(0) / slots.sum()
             per_layer.append(E * (f * probs.mean(0)).sum())
         weighted = weighted + len(ids) * torch.stack(per_layer).mean()
         tokens += len(ids)
     aux = weighted / tokens
+    for h in hooks:
+        h.remove()
     return ce_sum / targets + COEF * aux, aux
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe"])
+@pytest.mark.parametrize("model_type", list(FAMILIES))
 @pytest.mark.parametrize("lengths", [(9, 5), (7, 7)])
 def test_aux_loss_value_and_gradient_match_reference(lengths, model_type):
     lm = _model(model_type)
     gen = torch.Generator().manual_seed(1)
     samples = [torch.randint(0, 64, (n,), generator=gen) for n in lengths]
-    routers = [p for n, p in lm.named_parameters() if n.endswith("mlp.gate.weight")]
+    routers = [p for n, p in lm.named_parameters() if n.endswith(("mlp.gate.weight", "router.proj.weight"))]
     assert len(routers) == 2
 
     ref_loss, ref_aux = _reference(lm, samples)

@@ -17,8 +17,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import sft.ops.qkv_proj as qp
 
-# Families whose attention has no separate q/k/v projections (Phi-3 has one qkv_proj already).
-NO_QKV = {"phi3"}
+# Layers whose attention has q, k and v projections, where not all layers do: Phi-3 has one qkv_proj already,
+# DeepSeek-V3's MLA projects through low-rank latents, and of the tiny Gemma 4's three layers only the first
+# has all three (the global layer reuses k as v, the last reuses another layer's k and v).
+JOINED = {"phi3": 0, "deepseek_v3": 0, "gemma4_text": 1}
 
 
 def _tiny(model_type: str) -> nn.Module:
@@ -49,7 +51,8 @@ def test_joined_qkv_matches_each_family(model_type, stash_hits):
     lm = copy.deepcopy(ref)
     names = [n for n, _ in lm.named_parameters()]
     layers = lm.config.num_hidden_layers
-    assert qp.join_qkv(lm) == (0 if model_type in NO_QKV else layers)
+    joined = JOINED.get(model_type, layers)
+    assert qp.join_qkv(lm) == joined
     assert [n for n, _ in lm.named_parameters()] == names
     ids = torch.randint(1, 64, (2, 11), generator=torch.Generator().manual_seed(1))
     outs = []
@@ -60,9 +63,10 @@ def test_joined_qkv_matches_each_family(model_type, stash_hits):
     (want, want_g), (got, got_g) = outs
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert got_g.keys() == want_g.keys()
-    for n in want_g:
-        torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-4, atol=1e-5, msg=n)
-    assert stash_hits == {"joined": 0 if model_type in NO_QKV else 3 * layers, "own": 0}
+    for n in want_g:  # atol scaled to the gradient: summing the three input gradients in another order rounds
+        atol = 1e-5 * max(1.0, float(want_g[n].abs().max()))
+        torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-4, atol=atol, msg=n)
+    assert stash_hits == {"joined": 3 * joined, "own": 0}
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -83,7 +83,17 @@ def test_the_layout_gets_its_own_defaults():
     typed, _ = _parse(["data.train_files=t.parquet", "model.path=/m", "data.max_token_len_per_gpu=8192"])
     assert typed.data.max_token_len_per_gpu == 8192
     assert cfg.trainer.logger == ["console", "wandb"] and cfg.trainer.project_name == "gsm8k-sft"
-    assert cfg.model.compile is False  # the layout compiles on CUDA; this machine has none
+    assert cfg.model.compile is False  # that layout compiles by default; here only when typed
+
+
+def test_compile_only_when_typed():
+    """That layout's default (compile on) is not taken: measured slower than eager; the log says so."""
+    base = ["data.train_files=t.parquet", "model.path=/m", "trainer.device=cuda"]
+    cfg, notes = _parse(base)
+    assert cfg.model.compile is False and any(n.startswith("engine.use_torch_compile not given") for n in notes)
+    for typed in ("engine.use_torch_compile=true", "model.compile=true"):
+        cfg, notes = _parse([*base, typed])
+        assert cfg.model.compile is True and not any("engine.use_torch_compile not given" in n for n in notes)
 
 
 def test_keys_map_onto_ours():

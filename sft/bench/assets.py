@@ -1,6 +1,6 @@
-"""Assets of `python -m sft.bench`: Qwen2.5-shaped models with random weights, synthetic chats.
+"""Assets of `python -m sft.bench`: Qwen2.5- and Qwen3-shaped models with random weights, synthetic chats.
 
-Nothing is downloaded. The model folder holds random bf16 weights for the published Qwen2.5
+Nothing is downloaded. The model folder holds random bf16 weights for the published Qwen2.5 / Qwen3
 dimensions and the demo's ChatML tokenizer (its ids are valid ids of the big vocabulary).
 The training parquet holds multi-turn conversations whose TOKEN lengths (rendered with the
 chat template, as the trainer's dataset does) follow a log-normal fitted to a realistic SFT
@@ -19,11 +19,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from sft.demo.assets import LOOKUP_KEYS, SYSTEM_PROMPTS, WORDS, build_model_config, build_tokenizer
 
-# Published Qwen2.5 dimensions; rope_theta 1e6 and 32k positions for all of them.
+# Published Qwen2.5 and Qwen3 dimensions (model_type qwen2 unless named); rope_theta 1e6 and 32k positions for all.
 SHAPES: dict[str, dict[str, Any]] = {
     "qwen2.5-0.5b": dict(
         hidden_size=896,
@@ -52,6 +52,19 @@ SHAPES: dict[str, dict[str, Any]] = {
         vocab_size=152064,
         tie_word_embeddings=False,
     ),
+    # Qwen3-8B's widths with 16 of its 36 layers: 4.3B parameters, so bf16 weights, gradients and AdamW state
+    # (35 GB) leave room for activations on one 80 GB GPU.
+    "qwen3-8b-short": dict(
+        model_type="qwen3",
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        tie_word_embeddings=False,
+    ),
 }
 SHAPE_NAMES = ("tiny", *SHAPES)
 
@@ -63,13 +76,15 @@ USER_SHARE = (0.05, 0.3)  # fraction of a turn's tokens that the user writes: as
 MARKER = "bench_assets.json"
 
 
-def model_config(shape: str, tokenizer: PreTrainedTokenizerBase) -> Qwen2Config:
+def model_config(shape: str, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
     if shape == "tiny":
         return build_model_config(tokenizer)
     if shape not in SHAPES:
         raise ValueError(f"--shape {shape!r}: choose one of {', '.join(SHAPE_NAMES)}")
-    return Qwen2Config(
-        **SHAPES[shape],
+    dims = dict(SHAPES[shape])
+    return AutoConfig.for_model(
+        dims.pop("model_type", "qwen2"),
+        **dims,
         max_position_embeddings=32768,
         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
         rms_norm_eps=1e-6,
@@ -81,13 +96,13 @@ def model_config(shape: str, tokenizer: PreTrainedTokenizerBase) -> Qwen2Config:
 
 
 @torch.no_grad()
-def _random_model(config: Qwen2Config, seed: int) -> Qwen2ForCausalLM:
+def _random_model(config: PretrainedConfig, seed: int) -> PreTrainedModel:
     """bf16 weights ~ N(0, 0.02), norms 1, biases 0; built in place (no fp32 copy of a 7B model).
 
     The random numbers are drawn on the GPU when there is one (seconds instead of minutes for 7B).
     """
     with torch.device("meta"):
-        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     model.to_empty(device="cpu")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     gen = torch.Generator(device=device).manual_seed(seed)

@@ -2,6 +2,8 @@
 
 Each parameter is gathered in turn (a collective on every rank) and rank 0 writes safetensors shards of at
 most SHARD_BYTES (+ index); LoRA adapters are folded into their base weights under the plain HF names.
+A multimodal checkpoint's export is the whole checkpoint again: its original config, its processor files, and
+its frozen tensors (vision tower, projector) exactly as the model folder stored them (sft/models/multimodal.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sft.models.lora import is_lora, merged_tensors
+from sft.ops.fp8 import plain_tensor
 
 SHARD_BYTES = 5 * 1024**3
 
@@ -40,8 +43,10 @@ def export_hf(
             out.mkdir(parents=True, exist_ok=True)
             export_config = copy.deepcopy(hf_config)
             export_config.dtype = hf_dtype
-            export_config.use_cache = True  # the export is for inference
+            export_config.get_text_config().use_cache = True  # the export is for inference
             export_config.save_pretrained(out)
+            if model.frozen is not None:  # before the tokenizer's files, which win where both write one
+                model.frozen.write_processor_files(out)
             tokenizer.save_pretrained(out)
             if generation_config is not None:
                 generation_config.save_pretrained(out)
@@ -51,23 +56,32 @@ def export_hf(
         return err
     lm = model.lm
     keep = set(lm.state_dict().keys())
-    tensors = [(n, p) for n, p in lm.named_parameters()]  # deduplicates tied weights
+    tensors = [(n, plain_tensor(p)) for n, p in lm.named_parameters()]  # deduplicates tied weights; model.fp8: plain
     tensors += [(n, b) for n, b in lm.named_buffers() if n in keep]
     if is_lora(lm):  # plain HF names, each adapter folded into its base weight (still one gather at a time)
         tensors = merged_tensors(lm, tensors)
     dtype = hf_dtype
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
+
+    def add(name: str, cpu: torch.Tensor) -> None:
+        nonlocal size
+        if size + cpu.numel() * cpu.element_size() > SHARD_BYTES and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1][name] = cpu.contiguous()
+        size += cpu.numel() * cpu.element_size()
+
     for name, t in tensors:
         full = t.full_tensor() if hasattr(t, "full_tensor") else t  # collective: every rank
         if is_main and err is None:
-            cpu = full.detach().to(dtype=dtype if full.is_floating_point() else full.dtype, device="cpu")
-            if size + cpu.numel() * cpu.element_size() > SHARD_BYTES and shards[-1]:
-                shards.append({})
-                size = 0
-            shards[-1][name] = cpu.contiguous()
-            size += cpu.numel() * cpu.element_size()
+            add(name, full.detach().to(dtype=dtype if full.is_floating_point() else full.dtype, device="cpu"))
         del full
+    if is_main and err is None and model.frozen is not None:  # never cast: the bytes the model folder has
+        trained = {name for shard in shards for name in shard}
+        for name, cpu in model.frozen.tensors.items():
+            assert name not in trained, f"frozen tensor {name} is also a trained one"
+            add(name, cpu)
     if is_main and err is None:
         try:
             _write_safetensors(out, shards)

@@ -3,7 +3,8 @@
 `global_step_N/` holds the sharded model and optimizer (torch.distributed.checkpoint, so a
 checkpoint loads on any number of ranks), per rank `extra_state_rank_R.json` +
 `rng_state_rank_R.safetensors` (scheduler, RNG, data position, counters: sft/checkpoint/extra_state.py)
-and `huggingface/` (sft/checkpoint/hf_export.py), plus `lora_adapter/` for LoRA runs (PEFT's layout).
+and `huggingface/` (sft/checkpoint/hf_export.py), plus `lora_adapter/` for LoRA runs (PEFT's layout) and, for a
+multimodal checkpoint, `frozen_weights.safetensors` (its vision side, as the model folder stores it).
 Loading runs no code from the folder: DCP through sft/checkpoint/safe_dcp.py, no pickle anywhere. A folder counts only once
 its `COMPLETE` marker exists; `latest_checkpointed_iteration.txt` is replaced atomically
 after every rank finished, so a kill at any moment leaves the previous checkpoint usable.
@@ -42,6 +43,8 @@ from sft.checkpoint.safe_dcp import UnsafeFileError, safe_load
 from sft.config.errors import either
 from sft.config.schema import CONTENTS, RESUME_MODES
 from sft.models.lora import adapter_config, adapter_state, is_lora, write_adapter
+from sft.models.multimodal import FROZEN_FILE
+from sft.ops.fp8 import plain_state_dict
 from sft.parallel.distributed import DistContext
 
 logger = logging.getLogger("sft")
@@ -158,6 +161,11 @@ class FSDPCheckpointManager:
                 dcp.save(state, checkpoint_id=str(path / "dcp"), process_group=self.ctx.world_group)
         except (OSError, CheckpointException) as exc:
             err = exc
+        if err is None and "model" in self.save_contents and model.frozen is not None and self.ctx.is_main:
+            try:  # a multimodal checkpoint's unchanged tensors, for sft.merge (resume reads the model folder)
+                model.frozen.save(path / FROZEN_FILE)
+            except (OSError, SafetensorError) as exc:
+                err = exc
         if err is None and "extra" in self.save_contents:
             try:
                 extra_state.write(path, self.ctx.rank, extra)
@@ -169,7 +177,8 @@ class FSDPCheckpointManager:
             state = adapter_state(model.lm)  # collective: every rank gathers
             if self.ctx.is_main and err is None:
                 try:
-                    config = adapter_config(model.lm, getattr(hf_config, "_name_or_path", None))
+                    base = getattr(hf_config, "_name_or_path", None)
+                    config = adapter_config(model.lm, base, full_paths=model.frozen is not None)
                     write_adapter(path / "lora_adapter", state, config)
                 except (OSError, SafetensorError) as exc:
                     err = exc
@@ -315,5 +324,6 @@ class FSDPCheckpointManager:
 def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer, contents: set[str]) -> tuple[dict, dict, dict]:
     """The part of {model, optimizer} sharded state that `contents` names, plus both full dicts."""
     msd, osd = get_state_dict(model, optimizer)
+    msd = plain_state_dict(msd)  # model.fp8's FP8-gathered weights as the plain master tensors they wrap
     state = {k: v for k, v in (("model", msd), ("optimizer", osd)) if k in contents}
     return state, msd, osd

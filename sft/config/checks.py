@@ -8,6 +8,7 @@ model folder are checked in sft/config/model_checks.py.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from sft.config.model_checks import _check_model, _check_model_folder
 from sft.config.schema import (
     CONTENTS,
     DEVICES,
+    FP8_RECIPES,
     HF_DTYPES,
     ON_BAD_SAMPLE,
     RESUME_MODES,
@@ -26,7 +28,8 @@ from sft.config.schema import (
 )
 from sft.data.files import expand_paths
 from sft.loop.loggers import LOGGER_BACKENDS
-from sft.parallel.distributed import WorldInfo
+from sft.ops.fp8 import device_reason, misaligned_widths, torchao_reason
+from sft.parallel.distributed import WorldInfo, resolve_device_type
 
 
 def _check_files(key: str, value) -> list[str]:
@@ -200,13 +203,52 @@ def _check_parallel(cfg: SFTConfig, world: WorldInfo) -> None:
     )
 
 
+def _check_fp8(cfg: SFTConfig, world: WorldInfo) -> None:
+    """`model.fp8`: its value, then what it needs (no LoRA, an FP8 GPU, torchao), cheapest first."""
+    fp8 = cfg.model.fp8
+    need(
+        isinstance(fp8, bool) or fp8 in FP8_RECIPES,
+        f"model.fp8={fp8!r}: choose false, true (sft's choice, tensorwise), {either(FP8_RECIPES)}",
+    )
+    if fp8 is False:
+        return
+    fp8 = str(fp8).lower()  # as typed: true, tensorwise, rowwise
+    need(
+        cfg.model.lora_rank == 0,
+        f"model.fp8={fp8} with model.lora_rank={cfg.model.lora_rank}: FP8 training is for full fine-tuning; "
+        "set model.fp8=false for LoRA",
+    )
+    reason = device_reason(resolve_device_type(cfg.trainer.device), world.local_rank)
+    need(reason is None, f"model.fp8={fp8}: {reason}; set model.fp8=false")
+    reason = torchao_reason()
+    need(reason is None, f"model.fp8={fp8}: {reason}; or set model.fp8=false")
+
+
+def _check_fp8_widths(cfg: SFTConfig) -> None:
+    """FP8 GEMMs take widths that are multiples of 16: read them from config.json (after the folder checks)."""
+    fp8 = str(cfg.model.fp8).lower()
+    if fp8 == "false":
+        return
+    config = json.loads((Path(cfg.model.partial_pretrain).expanduser() / "config.json").read_text())
+    config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    config = {**config, **cfg.model.override_config}
+    bad = misaligned_widths(config)
+    need(
+        not bad,
+        f"model.fp8={fp8}: FP8 GEMMs need layer widths that are multiples of 16, and this model has "
+        f"{', '.join(f'{k}={v}' for k, v in bad.items())}; set model.fp8=false",
+    )
+
+
 def validate_config(cfg: SFTConfig, world: WorldInfo) -> None:
     """Raise ConfigError for the first problem found, before any model or data is loaded."""
     _check_data(cfg)
     _check_model(cfg)
+    _check_fp8(cfg, world)
     _check_optim(cfg)
     _check_trainer(cfg, world)
     _check_parallel(cfg, world)
     # Last: these read the file system; the config-only checks above name the cheaper fixes first.
     _check_model_folder(cfg)
+    _check_fp8_widths(cfg)
     _check_output_dir(cfg)

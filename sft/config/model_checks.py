@@ -15,7 +15,11 @@ from sft.config.schema import DTYPES, EXPERTS_IMPLEMENTATIONS, GRADIENT_CHECKPOI
 from sft.models.attention.kernels import CHOICES as ATTN_CHOICES
 from sft.models.attention.kernels import KERNELS as ATTN_KERNELS
 from sft.models.attention.kernels import installed as attn_installed
-from sft.models.families import unsupported_reason
+from sft.models.families import needs_probe, recurrent_spec, unsupported_reason
+from sft.models.loading import load_hf_config
+from sft.models.multimodal import is_multimodal, model_class_name, weight_files
+from sft.models.probe import probe_reason
+from sft.models.recurrent.install import sp_reason
 from sft.ops.patch import check_liger
 from sft.parallel.distributed import resolve_device_type
 
@@ -200,6 +204,13 @@ def _check_model_folder(cfg: SFTConfig) -> None:
     )
     reason = unsupported_reason(config)
     need(reason is None, f"model.partial_pretrain={p}: {reason}")
+    if is_multimodal(config):
+        _check_multimodal(p, config)
+        config = config["text_config"]  # the trained model: the checks below are about it
+    # Hybrid models: each SP rank takes a share of the recurrent layers' heads; refuse a size that cannot be exact.
+    recurrent = recurrent_spec(config.get("model_type"))
+    reason = recurrent and sp_reason(config, recurrent, cfg.ulysses_sequence_parallel_size)
+    need(not reason, f"model.partial_pretrain={p}: {reason}")
     # The packed attention has no dropout; say so now rather than at the first forward, after loading.
     dropout = cfg.model.override_config.get("attention_dropout", config.get("attention_dropout") or 0.0)
     need(
@@ -212,10 +223,34 @@ def _check_model_folder(cfg: SFTConfig) -> None:
         vocab is None or (isinstance(vocab, int) and vocab > 0),
         f"model.partial_pretrain={p}: config.json has vocab_size={vocab!r}; it must be a positive integer",
     )
+    if needs_probe(config, cfg.model.trust_remote_code):
+        # Outside the table (or remote code): measure that sft trains it exactly, before any weight loads (last:
+        # it builds a small model, a second or two).
+        reason = probe_reason(
+            load_hf_config(cfg), cfg.use_remove_padding, cfg.ulysses_sequence_parallel_size, cfg.model.trust_remote_code
+        )
+        need(reason is None, f"model.partial_pretrain={p}: {reason}")
+
+
+def _check_multimodal(p: Path, config: dict) -> None:
+    """A multimodal checkpoint trains its text model with its own class, and copies its vision tensors byte for
+    byte: the class must exist and the weights must be safetensors (sft/models/multimodal.py)."""
+    need(
+        model_class_name(config) is not None,
+        f"model.partial_pretrain={p}: transformers has no class for model_type={config.get('model_type')!r} "
+        f"(architectures={config.get('architectures')}); sft trains multimodal checkpoints with their own "
+        "transformers class: upgrade transformers",
+    )
+    need(
+        bool(weight_files(p)),
+        f"model.partial_pretrain={p}: a multimodal checkpoint needs safetensors weights (model.safetensors or an "
+        "index), since sft copies its vision tensors byte for byte; re-save it with save_pretrained",
+    )
 
 
 def check_vocab(tokenizer, hf_config) -> None:
     """Token ids beyond the embedding would index out of range (a CUDA assert, or garbage): refuse early."""
+    hf_config = hf_config.get_text_config()  # a multimodal checkpoint's embedding is its text model's
     rows = getattr(hf_config, "vocab_size", None)
     n = len(tokenizer)
     need(

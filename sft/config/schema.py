@@ -27,6 +27,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 HF_DTYPES = ("bf16", "fp32")
 GRADIENT_CHECKPOINTING_MODES = ("auto", "full", "selective")  # model.gradient_checkpointing_mode
 EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "eager")  # model.experts_implementation
+FP8_RECIPES = ("tensorwise", "rowwise")  # model.fp8 names one (true: sft/ops/fp8.py's choice; false: off)
 SCHEDULERS = ("constant", "cosine", "wsd")  # optim.lr_scheduler
 CONTENTS = ("model", "optimizer", "extra", "hf_model")  # trainer.checkpoint.save_contents / load_contents
 RESUME_MODES = ("auto", "disable", "resume_path")  # trainer.resume_mode
@@ -134,6 +135,9 @@ class ModelConfig:
     # per-expert loop (eager); the router load-balancing loss coefficient (null: the model config's).
     experts_implementation: str = "grouped_mm"
     router_aux_loss_coef: float | None = None
+    # FP8 GEMMs in the decoder's linear layers (torchao, `pip install 'sft[fp8]'`; CUDA compute capability 8.9+):
+    # false, true (sft's choice: tensorwise), tensorwise or rowwise (sft/ops/fp8.py). Any because OmegaConf has no Union.
+    fp8: Any = False
 
 
 @dataclass

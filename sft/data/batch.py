@@ -52,15 +52,18 @@ class MicroBatch:
         return self.inputs.get("cu_seq_lens_q")
 
 
-def padded_micro_batch(items: list[dict[str, torch.Tensor]]) -> MicroBatch:
-    """Stack right-padded items and cut the columns that are padding in every row."""
+def padded_micro_batch(items: list[dict[str, torch.Tensor]], multiple_of: int = 1) -> MicroBatch:
+    """Stack right-padded items and cut the columns that are padding in every row; the width kept is rounded up
+    to `multiple_of` (columns past the items' length are added as padding: id 0, mask 0, no target)."""
     input_ids = torch.stack([it["input_ids"] for it in items])
     attention_mask = torch.stack([it["attention_mask"] for it in items])
     position_ids = torch.stack([it["position_ids"] for it in items])
     loss_mask = torch.stack([it["loss_mask"] for it in items])
-    width = max(int(attention_mask.sum(dim=1).max()), 1)
-    input_ids, attention_mask = input_ids[:, :width], attention_mask[:, :width]
-    position_ids, loss_mask = position_ids[:, :width], loss_mask[:, :width]
+    width = -(-max(int(attention_mask.sum(dim=1).max()), 1) // multiple_of) * multiple_of
+    extra = max(0, width - input_ids.shape[1])
+    input_ids, attention_mask, position_ids, loss_mask = (
+        torch.nn.functional.pad(t[:, :width], (0, extra)) for t in (input_ids, attention_mask, position_ids, loss_mask)
+    )
     inputs = {
         "input_ids": input_ids,
         "position_ids": position_ids,
@@ -70,12 +73,14 @@ def padded_micro_batch(items: list[dict[str, torch.Tensor]]) -> MicroBatch:
     return MicroBatch(inputs, real_mask=attention_mask, sample_lens=attention_mask.sum(1).tolist())
 
 
-def empty_micro_batch(pad_id: int) -> MicroBatch:
-    """A one-token batch with no target, for a rank that has run out of validation samples
+def empty_micro_batch(pad_id: int, width: int = 1) -> MicroBatch:
+    """A one-row batch of `width` tokens with no target, for a rank that has run out of validation samples
     (every rank must run the same number of forwards: FSDP's collectives are matched)."""
-    one = torch.ones(1, 1, dtype=torch.long)
-    inputs = {"input_ids": one * pad_id, "position_ids": one * 0, "attention_mask": one, "labels": one * -100}
-    return MicroBatch(inputs, real_mask=one, sample_lens=[1])
+    one = torch.ones(1, width, dtype=torch.long)
+    mask = torch.zeros_like(one)
+    mask[0, 0] = 1  # one real token; the rest (FP8's multiple of 16, sft/ops/fp8.py) is padding
+    inputs = {"input_ids": one * pad_id, "position_ids": one * 0, "attention_mask": mask, "labels": one * -100}
+    return MicroBatch(inputs, real_mask=mask, sample_lens=[1])
 
 
 def with_counts(mb: MicroBatch) -> MicroBatch:

@@ -21,14 +21,23 @@ class MicroBatchBuilder:
 
     Each batch carries its `target_index` and its counts (found here, on the host); with `pin_memory`
     its model inputs are page-locked, so the trainer's copies to the GPU never block the host.
+    `token_multiple`: each rank's token count is padded to a multiple of it (FP8 GEMMs want 16, sft/ops/fp8.py).
     """
 
     def __init__(
-        self, dataset: Dataset, packed: bool, pad_id: int, sp_rank: int, sp_size: int, pin_memory: bool = False
+        self,
+        dataset: Dataset,
+        packed: bool,
+        pad_id: int,
+        sp_rank: int,
+        sp_size: int,
+        pin_memory: bool = False,
+        token_multiple: int = 1,
     ) -> None:
         self.dataset, self.packed, self.pad_id = dataset, packed, pad_id
         self.sp_rank, self.sp_size = sp_rank, sp_size
         self.pin_memory = pin_memory
+        self.token_multiple = token_multiple
 
     def __call__(self, indices: list[int]) -> MicroBatch:
         mb = with_counts(self._build(indices))
@@ -36,13 +45,14 @@ class MicroBatchBuilder:
 
     def _build(self, indices: list[int]) -> MicroBatch:
         if self.packed:
+            row_multiple = self.sp_size * self.token_multiple  # each SP rank's slice: a multiple of token_multiple
             if not indices:
-                return sp_slice(empty_packed_batch(self.pad_id, self.sp_size), self.sp_rank, self.sp_size)
-            row = packed_micro_batch([self.dataset[i] for i in indices], self.pad_id, self.sp_size)
+                return sp_slice(empty_packed_batch(self.pad_id, row_multiple), self.sp_rank, self.sp_size)
+            row = packed_micro_batch([self.dataset[i] for i in indices], self.pad_id, row_multiple)
             return sp_slice(row, self.sp_rank, self.sp_size)
         if not indices:
-            return empty_micro_batch(self.pad_id)
-        return padded_micro_batch([self.dataset[i] for i in indices])
+            return empty_micro_batch(self.pad_id, self.token_multiple)
+        return padded_micro_batch([self.dataset[i] for i in indices], self.token_multiple)
 
 
 class StepFetcher(Dataset):

@@ -73,9 +73,8 @@ def sp_slice(mb: MicroBatch, sp_rank: int, sp_size: int) -> MicroBatch:
     return MicroBatch(inputs, real_mask=mb.real_mask[:, lo:hi], sample_lens=mb.sample_lens)
 
 
-def empty_packed_batch(pad_id: int, sp_size: int) -> MicroBatch:
-    """A padding-only row with no target, for a rank with nothing left to run."""
-    n = sp_size
+def empty_packed_batch(pad_id: int, n: int) -> MicroBatch:
+    """A padding-only row of `n` tokens (a multiple of sp) with no target, for a rank with nothing left to run."""
     return _packed(
         torch.full((1, n), pad_id, dtype=torch.long),
         torch.arange(n)[None],

@@ -23,8 +23,9 @@ import torch.distributed as dist
 from transformers import PretrainedConfig
 
 from sft.config.schema import DTYPES
-from sft.loop.flops import matmul_params
+from sft.loop.flops import layer_attn_dims, matmul_params
 from sft.models.families import moe_spec
+from sft.models.recurrent.install import mixer_bytes_per_token
 from sft.ops.fused_ce import DEFAULT_CHUNK, GRAD_W_ROWS
 from sft.parallel.fsdp import layerwise_recompute
 
@@ -62,23 +63,24 @@ class TokenBudget:
     recompute: int | None = None
 
 
-def layer_bytes_per_token(hf_config: PretrainedConfig, liger: bool) -> float:
+def layer_bytes_per_token(hf_config: PretrainedConfig, liger: bool, mixer: float = 0.0) -> float:
     """Activation bytes one decoder layer keeps per token for its backward when it is not recomputed.
 
     The model's own layers keep about 32h + 8kv + 8i bytes (fp32 norm upcasts, q/k/v, rotary,
     attention and MLP outputs). With Liger's RMSNorm and SwiGLU the norms keep only their bf16 input
     and output and the MLP its gate, up and product: about 12h + 4kv + 6i. Measured peaks stay below
-    this estimate, so it errs on the safe side.
+    this estimate, so it errs on the safe side. Hybrid models add `mixer`, the activations of their largest
+    recurrent mixer (sft/models/recurrent/install.py), to every layer, whichever kind it is.
     """
     h = hf_config.hidden_size
-    heads = hf_config.num_attention_heads
-    head_dim = getattr(hf_config, "head_dim", None) or h // heads
-    kv = (getattr(hf_config, "num_key_value_heads", None) or heads) * head_dim
+    kv = max(kv_heads * head_dim for _, kv_heads, head_dim in layer_attn_dims(hf_config))  # the widest layer
     inter = getattr(hf_config, "intermediate_size", None) or 4 * h
-    return 12 * h + 4 * kv + 6 * inter if liger else 32 * h + 8 * kv + 8 * inter
+    return mixer + (12 * h + 4 * kv + 6 * inter if liger else 32 * h + 8 * kv + 8 * inter)
 
 
-def activation_bytes_per_token(hf_config: PretrainedConfig, recompute: int, liger: bool = False) -> float:
+def activation_bytes_per_token(
+    hf_config: PretrainedConfig, recompute: int, liger: bool = False, mixer: float = 0.0
+) -> float:
     """Peak activation bytes per token of a packed row when the first `recompute` decoder layers are
     checkpointed (each keeps only its input, 2h bytes) and the others keep everything.
 
@@ -88,7 +90,7 @@ def activation_bytes_per_token(hf_config: PretrainedConfig, recompute: int, lige
     """
     h = hf_config.hidden_size
     layers = hf_config.num_hidden_layers
-    one_layer = layer_bytes_per_token(hf_config, liger)
+    one_layer = layer_bytes_per_token(hf_config, liger, mixer)
     tail = 16 * h  # final norm, hidden state and its gradient before the loss
     kept = recompute * 2 * h + (layers - recompute) * one_layer
     replay = recompute * 2 * h + 2 * one_layer if recompute else 0.0
@@ -187,10 +189,12 @@ def choose_token_budget(
     if not cfg.use_remove_padding:
         logger.info(PADDED_COST)
         return None
+    hf_config = hf_config.get_text_config()  # a multimodal checkpoint trains its text model (sft/models/multimodal.py)
     m = cfg.model
     floor = cfg.data.micro_batch_size_per_gpu * cfg.data.max_length
     layers = hf_config.num_hidden_layers
     liger = getattr(model, "liger_layers", False)
+    mixer = mixer_bytes_per_token(model.lm)  # hybrid models' recurrent mixers (0 for attention-only models)
     avail = None
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
@@ -202,19 +206,19 @@ def choose_token_budget(
         avail = free - fixed_bytes_to_come(hf_config, n_params, n_trainable, world, param_bytes) - reserve
     cap = cfg.data.max_token_len_per_gpu
     if not m.enable_gradient_checkpointing:
-        budget = auto_tokens(floor, cap, avail, activation_bytes_per_token(hf_config, 0, liger))
+        budget = auto_tokens(floor, cap, avail, activation_bytes_per_token(hf_config, 0, liger, mixer))
     elif m.gradient_checkpointing_mode != "auto":
-        budget = auto_tokens(floor, cap, avail, activation_bytes_per_token(hf_config, layers, liger))
+        budget = auto_tokens(floor, cap, avail, activation_bytes_per_token(hf_config, layers, liger, mixer))
     elif (spec := moe_spec(hf_config)) is not None or not layerwise_recompute(model):
         why = AUTO_MOE if spec is not None else AUTO_NOT_LAYERWISE
-        budget = auto_tokens(floor, cap, avail, activation_bytes_per_token(hf_config, layers, liger))
+        budget = auto_tokens(floor, cap, avail, activation_bytes_per_token(hf_config, layers, liger, mixer))
         budget = TokenBudget(budget.tokens, f"{budget.reason}; {why}", layers)
     else:
         budget = recompute_plan(
             floor,
             cap,
             avail,
-            lambda r: activation_bytes_per_token(hf_config, r, liger),
+            lambda r: activation_bytes_per_token(hf_config, r, liger, mixer),
             layers,
             min_busy_tokens(hf_config),
         )

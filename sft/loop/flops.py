@@ -20,13 +20,30 @@ def _text_config(hf_config: Any) -> Any:
     return getter() if getter is not None else hf_config
 
 
-def _attn_dims(cfg: Any) -> tuple[int, int, int, int]:
-    """(layers, heads, kv_heads, head_dim) of a text config."""
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    # Some configs carry head_dim=None; others decouple it from hidden / heads (Qwen3).
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return cfg.num_hidden_layers, heads, kv_heads, head_dim
+def layer_attn_dims(cfg: Any) -> list[tuple[int, int, int]]:
+    """(heads, kv_heads, head_dim) of each decoder layer of a text config. Heterogeneous configs (Gemma 4's
+    global layers are wider, with other KV heads) refuse a global read of these keys: read per layer."""
+    layers = cfg.per_layer_config if getattr(cfg, "is_heterogeneous", False) else [cfg] * cfg.num_hidden_layers
+    dims = []
+    for c in layers:
+        heads = c.num_attention_heads
+        kv_heads = getattr(c, "num_key_value_heads", None) or heads
+        # Some configs carry head_dim=None; others decouple it from hidden / heads (Qwen3).
+        dims.append((heads, kv_heads, getattr(c, "head_dim", None) or c.hidden_size // heads))
+    return dims
+
+
+def _attn_dims(cfg: Any) -> tuple[int, int, float, float]:
+    """(layers, heads, kv_heads, head_dim) of a text config. Where layers differ in width (same query heads),
+    head_dim and kv_heads are averages chosen so that layers * heads * head_dim and layers * kv_heads * head_dim
+    are the sums over layers that the formulas below need."""
+    dims = layer_attn_dims(cfg)
+    if len(set(dims)) == 1:
+        return (len(dims), *dims[0])
+    layers, heads = len(dims), dims[0][0]
+    head_dim = sum(h * d for h, _, d in dims) / (heads * layers)
+    kv_heads = sum(kv * d for _, kv, d in dims) / (head_dim * layers)
+    return layers, heads, kv_heads, head_dim
 
 
 def matmul_params(hf_config: Any) -> int:

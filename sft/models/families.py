@@ -1,9 +1,11 @@
 """The per-family table: what each supported model family needs from attention, loss, kernels and checks.
 
 One declarative row per family (keyed by the HF `model_type`): sliding windows, attention-logit and
-final-logit soft-capping, attention sinks, mixture-of-experts routing, and whether Liger's kernels
-cover it. Attention, the loss, the kernels and validation read this table; no other module tests a
-model type. `check_family` refuses, before anything loads, a model this table cannot train.
+final-logit soft-capping, attention sinks, mixture-of-experts routing, the recurrent layers of hybrid
+models (sft/models/recurrent/), and whether Liger's kernels cover it. Attention, the loss, the kernels and
+validation read this table; no other module tests a model type. `unsupported_reason` refuses, before anything
+loads, a model this table cannot train; a type outside the table goes to the packing probe (`needs_probe`,
+sft/models/probe.py), which trains it with no row.
 """
 
 from __future__ import annotations
@@ -19,10 +21,28 @@ class MoESpec:
     experts_keys: tuple[str, ...]  # config keys that may hold the number of routed experts (first set wins)
     top_k_key: str = "num_experts_per_tok"
     coef_key: str = "router_aux_loss_coef"
-    # Router modules are found by class-name suffix (lower case); their forward returns the logits first.
+    # Router modules are found by class-name suffix (lower case); their forward returns the logits (or, with
+    # scores="probs", the probabilities) first and, when it returns three values, the chosen experts last.
     router_suffix: str = "topkrouter"
     # Config key of the width of an always-on shared expert (gated MLP plus a hidden x 1 sigmoid gate), if any.
     shared_expert_key: str | None = None
+    # How the router scores experts, which the aux loss's P follows (sft/models/moe.py): "softmax" of the logits,
+    # "sigmoid" of the logits normalised over the experts (DeepSeek-V3-style routers), or "probs" (the router
+    # returns probabilities).
+    scores: str = "softmax"
+    # (config key of the per-layer block types, the MoE block's type): MoE only when some layer is one (Nemotron-H).
+    moe_layer: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class RecurrentSpec:
+    """Recurrent token mixers (linear attention, SSM, short convolution) of a hybrid family: sft runs them packed,
+    restarting at every sample, and split over Ulysses SP ranks (sft/models/recurrent/)."""
+
+    kind: str  # "gated_delta", "mamba2" or "short_conv" (sft/models/recurrent/mixers.py)
+    module_suffix: str  # class-name suffix (lower case) of the mixer modules
+    heads_key: str  # config key of what SP ranks split: heads (key heads for Gated DeltaNet), channels for a conv
+    groups_key: str | None = None  # config key of Mamba-2's B/C groups (split, or replicated when fewer than ranks)
 
 
 @dataclass(frozen=True)
@@ -50,11 +70,23 @@ class Family:
     # forward, sft's one-pass backward) when fused kernels are on: it beats Liger's; "offset" ((1 + weight) x
     # normalised x, Gemma) stays on Liger's kernel, which has the offset that PyTorch's lacks.
     rms_norm: str = "weight"
+    recurrent: RecurrentSpec | None = None  # hybrid families: their linear-attention / SSM / conv layers
 
 
 _QWEN_MOE = MoESpec(experts_keys=("num_experts", "num_local_experts"))
 _QWEN2_MOE = MoESpec(experts_keys=("num_experts",), shared_expert_key="shared_expert_intermediate_size")
 _LOCAL_MOE = MoESpec(experts_keys=("num_local_experts",))
+# Hybrid families (sft/models/recurrent/): Gated DeltaNet, Mamba-2 and short-convolution mixers beside attention.
+_GDN = RecurrentSpec("gated_delta", "gateddeltanet", "linear_num_key_heads")
+_HYBRID_MOE = dict(liger=False, mlp="none", rms_norm="offset", recurrent=_GDN)
+# Sigmoid routers with a score-correction bias and shared experts: the router returns its chosen experts.
+_DEEPSEEK_MOE = MoESpec(experts_keys=("n_routed_experts",), coef_key="aux_loss_alpha", scores="sigmoid")
+_GLM_MOE = MoESpec(experts_keys=("n_routed_experts",), scores="sigmoid")
+_MINIMAX_MOE = MoESpec(experts_keys=("num_local_experts", "num_experts"), scores="sigmoid")
+# Gemma 4's router returns probabilities (its MoE block runs beside the dense MLP); no aux loss in its config.
+_GEMMA4_MOE = MoESpec(
+    experts_keys=("num_experts",), top_k_key="top_k_experts", router_suffix="textrouter", scores="probs"
+)
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("Llama 2/3"),
@@ -92,6 +124,44 @@ FAMILIES: dict[str, Family] = {
     "ministral": Family("Ministral", sliding_window=True),
     "starcoder2": Family("StarCoder2", sliding_window=True, mlp_matrices=2, liger=False),
     "qwen2_moe": Family("Qwen1.5-MoE / Qwen2-MoE", sliding_window=True, moe=_QWEN2_MOE, liger=False, mlp="none"),
+    # Qwen3-VL's text model: Qwen3 with multimodal RoPE; on text-only rows its three position sections are equal,
+    # which is plain RoPE over the token positions (the packed per-sample positions work unchanged).
+    "qwen3_vl_text": Family("Qwen3-VL (text model)", liger=False),
+    "qwen3_5_text": Family("Qwen3.5 (text)", liger=False, rms_norm="offset", recurrent=_GDN),
+    "qwen3_5_moe_text": Family("Qwen3.5-MoE (text)", moe=_QWEN2_MOE, **_HYBRID_MOE),
+    "qwen3_next": Family("Qwen3-Next", moe=_QWEN2_MOE, **_HYBRID_MOE),
+    "lfm2": Family("LFM2", liger=False, recurrent=RecurrentSpec("short_conv", "shortconv", "hidden_size")),
+    "nemotron_h": Family(
+        "Nemotron-H",
+        mlp_matrices=2,
+        liger=False,
+        mlp="none",
+        moe=MoESpec(experts_keys=("n_routed_experts",), scores="sigmoid", moe_layer=("layers_block_type", "moe")),
+        recurrent=RecurrentSpec("mamba2", "mamba2mixer", "mamba_num_heads", "n_groups"),
+    ),
+    "granitemoehybrid": Family(
+        "Granite 4.0 hybrid",
+        logit_scale=("logits_scaling", -1),
+        liger=False,
+        mlp="none",
+        moe=_LOCAL_MOE,
+        recurrent=RecurrentSpec("mamba2", "mambalayer", "mamba_n_heads", "mamba_n_groups"),
+    ),
+    "falcon_h1": Family(
+        "Falcon-H1",
+        logit_scale=("lm_head_multiplier", 1),
+        liger=False,
+        recurrent=RecurrentSpec("mamba2", "falconh1mixer", "mamba_n_heads", "mamba_n_groups"),
+    ),
+    # Per-layer head widths and KV heads (global layers), shared KV layers, K = V layers, per-layer embeddings,
+    # optional MoE block beside the MLP; attention scale 1 with q/k/v norms. Liger has no Gemma 4 kernels.
+    "gemma4_text": Family(
+        "Gemma 4 (text)", sliding_window=True, final_softcap_key="final_logit_softcapping", moe=_GEMMA4_MOE, liger=False
+    ),
+    "glm4_moe": Family("GLM-4.5 / GLM-4.6", moe=_GLM_MOE, liger=False),
+    "minimax_m2": Family("MiniMax-M2", moe=_MINIMAX_MOE, liger=False),
+    # MLA: query/key heads (nope + rope) wider than value heads (sft/models/attention/varlen.py).
+    "deepseek_v3": Family("DeepSeek-V3 / V3.1", moe=_DEEPSEEK_MOE, liger=False),
 }
 
 # Config keys that change what a model computes in ways a row above must declare before sft trains it.
@@ -104,6 +174,19 @@ _FEATURE_KEYS = {
     "num_local_experts": "mixture-of-experts routing",
     "n_routed_experts": "mixture-of-experts routing",
 }
+# Of those, what the packing probe (sft/models/probe.py) measures for a model type outside the table: attention
+# soft-capping happens inside the model's forward, in the logits it compares. The others change what sft's loss
+# or router statistics must apply themselves, so they need a row.
+_PROBED_FEATURES = frozenset({"attn_logit_softcapping"})
+# Attention that looks both ways makes next-token training meaningless (Gemma 3's `true`, Gemma 4's "all").
+_BIDIRECTIONAL = (True, "all")
+
+
+# Multimodal checkpoints (a `text_config` in config.json) train their text model under its own row above
+# (sft/models/multimodal.py). The head's output features (final-logit soft-capping, logit scale) are applied by the
+# wrapper's forward, not by its text model, and wrappers differ: these apply them as their text model does. With
+# any other wrapper a text_config that sets one is refused (Gemma 3's wrapper ignores `final_logit_softcapping`).
+HEAD_FEATURE_WRAPPERS = frozenset({"gemma4", "paligemma", "aya_vision"})
 
 
 def _row(hf_config: Any) -> Family | None:
@@ -122,18 +205,25 @@ def unsupported_reason(config: dict[str, Any]) -> str | None:
     """Why the model of this config.json cannot be trained by sft (None when it can), from the json alone."""
     model_type = config.get("model_type")
     if isinstance(config.get("text_config"), dict) and model_type not in FAMILIES:
-        return (
-            f"model_type={model_type!r} is a multimodal wrapper; sft trains text-only causal LMs "
-            f"(supported families: {supported_types()})"
-        )
+        return _wrapper_reason(config)
     fam = FAMILIES.get(model_type)
+    if config.get("use_bidirectional_attention") in _BIDIRECTIONAL:
+        return (
+            f"model_type={model_type!r} with config.use_bidirectional_attention="
+            f"{config['use_bidirectional_attention']!r} attends to later tokens; sft trains causal LMs: set it to null"
+        )
     if fam is None:
         if model_type is None:
             return "config.json has no model_type"
-        return (
-            f"model_type={model_type!r} is not in sft's table of tested families ({supported_types()}); "
-            "see README 'Supported model families'"
-        )
+        # Outside the table: the packing probe decides (sft/models/probe.py), for what it can measure.
+        for key, what in _FEATURE_KEYS.items():
+            if key not in _PROBED_FEATURES and _is_set(config.get(key)):
+                return (
+                    f"model_type={model_type!r} is not in sft's table of tested families and its config.{key}="
+                    f"{config[key]} ({what}) needs a row there (sft/models/families.py); see README "
+                    "'Supported model families'"
+                )
+        return None
     declared = {fam.attn_softcap_key, fam.final_softcap_key}
     if fam.moe is not None:
         declared.update(fam.moe.experts_keys)
@@ -143,6 +233,42 @@ def unsupported_reason(config: dict[str, Any]) -> str | None:
         if key not in declared and _is_set(config.get(key)):
             return f"model_type={model_type!r} with config.{key}={config[key]} ({what}) is not supported by sft yet"
     return None
+
+
+def _wrapper_reason(config: dict[str, Any]) -> str | None:
+    """A multimodal checkpoint: trainable when its text model is (the vision side stays frozen)."""
+    model_type, text = config.get("model_type"), config["text_config"]
+    text_type = text.get("model_type")
+    if text_type not in FAMILIES:
+        return (
+            f"model_type={model_type!r} is a multimodal checkpoint whose text model (text_config.model_type="
+            f"{text_type!r}) is not in sft's table ({supported_types()}); see README 'Supported model families'"
+        )
+    for key, what in _FEATURE_KEYS.items():
+        if _is_set(config.get(key)):
+            return f"model_type={model_type!r} sets config.{key}={config[key]} ({what}) outside its text_config"
+    reason = unsupported_reason(text)
+    if reason is not None:
+        return f"model_type={model_type!r}, text_config: {reason}"
+    fam = FAMILIES[text_type]
+    head = [fam.final_softcap_key, fam.logit_scale[0] if fam.logit_scale else None]
+    for key in filter(None, head):
+        if model_type not in HEAD_FEATURE_WRAPPERS and _is_set(text.get(key)):
+            return (
+                f"model_type={model_type!r} with text_config.{key}={text[key]}: the checkpoint's class does not apply "
+                f"it as its text model does, so sft cannot train it exactly; set text_config.{key} to null if the "
+                "model was trained without it"
+            )
+    return None
+
+
+def needs_probe(config: dict[str, Any], trust_remote_code: bool) -> bool:
+    """Whether sft must measure that packing is exact before training this config.json (sft/models/probe.py): a
+    text model type outside the table, or a listed type whose remote code (`auto_map`) replaces transformers' class."""
+    if isinstance(config.get("text_config"), dict):
+        return False  # multimodal checkpoints train their text model under its row (_wrapper_reason)
+    remote = trust_remote_code and "AutoModelForCausalLM" in (config.get("auto_map") or {})
+    return config.get("model_type") not in FAMILIES or remote
 
 
 def final_softcap(hf_config: Any) -> float | None:
@@ -177,8 +303,20 @@ def mlp_matrices(hf_config: Any) -> int:
 
 
 def moe_spec(hf_config: Any) -> MoESpec | None:
+    """The family's routing, or None for a dense model (no experts set, or no MoE layer in the config's layer list)."""
     fam = _row(hf_config)
-    return None if fam is None else fam.moe
+    spec = None if fam is None else fam.moe
+    if spec is None or not any(getattr(hf_config, k, None) for k in spec.experts_keys):
+        return None
+    if spec.moe_layer is not None and spec.moe_layer[1] not in (getattr(hf_config, spec.moe_layer[0], None) or ()):
+        return None
+    return spec
+
+
+def recurrent_spec(model_type: str | None) -> RecurrentSpec | None:
+    """The recurrent mixers of a hybrid family (None for attention-only families and unknown types)."""
+    fam = FAMILIES.get(model_type)
+    return None if fam is None else fam.recurrent
 
 
 def liger_covers(model_type: str) -> bool:

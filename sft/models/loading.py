@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import importlib
 import logging
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -23,10 +24,22 @@ from sft.config.schema import DTYPES, SFTConfig
 from sft.models.attention.kernels import KERNELS as ATTN_KERNELS
 from sft.models.attention.kernels import choose_attn_kernel
 from sft.models.attention.varlen import register_varlen_attention, set_attn_kernel
-from sft.models.families import final_softcap, logit_multiplier, mlp_kernel, moe_spec, unsupported_reason
+from sft.models.families import (
+    final_softcap,
+    logit_multiplier,
+    mlp_kernel,
+    moe_spec,
+    recurrent_spec,
+    unsupported_reason,
+)
 from sft.models.lora import add_lora
 from sft.models.loss import target_linear_cross_entropy
 from sft.models.moe import RouterStats, experts_kwargs
+from sft.models.multimodal import FrozenPart, build_text_only, is_multimodal, override_target, text_config
+from sft.models.recurrent.install import install_packed_mixers, sp_reason
+from sft.models.recurrent.kernels import backend_for
+from sft.models.recurrent.packed import NoMasks
+from sft.ops.fp8 import FP8_UNFUSED, convert_to_fp8, fp8_recipe
 from sft.ops.patch import apply_liger, liger_wanted
 from sft.ops.qkv_proj import join_qkv
 from sft.parallel.distributed import DistContext, resolve_device_type
@@ -59,14 +72,15 @@ def load_hf_config(cfg: SFTConfig) -> PretrainedConfig:
     import_external_lib(cfg)
     hf_config = AutoConfig.from_pretrained(cfg.model.partial_pretrain, trust_remote_code=cfg.model.trust_remote_code)
     for key, value in cfg.model.override_config.items():
-        if not hasattr(hf_config, key):
+        target = override_target(hf_config, key)  # a multimodal checkpoint's text entries: its text_config
+        if not hasattr(target, key):
             raise ValueError(
-                f"model.override_config.{key}: {type(hf_config).__name__} has no such entry; "
+                f"model.override_config.{key}: {type(target).__name__} has no such entry; "
                 "check the name against the model's config.json"
             )
-        setattr(hf_config, key, value)
+        setattr(target, key, value)
     # No KV cache while training: it costs memory and makes torch.compile recompile.
-    hf_config.use_cache = False
+    text_config(hf_config).use_cache = False
     return hf_config
 
 
@@ -92,7 +106,10 @@ class CausalLMWithLoss(nn.Module):
         self.fused_loss = fused_loss
         self.softcap = softcap  # final-logit soft-capping, applied chunk by chunk in the loss
         self.routing = routing  # MoE: router aux loss and metrics (sft/models/moe.py)
+        self.recurrent = False  # packed recurrent mixers (sft/models/recurrent/): no per-layer masks at all
         self.logit_multiplier = 1.0  # set from the family table: (h * m) @ W.T == m * logits
+        # Multimodal checkpoints: the tensors outside the language model, kept unchanged (sft/models/multimodal.py).
+        self.frozen: FrozenPart | None = None
 
     def forward(
         self,
@@ -112,7 +129,7 @@ class CausalLMWithLoss(nn.Module):
             # Packed row: with no 2-D mask, transformers scans position_ids for packed sequences and
             # reads the answer back from the GPU (a host sync per forward). An all-ones mask skips
             # that scan; sft's registered mask function turns it into no mask (sft/models/attention/varlen.py).
-            attention_mask = torch.ones_like(input_ids)
+            attention_mask = NoMasks() if self.recurrent else torch.ones_like(input_ids)
         out = self.lm.get_decoder()(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -143,9 +160,19 @@ def check_supported_head(hf_config: PretrainedConfig) -> None:
         raise ValueError(f"model.partial_pretrain: {reason}")
 
 
+def _kv_head_counts(hf_config: PretrainedConfig) -> set[int]:
+    """The KV head counts of the attention layers: per layer where the config varies them (transformers'
+    heterogeneous configs, e.g. Gemma 4's global layers, refuse a global read of a per-layer key)."""
+    configs = hf_config.per_layer_config if getattr(hf_config, "is_heterogeneous", False) else [hf_config]
+    return {getattr(c, "num_key_value_heads", None) or c.num_attention_heads for c in configs}
+
+
 def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig) -> CausalLMWithLoss:
     """The model skeleton on the meta device, in the master-weight dtype."""
     check_supported_head(hf_config)
+    # A multimodal checkpoint is built whole from its own config, then cut down to its language model and LM head;
+    # the text model's config says everything else (heads, family row, MoE, soft-capping).
+    full_config, hf_config = hf_config, text_config(hf_config)
     dtype = DTYPES[cfg.model.fsdp_config.model_dtype]
     extra = {}
     if cfg.use_remove_padding:
@@ -160,25 +187,48 @@ def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig) -> CausalLMWit
                 "attention: %s, %s (model.attn_kernel=%s)", kernel, ATTN_KERNELS[kernel].title, cfg.model.attn_kernel
             )
         n_heads = hf_config.num_attention_heads
-        kv_heads = getattr(hf_config, "num_key_value_heads", None) or n_heads
-        check_sp_heads(n_heads, kv_heads, cfg.ulysses_sequence_parallel_size)
+        for kv_heads in _kv_head_counts(hf_config):
+            check_sp_heads(n_heads, kv_heads, cfg.ulysses_sequence_parallel_size)
+        recurrent = recurrent_spec(hf_config.model_type)
+        if recurrent is not None and (
+            why := sp_reason(hf_config.to_dict(), recurrent, cfg.ulysses_sequence_parallel_size)
+        ):
+            raise ValueError(why)
     with torch.device("meta"):
         # A copy: from_config records the attention choice in the config object it is given, and
         # the original is exported with checkpoints (where "sft_varlen" would not load).
-        lm = AutoModelForCausalLM.from_config(
-            copy.deepcopy(hf_config),
-            dtype=dtype,
-            trust_remote_code=cfg.model.trust_remote_code,
-            **extra,
-            **experts_kwargs(hf_config, cfg.model.experts_implementation),
-        )
+        kwargs = dict(dtype=dtype, **extra, **experts_kwargs(hf_config, cfg.model.experts_implementation))
+        frozen = None
+        if is_multimodal(full_config):
+            lora_targets = cfg.model.target_modules if cfg.model.lora_rank > 0 else None
+            lm, frozen = build_text_only(full_config, Path(cfg.model.partial_pretrain), lora_targets, **kwargs)
+        else:
+            lm = AutoModelForCausalLM.from_config(
+                copy.deepcopy(hf_config), trust_remote_code=cfg.model.trust_remote_code, **kwargs
+            )
         add_lora(lm, cfg.model)  # no-op unless model.lora_rank > 0
+    recurrent = recurrent_spec(hf_config.model_type) if cfg.use_remove_padding else None
+    if recurrent is not None:
+        # Packed rows: the recurrent mixers restart at every sample and split over SP ranks (sft/models/recurrent/).
+        n = install_packed_mixers(lm, recurrent)
+        device = torch.device(resolve_device_type(cfg.trainer.device))
+        backend = backend_for(device)
+        # The reference on a GPU is exact but slow: say it where a user looks for why a run is slow.
+        log = logger.warning if device.type == "cuda" and backend.startswith("exact") else logger.info
+        log("recurrent layers: %d %s mixers, %s", n, recurrent.kind, backend)
     if cfg.use_remove_padding:
-        assert lm.config._attn_implementation == extra["attn_implementation"], "varlen attention not selected"
+        assert lm.get_decoder().config._attn_implementation == extra["attn_implementation"], "varlen not selected"
     device_type = resolve_device_type(cfg.trainer.device)
+    recipe = fp8_recipe(cfg.model.fp8)
+    if recipe is not None:  # before the fused kernels and the joined q/k/v, which then leave these layers alone
+        spec = moe_spec(hf_config)
+        n, kept = convert_to_fp8(lm, recipe, spec and spec.router_suffix, emulate=device_type != "cuda")
+        logger.info("FP8 (%s, torchao): %d linear layers; %d left in the model dtype (sft/ops/fp8.py)", recipe, n, kept)
+        if not cfg.model.compile and device_type == "cuda":
+            logger.warning("model.fp8 without model.compile=true: %s", FP8_UNFUSED)
     liger = liger_wanted(cfg.model.use_liger, device_type, hf_config.model_type, cfg.model.compile)
     if liger:
-        apply_liger(lm, required=cfg.model.use_liger is True)
+        apply_liger(lm if frozen is None else lm.get_decoder(), required=cfg.model.use_liger is True)
     if not cfg.model.compile:  # its hooks and per-call outputs would break compiled graphs
         logger.info(
             "attention projections: q, k and v as one autograd node in %d layers (sft/ops/qkv_proj.py)", join_qkv(lm)
@@ -202,6 +252,8 @@ def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig) -> CausalLMWit
         routing = RouterStats(lm, spec, coef)
     model = CausalLMWithLoss(lm, fused_loss=fused, softcap=final_softcap(hf_config), routing=routing)
     model.logit_multiplier = logit_multiplier(hf_config)
+    model.recurrent = recurrent is not None
+    model.frozen = frozen
     # Fused norms and SwiGLU keep fewer activations: the token budget's memory estimate uses it.
     model.liger_layers = liger and mlp_kernel(hf_config.model_type) != "none"
     return model
@@ -214,12 +266,16 @@ def load_weights(model: CausalLMWithLoss, cfg: SFTConfig, ctx: DistContext) -> N
     buffers: dict[str, torch.Tensor] = {}
     if ctx.is_main:
         dtype = DTYPES[cfg.model.fsdp_config.model_dtype]
-        src = AutoModelForCausalLM.from_pretrained(
-            cfg.model.partial_pretrain,
-            dtype=dtype,
-            trust_remote_code=cfg.model.trust_remote_code,
-            use_cache=False,
-        )
+        if model.frozen is None:
+            src = AutoModelForCausalLM.from_pretrained(
+                cfg.model.partial_pretrain,
+                dtype=dtype,
+                trust_remote_code=cfg.model.trust_remote_code,
+                use_cache=False,
+            )
+        else:  # its own class, cut to the language model; the rest is read as stored, for the exports
+            src = model.frozen.load_language_model(Path(cfg.model.partial_pretrain), dtype)
+            model.frozen.read(Path(cfg.model.partial_pretrain))
         add_lora(src, cfg.model, load_adapter=True)  # same names as the meta model; A random, B zero or the adapter
         full_sd = {f"lm.{k}": v for k, v in src.state_dict().items()}
         # Non-persistent buffers (rotary inv_freq) are not in the state dict but were garbage

@@ -164,8 +164,9 @@ def adapter_state(lm: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def adapter_config(lm: nn.Module, base_model: str | None) -> LoraConfig:
-    """The config PeftModel.from_pretrained needs, with the real r and lora_alpha of the layers."""
+def adapter_config(lm: nn.Module, base_model: str | None, full_paths: bool = False) -> LoraConfig:
+    """The config PeftModel.from_pretrained needs, with the real r and lora_alpha of the layers. `full_paths`: name
+    each adapted module by its path (a multimodal checkpoint's vision tower, absent from `lm`, has the same leaves)."""
     from peft import LoraConfig
 
     layers = lora_layers(lm)
@@ -173,7 +174,7 @@ def adapter_config(lm: nn.Module, base_model: str | None) -> LoraConfig:
     leaves = sorted({p.rsplit(".", 1)[-1] for p in layers})
     # Leaf names are what users write; fall back to full paths when the leaves would adapt more modules.
     covered = {n for n, _ in lm.named_modules() if n.rsplit(".", 1)[-1] in leaves}
-    targets = leaves if covered == set(layers) else sorted(layers)
+    targets = leaves if covered == set(layers) and not full_paths else sorted(layers)
     return LoraConfig(
         r=first.r[ADAPTER],
         lora_alpha=first.lora_alpha[ADAPTER],

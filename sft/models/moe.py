@@ -7,9 +7,13 @@ S_lie = sum over the sample's tokens of softmax(router logits)_e. The loss is
     aux = (E / (L * N)) * sum_l sum_i sum_e f_lie * S_lie
 
 N = real (non-padding) tokens of the global batch: a token-weighted mean over samples of the Switch
-balance loss E * sum_e f_ie * P_ie (k when perfectly balanced). A sample never spans micro-batches,
-and across sequence-parallel ranks the counts c are summed, so the value and gradient do not depend
-on how the global batch is split. It is added to the loss times the config's `router_aux_loss_coef`.
+balance loss E * sum_e f_ie * P_ie (k when perfectly balanced). The experts counted in c are the ones
+the router chose (with a score-correction bias or group-limited routing, not the top-k of the logits);
+P is the softmax of the router logits, or for sigmoid routers (DeepSeek-V3, GLM-4.5, MiniMax-M2) the
+sigmoid normalised over the experts, as in DeepSeek-V3's sequence-wise balance loss. A sample never
+spans micro-batches, and across sequence-parallel ranks the counts c are summed, so the value and
+gradient do not depend on how the global batch is split. It is added to the loss times the config's
+coefficient (`router_aux_loss_coef`; DeepSeek-V3's `aux_loss_alpha`: `MoESpec.coef_key`).
 """
 
 from __future__ import annotations
@@ -52,12 +56,13 @@ class RouterStats:
     """
 
     def __init__(self, lm: nn.Module, spec: MoESpec, coef: float) -> None:
-        cfg = lm.config
+        cfg = lm.config.get_text_config()  # a multimodal checkpoint's routers are its text model's
         self.num_experts, self.top_k, self.coef = (
             num_experts(cfg, spec),
-            int(cfg.num_experts_per_tok),
+            int(getattr(cfg, spec.top_k_key)),
             coef,
         )
+        self.scores = spec.scores
         routers = [m for m in lm.modules() if type(m).__name__.lower().endswith(spec.router_suffix)]
         if not routers:
             raise ValueError(
@@ -65,14 +70,29 @@ class RouterStats:
                 "this transformers version lays the MoE block out differently than sft expects"
             )
         self.num_layers = len(routers)
-        self._logits: list[torch.Tensor] = []
+        self._logits: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         for r in routers:
             r.register_forward_hook(self._record)
         self._aux: torch.Tensor | None = None
         self._counts: torch.Tensor | None = None
 
     def _record(self, module: nn.Module, args: tuple, output: tuple) -> None:
-        self._logits.append(output[0] if isinstance(output, tuple) else output)  # [T, E]
+        # (scores or logits [T, E], the experts the router chose [T, k] or None). The router's own choice counts:
+        # with a score-correction bias or group-limited routing (DeepSeek-V3, GLM-4.5, MiniMax-M2) it is not
+        # the top-k of the logits.
+        if isinstance(output, tuple):
+            chosen = output[2] if len(output) > 2 and not output[2].is_floating_point() else None
+            self._logits.append((output[0], chosen))
+        else:
+            self._logits.append((output, None))
+
+    def _probs(self, x: torch.Tensor) -> torch.Tensor:
+        """P of the aux loss `[T, E]` from what the router returned first (`MoESpec.scores`)."""
+        x = x.float()
+        if self.scores == "sigmoid":
+            s = torch.sigmoid(x)
+            return s / s.sum(-1, keepdim=True)
+        return x if self.scores == "probs" else torch.softmax(x, dim=-1)
 
     def start(self) -> None:
         self._logits = []  # also drops logits recorded by an activation-checkpoint recompute
@@ -85,8 +105,9 @@ class RouterStats:
         logits, self._logits = self._logits[: self.num_layers], []
         assert len(logits) == self.num_layers, f"{len(logits)} router outputs for {self.num_layers} routers"
         e = self.num_experts
-        probs = torch.stack([torch.softmax(x.float(), dim=-1) for x in logits])  # [L, T, E]
-        chosen = torch.stack([x.topk(self.top_k, dim=-1).indices for x in logits])  # [L, T, k]
+        probs = torch.stack([self._probs(x) for x, _ in logits])  # [L, T, E]
+        top = [c if c is not None else x.topk(self.top_k, dim=-1).indices for x, c in logits]
+        chosen = torch.stack(top)  # [L, T, k]
         hits = torch.zeros_like(probs).scatter_(2, chosen, 1.0)  # [L, T, E] one-hot of the top-k
         counts = probs.new_zeros(self.num_layers, rows, e).index_add_(1, index, hits)  # [L, n+1, E]
         local = counts[:, :-1].sum(1)  # [L, E] this rank's real tokens per expert (before the SP sum)

@@ -91,7 +91,13 @@ def apply_fsdp(model: nn.Module, cfg: SFTConfig, ctx: DistContext) -> nn.Module:
 
 # Ops whose outputs selective checkpointing keeps: the matmuls and attention, i.e. the expensive
 # work. Everything else (norms, activations, rotary, casts) is recomputed in the backward.
-_SAVE_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+# `_scaled_mm` is an FP8 GEMM (model.fp8) where the policy sees it below torchao's FP8 tensors.
+_SAVE_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_mm.default,
+}
 
 
 def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:

@@ -8,6 +8,8 @@ sft/models/attention/kernels.py; on CPU a per-sample SDPA reference) and hands o
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -65,6 +67,22 @@ def _reference_varlen(
     return torch.cat(outs, dim=0)
 
 
+def equal_width_call(kernel: Callable[..., torch.Tensor], q, k, v, *args) -> torch.Tensor:
+    """Run `kernel(q, k, v, *args)`, which needs one head width for q, k and v, on MLA-style inputs too.
+
+    DeepSeek-style MLA has q/k heads of width d_qk (nope + rope part) and value heads of width d_v < d_qk.
+    Zero columns appended to v come out as zero columns of the output (softmax(qk) @ [v, 0] = [out, 0]),
+    and zero columns appended to q and k add nothing to any score (the scale is passed, not derived), so
+    padding the narrower side and slicing the output is exact, forward and backward.
+    """
+    d_qk, d_v = q.shape[-1], v.shape[-1]
+    if d_qk == d_v:
+        return kernel(q, k, v, *args)
+    if d_v < d_qk:
+        return kernel(q, k, F.pad(v, (0, d_qk - d_v)), *args)[..., :d_v]  # [T, h, d_qk] -> [T, h, d_v]
+    return kernel(F.pad(q, (0, d_v - d_qk)), F.pad(k, (0, d_v - d_qk)), v, *args)
+
+
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -76,13 +94,15 @@ def varlen_attention(
     scale: float,
     features: AttnFeatures | None = None,
 ) -> torch.Tensor:
-    """Causal attention within each packed segment: q `[T, h, d]`, k/v `[T, h_kv, d]` -> `[T, h, d]`.
+    """Causal attention within each packed segment: q/k `[T, h(_kv), d]`, v `[T, h_kv, d_v]` -> `[T, h, d_v]`.
 
     On CUDA in half precision, the kernel of `model.attn_kernel` (sft/models/attention/kernels.py) computes
     causal attention, windows and, where that kernel can, soft-capping; sinks, what the kernel
-    lacks, and everything else take the exact per-segment reference.
+    lacks, and everything else take the exact per-segment reference. A value width other than the
+    query/key width (MLA) reaches the kernels padded to one width (`equal_width_call`).
     """
     assert q.shape[1] % k.shape[1] == 0, f"{q.shape[1]} query heads vs {k.shape[1]} KV heads"
+    assert q.shape[-1] == k.shape[-1], f"query width {q.shape[-1]} vs key width {k.shape[-1]}"
     f = features or AttnFeatures()
     if q.is_cuda and q.dtype in _KERNEL_DTYPES and f.sinks is None:
         if _kernel is None:  # a direct call, not through a built model: `auto`, chosen once
@@ -90,8 +110,18 @@ def varlen_attention(
         name = _kernel
         if f.softcap is None or KERNELS[name].softcap:
             window = kernel_window(f.window, max_length_k)
-            return run_kernel(
-                name, q, k, v, cu_seqlens_q, cu_seqlens_k, max_length_q, max_length_k, scale, window, f.softcap
+            return equal_width_call(
+                functools.partial(run_kernel, name),
+                q,
+                k,
+                v,
+                cu_seqlens_q,
+                cu_seqlens_k,
+                max_length_q,
+                max_length_k,
+                scale,
+                window,
+                f.softcap,
             )
     if not torch.equal(cu_seqlens_q, cu_seqlens_k):
         raise ValueError(f"{ATTN_NAME} is self-attention: cu_seq_lens_q and cu_seq_lens_k must be equal")
@@ -120,7 +150,7 @@ def sft_varlen_attention_forward(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """The registered function: q `[b, h, s, d]`, k/v `[b, h_kv, s, d]` -> (`[b, s, h, d]`, None).
+    """The registered function: q/k `[b, h(_kv), s, d]`, v `[b, h_kv, s, d_v]` -> (`[b, s, h, d_v]`, None).
 
     Needs `cu_seq_lens_q/k` (int32 `[n+1]`, over the whole flattened `b*s` row, or over the full
     sequence-parallel row) and `max_length_q/k`. With `sp_group` (size > 1) each rank holds a
@@ -140,6 +170,7 @@ def sft_varlen_attention_forward(
     max_k = int(kwargs.get("max_length_k") or max_q)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     b, heads, s, d = query.shape
+    d_v = value.shape[-1]  # MLA (DeepSeek-V3): the value heads are narrower than the query/key heads
 
     features = features_from_kwargs(kwargs)
     group: dist.ProcessGroup | None = kwargs.get("sp_group")
@@ -152,13 +183,13 @@ def sft_varlen_attention_forward(
         return varlen_attention(q, k, v, cu_q32, cu_k32, max_q, max_k, scale, f)
 
     # [b, h, s, d] -> [b*s, h, d]: tokens first, as the varlen kernels and the all-to-all want.
-    q, k, v = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (query, key, value))
+    q, k, v = (t.transpose(1, 2).reshape(b * s, t.shape[1], t.shape[-1]) for t in (query, key, value))
     if group is not None and dist.get_world_size(group) > 1:
         assert b == 1, f"sequence parallelism packs one row per micro-batch, got batch {b}"
-        out = ulysses_attention(q, k, v, group, attend)  # [s/sp, h, d]
+        out = ulysses_attention(q, k, v, group, attend)  # [s/sp, h, d_v]
     else:
-        out = attend(q, k, v)  # [b*s, h, d]
-    return out.view(b, s, heads, d), None
+        out = attend(q, k, v)  # [b*s, h, d_v]
+    return out.reshape(b, s, heads, d_v), None
 
 
 def _no_dense_mask(*args: Any, **kwargs: Any) -> None:

@@ -1,0 +1,134 @@
+"""The packing probe (sft/models/probe.py): a model type outside the family table trains only when a small random
+instance of it is measured exact, and is refused in one line before anything loads otherwise.
+
+The planted architectures (tests/probe_models.py, registered through `model.external_lib`) leak across packed
+samples, bypass transformers' attention interface, mix tokens outside attention (fine on one rank, wrong under
+Ulysses SP), or add a bias in the LM head that sft's loss would leave out. The model folders hold an empty weights file: a refusal that came after loading would fail otherwise.
+An unlisted standard type trained through the spawned trainer runs, packed == padded, is in tests/test_families.py
+(exaone4)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import probe_models  # noqa: F401  (registers the planted architectures, as model.external_lib does)
+import pytest
+from conftest import base_overrides
+from family_models import COMMON
+from transformers import AutoConfig
+
+from sft.cli import compose
+from sft.config.checks import validate_config
+from sft.config.errors import ConfigError
+from sft.parallel.distributed import WorldInfo
+
+PACKED = ["use_remove_padding=true"]
+SP2 = ["use_remove_padding=true", "ulysses_sequence_parallel_size=2"]
+
+
+def _folder(demo_dir: Path, root: Path, model_type: str, **extra) -> Path:
+    """A model folder of `model_type` (the demo tokenizer, a small config) whose weights file is empty."""
+    folder = root / model_type
+    folder.mkdir(parents=True)
+    for f in (demo_dir / "model").iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, folder / f.name)
+    vocab = AutoConfig.from_pretrained(demo_dir / "model").vocab_size
+    AutoConfig.for_model(model_type, **dict(COMMON, num_hidden_layers=3, vocab_size=vocab), **extra).save_pretrained(
+        folder
+    )
+    (folder / "model.safetensors").write_bytes(b"")
+    return folder
+
+
+def _validate(demo_dir: Path, tmp: Path, folder: Path, extra: list[str], world: int = 1) -> None:
+    overrides = base_overrides(demo_dir, tmp / "out") + [
+        f"model.partial_pretrain={folder}",
+        "model.external_lib=probe_models",
+        *extra,
+    ]
+    validate_config(compose(overrides), WorldInfo(rank=0, world_size=world, local_rank=0, local_world_size=world))
+
+
+@pytest.mark.parametrize(
+    "model_type,extra,expect",
+    [
+        (
+            "sft_token_shift",
+            PACKED,
+            r"model_type='sft_token_shift' is not in sft's table .* packed logits differ from one-sample-at-a-time "
+            r"logits by 0\.\d+ .*; use_remove_padding=false trains it exactly",
+        ),
+        ("sft_token_shift", SP2, "packed logits differ"),
+        ("sft_own_attention", PACKED, "never called sft's packed attention function"),
+        ("sft_own_attention", SP2, "never called sft's packed attention function"),
+        ("sft_segment_mix", SP2, "ulysses_sequence_parallel_size=2 its layers outside the attention function mix"),
+        ("sft_head_bias", PACKED, "turns hidden states into logits differently from sft's loss"),
+    ],
+)
+def test_planted_architectures_refused_before_loading(demo_dir, tmp_path, model_type, extra, expect):
+    folder = _folder(demo_dir, tmp_path, model_type)
+    with pytest.raises(ConfigError, match=expect) as err:
+        _validate(demo_dir, tmp_path, folder, extra, world=2 if extra is SP2 else 1)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "model_type,extra",
+    [
+        ("sft_token_shift", []),  # its leak only looks back: right-padded rows are exact
+        ("sft_own_attention", []),
+        ("sft_segment_mix", PACKED),  # restarts with every sample: exact packed on one rank
+        ("helium", SP2),  # a standard architecture outside the table
+    ],
+)
+def test_exact_architectures_train_with_one_log_line(demo_dir, tmp_path, caplog, model_type, extra):
+    folder = _folder(demo_dir, tmp_path, model_type)
+    with caplog.at_level(logging.INFO, logger="sft"):
+        _validate(demo_dir, tmp_path, folder, extra, world=2 if extra is SP2 else 1)
+    lines = [r.getMessage() for r in caplog.records if "verified by sft's packing probe" in r.getMessage()]
+    assert len(lines) == 1 and model_type in lines[0], lines
+
+
+def test_what_the_probe_cannot_measure_needs_a_row(demo_dir, tmp_path):
+    """Final soft-capping is applied by sft's loss, not by the forward the probe compares: a row must say so."""
+    folder = _folder(demo_dir, tmp_path, "helium", final_logit_softcapping=30.0)
+    with pytest.raises(
+        ConfigError, match=r"config.final_logit_softcapping=30.0 \(final-logit soft-capping\) needs a row"
+    ):
+        _validate(demo_dir, tmp_path, folder, PACKED)
+
+
+REMOTE_CODE = """
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+
+class ShiftLayer(LlamaDecoderLayer):
+    def forward(self, hidden_states, *args, **kwargs):
+        return super().forward(hidden_states + 0.5 * F.pad(hidden_states, (0, 0, 1, 0))[:, :-1], *args, **kwargs)
+
+
+class ShiftForCausalLM(LlamaForCausalLM):
+    def __init__(self, config):
+        super().__init__(config)
+        for layer in self.model.layers:
+            layer.__class__ = ShiftLayer
+"""
+
+
+def test_remote_code_of_a_listed_type_goes_through_the_probe(demo_dir, tmp_path):
+    """model_type=llama is in the table, but with model.trust_remote_code=true its auto_map class runs instead of
+    transformers' Llama: the table's promise does not hold for it, the probe decides."""
+    folder = _folder(demo_dir, tmp_path, "llama")
+    (folder / "modeling_shift.py").write_text(REMOTE_CODE)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_shift.ShiftForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"model_type='llama' runs remote code .* packed logits differ"):
+        _validate(demo_dir, tmp_path, folder, PACKED + ["model.trust_remote_code=true"])
+    _validate(demo_dir, tmp_path, folder, PACKED)  # without remote code, transformers' Llama: the table's row
