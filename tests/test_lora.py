@@ -87,6 +87,35 @@ def test_target_modules_are_checked_on_the_meta_model(demo_dir, tmp_path):
     assert len(lora_layers(every.lm)) == 2 * 7 and "lm_head" not in lora_layers(every.lm)
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "gemma4_text", "deepseek_v3"])
+def test_all_linear_on_moe_models_adapts_linears_not_experts_or_routers(demo_dir, tmp_path, family):
+    """peft's own all-linear wraps MoE experts and routers as parameter wrappers (and sft then failed on them):
+    sft's all-linear is every nn.Linear outside the routers (as the family table finds them) and the LM head."""
+    from family_models import write_family_model
+
+    from sft.models.families import moe_spec
+
+    folder = write_family_model(demo_dir / "model", tmp_path / family, family)
+    hf_config = AutoConfig.from_pretrained(folder)
+    model = build_meta_model(hf_config, compose([*base_overrides(demo_dir, tmp_path / "o"), "model.lora_rank=4"]))
+    suffix = moe_spec(hf_config).router_suffix
+    modules = dict(model.lm.named_modules())
+    routers = [n for n, m in modules.items() if type(m).__name__.lower().endswith(suffix)]
+    assert routers, family
+    adapted = sorted(lora_layers(model.lm))
+    want = sorted(
+        n
+        for n, m in modules.items()
+        if type(m).__name__ == "Linear"
+        and not n.endswith(".base_layer")
+        and "lora_" not in n
+        and n != "lm_head"
+        and not any(n.startswith(r + ".") for r in routers)
+    )
+    assert adapted == want and adapted, (family, adapted, want)
+    assert not any(type(modules[n].get_base_layer()).__name__ != "Linear" for n in adapted)
+
+
 def test_adapter_of_other_modules_is_refused(demo_dir, tmp_path):
     cfg = compose([*base_overrides(demo_dir, tmp_path / "o"), "model.lora_rank=4", "model.target_modules=[q_proj]"])
     lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(demo_dir / "model"))

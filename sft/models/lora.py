@@ -48,6 +48,21 @@ def is_lora(lm: nn.Module) -> bool:
     return bool(lora_layers(lm))
 
 
+def all_linear(lm: nn.Module) -> list[str]:
+    """`model.target_modules=all-linear`: the path of every `nn.Linear` but the LM head and MoE routers. Not peft's own
+    "all-linear", which also wraps MoE experts and routers (3-D weights, as parameter wrappers) that sft's loss,
+    merge and export do not adapt: a router with an adapter would change the routing."""
+    head = lm.get_output_embeddings()
+    # Routers are found by class name, as the family table names them (sft/models/families.py MoESpec.router_suffix:
+    # all end in "router"); some hold an nn.Linear (Gemma 4's router.proj).
+    routers = [n for n, mod in lm.named_modules() if type(mod).__name__.lower().endswith("router")]
+    return [
+        n
+        for n, mod in lm.named_modules()
+        if isinstance(mod, nn.Linear) and mod is not head and not any(n.startswith(r + ".") for r in routers)
+    ]
+
+
 def _check_targets(lm: nn.Module, targets: list[str]) -> None:
     """Each entry must match (as peft matches: the path or a suffix after a dot) linear layers only;
     the LM head is refused because the fused loss reads its weight directly (an adapter there would be ignored)."""
@@ -81,7 +96,9 @@ def add_lora(lm: nn.Module, m: ModelConfig, load_adapter: bool = False) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
     targets = m.target_modules if isinstance(m.target_modules, str) else list(m.target_modules)
-    if targets != "all-linear":
+    if targets == "all-linear":
+        targets = all_linear(lm)
+    else:
         # A single other string would be a regex to peft; here it names one module.
         targets = [targets] if isinstance(targets, str) else targets
         _check_targets(lm, targets)
@@ -98,7 +115,12 @@ def add_lora(lm: nn.Module, m: ModelConfig, load_adapter: bool = False) -> None:
         lora_dropout=0.0,
         bias="none",
     )
-    inject_adapter_in_model(config, lm)
+    # Through a holder that has no `config`: for MoE model types whose layout changed in transformers v5, peft reads
+    # gate_proj/up_proj/down_proj as also naming the experts' 3-D weights and wraps them (and would wrap a
+    # `shared_experts.gate_proj` target's experts too). sft adapts linear layers only; the module paths are unchanged.
+    holder = nn.Module()
+    holder.add_module("lm", lm)
+    inject_adapter_in_model(config, holder)
     for layer in lora_layers(lm).values():
         # One dtype per FSDP unit: peft leaves meta adapters in fp32 whatever the base dtype is.
         dtype = layer.get_base_layer().weight.dtype
