@@ -38,7 +38,7 @@ from sft.data.scan import write_bad_samples
 from sft.data.storage import TokenizeShard
 from sft.loop.budget import TokenBudget, choose_token_budget
 from sft.loop.callbacks import StepCallback, callback_factories, make_callbacks
-from sft.loop.flops import peak_flops_per_gpu, useful_flops
+from sft.loop.flops import flops_reason, peak_flops_per_gpu, useful_flops
 from sft.loop.loggers import MetricsLogger
 from sft.loop.optim import build_optimizer, build_scheduler
 from sft.loop.plan import make_plan
@@ -100,7 +100,7 @@ class FSDPSFTTrainer:
         self.sync_debug: str | int = "default"
         self.preempt_requested = False
         self._aux_weight: torch.Tensor | float = 0.0
-        self.peak_flops = peak_flops_per_gpu(ctx.device)  # None on CPU or an unknown GPU: no train/mfu
+        self.peak_flops = self._peak_flops()  # None on CPU, an unknown GPU or uncounted FLOPs: no train/mfu
         self.build_window = BuildWindow()
         self.state = TrainState()
         run_id = self._resume()  # before the metrics logger: a resumed run continues its wandb run
@@ -261,6 +261,14 @@ class FSDPSFTTrainer:
             # The host copy of the boundaries: recurrent kernels size their chunk tables from it, not from the GPU.
             kwargs["cu_seq_lens_cpu"] = mb.cu_seq_lens
         return self.model(**kwargs)
+
+    def _peak_flops(self) -> float | None:
+        peak = peak_flops_per_gpu(self.ctx.device)
+        why = flops_reason(self.hf_config)
+        if peak is not None and why is not None:
+            logger.info("train/mfu not reported: sft's FLOP count (sft/loop/flops.py) does not cover %s", why)
+            return None
+        return peak
 
     def _useful_flops(self, micro_batches: list[MicroBatch]) -> float:
         """This rank's share of the step's useful FLOPs (causal attention over the real sample lengths, padding

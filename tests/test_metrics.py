@@ -354,3 +354,32 @@ def test_matmul_params_counts_active_experts_of_a_real_moe_model(dense_layers) -
     linear, routers, experts = _moe_weights(model, top_k=3, n_experts=8)
     assert routers > 0 and experts > 0
     assert matmul_params(cfg) == linear + routers + experts
+
+
+def test_flops_formula_is_exact_wherever_mfu_is_reported(demo_dir, tmp_path) -> None:
+    """Where `flops_reason` is None (MFU reported), N equals the nn.Linear weights of the real model, for every dense
+    family the tests build; where the formula does not hold (MLA, recurrent mixers, a type outside the table),
+    `flops_reason` says why and the trainer reports no MFU."""
+    from family_models import FAMILY_TYPES, write_family_model
+    from hybrid_models import write_hybrid_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sft.loop.flops import flops_reason
+    from sft.models.families import moe_spec
+
+    checked = []
+    for t in FAMILY_TYPES:
+        cfg = AutoConfig.from_pretrained(write_family_model(demo_dir / "model", tmp_path / t, t))
+        if moe_spec(cfg) is not None:
+            continue  # active experts: test_matmul_params_counts_active_experts_of_a_real_moe_model
+        model = AutoModelForCausalLM.from_config(cfg)
+        linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+        if flops_reason(cfg) is None:
+            assert matmul_params(cfg) == linear, t
+            checked.append(t)
+    assert len(checked) >= 10, checked
+    mla = AutoConfig.from_pretrained(write_family_model(demo_dir / "model", tmp_path / "mla", "deepseek_v3"))
+    assert "multi-head latent attention" in flops_reason(mla)
+    hybrid = AutoConfig.from_pretrained(write_hybrid_model(demo_dir / "model", tmp_path / "gdn", "qwen3_5_text"))
+    assert "recurrent layers" in flops_reason(hybrid)
+    assert "no row" in flops_reason(AutoConfig.for_model("exaone4"))

@@ -85,6 +85,23 @@ def _is_sparse_layer(cfg: Any, i: int) -> bool:
     return (i + 1) % step == 0
 
 
+def flops_reason(hf_config: Any) -> str | None:
+    """Why the formulas here do not count this model's FLOPs (None: they do), so that no MFU is reported rather
+    than a wrong one: recurrent mixers (hybrids) and multi-head latent attention have matmuls of other shapes, and a
+    model type outside the family table (sft/models/probe.py) may have any."""
+    from sft.models.families import FAMILIES, recurrent_spec
+
+    cfg = _text_config(hf_config)
+    model_type = getattr(cfg, "model_type", None)
+    if model_type not in FAMILIES:
+        return f"model_type={model_type!r} has no row in sft's family table"
+    if recurrent_spec(model_type) is not None:
+        return f"{model_type}'s recurrent layers"
+    if getattr(cfg, "kv_lora_rank", None):
+        return f"{model_type}'s multi-head latent attention"
+    return None
+
+
 def _attn_flops_unit(hf_config: Any) -> int:
     # L * H * d: both attention FLOP formulas are multiples of it.
     layers, heads, _, head_dim = _attn_dims(_text_config(hf_config))
