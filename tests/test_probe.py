@@ -29,17 +29,17 @@ PACKED = ["use_remove_padding=true"]
 SP2 = ["use_remove_padding=true", "ulysses_sequence_parallel_size=2"]
 
 
-def _folder(demo_dir: Path, root: Path, model_type: str, **extra) -> Path:
-    """A model folder of `model_type` (the demo tokenizer, a small config) whose weights file is empty."""
+def _folder(demo_dir: Path, root: Path, model_type: str, bare: dict | None = None, **extra) -> Path:
+    """A model folder of `model_type` (the demo tokenizer, a small config, or `bare` and the vocabulary) whose weights
+    file is empty."""
     folder = root / model_type
     folder.mkdir(parents=True)
     for f in (demo_dir / "model").iterdir():
         if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
             shutil.copy(f, folder / f.name)
     vocab = AutoConfig.from_pretrained(demo_dir / "model").vocab_size
-    AutoConfig.for_model(model_type, **dict(COMMON, num_hidden_layers=3, vocab_size=vocab), **extra).save_pretrained(
-        folder
-    )
+    keys = dict(bare, vocab_size=vocab) if bare is not None else dict(COMMON, num_hidden_layers=3, vocab_size=vocab)
+    AutoConfig.for_model(model_type, **keys, **extra).save_pretrained(folder)
     (folder / "model.safetensors").write_bytes(b"")
     return folder
 
@@ -132,3 +132,59 @@ def test_remote_code_of_a_listed_type_goes_through_the_probe(demo_dir, tmp_path)
     with pytest.raises(ConfigError, match=r"model_type='llama' runs remote code .* packed logits differ"):
         _validate(demo_dir, tmp_path, folder, PACKED + ["model.trust_remote_code=true"])
     _validate(demo_dir, tmp_path, folder, PACKED)  # without remote code, transformers' Llama: the table's row
+
+
+# Found by building every causal-LM type of transformers: accepted by the checks, then failing after loading.
+@pytest.mark.parametrize(
+    "model_type,config,extra,expect",
+    [
+        # attention dropout under GPT-2's key: the packed attention applies none
+        ("gpt2", dict(n_embd=32, n_layer=2, n_head=4, n_inner=64, attn_pdrop=0.1), PACKED, r"sets attn_pdrop=0\.1, "),
+        # a class without `_no_split_modules`: FSDP finds no blocks to shard
+        ("biogpt", dict(COMMON, num_hidden_layers=2), [], r"BioGptForCausalLM declares no `_no_split_modules`"),
+    ],
+)
+def test_refused_in_the_checks_not_after_loading(demo_dir, tmp_path, model_type, config, extra, expect):
+    folder = _folder(demo_dir, tmp_path, model_type, bare=config)
+    with pytest.raises(ConfigError, match=expect) as err:
+        _validate(demo_dir, tmp_path, folder, extra)
+    assert "\n" not in str(err.value)
+
+
+def test_attention_dropout_override_is_accepted(demo_dir, tmp_path):
+    folder = _folder(demo_dir, tmp_path, "gpt2", bare=dict(n_embd=32, n_layer=2, n_head=4, n_inner=64, attn_pdrop=0.1))
+    _validate(demo_dir, tmp_path, folder, [*PACKED, "+model.override_config.attn_pdrop=0.0"])
+
+
+def test_a_draft_model_reading_another_models_keys_is_refused():
+    """Gemma 4's assistant (a draft model for assisted decoding) reads every layer's keys and values from its target
+    model: sft cannot train it alone."""
+    from sft.models.families import unsupported_reason
+
+    text = dict(model_type="gemma4_text", num_hidden_layers=2, num_kv_shared_layers=2)
+    reason = unsupported_reason(dict(model_type="gemma4_assistant", text_config=text))
+    assert "num_kv_shared_layers=2 of its 2 layers" in reason and "draft model" in reason
+    assert unsupported_reason(dict(model_type="gemma4_text", num_hidden_layers=3, num_kv_shared_layers=1)) is None
+
+
+@pytest.mark.parametrize(
+    "model_type,config",
+    [
+        ("mamba", dict(hidden_size=32, num_hidden_layers=2, state_size=8)),
+        ("mbart", dict(d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64, encoder_layers=2)),
+    ],
+)
+def test_blocks_named_inside_blocks_are_sharded_once(model_type, config):
+    """Mamba names its block and the mixer inside it in `_no_split_modules`, MBart its layers and their attention:
+    FSDP shards the outermost only (sharding both failed at the first forward, DTensor mixed with Tensor)."""
+    from transformers import AutoModelForCausalLM
+
+    from sft.parallel.fsdp import decoder_layers
+
+    lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config, vocab_size=64))
+    names = set(lm._no_split_modules)
+    named = [m for m in lm.modules() if type(m).__name__ in names]
+    layers = decoder_layers(lm)
+    assert len(named) > len(layers) == 2, (len(named), len(layers))
+    for outer in layers:
+        assert not any(outer is not other and any(m is outer for m in other.modules()) for other in layers)

@@ -15,7 +15,7 @@ from sft.config.schema import DTYPES, EXPERTS_IMPLEMENTATIONS, GRADIENT_CHECKPOI
 from sft.models.attention.kernels import CHOICES as ATTN_CHOICES
 from sft.models.attention.kernels import KERNELS as ATTN_KERNELS
 from sft.models.attention.kernels import installed as attn_installed
-from sft.models.families import needs_probe, recurrent_spec, unsupported_reason
+from sft.models.families import ATTENTION_DROPOUT_KEYS, needs_probe, recurrent_spec, unsupported_reason
 from sft.models.loading import load_hf_config
 from sft.models.multimodal import is_multimodal, model_class_name, weight_files
 from sft.models.probe import probe_reason
@@ -212,12 +212,14 @@ def _check_model_folder(cfg: SFTConfig) -> None:
     reason = recurrent and sp_reason(config, recurrent, cfg.ulysses_sequence_parallel_size)
     need(not reason, f"model.partial_pretrain={p}: {reason}")
     # The packed attention has no dropout; say so now rather than at the first forward, after loading.
-    dropout = cfg.model.override_config.get("attention_dropout", config.get("attention_dropout") or 0.0)
-    need(
-        not cfg.use_remove_padding or not dropout,
-        f"model.partial_pretrain={p}: config.json sets attention_dropout={dropout}, which remove-padding attention "
-        "does not apply; set +model.override_config.attention_dropout=0.0 (or use_remove_padding=false)",
-    )
+    for name in ATTENTION_DROPOUT_KEYS:
+        dropout = cfg.model.override_config.get(name, config.get(name) or 0.0)
+        need(
+            not cfg.use_remove_padding or not dropout,
+            f"model.partial_pretrain={p}: config.json sets {name}={dropout}, which remove-padding attention does not "
+            f"apply; set +model.override_config.{name}=0.0 (or use_remove_padding=false)",
+        )
+    _check_layers_declared(p, config, cfg.model.trust_remote_code)
     vocab = config.get("vocab_size")
     need(
         vocab is None or (isinstance(vocab, int) and vocab > 0),
@@ -230,6 +232,28 @@ def _check_model_folder(cfg: SFTConfig) -> None:
             load_hf_config(cfg), cfg.use_remove_padding, cfg.ulysses_sequence_parallel_size, cfg.model.trust_remote_code
         )
         need(reason is None, f"model.partial_pretrain={p}: {reason}")
+
+
+def _check_layers_declared(p: Path, config: dict, trust_remote_code: bool) -> None:
+    """FSDP shards the blocks a model class names in `_no_split_modules` (sft/parallel/fsdp.py): a class without them
+    is refused here, before the data is tokenised, rather than when the model is built."""
+    if trust_remote_code and config.get("auto_map"):
+        return  # the class comes with the checkpoint: known only once imported
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    model_type = config.get("model_type")
+    names = [
+        *(config.get("architectures") or []),
+        modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type),
+        modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type),
+    ]
+    classes = [c for c in (getattr(transformers, n, None) for n in names if isinstance(n, str)) if c is not None]
+    need(
+        not classes or any(getattr(c, "_no_split_modules", None) for c in classes),
+        f"model.partial_pretrain={p}: {classes[0].__name__ if classes else model_type} declares no "
+        "`_no_split_modules`, so sft cannot find its decoder layers to shard; this architecture is not supported",
+    )
 
 
 def _check_multimodal(p: Path, config: dict) -> None:

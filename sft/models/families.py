@@ -180,6 +180,8 @@ _FEATURE_KEYS = {
 _PROBED_FEATURES = frozenset({"attn_logit_softcapping"})
 # Attention that looks both ways makes next-token training meaningless (Gemma 3's `true`, Gemma 4's "all").
 _BIDIRECTIONAL = (True, "all")
+# Config keys of attention dropout, by family: sft's packed attention applies none (sft/config/model_checks.py).
+ATTENTION_DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "attn_dropout", "attention_probs_dropout_prob")
 
 
 # Multimodal checkpoints (a `text_config` in config.json) train their text model under its own row above
@@ -207,6 +209,13 @@ def unsupported_reason(config: dict[str, Any]) -> str | None:
     if isinstance(config.get("text_config"), dict) and model_type not in FAMILIES:
         return _wrapper_reason(config)
     fam = FAMILIES.get(model_type)
+    layers, shared = config.get("num_hidden_layers"), config.get("num_kv_shared_layers")
+    if isinstance(layers, int) and isinstance(shared, int) and shared >= layers > 0:
+        return (
+            f"model_type={model_type!r} has num_kv_shared_layers={shared} of its {layers} layers: every layer reads "
+            "keys and values that another model computes (a draft model for assisted decoding, e.g. "
+            "gemma4_assistant); sft trains standalone causal LMs"
+        )
     if config.get("use_bidirectional_attention") in _BIDIRECTIONAL:
         return (
             f"model_type={model_type!r} with config.use_bidirectional_attention="

@@ -27,7 +27,16 @@ def decoder_layers(lm: nn.Module) -> list[nn.Module]:
     """The repeated blocks of an HF decoder: the classes the model names in `_no_split_modules` (or, once
     sharded, the FSDP subclasses of them)."""
     names = set(getattr(lm, "_no_split_modules", None) or [])
-    layers = [m for m in lm.modules() if any(c.__name__ in names for c in type(m).__mro__)]
+    layers: list[nn.Module] = []
+    inside: set[int] = set()  # modules within a block already taken
+    for m in lm.modules():  # parents come before their children
+        if id(m) in inside or not any(c.__name__ in names for c in type(m).__mro__):
+            continue
+        # Outermost only: some classes also name a module inside their block (Mamba's mixer in its block, MBart's
+        # attention in its layer); sharding both would leave the inner one's DTensors inside the outer's plain
+        # tensors at the first forward.
+        layers.append(m)
+        inside.update(id(x) for x in m.modules())
     if not layers:
         raise ValueError(
             f"model.partial_pretrain: {type(lm).__name__} declares no `_no_split_modules`, so sft cannot find "
