@@ -84,6 +84,33 @@ def two_steps(demo: Path, model: Path, out: Path, *extra: str, samples: int | No
     ]
 
 
+def export_val_loss(export: Path, demo: Path, out: Path) -> float:
+    """The validation loss of an HF export as plain transformers computes it (the model's own layers, one sample at
+    a time, no packing): what the trainer's val/loss over the same `two_steps` validation rows must equal."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sft.cli import compose
+    from sft.data.batch import labels_from_loss_mask
+    from sft.data.build import build_dataset
+
+    model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+    cfg = compose(two_steps(demo, export, out))
+    ds = build_dataset(
+        f"{demo}/val.parquet", AutoTokenizer.from_pretrained(export), cfg.data, 4, pad_to_max_length=False
+    )
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(ds)):
+            item = ds[i]
+            labels = labels_from_loss_mask(item["input_ids"][None], item["loss_mask"][None])
+            logits = model(item["input_ids"][None], use_cache=False).logits.float()
+            total += float(F.cross_entropy(logits[0], labels[0], reduction="sum", ignore_index=-100))
+            count += int((labels != -100).sum())
+    return total / count
+
+
 # ----- data fixtures (data package) -----
 @pytest.fixture(scope="session")
 def demo_tokenizer():

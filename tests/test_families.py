@@ -12,18 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import base_overrides, two_steps
+from conftest import base_overrides, export_val_loss, two_steps
 from distributed_helper import run_ranks
 from family_models import COMMON, FAMILY_TYPES, PROBED_TYPES, write_family_model
 from family_workers import train_many
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from sft.cli import compose
 from sft.config.checks import validate_config
 from sft.config.errors import ConfigError
-from sft.data.batch import labels_from_loss_mask
-from sft.data.build import build_dataset
 from sft.models.attention.varlen import ATTN_NAME, register_varlen_attention
 from sft.models.families import FAMILIES, unsupported_reason
 
@@ -126,19 +123,7 @@ def test_export_reproduces_val_loss(runs, demo_dir):
         run = runs["rmpad"][t]
         val = [m["val/loss"] for m in run["metrics"] if "val/loss" in m][-1]
         hf = run["out"] / "global_step_2" / "huggingface"
-        model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
-        tok = AutoTokenizer.from_pretrained(hf)
-        cfg = compose(_overrides(demo_dir, hf, run["out"], []))
-        ds = build_dataset(f"{demo_dir}/val.parquet", tok, cfg.data, 4, pad_to_max_length=False)
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for i in range(len(ds)):
-                item = ds[i]
-                labels = labels_from_loss_mask(item["input_ids"][None], item["loss_mask"][None])
-                logits = model(item["input_ids"][None]).logits.float()
-                total += float(F.cross_entropy(logits[0], labels[0], reduction="sum", ignore_index=-100))
-                count += int((labels != -100).sum())
-        assert total / count == pytest.approx(val, rel=1e-5), t
+        assert export_val_loss(hf, demo_dir, run["out"]) == pytest.approx(val, rel=1e-5), t
 
 
 @pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text", "gpt_oss", "mistral", "gemma4_text", "deepseek_v3"])

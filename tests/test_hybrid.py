@@ -15,18 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import base_overrides, two_steps
+from conftest import base_overrides, export_val_loss, two_steps
 from distributed_helper import run_ranks
 from hybrid_models import HYBRID_TYPES, write_hybrid_model
 from hybrid_workers import leaking_rows, train_hybrids
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from sft.cli import compose
 from sft.config.checks import validate_config
 from sft.config.errors import ConfigError
-from sft.data.batch import labels_from_loss_mask
-from sft.data.build import build_dataset
 from sft.loop.budget import activation_bytes_per_token
 from sft.models.attention.varlen import register_varlen_attention
 from sft.models.families import moe_spec, recurrent_spec
@@ -156,19 +153,7 @@ def test_export_reproduces_val_loss(runs, demo_dir):
         val = [m["val/loss"] for m in run["metrics"] if "val/loss" in m][-1]
         hf = run["out"] / "global_step_2" / "huggingface"
         assert json.loads((hf / "config.json").read_text())["model_type"] == t
-        model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
-        tok = AutoTokenizer.from_pretrained(hf)
-        cfg = compose(_overrides(demo_dir, hf, run["out"], []))
-        ds = build_dataset(f"{demo_dir}/val.parquet", tok, cfg.data, 4, pad_to_max_length=False)
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for i in range(len(ds)):
-                item = ds[i]
-                labels = labels_from_loss_mask(item["input_ids"][None], item["loss_mask"][None])
-                logits = model(item["input_ids"][None], use_cache=False).logits.float()
-                total += float(F.cross_entropy(logits[0], labels[0], reduction="sum", ignore_index=-100))
-                count += int((labels != -100).sum())
-        assert total / count == pytest.approx(val, rel=1e-5), t
+        assert export_val_loss(hf, demo_dir, run["out"]) == pytest.approx(val, rel=1e-5), t
 
 
 def _packed_vs_single(single: torch.nn.Module, packed: torch.nn.Module) -> float:
