@@ -248,3 +248,25 @@ def test_fla_that_cannot_run_its_backward_here_is_not_used(monkeypatch):
             assert "Triton 3.6.0" in said and "tilelang" in said, said
     for fn in (kernels._fla, kernels._usable_fla):
         fn.cache_clear()
+
+
+def test_a_hybrid_config_without_recurrent_layers_builds_as_attention_only(demo_dir, tmp_path):
+    """LFM2's config class lists only attention layers by default: nothing to install, the packed model builds (it
+    raised "no recurrent modules" at the model build). A model whose listed recurrent layers are not found still
+    fails loudly."""
+    from dataclasses import replace
+
+    from sft.models.loading import build_meta_model
+    from sft.models.recurrent import install
+
+    model = write_hybrid_model(
+        demo_dir / "model", tmp_path / "m", "lfm2", layer_types=["full_attention"] * 3, conv_bias=False
+    )
+    hf_config = AutoConfig.from_pretrained(model)
+    cfg = compose(base_overrides(demo_dir, tmp_path / "out") + [f"model.partial_pretrain={model}", *RMPAD])
+    assert build_meta_model(hf_config, cfg).recurrent is False
+    conv = AutoConfig.from_pretrained(write_hybrid_model(demo_dir / "model", tmp_path / "c", "lfm2"))
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(conv)
+    with pytest.raises(ValueError, match="no recurrent modules"):
+        install.install_packed_mixers(lm, replace(recurrent_spec("lfm2"), module_suffix="renamedconv"))

@@ -208,14 +208,14 @@ def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig) -> CausalLMWit
             )
         add_lora(lm, cfg.model)  # no-op unless model.lora_rank > 0
     recurrent = recurrent_spec(hf_config.model_type) if cfg.use_remove_padding else None
-    if recurrent is not None:
-        # Packed rows: the recurrent mixers restart at every sample and split over SP ranks (sft/models/recurrent/).
-        n = install_packed_mixers(lm, recurrent)
+    # Packed rows: the recurrent mixers restart at every sample and split over SP ranks (sft/models/recurrent/).
+    mixers = 0 if recurrent is None else install_packed_mixers(lm, recurrent)
+    if mixers:
         device = torch.device(resolve_device_type(cfg.trainer.device))
         backend = backend_for(device)
         # The reference on a GPU is exact but slow: say it where a user looks for why a run is slow.
         log = logger.warning if device.type == "cuda" and backend.startswith("exact") else logger.info
-        log("recurrent layers: %d %s mixers, %s", n, recurrent.kind, backend)
+        log("recurrent layers: %d %s mixers, %s", mixers, recurrent.kind, backend)
     if cfg.use_remove_padding:
         assert lm.get_decoder().config._attn_implementation == extra["attn_implementation"], "varlen not selected"
     device_type = resolve_device_type(cfg.trainer.device)
@@ -252,7 +252,7 @@ def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig) -> CausalLMWit
         routing = RouterStats(lm, spec, coef)
     model = CausalLMWithLoss(lm, fused_loss=fused, softcap=final_softcap(hf_config), routing=routing)
     model.logit_multiplier = logit_multiplier(hf_config)
-    model.recurrent = recurrent is not None
+    model.recurrent = mixers > 0
     model.frozen = frozen
     # Fused norms and SwiGLU keep fewer activations: the token budget's memory estimate uses it.
     model.liger_layers = liger and mlp_kernel(hf_config.model_type) != "none"

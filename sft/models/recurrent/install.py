@@ -53,7 +53,8 @@ def _packed_call(module: nn.Module, original, packed, call: _DecoderCall, *args,
 
 
 def install_packed_mixers(lm: nn.Module, spec: RecurrentSpec) -> int:
-    """Give each mixer module of `lm` its kind's packed forward; returns how many. Parameters are untouched."""
+    """Give each mixer module of `lm` its kind's packed forward; returns how many (0 for a config whose layers are all
+    attention). Parameters are untouched."""
     packed, call = FORWARDS[spec.kind], _DecoderCall()
     n = 0
     for module in lm.modules():
@@ -61,6 +62,8 @@ def install_packed_mixers(lm: nn.Module, spec: RecurrentSpec) -> int:
             module.forward = functools.partial(_packed_call, module, module.forward, packed, call)
             setattr(module, _MARK, spec.kind)
             n += 1
+    if n == 0 and _attention_only(lm.config):
+        return 0  # e.g. LFM2's default layer list: no recurrent layer, nothing to install
     if n == 0:
         raise ValueError(
             f"{type(lm).__name__}: no recurrent modules (class name ending in {spec.module_suffix!r}) found; this "
@@ -68,6 +71,17 @@ def install_packed_mixers(lm: nn.Module, spec: RecurrentSpec) -> int:
         )
     lm.get_decoder().register_forward_pre_hook(call.remember, with_kwargs=True)
     return n
+
+
+# Per-layer kinds that mix no state across tokens outside attention (hybrid configs list a kind per layer).
+_ATTENTION_KINDS = frozenset({"full_attention", "sliding_attention", "attention", "mlp", "moe"})
+
+
+def _attention_only(config: Any) -> bool:
+    """Whether the config's per-layer list (`layer_types`, `layers_block_type`) names attention and MLP layers only."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    kinds = getattr(config, "layer_types", None) or getattr(config, "layers_block_type", None)
+    return bool(kinds) and set(kinds) <= _ATTENTION_KINDS
 
 
 def _valid_sizes(heads: int, groups: int | None) -> list[int]:
