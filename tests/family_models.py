@@ -130,7 +130,7 @@ def write_family_model(demo_model: Path, out: Path, model_type: str, **overrides
         if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "generation_config")):
             shutil.copy(f, out / f.name)
     demo_cfg = AutoConfig.from_pretrained(demo_model)
-    kw = dict(COMMON, **EXTRA.get(model_type, {}), **overrides)
+    kw = {**COMMON, **EXTRA.get(model_type, {}), **overrides}  # later ones win
     kw.update(
         vocab_size=demo_cfg.vocab_size,
         bos_token_id=demo_cfg.bos_token_id,

@@ -153,3 +153,22 @@ def test_aux_loss_value_and_gradient_match_reference(lengths, model_type):
     torch.testing.assert_close(loss_sum.detach() / n_targets, ref_loss.detach() - COEF * ref_aux.detach())
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "glm4_moe"])
+def test_a_moe_config_whose_layers_are_all_dense_builds_as_dense(demo_dir, tmp_path, model_type):
+    """DeepSeek-V3 and GLM-4.5 keep their first `first_k_dense_replace` layers dense (3 in DeepSeek-V3's config class):
+    a model with no more layers than that has no router, and builds as a dense model (the build raised "no router
+    modules found"); one sparse layer more and it routes again."""
+    from conftest import base_overrides
+    from family_models import write_family_model
+
+    from sft.cli import compose
+    from sft.models.loading import build_meta_model
+
+    for dense, routes in ((2, False), (1, True)):
+        folder = write_family_model(demo_dir / "model", tmp_path / f"{dense}", model_type, first_k_dense_replace=dense)
+        hf_config = AutoConfig.from_pretrained(folder)
+        cfg = compose(base_overrides(demo_dir, tmp_path / "out") + [f"model.partial_pretrain={folder}"])
+        assert (moe_spec(hf_config) is not None) == routes
+        assert (build_meta_model(hf_config, cfg).routing is not None) == routes

@@ -58,7 +58,7 @@ def matmul_params(hf_config: Any) -> int:
     top-k experts, and a shared expert with its gate where the family has one, not all experts,
     so MFU is on active parameters.
     """
-    from sft.models.families import mlp_matrices, moe_spec, num_experts
+    from sft.models.families import mlp_matrices, moe_spec, num_experts, sparse_layer
 
     cfg = _text_config(hf_config)
     layers, heads, kv_heads, head_dim = _attn_dims(cfg)
@@ -72,17 +72,10 @@ def matmul_params(hf_config: Any) -> int:
     routed = int(getattr(cfg, spec.top_k_key)) * 3 * hidden * width + hidden * num_experts(cfg, spec)
     if spec.shared_expert_key is not None and getattr(cfg, spec.shared_expert_key, None):
         routed += 3 * hidden * int(getattr(cfg, spec.shared_expert_key)) + hidden  # shared expert + its gate
-    sparse = sum(_is_sparse_layer(cfg, i) for i in range(layers))
+    # GLM-4.5 / DeepSeek-V3 style: n_shared_experts always-on experts of the routed experts' width, no gate.
+    routed += 3 * hidden * width * int(getattr(cfg, "n_shared_experts", None) or 0)
+    sparse = sum(sparse_layer(cfg, i) for i in range(layers))
     return layers * attn + sparse * routed + (layers - sparse) * mlp + cfg.vocab_size * hidden
-
-
-def _is_sparse_layer(cfg: Any, i: int) -> bool:
-    # Qwen-MoE configs may keep some layers dense (`mlp_only_layers`, `decoder_sparse_step`);
-    # families without those keys route every layer.
-    if i in (getattr(cfg, "mlp_only_layers", None) or []):
-        return False
-    step = getattr(cfg, "decoder_sparse_step", None) or 1
-    return (i + 1) % step == 0
 
 
 def flops_reason(hf_config: Any) -> str | None:
@@ -99,6 +92,8 @@ def flops_reason(hf_config: Any) -> str | None:
         return f"{model_type}'s recurrent layers"
     if getattr(cfg, "kv_lora_rank", None):
         return f"{model_type}'s multi-head latent attention"
+    if model_type == "gemma4_text":
+        return "Gemma 4's per-layer inputs, double-wide MLPs and MoE block beside the MLP"
     return None
 
 

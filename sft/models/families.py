@@ -319,7 +319,21 @@ def moe_spec(hf_config: Any) -> MoESpec | None:
         return None
     if spec.moe_layer is not None and spec.moe_layer[1] not in (getattr(hf_config, spec.moe_layer[0], None) or ()):
         return None
+    if not any(sparse_layer(hf_config, i) for i in range(getattr(hf_config, "num_hidden_layers", 0) or 0)):
+        return None  # every layer dense (e.g. fewer layers than DeepSeek-V3's first_k_dense_replace): no router
     return spec
+
+
+def sparse_layer(hf_config: Any, i: int) -> bool:
+    """Whether decoder layer i of an MoE config routes its tokens, as transformers builds it: Qwen-MoE keeps
+    `mlp_only_layers` dense and routes every `decoder_sparse_step`-th layer; DeepSeek-V3 and GLM-4.5 keep the first
+    `first_k_dense_replace` layers dense; the other families route every layer."""
+    if i in (getattr(hf_config, "mlp_only_layers", None) or []) or i < (
+        getattr(hf_config, "first_k_dense_replace", 0) or 0
+    ):
+        return False
+    step = getattr(hf_config, "decoder_sparse_step", None) or 1
+    return (i + 1) % step == 0
 
 
 def recurrent_spec(model_type: str | None) -> RecurrentSpec | None:
