@@ -13,20 +13,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from family_models import EXTRA
+from family_models import COMMON, EXTRA
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 WINDOW = 8
-TEXT = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    max_position_embeddings=512,
-    attention_dropout=0.0,
-)
+# The family tests' text widths, with the multimodal classes' own init and tying.
+TEXT = {k: v for k, v in COMMON.items() if k not in ("initializer_range", "tie_word_embeddings")}
 VISION = dict(
     hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
 )

@@ -52,10 +52,13 @@ def all_linear(lm: nn.Module) -> list[str]:
     """`model.target_modules=all-linear`: the path of every `nn.Linear` but the LM head and MoE routers. Not peft's own
     "all-linear", which also wraps MoE experts and routers (3-D weights, as parameter wrappers) that sft's loss,
     merge and export do not adapt: a router with an adapter would change the routing."""
+    from sft.models.families import moe_spec
+
     head = lm.get_output_embeddings()
-    # Routers are found by class name, as the family table names them (sft/models/families.py MoESpec.router_suffix:
-    # all end in "router"); some hold an nn.Linear (Gemma 4's router.proj).
-    routers = [n for n, mod in lm.named_modules() if type(mod).__name__.lower().endswith("router")]
+    # Routers by the class-name suffix the family table gives (as the router statistics and FP8 find them); some
+    # hold an nn.Linear (Gemma 4's router.proj).
+    spec = moe_spec(lm.config.get_text_config())
+    routers = [n for n, mod in lm.named_modules() if spec and type(mod).__name__.lower().endswith(spec.router_suffix)]
     return [
         n
         for n, mod in lm.named_modules()
