@@ -33,9 +33,12 @@ from sft.data.build import build_dataset
 from sft.data.cache import cache_location
 from sft.data.loader import MicroBatchBuilder, build_train_loader
 from sft.data.prefetch import BuildWindow, prefetched
+from sft.data.processor import load_processor
 from sft.data.sampler import StepBatchSampler, eval_indices
 from sft.data.scan import write_bad_samples
 from sft.data.storage import TokenizeShard
+from sft.data.vision_batch import VisionInputs
+from sft.data.vision_rows import has_image_column
 from sft.loop.budget import TokenBudget, choose_token_budget
 from sft.loop.callbacks import StepCallback, callback_factories, make_callbacks
 from sft.loop.flops import flops_reason, peak_flops_per_gpu, useful_flops
@@ -86,6 +89,7 @@ class FSDPSFTTrainer:
         seed_everything(cfg.trainer.seed)  # first: the model's init and the data order draw from it
         factories = callback_factories()  # SFT_CALLBACKS: a bad name fails before anything is loaded
         self.tokenizer, self.hf_config, self.generation_config = self._build_tokenizer()
+        self.processor = self._build_processor()  # images in the data only (vision-language SFT), else None
         self.train_ds, self.val_ds = self._build_data()  # before the model: bad data fails before loading
         self.plan = make_plan(cfg, ctx.world_size, len(self.train_ds))
         self.model = self._build_model()
@@ -122,6 +126,12 @@ class FSDPSFTTrainer:
             generation_config = GenerationConfig.from_model_config(hf_config)
         return tokenizer, hf_config, generation_config
 
+    def _build_processor(self):
+        d = self.cfg.data
+        if not (d.multiturn.enable and has_image_column(d.train_files, d.image_key)):
+            return None
+        return load_processor(self.cfg.model.tokenizer_path or self.cfg.model.partial_pretrain, self.tokenizer)
+
     def _build_data(self) -> tuple:
         d = self.cfg.data
         train_ds = self._dataset(d.train_files, d.train_max_samples)
@@ -140,10 +150,11 @@ class FSDPSFTTrainer:
             pad_to_max_length=not self.cfg.use_remove_padding,
             shard=shard if self.ctx.world_size > 1 else None,
             cache_dir=cache_location(self.cfg.data.cache, self.cfg.data.cache_dir, self.cfg.trainer.default_local_dir),
+            processor=self.processor,
         )
 
     def _build_model(self) -> torch.nn.Module:
-        model = build_meta_model(self.hf_config, self.cfg)
+        model = build_meta_model(self.hf_config, self.cfg, vision=self.processor is not None)
         if self.cfg.model.compile:
             apply_compile(model)
         apply_fsdp(model, self.cfg, self.ctx)
@@ -198,6 +209,9 @@ class FSDPSFTTrainer:
             self.ctx.sp_size,
             pin_memory=self.ctx.device.type == "cuda",
             token_multiple=token_multiple(self.cfg.model.fp8),
+            vision=None
+            if self.processor is None
+            else VisionInputs(self.processor, self.hf_config, self.model.image_token_id),
         )
 
     def _build_io(self) -> tuple[FSDPCheckpointManager, PreemptionWatcher]:

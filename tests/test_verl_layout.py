@@ -135,7 +135,7 @@ def test_keys_map_onto_ours():
         (["engine.optimizer_offload=true"], "engine.param_offload"),
         (["engine.fsdp_size=4"], "hybrid sharding"),
         (["model.enable_activation_offload=true"], "activation offload"),
-        (["data.image_key=images"], "multimodal"),
+        (["data.processor=x"], "own processor"),
         (["data.prompt_key=question"], "messages data only"),
         (["profiler.tool=nsys"], "sft.bench --profile"),
         (["engine.turbo_config.distributed.tensor_parallel_size=2"], "fsdp_turbo"),

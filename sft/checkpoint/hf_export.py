@@ -45,8 +45,8 @@ def export_hf(
             export_config.dtype = hf_dtype
             export_config.get_text_config().use_cache = True  # the export is for inference
             export_config.save_pretrained(out)
-            if model.frozen is not None:  # before the tokenizer's files, which win where both write one
-                model.frozen.write_processor_files(out)
+            for name, data in model.processor_files.items():  # before the tokenizer's, which win where both write
+                (out / name).write_bytes(data)
             tokenizer.save_pretrained(out)
             if generation_config is not None:
                 generation_config.save_pretrained(out)

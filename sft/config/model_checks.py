@@ -12,6 +12,7 @@ from pathlib import Path
 
 from sft.config.errors import ConfigError, either, need
 from sft.config.schema import DTYPES, EXPERTS_IMPLEMENTATIONS, GRADIENT_CHECKPOINTING_MODES, ModelConfig, SFTConfig
+from sft.data.vision_rows import has_image_column
 from sft.models.attention.kernels import CHOICES as ATTN_CHOICES
 from sft.models.attention.kernels import KERNELS as ATTN_KERNELS
 from sft.models.attention.kernels import installed as attn_installed
@@ -20,6 +21,7 @@ from sft.models.loading import load_hf_config
 from sft.models.multimodal import is_multimodal, model_class_name, weight_files
 from sft.models.probe import probe_reason
 from sft.models.recurrent.install import sp_reason
+from sft.models.vision import vision_reason
 from sft.ops.patch import check_liger
 from sft.parallel.distributed import resolve_device_type
 
@@ -204,6 +206,8 @@ def _check_model_folder(cfg: SFTConfig) -> None:
     )
     reason = unsupported_reason(config)
     need(reason is None, f"model.partial_pretrain={p}: {reason}")
+    if cfg.data.multiturn.enable and has_image_column(cfg.data.train_files, cfg.data.image_key):
+        _check_vision(cfg, p, config)
     if is_multimodal(config):
         _check_multimodal(p, config)
         config = config["text_config"]  # the trained model: the checks below are about it
@@ -254,6 +258,25 @@ def _check_layers_declared(p: Path, config: dict, trust_remote_code: bool) -> No
         f"model.partial_pretrain={p}: {classes[0].__name__ if classes else model_type} declares no "
         "`_no_split_modules`, so sft cannot find its decoder layers to shard; this architecture is not supported",
     )
+
+
+def _check_vision(cfg: SFTConfig, p: Path, config: dict) -> None:
+    """Images in the data (the data.image_key column): a multimodal checkpoint of a supported family."""
+    key = f"data.image_key={cfg.data.image_key}"
+    need(
+        is_multimodal(config),
+        f"{key}: the data has images but model.partial_pretrain={p} is a text-only model ({config.get('model_type')}); "
+        "use a vision-language checkpoint, or drop the column to train on text",
+    )
+    reason = vision_reason(config)
+    need(reason is None, f"{key}: {reason}")
+    need(
+        cfg.model.lora_rank == 0,
+        f"model.lora_rank={cfg.model.lora_rank}: LoRA with images in the data is not supported yet; train the full "
+        "model (model.lora_rank=0), or drop the image column to train the text model with LoRA",
+    )
+    need(not cfg.model.compile, "model.compile=true with images in the data is not supported yet; set it false")
+    need(not cfg.model.fp8, "model.fp8 with images in the data is not supported yet; set it false")
 
 
 def _check_multimodal(p: Path, config: dict) -> None:

@@ -83,6 +83,10 @@ class DataConfig:
     cache: bool = True
     # Where the cache lives; null: <trainer.default_local_dir>/data_cache.
     cache_dir: str | None = None
+    # Vision-language rows (multi-turn, a multimodal checkpoint): the column of each row's images (verl's layout:
+    # `<image>` placeholders in the messages; or {"type": "image"} content parts), and of its videos (refused).
+    image_key: str = "images"
+    video_key: str = "videos"
 
 
 @dataclass
@@ -138,6 +142,9 @@ class ModelConfig:
     # FP8 GEMMs in the decoder's linear layers (torchao, `pip install 'sft[fp8]'`; CUDA compute capability 8.9+):
     # false, true (sft's choice: tensorwise), tensorwise or rowwise (sft/ops/fp8.py). Any because OmegaConf has no Union.
     fp8: Any = False
+    # Vision-language SFT (images in the data): keep the vision tower / the projector (merger) unchanged.
+    freeze_vision_tower: bool = False
+    freeze_projector: bool = False
 
 
 @dataclass

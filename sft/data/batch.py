@@ -57,12 +57,14 @@ def padded_micro_batch(items: list[dict[str, torch.Tensor]], multiple_of: int = 
     to `multiple_of` (columns past the items' length are added as padding: id 0, mask 0, no target)."""
     input_ids = torch.stack([it["input_ids"] for it in items])
     attention_mask = torch.stack([it["attention_mask"] for it in items])
-    position_ids = torch.stack([it["position_ids"] for it in items])
+    # [b, s]; multimodal rotary positions [3, s] per item -> [3, b, s], the layout of Qwen-VL models
+    position_ids = torch.stack([it["position_ids"] for it in items], dim=-2)
     loss_mask = torch.stack([it["loss_mask"] for it in items])
     width = -(-max(int(attention_mask.sum(dim=1).max()), 1) // multiple_of) * multiple_of
     extra = max(0, width - input_ids.shape[1])
     input_ids, attention_mask, position_ids, loss_mask = (
-        torch.nn.functional.pad(t[:, :width], (0, extra)) for t in (input_ids, attention_mask, position_ids, loss_mask)
+        torch.nn.functional.pad(t[..., :width], (0, extra))
+        for t in (input_ids, attention_mask, position_ids, loss_mask)
     )
     inputs = {
         "input_ids": input_ids,

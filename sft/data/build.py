@@ -13,6 +13,7 @@ import inspect
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
@@ -21,6 +22,7 @@ from sft.config.schema import DataConfig
 from sft.data.multiturn import MultiTurnSFTDataset
 from sft.data.single_turn import SFTDataset
 from sft.data.storage import TokenizeShard
+from sft.data.vision_dataset import VisionSFTDataset
 
 
 def load_custom_class(path: str | None, name: str | None) -> type[Dataset]:
@@ -56,6 +58,7 @@ def build_dataset(
     pad_to_max_length: bool = True,
     shard: TokenizeShard | None = None,
     cache_dir: str | Path | None = None,
+    processor: Any = None,
 ) -> Dataset:
     """The dataset of one split (train or val) as training uses it.
 
@@ -66,6 +69,10 @@ def build_dataset(
     custom = data_cfg.custom_cls
     if custom.path or custom.name:
         cls = load_custom_class(custom.path, custom.name)
+    elif processor is not None:  # images in the data (sft/data/vision_dataset.py)
+        return VisionSFTDataset(
+            files, tokenizer, data_cfg, max_samples, pad_to_max_length, shard, cache_dir, processor=processor
+        )
     elif data_cfg.multiturn.enable:
         cls = MultiTurnSFTDataset
     else:

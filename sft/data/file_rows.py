@@ -64,7 +64,9 @@ class TableRows:
 class ParquetRows:
     """A parquet file's needed columns, read from disk batch by batch; only the footer is kept."""
 
-    def __init__(self, path: str, required: Mapping[str, str], optional: Sequence[str]) -> None:
+    def __init__(
+        self, path: str, required: Mapping[str, str], optional: Sequence[str], binary: Sequence[str] = ()
+    ) -> None:
         self.path = path
         try:
             meta = pq.read_metadata(path)
@@ -76,7 +78,13 @@ class ParquetRows:
         available = list(schema.names)
         check_columns(path, available, required)
         self.columns = list(dict.fromkeys([*required, *(n for n in optional if n in available)]))
-        self.schema = pa.schema([pa.field(n, _string_type(schema.field(n).type)) for n in self.columns])
+        # Text written as bytes is read as text; `binary` columns (encoded images) stay bytes.
+        self.schema = pa.schema(
+            [
+                pa.field(n, schema.field(n).type if n in binary else _string_type(schema.field(n).type))
+                for n in self.columns
+            ]
+        )
         # group_starts[g] = first row of row group g; group_starts[-1] = the file's rows.
         counts = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
         self.group_starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)

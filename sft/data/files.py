@@ -72,7 +72,7 @@ class ParquetSource:
     and its local row (its line for JSON lines). `required` maps each needed column to the config
     key naming it (for error messages, raised here from the footer before any row is read);
     missing optional columns are simply absent from the batches. `problems[row]` says why a JSON
-    line could not be read (its columns are null).
+    line could not be read (its columns are null). Parquet columns in `binary` (encoded images) are kept as bytes.
     """
 
     def __init__(
@@ -81,6 +81,7 @@ class ParquetSource:
         required: Mapping[str, str],
         optional: Sequence[str] = (),
         max_samples: int = -1,
+        binary: Sequence[str] = (),
     ) -> None:
         self.paths = expand_paths(files)
         self.files: list[ParquetRows | JsonLinesRows | TableRows] = []
@@ -96,7 +97,7 @@ class ParquetSource:
             if path.endswith(JSON_SUFFIXES):
                 rows, lines, problems = open_json(path, required, optional)
             else:
-                rows, lines, problems = ParquetRows(path, required, optional), None, {}
+                rows, lines, problems = ParquetRows(path, required, optional, binary), None, {}
             if budget is not None:
                 # Keep the first N rows across the concatenation, like verl's max_samples.
                 rows.truncate(budget)

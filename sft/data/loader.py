@@ -14,6 +14,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from sft.data.batch import MicroBatch, empty_micro_batch, padded_micro_batch, pin, with_counts
 from sft.data.packing import empty_packed_batch, packed_micro_batch, sp_slice
 from sft.data.sampler import StepBatchSampler
+from sft.data.vision_batch import VisionInputs
 
 
 class MicroBatchBuilder:
@@ -33,26 +34,44 @@ class MicroBatchBuilder:
         sp_size: int,
         pin_memory: bool = False,
         token_multiple: int = 1,
+        vision: VisionInputs | None = None,
     ) -> None:
         self.dataset, self.packed, self.pad_id = dataset, packed, pad_id
         self.sp_rank, self.sp_size = sp_rank, sp_size
         self.pin_memory = pin_memory
         self.token_multiple = token_multiple
+        self.vision = vision  # images in the data: pixels and multimodal positions (sft/data/vision_batch.py)
 
     def __call__(self, indices: list[int]) -> MicroBatch:
         mb = with_counts(self._build(indices))
         return pin(mb) if self.pin_memory else mb
 
     def _build(self, indices: list[int]) -> MicroBatch:
+        items = [self.dataset[i] for i in indices]
+        pixels = None
+        if self.vision is not None and items:
+            items, pixels = self.vision.prepare(items)
         if self.packed:
             row_multiple = self.sp_size * self.token_multiple  # each SP rank's slice: a multiple of token_multiple
-            if not indices:
-                return sp_slice(empty_packed_batch(self.pad_id, row_multiple), self.sp_rank, self.sp_size)
-            row = packed_micro_batch([self.dataset[i] for i in indices], self.pad_id, row_multiple)
-            return sp_slice(row, self.sp_rank, self.sp_size)
-        if not indices:
-            return empty_micro_batch(self.pad_id, self.token_multiple)
-        return padded_micro_batch([self.dataset[i] for i in indices], self.token_multiple)
+            if not items:
+                row = empty_packed_batch(self.pad_id, row_multiple)
+            else:
+                row = packed_micro_batch(items, self.pad_id, row_multiple)
+            mb = sp_slice(row, self.sp_rank, self.sp_size)
+            if self.vision is not None:
+                t = row.inputs["input_ids"].shape[1]
+                lo, hi = self.sp_rank * t // self.sp_size, (self.sp_rank + 1) * t // self.sp_size
+                mb = self.vision.attach(mb, row.inputs["input_ids"], pixels, lo, hi)
+            return mb
+        mb = (
+            padded_micro_batch(items, self.token_multiple)
+            if items
+            else empty_micro_batch(self.pad_id, self.token_multiple)
+        )
+        if self.vision is not None:
+            ids = mb.inputs["input_ids"]
+            mb = self.vision.attach(mb, ids, pixels, 0, ids.shape[-1])
+        return mb
 
 
 class StepFetcher(Dataset):

@@ -39,13 +39,13 @@ def _as_json(value: Any, where: str, key: str) -> Any:
 
 
 def clean_messages(
-    raw: Any, where: str, key: str, need_assistant: bool = True
+    raw: Any, where: str, key: str, need_assistant: bool = True, parts: bool = False
 ) -> tuple[list[dict[str, Any]], list[int | None]]:
     """Checked messages for the template, and each message's `loss_mask` override (or None).
 
     Allowed roles are system/user/assistant/tool; content must be a string, except None for
-    an assistant turn that has tool_calls. At least one assistant turn is required unless
-    `need_assistant` is False.
+    an assistant turn that has tool_calls, and (with `parts`, vision-language rows) a list of content parts.
+    At least one assistant turn is required unless `need_assistant` is False.
     """
     raw = _as_json(raw, where, key)
     if not isinstance(raw, list) or not raw:
@@ -64,7 +64,7 @@ def clean_messages(
             raise ValueError(
                 f"{where}: {key}[{j}] ({role}) has no content; give a string (None only for an assistant tool call)"
             )
-        if content is not None and not isinstance(content, str):
+        if content is not None and not isinstance(content, str) and not (parts and isinstance(content, list)):
             raise ValueError(f"{where}: {key}[{j}] content is a {type(content).__name__}; give a string")
         for field in REASONING_KEYS:
             if msg.get(field) is not None and not isinstance(msg[field], str):

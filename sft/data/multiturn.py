@@ -59,7 +59,7 @@ class MultiTurnSFTDataset(TokenizedDataset):
         all_spans = []
         for k, row in enumerate(rows):
             where = self.source.where(row)
-            messages, overrides = clean_messages(columns[mt.messages_key][k], where, mt.messages_key)
+            messages, overrides = self._conversation(k, columns, where)
             kwargs = dict(self.chat_kwargs)
             tools = parse_tools(columns[mt.tools_key][k], where, mt.tools_key) if mt.tools_key in columns else None
             if tools is not None:
@@ -69,17 +69,33 @@ class MultiTurnSFTDataset(TokenizedDataset):
                 kwargs["enable_thinking"] = bool(thinking)
             renderer = ChatRenderer(self.tokenizer, kwargs, where)
             text = renderer.render(messages)
+            text, spans = self._rendered(k, text, self._spans(messages, overrides, text, renderer), where)
             texts.append(text)
-            all_spans.append(self._spans(messages, overrides, text, renderer))
+            all_spans.append(spans)
             self._note_control_text(messages)
         # One batched call: the Rust tokenizer encodes the texts in parallel.
         enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         out: list[Encoded] = []
-        for text, spans, ids, offsets in zip(texts, all_spans, enc["input_ids"], enc["offset_mapping"]):
+        for k, (text, spans, ids, offsets) in enumerate(zip(texts, all_spans, enc["input_ids"], enc["offset_mapping"])):
             mask, aligned = token_mask(np.asarray(offsets, dtype=np.int64).reshape(-1, 2), spans, len(text))
             self.num_misaligned += not aligned
-            out.append((np.asarray(ids, dtype=np.int32), mask))
+            out.append(self._encoded(k, np.asarray(ids, dtype=np.int32), mask, self.source.where(rows[k])))
         return out
+
+    # -- hooks of the vision-language dataset (sft/data/vision_dataset.py) --
+    def _conversation(
+        self, k: int, columns: dict[str, list[Any]], where: str
+    ) -> tuple[list[dict[str, Any]], list[int | None]]:
+        """Row k's checked messages and their loss_mask overrides."""
+        key = self.config.multiturn.messages_key
+        return clean_messages(columns[key][k], where, key)
+
+    def _rendered(self, k: int, text: str, spans: list[tuple[int, int]], where: str) -> tuple[str, list]:
+        """The text to tokenize and its trained character spans."""
+        return text, spans
+
+    def _encoded(self, k: int, ids: np.ndarray, mask: np.ndarray, where: str) -> Encoded:
+        return ids, mask
 
     def _spans(
         self, messages: list[dict[str, Any]], overrides: list[int | None], text: str, renderer: ChatRenderer
@@ -113,7 +129,7 @@ class MultiTurnSFTDataset(TokenizedDataset):
         # token, as apply_chat_template does; counted so the user hears about it once.
         if self.markers.special is None:
             return
-        if any(self.markers.special.search(m.get("content") or "") for m in messages):
+        if any(self.markers.special.search(_text_of(m.get("content"))) for m in messages):
             self.num_control_text += 1
 
     def _report(self, seconds: float) -> None:
@@ -132,3 +148,10 @@ class MultiTurnSFTDataset(TokenizedDataset):
                 paths,
             )
         super()._report(seconds)
+
+
+def _text_of(content: Any) -> str:
+    """A message's text: its content string, or its text parts joined (vision-language rows)."""
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content or ""

@@ -50,9 +50,12 @@ def packed_micro_batch(items: list[dict[str, torch.Tensor]], pad_id: int, multip
         lengths.append(pad)
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0)
+    positions = [it["position_ids"] for it in items]  # [n] each, or [3, n] (multimodal rotary positions)
+    if pad:
+        positions.append(torch.arange(pad).expand(*positions[0].shape[:-1], pad))
     return _packed(
         torch.cat(ids)[None],  # [1, T]
-        torch.cat([torch.arange(n) for n in lengths])[None],
+        torch.cat(positions, dim=-1).unsqueeze(-2),  # [1, T] or [3, 1, T]
         torch.cat(labels)[None],
         (torch.arange(int(cu[-1])) < real).long()[None],
         cu,
@@ -69,7 +72,7 @@ def sp_slice(mb: MicroBatch, sp_rank: int, sp_size: int) -> MicroBatch:
     lo, hi = sp_rank * t // sp_size, (sp_rank + 1) * t // sp_size
     inputs = dict(mb.inputs)
     for key in ("input_ids", "position_ids", "labels"):
-        inputs[key] = mb.inputs[key][:, lo:hi]
+        inputs[key] = mb.inputs[key][..., lo:hi]
     return MicroBatch(inputs, real_mask=mb.real_mask[:, lo:hi], sample_lens=mb.sample_lens)
 
 

@@ -77,7 +77,7 @@ class TokenizedDataset(StoreBuild, Dataset):
         required, optional = self._columns()
         if cache_dir is not None and self._reuse(parquet_files, max_samples, Path(cache_dir).expanduser()):
             return
-        self.source = ParquetSource(parquet_files, required, optional, max_samples)
+        self.source = ParquetSource(parquet_files, required, optional, max_samples, binary=self._binary_columns())
         self._scan()
         self._build()
 
@@ -89,6 +89,10 @@ class TokenizedDataset(StoreBuild, Dataset):
     def _columns(self) -> tuple[dict[str, str], list[str]]:
         """Required columns (name -> the config key that names it) and optional columns."""
         raise NotImplementedError
+
+    def _binary_columns(self) -> list[str]:
+        """Columns read as bytes, not text (encoded images)."""
+        return []
 
     def _encode_batch(self, rows: Sequence[int], columns: dict[str, list[Any]]) -> list[Encoded]:
         """(int token ids, 0/1 loss mask) for each row of `rows`, untruncated."""

@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from sft.config.schema import DTYPES, SFTConfig
+from sft.models.attention.bidirectional import register_vision_attention
 from sft.models.attention.kernels import KERNELS as ATTN_KERNELS
 from sft.models.attention.kernels import choose_attn_kernel
 from sft.models.attention.varlen import register_varlen_attention, set_attn_kernel
@@ -35,10 +36,21 @@ from sft.models.families import (
 from sft.models.lora import add_lora
 from sft.models.loss import target_linear_cross_entropy
 from sft.models.moe import RouterStats, experts_kwargs
-from sft.models.multimodal import FrozenPart, build_text_only, is_multimodal, override_target, text_config
+from sft.models.multimodal import (
+    FrozenPart,
+    build_text_only,
+    is_multimodal,
+    model_class,
+    override_target,
+    processor_files,
+    text_config,
+)
 from sft.models.recurrent.install import install_packed_mixers, sp_reason
 from sft.models.recurrent.kernels import backend_for
 from sft.models.recurrent.packed import NoMasks
+from sft.models.vision import VisionFamily, embed_images, freeze
+from sft.models.vision import family as vision_family
+from sft.models.vision import tower as vision_tower
 from sft.ops.fp8 import FP8_UNFUSED, convert_to_fp8, fp8_recipe
 from sft.ops.patch import apply_liger, liger_wanted
 from sft.ops.qkv_proj import join_qkv
@@ -110,6 +122,10 @@ class CausalLMWithLoss(nn.Module):
         self.logit_multiplier = 1.0  # set from the family table: (h * m) @ W.T == m * logits
         # Multimodal checkpoints: the tensors outside the language model, kept unchanged (sft/models/multimodal.py).
         self.frozen: FrozenPart | None = None
+        # Vision-language SFT (images in the data): the family's vision traits and image token (sft/models/vision.py).
+        self.vision: VisionFamily | None = None
+        self.image_token_id = -1
+        self.processor_files: dict[str, bytes] = {}  # a multimodal checkpoint's processor files (rank 0), for exports
 
     def forward(
         self,
@@ -130,8 +146,16 @@ class CausalLMWithLoss(nn.Module):
             # reads the answer back from the GPU (a host sync per forward). An all-ones mask skips
             # that scan; sft's registered mask function turns it into no mask (sft/models/attention/varlen.py).
             attention_mask = NoMasks() if self.recurrent else torch.ones_like(input_ids)
+        zero = None
+        if self.vision is not None:  # the micro-batch's images, written over this slice's image tokens
+            pixels, grids, span = (attn_kwargs.pop(k) for k in ("pixel_values", "image_grid_thw", "image_span"))
+            embeds, extra, zero = embed_images(
+                self.lm, self.vision, input_ids, pixels, grids, span, self.image_token_id
+            )
+            attn_kwargs.update(extra, inputs_embeds=embeds)
+        else:
+            attn_kwargs["input_ids"] = input_ids
         out = self.lm.get_decoder()(
-            input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=False,
@@ -147,6 +171,8 @@ class CausalLMWithLoss(nn.Module):
         loss_sum, n_correct = target_linear_cross_entropy(
             hidden, head.weight, labels, target_index, self.chunk_size, fused=self.fused_loss, softcap=self.softcap
         )
+        if zero is not None:
+            loss_sum = loss_sum + zero  # every vision weight in the graph, on every rank
         if self.routing is not None and sample_index is not None and torch.is_grad_enabled():
             aux = aux_weight * self.routing.aux_sum(sample_index, rows, attn_kwargs.get("sp_group"))
             loss_sum = loss_sum + (aux - aux.detach())  # the aux gradient flows; the returned value stays the CE
@@ -167,8 +193,9 @@ def _kv_head_counts(hf_config: PretrainedConfig) -> set[int]:
     return {getattr(c, "num_key_value_heads", None) or c.num_attention_heads for c in configs}
 
 
-def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig) -> CausalLMWithLoss:
-    """The model skeleton on the meta device, in the master-weight dtype."""
+def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig, vision: bool = False) -> CausalLMWithLoss:
+    """The model skeleton on the meta device, in the master-weight dtype; `vision`: images in the data, so a
+    multimodal checkpoint keeps its vision tower (sft/models/vision.py)."""
     check_supported_head(hf_config)
     # A multimodal checkpoint is built whole from its own config, then cut down to its language model and LM head;
     # the text model's config says everything else (heads, family row, MoE, soft-capping).
@@ -199,7 +226,9 @@ def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig) -> CausalLMWit
         # the original is exported with checkpoints (where "sft_varlen" would not load).
         kwargs = dict(dtype=dtype, **extra, **experts_kwargs(hf_config, cfg.model.experts_implementation))
         frozen = None
-        if is_multimodal(full_config):
+        if vision:  # the whole model, its own class; the vision side trains unless frozen
+            lm = model_class(full_config)._from_config(copy.deepcopy(full_config), **kwargs)
+        elif is_multimodal(full_config):
             lora_targets = cfg.model.target_modules if cfg.model.lora_rank > 0 else None
             lm, frozen = build_text_only(full_config, Path(cfg.model.partial_pretrain), lora_targets, **kwargs)
         else:
@@ -228,7 +257,7 @@ def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig) -> CausalLMWit
             logger.warning("model.fp8 without model.compile=true: %s", FP8_UNFUSED)
     liger = liger_wanted(cfg.model.use_liger, device_type, hf_config.model_type, cfg.model.compile)
     if liger:
-        apply_liger(lm if frozen is None else lm.get_decoder(), required=cfg.model.use_liger is True)
+        apply_liger(lm.get_decoder() if is_multimodal(full_config) else lm, required=cfg.model.use_liger is True)
     if not cfg.model.compile:  # its hooks and per-call outputs would break compiled graphs
         logger.info(
             "attention projections: q, k and v as one autograd node in %d layers (sft/ops/qkv_proj.py)", join_qkv(lm)
@@ -254,6 +283,19 @@ def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig) -> CausalLMWit
     model.logit_multiplier = logit_multiplier(hf_config)
     model.recurrent = mixers > 0
     model.frozen = frozen
+    if vision:
+        model.vision = vision_family(full_config)
+        # All the micro-batch's images in one varlen call; set on the built tower's own config, past transformers'
+        # check of the name (its "flash" makes the towers pass the image boundaries instead of looping in Python).
+        vision_tower(lm, model.vision).config._attn_implementation = register_vision_attention()
+        model.image_token_id = int(full_config.image_token_id)
+        tower_n, proj_n = freeze(lm, model.vision, cfg.model.freeze_vision_tower, cfg.model.freeze_projector)
+        logger.info(
+            "vision-language SFT: %s; frozen: %d vision tower and %d projector parameters",
+            type(lm).__name__,
+            tower_n,
+            proj_n,
+        )
     # Fused norms and SwiGLU keep fewer activations: the token budget's memory estimate uses it.
     model.liger_layers = liger and mlp_kernel(hf_config.model_type) != "none"
     return model
@@ -266,7 +308,9 @@ def load_weights(model: CausalLMWithLoss, cfg: SFTConfig, ctx: DistContext) -> N
     buffers: dict[str, torch.Tensor] = {}
     if ctx.is_main:
         dtype = DTYPES[cfg.model.fsdp_config.model_dtype]
-        if model.frozen is None:
+        if model.vision is not None:  # the whole checkpoint, by its own class
+            src = type(model.lm).from_pretrained(cfg.model.partial_pretrain, dtype=dtype)
+        elif model.frozen is None:
             src = AutoModelForCausalLM.from_pretrained(
                 cfg.model.partial_pretrain,
                 dtype=dtype,
@@ -276,6 +320,8 @@ def load_weights(model: CausalLMWithLoss, cfg: SFTConfig, ctx: DistContext) -> N
         else:  # its own class, cut to the language model; the rest is read as stored, for the exports
             src = model.frozen.load_language_model(Path(cfg.model.partial_pretrain), dtype)
             model.frozen.read(Path(cfg.model.partial_pretrain))
+        if model.vision is not None or model.frozen is not None:
+            model.processor_files = processor_files(Path(cfg.model.partial_pretrain))
         add_lora(src, cfg.model, load_adapter=True)  # same names as the meta model; A random, B zero or the adapter
         full_sd = {f"lm.{k}": v for k, v in src.state_dict().items()}
         # Non-persistent buffers (rotary inv_freq) are not in the state dict but were garbage

@@ -212,9 +212,7 @@ class FrozenPart:
             with safe_open(str(folder / fname), "pt") as st:
                 for k in names:
                     self.tensors[k] = st.get_tensor(k)
-        for p in sorted(folder.iterdir()):
-            if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in PROCESSOR_PATTERNS):
-                self.files[p.name] = p.read_bytes()
+        self.files = processor_files(folder)
         logger.info(
             "multimodal checkpoint: training the language model of %s; %d tensors (%s) kept unchanged, %d processor "
             "file(s) copied into exports",
@@ -232,13 +230,18 @@ class FrozenPart:
         assert removed == self.removed, f"{removed} != {self.removed}"
         return src
 
-    def write_processor_files(self, out: Path) -> None:
-        for name, data in self.files.items():
-            (out / name).write_bytes(data)
-
     def save(self, path: Path) -> None:
         """The frozen tensors in one safetensors file (`FROZEN_FILE` of a checkpoint), bytes unchanged."""
         save_file({k: t.contiguous() for k, t in self.tensors.items()}, str(path), metadata={"format": "pt"})
+
+
+def processor_files(folder: Path) -> dict[str, bytes]:
+    """The model folder's processor files (images, video, audio, chat template), by name."""
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(folder.iterdir())
+        if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in PROCESSOR_PATTERNS)
+    }
 
 
 def override_target(hf_config: Any, key: str) -> Any:

@@ -1,0 +1,121 @@
+"""The model's processor for vision-language SFT: image processor, sft's tokenizer and the folder's chat template.
+
+`load_processor` loads a model folder's processor around the tokenizer sft already built (its pad token and any
+`data.chat_template`). Qwen-VL processors (Qwen2.5-VL, Qwen3-VL, Qwen3.5) also ask for a video processor, which
+needs torchvision; where it cannot load (the CPU wheels have no torchvision, or the folder has no video processor
+files), the same processor class is built without one. Failures are one-line ValueErrors naming the folder.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+from transformers import AutoProcessor, PreTrainedTokenizerBase, ProcessorMixin
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES, processor_class_from_name
+
+# Where a folder names its processor class, in the order transformers looks.
+CLASS_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    """The error's type and first line, clipped: transformers' messages can list every model type."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@functools.cache
+def without_video(cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
+    """`cls` whose sub-processors are its image processor and tokenizer only (no video processor).
+
+    ProcessorMixin derives the sub-processors it checks, loads and saves from the `__init__` signature, so a
+    narrower signature is all it takes. The class keeps its name: save_pretrained writes it as `processor_class`,
+    and a host with torchvision loads the full class from the same files.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        cls.__init__(
+            self,
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=None,
+            chat_template=chat_template,
+            **kwargs,
+        )
+
+    def __reduce__(self):
+        # Pickle (data-loader workers) would look the name up and find `cls` itself: rebuild this class instead.
+        return _restore, (cls, self.__dict__)
+
+    namespace = {"__init__": __init__, "__reduce__": __reduce__, "__module__": cls.__module__, "__doc__": cls.__doc__}
+    return type(cls.__name__, (cls,), namespace)
+
+
+def _restore(cls: type[ProcessorMixin], state: dict) -> ProcessorMixin:
+    sub = without_video(cls)
+    processor = sub.__new__(sub)
+    processor.__dict__.update(state)
+    return processor
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read it as JSON ({_first_line(e)}); fix or restore the file") from e
+    if not isinstance(found, dict):
+        raise ValueError(f"{path}: holds a {type(found).__name__}, not a JSON object; fix or restore the file")
+    return found
+
+
+def _video_class(folder: Path) -> type[ProcessorMixin] | None:
+    """The processor class the folder names (its `processor_class`, else its model type's) if it has a video
+    processor; None otherwise."""
+    name = None
+    for file in CLASS_FILES:
+        if (folder / file).is_file() and isinstance(found := _read_json(folder / file).get("processor_class"), str):
+            name = found
+            break
+    if name is None and (folder / "config.json").is_file():
+        name = PROCESSOR_MAPPING_NAMES.get(_read_json(folder / "config.json").get("model_type"))
+    cls = processor_class_from_name(name) if isinstance(name, str) else None
+    if isinstance(cls, type) and issubclass(cls, ProcessorMixin) and "video_processor" in cls.get_attributes():
+        return cls
+    return None
+
+
+def load_processor(folder: str, tokenizer: PreTrainedTokenizerBase) -> ProcessorMixin:
+    """The processor of model `folder`, with `tokenizer` (sft's, pad token and chat template set) as its tokenizer.
+
+    When AutoProcessor fails and the class has a video processor (no torchvision, or no video processor files),
+    the class is built without one: image training never calls it.
+    """
+    path = Path(folder)
+    if not path.is_dir():
+        raise ValueError(f"{folder}: not a folder; fix: point the model path at a local model folder")
+    try:
+        processor = AutoProcessor.from_pretrained(folder, tokenizer=tokenizer)
+    except Exception as e:  # ImportError, OSError or AttributeError where torchvision or a video config is missing
+        cls = _video_class(path)
+        if cls is None:
+            raise ValueError(f"{folder}: cannot load the processor ({_first_line(e)}); fix the processor files") from e
+        try:
+            # The image processor comes from AutoImageProcessor (its PIL backend without torchvision), the chat
+            # template and the class's other settings from the folder, the tokenizer is sft's.
+            processor = without_video(cls).from_pretrained(folder, tokenizer=tokenizer)
+        except Exception as inner:
+            # The same cause twice (a broken image processor file breaks both) is said once.
+            also = "" if str(inner) == str(e) else f", nor without its video processor ({_first_line(inner)})"
+            raise ValueError(
+                f"{folder}: cannot load {cls.__name__} ({_first_line(e)}){also}; fix the processor files"
+            ) from inner
+    if not isinstance(processor, ProcessorMixin) or getattr(processor, "image_processor", None) is None:
+        raise ValueError(
+            f"{folder}: no image processor (processor_config.json or preprocessor_config.json); "
+            "copy the processor files of the base model into the folder"
+        )
+    # Every path above hands sft's tokenizer in; a processor class that builds its own would drop its settings.
+    assert processor.tokenizer is tokenizer, f"{folder}: the processor does not use sft's tokenizer"
+    return processor

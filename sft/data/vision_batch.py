@@ -1,0 +1,66 @@
+"""The images of one micro-batch, as the loader builds it in the background: pixels, grids, positions, SP share.
+
+`VisionInputs.prepare` decodes the micro-batch's images (its samples' in order), runs the processor's image
+part on them, and gives each sample its multimodal rotary positions ([3, s], sft/models/vision_positions.py),
+computed for that sample alone so a packed row restarts them at every sample. `attach` adds the pixels and grids
+to the model inputs with `image_span`: which of the row's image tokens fall in this SP rank's slice. A micro-batch
+without images carries a blank stand-in image whose features are used by no token (every rank must run the
+vision tower: its weights are sharded and gathered by all ranks together).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+from PIL import Image
+
+from sft.data.batch import MicroBatch
+from sft.data.images import load_image
+from sft.models.vision_positions import MropeSpec, mrope_positions
+
+
+class VisionInputs:
+    """Images of micro-batches for one model: its processor, rotary layout and image token."""
+
+    def __init__(self, processor: Any, hf_config: Any, image_token_id: int) -> None:
+        self.image_processor = processor.image_processor
+        self.spec = MropeSpec.from_config(hf_config)
+        assert self.spec is not None, "vision-language families use multimodal rotary positions (sft/models/vision.py)"
+        self.image_token_id = image_token_id
+        ip = self.image_processor
+        side = 2 * getattr(ip, "patch_size", 14) * getattr(ip, "merge_size", 2)
+        self.blank = self._pixels([Image.new("RGB", (side, side))])
+
+    def _pixels(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        out = self.image_processor(images=images, return_tensors="pt")
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+
+    def prepare(self, items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor] | None]:
+        """The items with their multimodal positions, and the micro-batch's pixels (None: no image in it)."""
+        images = [load_image(ref, it["where"]) for it in items for ref in it["images"]]
+        pixels = self._pixels(images) if images else None
+        grids = pixels["image_grid_thw"] if pixels is not None else torch.zeros(0, 3, dtype=torch.long)
+        out, at = [], 0
+        for it in items:
+            n = len(it["images"])
+            real = int(it["attention_mask"].sum())
+            positions = torch.zeros(3, len(it["input_ids"]), dtype=torch.long)  # padding keeps position 0
+            positions[:, :real] = mrope_positions(it["input_ids"][:real], self.spec, grids[at : at + n])
+            out.append(dict(it, position_ids=positions))
+            at += n
+        return out, pixels
+
+    def attach(
+        self, mb: MicroBatch, row_ids: torch.Tensor, pixels: dict[str, torch.Tensor] | None, lo: int, hi: int
+    ) -> MicroBatch:
+        """Model inputs plus the pixels and `image_span`: the image tokens of row_ids[..., lo:hi] (this rank's
+        slice of the whole row) as a range of the row's image tokens in order."""
+        is_image = row_ids == self.image_token_id  # [b, s]: padded rows (lo=0, hi=s) or the whole packed row
+        first, count = int(is_image[..., :lo].sum()), int(is_image[..., lo:hi].sum())
+        if pixels is None:
+            assert count == 0, "image tokens without images"
+            pixels, first = self.blank, 0
+        inputs = dict(mb.inputs, **pixels, image_span=(first, first + count))
+        return replace(mb, inputs=inputs)

@@ -1,0 +1,181 @@
+"""`VisionSFTDataset`: multi-turn chats with images, rendered by the model's own template and processor.
+
+Rows are read as by `MultiTurnSFTDataset` (same masks: the assistant turns and their end-of-turn token), with
+image parts (sft/data/vision_rows.py). Each image's placeholder is expanded to the processor's token count for
+its size, read from the image header only, so tokenizing never decodes an image; image and vision-special tokens
+are never trained. The store keeps ids and masks; a sample's images are read back from its row
+(sft/data/row_reader.py) when the loader builds its micro-batch. The first row each process encodes is
+checked against the processor's own ids for the decoded images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from sft.data.images import ImageRef, load_image
+from sft.data.messages import clean_messages
+from sft.data.multiturn import MultiTurnSFTDataset
+from sft.data.row_reader import RowReader
+from sft.data.scan import scan_messages
+from sft.data.storage import Encoded
+from sft.data.vision_rows import expand_images, vision_messages
+
+# Processor attributes naming the tokens of images and videos: never trained.
+VISION_TOKENS = ("image_token", "video_token", "vision_start_token", "vision_end_token", "boi_token", "eoi_token")
+
+
+def vision_token_ids(processor: Any) -> list[int]:
+    tok = processor.tokenizer
+    ids = {
+        tok.convert_tokens_to_ids(t) for name in VISION_TOKENS if isinstance(t := getattr(processor, name, None), str)
+    }
+    return sorted(i for i in ids if i is not None and i != tok.unk_token_id)
+
+
+def image_token_count(processor: Any, height: int, width: int) -> int:
+    """Tokens the processor makes of one image of this size (its own count, as inference servers use it)."""
+    data = processor._get_num_multimodal_tokens(image_sizes=[[height, width]])
+    counts = data["num_image_tokens"] if isinstance(data, dict) else data.num_image_tokens
+    return int(counts[0])
+
+
+class VisionSFTDataset(MultiTurnSFTDataset):
+    """Multi-turn SFT with images (`data.image_key`); items add `images`, the sample's ImageRefs in order."""
+
+    def __init__(self, *args: Any, processor: Any, **kwargs: Any) -> None:
+        self.processor = processor
+        self.image_refs: dict[int, list[ImageRef]] = {}  # row -> images, for this process's first-row check
+        self.checked = False
+        self.reader: RowReader | None = None
+        super().__init__(*args, **kwargs)
+
+    def _prepare(self) -> None:
+        super()._prepare()
+        self.placeholder = getattr(self.processor, "image_token", None)
+        if not isinstance(self.placeholder, str):
+            raise ValueError(
+                f"processor {type(self.processor).__name__} names no image token; sft cannot place images for it"
+            )
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.placeholder)
+        self.never_trained = np.asarray(vision_token_ids(self.processor), dtype=np.int32)
+        self.num_images = 0
+
+    def _columns(self) -> tuple[dict[str, str], list[str]]:
+        required, optional = super()._columns()
+        return {**required, self.config.image_key: "data.image_key"}, optional
+
+    def _binary_columns(self) -> list[str]:
+        return [self.config.image_key]
+
+    def _check_table(self, table: Any, path: str, checks: Any) -> None:
+        key = self.config.multiturn.messages_key
+        t = table.column(key).type
+        if pa.types.is_list(t) and pa.types.is_struct(t.value_type):
+            content = t.value_type.field("content").type if "content" in [f.name for f in t.value_type] else None
+            if content is not None and pa.types.is_list(content):
+                return  # content parts: checked row by row while tokenizing
+        scan_messages(table, path, checks, key)
+
+    def _base_dir(self, where_row: int) -> Path:
+        path, _ = self.source.origin(where_row)
+        return RowReader.folder(path)
+
+    def _conversation(
+        self, k: int, columns: dict[str, list[Any]], where: str
+    ) -> tuple[list[dict[str, Any]], list[int | None]]:
+        mt, key = self.config.multiturn, self.config.image_key
+        row = self._rows_now[k]
+        raw, refs = vision_messages(
+            columns[mt.messages_key][k], columns[key][k], where, mt.messages_key, key, self._base_dir(row)
+        )
+        self._refs_now[k] = refs
+        return clean_messages(raw, where, mt.messages_key, parts=True)
+
+    def _encode_batch(self, rows: Sequence[int], columns: dict[str, list[Any]]) -> list[Encoded]:
+        # What the hooks below pass between them for the rows of this batch (by position k).
+        self._rows_now, self._refs_now, self._counts_now, self._texts_now = list(rows), {}, {}, {}
+        return super()._encode_batch(rows, columns)
+
+    def _rendered(self, k: int, text: str, spans: list[tuple[int, int]], where: str) -> tuple[str, list]:
+        self._texts_now[k] = text  # as rendered: what the processor's own check expands
+        expanded, spans, counts = expand_images(
+            text,
+            spans,
+            self._refs_now[k],
+            self.placeholder,
+            lambda h, w: image_token_count(self.processor, h, w),
+            where,
+        )
+        self._counts_now[k] = counts
+        return expanded, spans
+
+    def _encoded(self, k: int, ids: np.ndarray, mask: np.ndarray, where: str) -> Encoded:
+        expected = sum(self._counts_now[k])
+        found = int((ids == self.image_token_id).sum())
+        if found != expected:
+            raise ValueError(
+                f"{where}: {found} image tokens after tokenizing, {expected} expected (an image token written in a "
+                "message's text?); remove image tokens from the text"
+            )
+        mask = mask.copy()
+        mask[np.isin(ids, self.never_trained)] = 0  # image and vision-special tokens are inputs, never targets
+        self.num_images += len(self._counts_now[k])
+        if not self.checked:
+            self._check_with_processor(self._texts_now[k], self._refs_now[k], ids, where)
+        return ids, mask
+
+    def _fit(self, row: int, ids: np.ndarray, mask: np.ndarray) -> Encoded:
+        cut = ids[: -self.max_length] if self.truncation == "left" else ids[self.max_length :]
+        if len(ids) > self.max_length and self.truncation != "error" and (cut == self.image_token_id).any():
+            raise ValueError(
+                f"{self.source.where(row)}: {len(ids)} tokens > data.max_length={self.max_length}, and truncating "
+                "would cut its images; raise data.max_length or use smaller images"
+            )
+        return super()._fit(row, ids, mask)
+
+    def _check_with_processor(self, rendered: str, refs: list[ImageRef], ids: np.ndarray, where: str) -> None:
+        """The processor's own ids for the decoded images must be sft's (once per process: it decodes images)."""
+        if not refs:
+            return
+        self.checked = True
+        images = [load_image(r, where) for r in refs]
+        theirs = self.processor(text=[rendered], images=images, return_tensors="np")["input_ids"][0]
+        if theirs.shape != ids.shape or (theirs != ids).any():
+            raise ValueError(
+                f"{where}: {type(self.processor).__name__} expands this row's images to {len(theirs)} tokens where "
+                f"sft counted {len(ids)} from the image headers; sft cannot train this processor (report it)"
+            )
+
+    def images(self, index: int) -> list[ImageRef]:
+        """The images of sample `index`, in order, read back from its row."""
+        if self.reader is None:
+            mt = self.config.multiturn
+            self.reader = RowReader(self.source, [mt.messages_key, self.config.image_key])
+        row = int(self.rows[index])
+        record = self.reader.row(row)
+        mt, key, where = self.config.multiturn, self.config.image_key, self.source.where(row)
+        _, refs = vision_messages(
+            record[mt.messages_key], record[key], where, mt.messages_key, key, self._base_dir(row)
+        )
+        return refs
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item: dict[str, Any] = super().__getitem__(index)
+        if index < 0:
+            index += len(self)
+        item["images"] = self.images(index)
+        item["where"] = self.where(index)
+        return item
+
+
+def image_inputs(processor: Any, refs: list[ImageRef], wheres: list[str]) -> dict[str, torch.Tensor]:
+    """Decoded and preprocessed images of a micro-batch, in order: the processor's pixel values and grids."""
+    images = [load_image(r, w) for r, w in zip(refs, wheres)]
+    out = processor.image_processor(images=images, return_tensors="pt")
+    return dict(out)
