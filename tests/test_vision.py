@@ -62,6 +62,8 @@ def vision_dirs(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 
 
 PACKED = ["use_remove_padding=true"]
+FROZEN = ["model.freeze_vision_tower=true"]
+LORA = ["model.lora_rank=4", "model.lora_alpha=8", "optim.lr=1e-2"]
 EXPORT = ['trainer.checkpoint.save_contents=["hf_model"]', "trainer.checkpoint.hf_dtype=fp32"]
 
 
@@ -76,7 +78,11 @@ def runs(vision_dirs, tmp_path_factory) -> dict[str, dict]:
         two[f"sp2_{t}"] = _overrides(
             vision_dirs[t], data, tmp / f"sp2_{t}", *PACKED, "ulysses_sequence_parallel_size=2"
         )
-    planted["planted_qwen2_5_vl"] = _overrides(vision_dirs["qwen2_5_vl"], data, tmp / "planted", *PACKED)
+    planted["planted_qwen2_5_vl"] = _overrides(vision_dirs["qwen2_5_vl"], data, tmp / "planted_qwen2_5_vl", *PACKED)
+    one["frozen_qwen3_vl"] = _overrides(vision_dirs["qwen3_vl"], data, tmp / "frozen_qwen3_vl", *PACKED, *FROZEN)
+    one["lora_qwen2_5_vl"] = _overrides(
+        vision_dirs["qwen2_5_vl"], data, tmp / "lora_qwen2_5_vl", *PACKED, *LORA, *EXPORT
+    )
     for world, jobs, plant in ((1, one, False), (2, two, False), (1, planted, True)):
         run_ranks(train_jobs, world, [(ov, str(tmp / f"{name}.pt")) for name, ov in jobs.items()], world, plant)
     return {
@@ -142,3 +148,34 @@ def test_export_reproduces_val_loss(runs, vision_dirs, model_type):
             total += float(F.cross_entropy(logits[0], labels[0], reduction="sum", ignore_index=-100))
             count += int((labels != -100).sum())
     assert _steps(run, "val/loss")[-1] == pytest.approx(total / count, rel=1e-5)
+
+
+def _initial(folder: Path) -> dict[str, torch.Tensor]:
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+    return {f"lm.{k}": v for k, v in model.state_dict().items()}
+
+
+def test_freeze_vision_tower(runs, vision_dirs):
+    """model.freeze_vision_tower: the tower's weights end as they started and the optimizer never holds them; the
+    projector (merger, deepstack mergers) and the language model train."""
+    run, start = runs["frozen_qwen3_vl"], _initial(vision_dirs["qwen3_vl"])
+    projector = (".visual.merger.", ".visual.deepstack_merger_list.")
+    tower = [k for k in run["weights"] if ".visual." in k and not any(p in k for p in projector)]
+    moved = [k for k in run["weights"] if not torch.equal(run["weights"][k], start[k])]
+    assert tower and not set(tower) & set(moved)
+    assert any(any(p in k for p in projector) for k in moved) and any(".language_model." in k for k in moved)
+    assert not [n for n in run["optimized"] if n in tower]
+
+
+def test_lora_adapts_the_language_model_only(runs, vision_dirs):
+    """LoRA on a vision-language model: adapters in the text decoder only (the tower's MLPs share its leaf names),
+    every base weight unchanged, and the merged export differs from the input in the language model only."""
+    run, start = runs["lora_qwen2_5_vl"], _initial(vision_dirs["qwen2_5_vl"])
+    assert run["optimized"] and all(".lora_" in n and ".language_model." in n for n in run["optimized"])
+    base = {k: w for k, w in run["weights"].items() if ".lora_" not in k}
+    changed = [k for k, w in base.items() if not torch.equal(w, start[k.replace(".base_layer", "")])]
+    assert not changed, changed[:5]
+    export = AutoModelForImageTextToText.from_pretrained(run["out"] / "global_step_2" / "huggingface").state_dict()
+    merged = [k for k, w in export.items() if not torch.equal(w, start[f"lm.{k}"])]
+    assert merged and all(".language_model." in k for k in merged), merged[:5]
+    assert (run["out"] / "global_step_2" / "lora_adapter" / "adapter_config.json").is_file()

@@ -270,11 +270,6 @@ def _check_vision(cfg: SFTConfig, p: Path, config: dict) -> None:
     )
     reason = vision_reason(config)
     need(reason is None, f"{key}: {reason}")
-    need(
-        cfg.model.lora_rank == 0,
-        f"model.lora_rank={cfg.model.lora_rank}: LoRA with images in the data is not supported yet; train the full "
-        "model (model.lora_rank=0), or drop the image column to train the text model with LoRA",
-    )
     need(not cfg.model.compile, "model.compile=true with images in the data is not supported yet; set it false")
     need(not cfg.model.fp8, "model.fp8 with images in the data is not supported yet; set it false")
 

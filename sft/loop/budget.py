@@ -97,6 +97,22 @@ def activation_bytes_per_token(
     return SAFETY * (max(kept + one_layer, replay) + tail)
 
 
+def vision_bytes_per_token(hf_config: PretrainedConfig, recomputed: bool) -> float:
+    """Activation bytes of the vision tower per image token of a packed row (vision-language SFT), charged to every
+    token so a row of large images fits: merge^2 patches per token, each keeping what one decoder layer of the
+    tower's widths keeps (`layer_bytes_per_token`'s formula), or only its input when the tower is checkpointed."""
+    v = getattr(hf_config, "vision_config", None)
+    h = getattr(v, "hidden_size", None) or getattr(v, "embed_dim", None)
+    if v is None or h is None:
+        return 0.0
+    depth = getattr(v, "depth", None) or getattr(v, "num_hidden_layers", 1)
+    inter = getattr(v, "intermediate_size", None) or 4 * h
+    one = 32 * h + 8 * h + 8 * inter
+    patches = getattr(v, "spatial_merge_size", 1) ** 2
+    kept = depth * 2 * h + one if recomputed else (depth + 1) * one
+    return SAFETY * patches * kept
+
+
 def fixed_bytes_to_come(
     hf_config: PretrainedConfig, n_params: int, n_trainable: int, world: int, param_bytes: int
 ) -> float:
@@ -189,12 +205,20 @@ def choose_token_budget(
     if not cfg.use_remove_padding:
         logger.info(PADDED_COST)
         return None
-    hf_config = hf_config.get_text_config()  # a multimodal checkpoint trains its text model (sft/models/multimodal.py)
     m = cfg.model
+    # Vision-language SFT: every token may be an image token, which adds the tower's activations.
+    vision = (
+        vision_bytes_per_token(hf_config, m.enable_gradient_checkpointing) if getattr(model, "vision", None) else 0.0
+    )
+    hf_config = hf_config.get_text_config()  # the text model's widths (sft/models/multimodal.py)
     floor = cfg.data.micro_batch_size_per_gpu * cfg.data.max_length
     layers = hf_config.num_hidden_layers
     liger = getattr(model, "liger_layers", False)
     mixer = mixer_bytes_per_token(model.lm)  # hybrid models' recurrent mixers (0 for attention-only models)
+
+    def per_token(recompute: int) -> float:
+        return activation_bytes_per_token(hf_config, recompute, liger, mixer) + vision
+
     avail = None
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
@@ -206,19 +230,19 @@ def choose_token_budget(
         avail = free - fixed_bytes_to_come(hf_config, n_params, n_trainable, world, param_bytes) - reserve
     cap = cfg.data.max_token_len_per_gpu
     if not m.enable_gradient_checkpointing:
-        budget = auto_tokens(floor, cap, avail, activation_bytes_per_token(hf_config, 0, liger, mixer))
+        budget = auto_tokens(floor, cap, avail, per_token(0))
     elif m.gradient_checkpointing_mode != "auto":
-        budget = auto_tokens(floor, cap, avail, activation_bytes_per_token(hf_config, layers, liger, mixer))
+        budget = auto_tokens(floor, cap, avail, per_token(layers))
     elif (spec := moe_spec(hf_config)) is not None or not layerwise_recompute(model):
         why = AUTO_MOE if spec is not None else AUTO_NOT_LAYERWISE
-        budget = auto_tokens(floor, cap, avail, activation_bytes_per_token(hf_config, layers, liger, mixer))
+        budget = auto_tokens(floor, cap, avail, per_token(layers))
         budget = TokenBudget(budget.tokens, f"{budget.reason}; {why}", layers)
     else:
         budget = recompute_plan(
             floor,
             cap,
             avail,
-            lambda r: activation_bytes_per_token(hf_config, r, liger, mixer),
+            per_token,
             layers,
             min_busy_tokens(hf_config),
         )

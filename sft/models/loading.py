@@ -235,7 +235,7 @@ def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig, vision: bool =
             lm = AutoModelForCausalLM.from_config(
                 copy.deepcopy(hf_config), trust_remote_code=cfg.model.trust_remote_code, **kwargs
             )
-        add_lora(lm, cfg.model)  # no-op unless model.lora_rank > 0
+        add_lora(lm, cfg.model, language_only=vision)  # no-op unless model.lora_rank > 0
     recurrent = recurrent_spec(hf_config.model_type) if cfg.use_remove_padding else None
     # Packed rows: the recurrent mixers restart at every sample and split over SP ranks (sft/models/recurrent/).
     mixers = 0 if recurrent is None else install_packed_mixers(lm, recurrent)
@@ -322,7 +322,9 @@ def load_weights(model: CausalLMWithLoss, cfg: SFTConfig, ctx: DistContext) -> N
             model.frozen.read(Path(cfg.model.partial_pretrain))
         if model.vision is not None or model.frozen is not None:
             model.processor_files = processor_files(Path(cfg.model.partial_pretrain))
-        add_lora(src, cfg.model, load_adapter=True)  # same names as the meta model; A random, B zero or the adapter
+        add_lora(
+            src, cfg.model, load_adapter=True, language_only=model.vision is not None
+        )  # same names as the meta model; A random, B zero or the adapter
         full_sd = {f"lm.{k}": v for k, v in src.state_dict().items()}
         # Non-persistent buffers (rotary inv_freq) are not in the state dict but were garbage
         # after to_empty: take rank 0's real values.

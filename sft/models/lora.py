@@ -89,11 +89,13 @@ def _check_targets(lm: nn.Module, targets: list[str]) -> None:
             )
 
 
-def add_lora(lm: nn.Module, m: ModelConfig, load_adapter: bool = False) -> None:
+def add_lora(lm: nn.Module, m: ModelConfig, load_adapter: bool = False, language_only: bool = False) -> None:
     """Inject LoRA layers into `lm` in place when `model.lora_rank > 0` (else nothing).
 
     Works on the meta device (empty adapters) and on real weights (peft's init: A random, B zero, so
-    the model starts as the base model). `load_adapter=True` then fills them from `model.lora_adapter_path`."""
+    the model starts as the base model). `load_adapter=True` then fills them from `model.lora_adapter_path`.
+    `language_only` (a vision-language model): adapters in the text decoder only, named by full path, since the
+    vision tower's blocks share leaf names (gate_proj, ...); the tower stays frozen, as every base weight."""
     if m.lora_rank <= 0:
         return
     from peft import LoraConfig, inject_adapter_in_model
@@ -105,6 +107,10 @@ def add_lora(lm: nn.Module, m: ModelConfig, load_adapter: bool = False) -> None:
         # A single other string would be a regex to peft; here it names one module.
         targets = [targets] if isinstance(targets, str) else targets
         _check_targets(lm, targets)
+    if language_only:
+        inside = {id(x) for x in lm.get_decoder().modules()}
+        named = {n: x for n, x in lm.named_modules() if id(x) in inside and isinstance(x, nn.Linear)}
+        targets = [n for n in named if any(n == t or n.endswith("." + t) for t in targets)]
     exclude = (
         m.exclude_modules
         if m.exclude_modules is None or isinstance(m.exclude_modules, str)

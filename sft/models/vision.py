@@ -84,15 +84,24 @@ def embed_images(
     embeds = lm.get_input_embeddings()(input_ids)  # [b, s, h]
     visual = tower(lm, fam)
     out = visual(pixel_values.to(visual.dtype if hasattr(visual, "dtype") else embeds.dtype), grid_thw=image_grid_thw)
-    features = out.pooler_output  # [image tokens of the micro-batch, h]
+    features, layers = _tower_outputs(out)  # [image tokens of the micro-batch, h], deepstack levels of that shape
     lo, hi = image_span
     mask = input_ids == image_token_id  # [b, s]
     embeds = embeds.masked_scatter(mask[..., None], features[lo:hi].to(embeds.dtype))
     zero = features.sum() * 0.0
     extra: dict[str, Any] = {}
     if fam.deepstack:
-        layers = out.deepstack_features  # per level: [image tokens of the micro-batch, h]
         extra["visual_pos_masks"] = mask
         extra["deepstack_visual_embeds"] = [f[lo:hi].to(embeds.dtype) for f in layers]
         zero = zero + sum(f.sum() for f in layers) * 0.0
     return embeds, extra, zero
+
+
+def _tower_outputs(out: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(merged features, deepstack features) from a vision tower's output, as transformers versions return it: an
+    output object (pooler_output = merged, 5.x), a tensor, or a (merged, deepstack list) tuple (Qwen3-VL, 4.57)."""
+    if hasattr(out, "pooler_output"):
+        return out.pooler_output, list(getattr(out, "deepstack_features", None) or [])
+    if isinstance(out, tuple):
+        return out[0], list(out[1] or [])
+    return out, []

@@ -45,10 +45,17 @@ def decoder_layers(lm: nn.Module) -> list[nn.Module]:
     return layers
 
 
+def text_layers(lm: nn.Module) -> list[nn.Module]:
+    """The decoder layers of the text model: a vision-language model's vision blocks are blocks too, but the token
+    budget's recompute plan counts text layers (a vision tower, when checkpointed, recomputes all its blocks)."""
+    inside = {id(m) for m in lm.get_decoder().modules()}
+    return [layer for layer in decoder_layers(lm) if id(layer) in inside]
+
+
 def layerwise_recompute(model: nn.Module) -> bool:
     """Whether recompute can be set layer by layer: only transformers' own checkpointing layers read the
     flag per layer (remote code may check it on the whole model)."""
-    return all(isinstance(x, GradientCheckpointingLayer) for x in decoder_layers(model.lm))
+    return all(isinstance(x, GradientCheckpointingLayer) for x in text_layers(model.lm))
 
 
 def apply_recompute(model: nn.Module, recompute: int) -> None:
@@ -56,7 +63,7 @@ def apply_recompute(model: nn.Module, recompute: int) -> None:
     enabled on all of them): the others keep their activations. The first ones, because their backward
     comes last, when the later layers' activations are already freed: their replay adds nothing to
     the peak (sft/loop/budget.py)."""
-    for i, layer in enumerate(decoder_layers(model.lm)):
+    for i, layer in enumerate(text_layers(model.lm)):
         layer.gradient_checkpointing = i < recompute
 
 
