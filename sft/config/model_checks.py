@@ -206,7 +206,12 @@ def _check_model_folder(cfg: SFTConfig) -> None:
     )
     reason = unsupported_reason(config)
     need(reason is None, f"model.partial_pretrain={p}: {reason}")
-    if cfg.data.multiturn.enable and has_image_column(cfg.data.train_files, cfg.data.image_key):
+    if has_image_column(cfg.data.train_files, cfg.data.image_key):
+        need(
+            cfg.data.multiturn.enable,
+            f"data.image_key={cfg.data.image_key}: the data has images, and vision-language SFT reads multi-turn "
+            "rows: set data.multiturn.enable=true (or name another column in data.image_key)",
+        )
         _check_vision(cfg, p, config)
     if is_multimodal(config):
         _check_multimodal(p, config)

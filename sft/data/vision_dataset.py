@@ -68,10 +68,10 @@ class VisionSFTDataset(MultiTurnSFTDataset):
 
     def _columns(self) -> tuple[dict[str, str], list[str]]:
         required, optional = super()._columns()
-        return {**required, self.config.image_key: "data.image_key"}, optional
+        return {**required, self.config.image_key: "data.image_key"}, [*optional, self.config.video_key]
 
     def _binary_columns(self) -> list[str]:
-        return [self.config.image_key]
+        return [self.config.image_key, self.config.video_key]
 
     def _check_table(self, table: Any, path: str, checks: Any) -> None:
         key = self.config.multiturn.messages_key
@@ -90,6 +90,12 @@ class VisionSFTDataset(MultiTurnSFTDataset):
         self, k: int, columns: dict[str, list[Any]], where: str
     ) -> tuple[list[dict[str, Any]], list[int | None]]:
         mt, key = self.config.multiturn, self.config.image_key
+        videos = columns.get(self.config.video_key, [None] * (k + 1))[k]
+        if videos is not None and len(videos):
+            raise ValueError(
+                f"{where}: {self.config.video_key} holds {len(videos)} video(s); sft trains on images only so far "
+                "(drop the videos, or the row)"
+            )
         row = self._rows_now[k]
         raw, refs = vision_messages(
             columns[mt.messages_key][k], columns[key][k], where, mt.messages_key, key, self._base_dir(row)
@@ -143,8 +149,8 @@ class VisionSFTDataset(MultiTurnSFTDataset):
         """The processor's own ids for the decoded images must be sft's (once per process: it decodes images)."""
         if not refs:
             return
+        images = [load_image(r, where) for r in refs]  # a broken image refuses this row; the next row is checked
         self.checked = True
-        images = [load_image(r, where) for r in refs]
         theirs = self.processor(text=[rendered], images=images, return_tensors="np")["input_ids"][0]
         if theirs.shape != ids.shape or (theirs != ids).any():
             raise ValueError(
