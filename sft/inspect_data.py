@@ -4,7 +4,9 @@ Takes the trainer's Hydra overrides, builds the tokenizer (no weights) and the d
 one split exactly as training does, and prints the first rows: decoded text with the
 trained spans marked (`--format text`), only the trained text, one run of trained tokens a
 line (`--format trained`: what happens to reasoning and tool calls at a glance), or their
-token ids and loss masks (`--format jsonl`).
+token ids and loss masks (`--format jsonl`). With images in the data the processor is built as the trainer
+builds it; each image's run of image tokens shows as one marker with its size and token count in `--format text`,
+and `--format jsonl` adds each image's first token, token count and size.
 Configuration problems print one line and exit 2; problems in the data exit 3.
 """
 
@@ -15,6 +17,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -24,6 +27,9 @@ from sft.cli import compose
 from sft.config.errors import ConfigError
 from sft.config.schema import SFTConfig
 from sft.data.build import build_dataset
+from sft.data.images import image_size
+from sft.data.processor import vision_processor
+from sft.data.vision_dataset import image_token_count
 from sft.models.loading import load_tokenizer
 
 ANSI_ON, ANSI_OFF = "\x1b[1;32m", "\x1b[0m"
@@ -57,32 +63,86 @@ def build_split(cfg: SFTConfig, split: str) -> tuple[PreTrainedTokenizerBase, Da
         tokenizer = load_tokenizer(cfg)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.partial_pretrain={model_dir}: cannot load its tokenizer: {_one_line(e)}") from e
-    dataset = build_dataset(files, tokenizer, cfg.data, max_samples, pad_to_max_length=not cfg.use_remove_padding)
+    processor = build_processor(cfg, tokenizer)
+    dataset = build_dataset(
+        files, tokenizer, cfg.data, max_samples, pad_to_max_length=not cfg.use_remove_padding, processor=processor
+    )
     return tokenizer, dataset
+
+
+def build_processor(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase) -> Any:
+    """The model's processor when the training files hold images, else None: the trainer's choice
+    (sft/trainer.py `_build_processor`), so both splits are read as training reads them."""
+    key = "model.tokenizer_path" if cfg.model.tokenizer_path else "model.partial_pretrain"
+    try:
+        return vision_processor(cfg, tokenizer)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {_one_line(e)}") from e  # the message names the folder and the processor
 
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def unpadded(dataset: Dataset, index: int) -> tuple[list[int], list[int]]:
-    """(input_ids, loss_mask) of one item without its padding (works for custom classes too)."""
+def unpadded(dataset: Dataset, index: int) -> tuple[list[int], list[int], list[dict[str, Any]]]:
+    """(input_ids, loss_mask, images) of one item without its padding (works for custom classes too); `images` as
+    `image_runs` gives them."""
     item = dataset[index]
     keep = item["attention_mask"].to(torch.bool)
-    return item["input_ids"][keep].tolist(), item["loss_mask"][keep].tolist()
+    ids, mask = item["input_ids"][keep].tolist(), item["loss_mask"][keep].tolist()
+    return ids, mask, image_runs(dataset, item, ids)
 
 
-def render_marked(tokenizer: PreTrainedTokenizerBase, ids: list[int], mask: list[int], colour: bool) -> str:
-    """Decoded text with each run of trained tokens wrapped in colour or `[[ ]]`."""
+def image_runs(dataset: Dataset, item: dict[str, Any], ids: list[int]) -> list[dict[str, Any]]:
+    """Each image of a vision-language item, in order: its first token, its token count (the processor's, for its
+    header size, as the dataset expanded it) and its size in pixels. [] for text datasets."""
+    refs, token = item.get("images"), getattr(dataset, "image_token_id", None)
+    if not refs or token is None:
+        return []
+    where = item["where"]
+    at = [t for t, i in enumerate(ids) if i == token]
+    runs, k = [], 0
+    for n, ref in enumerate(refs, start=1):
+        width, height = image_size(ref, where)
+        count = image_token_count(dataset.processor, height, width)
+        # The dataset places each image's tokens in one run, and never truncates an image.
+        run = at[k : k + count]
+        assert len(run) == count and run == list(range(run[0], run[0] + count)), f"{where}: image {n} not in one run"
+        runs.append({"start": run[0], "tokens": count, "width": width, "height": height})
+        k += count
+    assert k == len(at), f"{where}: {len(at)} image tokens, {k} for its images"
+    return runs
+
+
+def image_marker(n: int, run: dict[str, Any]) -> str:
+    return f"<image {n}: {run['width']}x{run['height']} px -> {run['tokens']} tokens>"
+
+
+def render_marked(
+    tokenizer: PreTrainedTokenizerBase,
+    ids: list[int],
+    mask: list[int],
+    colour: bool,
+    images: Sequence[dict[str, Any]] = (),
+) -> str:
+    """Decoded text with each run of trained tokens wrapped in colour or `[[ ]]`, and each image's run of image
+    tokens (`images`, as `image_runs` gives them) shown as one `image_marker`."""
     on, off = (ANSI_ON, ANSI_OFF) if colour else BRACKETS
     parts: list[str] = []
-    start = 0
-    for t in range(1, len(ids) + 1):
-        # Decode whole runs: decoding token by token would split multi-byte characters.
-        if t == len(ids) or mask[t] != mask[start]:
-            text = tokenizer.decode(ids[start:t], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            parts.append(f"{on}{text}{off}" if mask[start] else text)
-            start = t
+    lo = 0
+    for n, run in enumerate([*images, None], start=1):
+        # The text between images, then the image's marker (image tokens are never trained).
+        hi = len(ids) if run is None else run["start"]
+        start = lo
+        for t in range(lo + 1, hi + 1):
+            # Decode whole runs: decoding token by token would split multi-byte characters.
+            if t == hi or mask[t] != mask[start]:
+                text = tokenizer.decode(ids[start:t], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                parts.append(f"{on}{text}{off}" if mask[start] else text)
+                start = t
+        if run is not None:
+            parts.append(image_marker(n, run))
+            lo = run["start"] + run["tokens"]
     return "".join(parts)
 
 
@@ -123,16 +183,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 3
     colour = sys.stdout.isatty()
     for i in range(min(args.rows, len(dataset))):
-        ids, mask = unpadded(dataset, i)
+        ids, mask, images = unpadded(dataset, i)
         if args.format == "jsonl":
-            print(json.dumps({"row": i, "input_ids": ids, "loss_mask": mask}))
+            extra = {"images": images} if hasattr(dataset, "image_token_id") else {}
+            print(json.dumps({"row": i, "input_ids": ids, "loss_mask": mask, **extra}))
         elif args.format == "trained":
             print(_header(dataset, i, ids, mask))
             for run in trained_runs(tokenizer, ids, mask):
                 print(f"+ {json.dumps(run, ensure_ascii=False)}")
         else:
             print(_header(dataset, i, ids, mask))
-            print(render_marked(tokenizer, ids, mask, colour))
+            print(render_marked(tokenizer, ids, mask, colour, images))
     return 0
 
 

@@ -33,12 +33,11 @@ from sft.data.build import build_dataset
 from sft.data.cache import cache_location
 from sft.data.loader import MicroBatchBuilder, build_train_loader
 from sft.data.prefetch import BuildWindow, prefetched
-from sft.data.processor import load_processor
+from sft.data.processor import vision_processor
 from sft.data.sampler import StepBatchSampler, eval_indices
 from sft.data.scan import write_bad_samples
 from sft.data.storage import TokenizeShard
 from sft.data.vision_batch import VisionInputs
-from sft.data.vision_rows import has_image_column
 from sft.loop.budget import TokenBudget, choose_token_budget
 from sft.loop.callbacks import StepCallback, callback_factories, make_callbacks
 from sft.loop.flops import flops_reason, peak_flops_per_gpu, useful_flops
@@ -127,10 +126,7 @@ class FSDPSFTTrainer:
         return tokenizer, hf_config, generation_config
 
     def _build_processor(self):
-        d = self.cfg.data
-        if not (d.multiturn.enable and has_image_column(d.train_files, d.image_key)):
-            return None
-        return load_processor(self.cfg.model.tokenizer_path or self.cfg.model.partial_pretrain, self.tokenizer)
+        return vision_processor(self.cfg, self.tokenizer)
 
     def _build_data(self) -> tuple:
         d = self.cfg.data

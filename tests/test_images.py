@@ -221,3 +221,26 @@ def test_no_file_stays_open(files):
     with pytest.raises(ValueError):
         load_image(ImageRef(None, str(cut)), WHERE)
     assert str(cut) not in open_paths()
+
+
+def test_exif_orientation_is_applied_to_size_and_pixels(tmp_path):
+    """A JPEG stored 40x20 with EXIF orientation 6 (a quarter turn) is a 20x40 image upright: the header size used
+    for the token count and the decoded image agree, as Hugging Face datasets decode it."""
+    import io
+
+    from PIL import Image
+
+    from sft.data.images import ImageRef, decoded_size, image_size, load_image
+
+    img = Image.new("RGB", (40, 20), (200, 10, 10))
+    img.paste((10, 10, 200), (0, 0, 10, 20))  # a blue left edge: after the turn it is the top edge
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif, quality=95)
+    ref = ImageRef(data=buf.getvalue(), path=None)
+    assert image_size(ref, "row") == decoded_size(ref, "row") == (20, 40)
+    upright = load_image(ref, "row")
+    assert upright.size == (20, 40)
+    r, g, b = upright.getpixel((10, 2))  # top edge: blue
+    assert b > 150 and r < 80

@@ -26,7 +26,7 @@ from transformers import (
 
 from sft.data.processor import without_video
 
-VISION_TYPES = ("qwen2_5_vl", "qwen3_vl", "gemma3")
+VISION_TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "gemma3")
 PATCH = 14
 MERGE = 2
 # Qwen's image processor resizes to a multiple of PATCH * MERGE within these pixel counts: 1 to 16 merged tokens.
@@ -103,6 +103,8 @@ GEMMA_TEMPLATE = r"""
 CHAT_TEMPLATES = {
     "qwen2_5_vl": _QWEN_TEMPLATE.replace("DEFAULT_SYSTEM", "true"),
     "qwen3_vl": _QWEN_TEMPLATE.replace("DEFAULT_SYSTEM", "false"),
+    "qwen3_vl_moe": _QWEN_TEMPLATE.replace("DEFAULT_SYSTEM", "false"),
+    "qwen3_5": _QWEN_TEMPLATE.replace("DEFAULT_SYSTEM", "false"),
     "gemma3": GEMMA_TEMPLATE,
 }
 
@@ -117,12 +119,31 @@ _VIDEO = dict(
 VIDEO_PROCESSOR = {
     "qwen2_5_vl": dict(_VIDEO, video_processor_type="Qwen2VLVideoProcessor"),
     "qwen3_vl": dict(_VIDEO, video_processor_type="Qwen3VLVideoProcessor"),
+    "qwen3_vl_moe": dict(_VIDEO, video_processor_type="Qwen3VLVideoProcessor"),
+    "qwen3_5": dict(_VIDEO, video_processor_type="Qwen3VLVideoProcessor"),
 }
 
 
 # Multimodal rotary sections (temporal, height, width) split head_dim / 2 = 4 frequencies.
 QWEN_ROPE = dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1])
 
+
+# Qwen3-VL-MoE: every text layer an MoE block; Qwen3.5: Gated DeltaNet layers around a full-attention one
+# (tests/hybrid_models.py's widths), its 3-D rotary on half of each head.
+TEXT_EXTRA: dict[str, dict] = {
+    "qwen3_vl_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1),
+    "qwen3_5": dict(
+        num_hidden_layers=3,
+        layer_types=["linear_attention", "full_attention", "linear_attention"],
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        linear_conv_kernel_dim=4,
+        head_dim=16,
+        rope_parameters=dict(QWEN_ROPE, partial_rotary_factor=0.5, mrope_interleaved=True),
+    ),
+}
 
 VISION_CONFIGS: dict[str, dict] = {
     # Window attention in block 0 (windows of 56 px = 2x2 merged tokens, so larger images get several windows and
@@ -164,6 +185,10 @@ VISION_CONFIGS: dict[str, dict] = {
         patch_size=PATCH,
     ),
 }
+VISION_CONFIGS["qwen3_vl_moe"] = dict(VISION_CONFIGS["qwen3_vl"], model_type="qwen3_vl_moe_vision")
+VISION_CONFIGS["qwen3_5"] = {
+    k: v for k, v in VISION_CONFIGS["qwen3_vl"].items() if k != "deepstack_visual_indexes"
+} | dict(model_type="qwen3_5_vision")
 
 
 def _tokenizer(demo_model: Path, model_type: str):
@@ -213,7 +238,7 @@ def _config(tok, model_type: str):
             tie_word_embeddings=True,
         )
     ids = {name: tok.convert_tokens_to_ids(t) for name, t in QWEN_TOKENS.items()}
-    text.update(model_type=f"{model_type}_text", rope_parameters=QWEN_ROPE)
+    text.update({"model_type": f"{model_type}_text", "rope_parameters": QWEN_ROPE, **TEXT_EXTRA.get(model_type, {})})
     return AutoConfig.for_model(
         model_type,
         text_config=text,
@@ -235,7 +260,7 @@ def _processor(tok, model_type: str):
     images = Qwen2VLImageProcessorPil(
         min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2
     )
-    cls = Qwen2_5_VLProcessor if model_type == "qwen2_5_vl" else Qwen3VLProcessor
+    cls = Qwen2_5_VLProcessor if model_type == "qwen2_5_vl" else Qwen3VLProcessor  # Qwen3.5 uses Qwen3-VL's
     # No video processor: it needs torchvision, which the CPU machines lack; the files name the full class.
     return without_video(cls)(image_processor=images, tokenizer=tok, chat_template=template)
 

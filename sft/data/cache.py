@@ -97,13 +97,19 @@ def _tokenizer_identity(tok: PreTrainedTokenizerBase) -> dict[str, Any]:
 
 
 def fingerprint(
-    kind: str, paths: Sequence[str], max_samples: int, tokenizer: PreTrainedTokenizerBase, config: DataConfig
+    kind: str,
+    paths: Sequence[str],
+    max_samples: int,
+    tokenizer: PreTrainedTokenizerBase,
+    config: DataConfig,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """(key, inputs): the hex key of everything that changes the tokenised result, and those inputs.
 
     In the key: the dataset class (`kind`), CACHE_VERSION, every data file's identity, the row limit,
-    the tokenizer and its chat template, and every data config key except those of NOT_IN_KEY
-    (max_length, truncation, train_on, the column keys, on_bad_sample, apply_chat_template_kwargs, ...).
+    the tokenizer and its chat template, every data config key except those of NOT_IN_KEY
+    (max_length, truncation, train_on, the column keys, on_bad_sample, apply_chat_template_kwargs, ...), and what
+    the dataset adds in `extra` (a vision dataset: its image processor's settings, which set the image token counts).
     """
     data = asdict(config)
     inputs = {
@@ -113,6 +119,7 @@ def fingerprint(
         "max_samples": int(max_samples) if max_samples > 0 else -1,
         **_tokenizer_identity(tokenizer),
         "config": {k: data[k] for k in sorted(data) if k not in NOT_IN_KEY},
+        **({"extra": extra} if extra else {}),
     }
     blob = json.dumps(inputs, sort_keys=True, default=str).encode()
     return hashlib.blake2b(blob, digest_size=16).hexdigest(), inputs

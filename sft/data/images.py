@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 FILE_SCHEME = "file://"
 # Any other `scheme://` (http, https, s3, gs, ...) would need the network or credentials.
@@ -150,20 +150,56 @@ def _open(ref: ImageRef) -> Image.Image:
     return Image.open(io.BytesIO(ref.data) if ref.data is not None else ref.path)
 
 
+# EXIF orientations that turn the stored image a quarter turn: its upright width and height are swapped.
+_QUARTER_TURNS = (5, 6, 7, 8)
+_ORIENTATION = 0x0112
+
+
+# Formats whose EXIF sits before the pixel data (a PNG's may follow it: reading it would decode the image).
+_HEADER_EXIF = ("JPEG", "MPO", "TIFF", "WEBP")
+
+
+def _orientation(im: Image.Image) -> int | None:
+    return im.getexif().get(_ORIENTATION) if im.format in _HEADER_EXIF else None
+
+
+def _upright_size(im: Image.Image) -> tuple[int, int]:
+    w, h = im.size
+    return (h, w) if _orientation(im) in _QUARTER_TURNS else (w, h)
+
+
 def image_size(ref: ImageRef, where: str) -> tuple[int, int]:
-    """(width, height) from the image's header; the pixel data is neither read nor decoded."""
+    """(width, height) of the upright image (EXIF orientation applied, as `load_image` does) from the header; the
+    pixel data is neither read nor decoded."""
     try:
         with _open(ref) as im:  # Image.open parses the header only; pixels wait for load()
-            return im.size
+            return _upright_size(im)
+    except _DECODE_ERRORS as e:
+        raise ValueError(f"{where}: image {ref.describe()}: {_reason(e)}; fix or drop the image") from e
+
+
+def decoded_size(ref: ImageRef, where: str) -> tuple[int, int]:
+    """`image_size`, for an image whose pixel data decodes to the end: a truncated or corrupt body is refused here,
+    while tokenizing (where a row can be skipped), not later in the loader. A JPEG decodes at 1/8 scale (PIL's
+    draft mode reads every block all the same), so the check costs a fraction of a full decode."""
+    try:
+        with _open(ref) as im:
+            size = _upright_size(im)
+            im.draft(im.mode, (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))  # JPEG only; others ignore it
+            im.load()
+            return size
     except _DECODE_ERRORS as e:
         raise ValueError(f"{where}: image {ref.describe()}: {_reason(e)}; fix or drop the image") from e
 
 
 def load_image(ref: ImageRef, where: str) -> Image.Image:
-    """The fully decoded image in RGB; the file is closed before this returns."""
+    """The fully decoded image in RGB, upright (the EXIF orientation of JPEG, TIFF and WebP files applied, as Hugging
+    Face datasets decode images); the file is closed before this returns."""
     try:
         with _open(ref) as im:
+            turned = _orientation(im) not in (None, 1)
             im.load()  # decode here, so a truncated or corrupt image fails inside this try
-            return im.convert("RGB")  # a new image, detached from the file (a copy when already RGB)
+            upright = ImageOps.exif_transpose(im) if turned else im  # the same rule as `image_size`
+            return upright.convert("RGB") if upright.mode != "RGB" or upright is im else upright
     except _DECODE_ERRORS as e:
         raise ValueError(f"{where}: image {ref.describe()}: {_reason(e)}; fix or drop the image") from e

@@ -129,7 +129,7 @@ class MultiTurnSFTDataset(TokenizedDataset):
         # token, as apply_chat_template does; counted so the user hears about it once.
         if self.markers.special is None:
             return
-        if any(self.markers.special.search(_text_of(m.get("content"))) for m in messages):
+        if any(self.markers.special.search(text_of(m.get("content"))) for m in messages):
             self.num_control_text += 1
 
     def _report(self, seconds: float) -> None:
@@ -150,7 +150,7 @@ class MultiTurnSFTDataset(TokenizedDataset):
         super()._report(seconds)
 
 
-def _text_of(content: Any) -> str:
+def text_of(content: Any) -> str:
     """A message's text: its content string, or its text parts joined (vision-language rows)."""
     if isinstance(content, list):
         return "".join(p.get("text", "") for p in content if isinstance(p, dict))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
+from typing import Any
 
 from transformers import AutoProcessor, PreTrainedTokenizerBase, ProcessorMixin
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES, processor_class_from_name
@@ -119,3 +120,14 @@ def load_processor(folder: str, tokenizer: PreTrainedTokenizerBase) -> Processor
     # Every path above hands sft's tokenizer in; a processor class that builds its own would drop its settings.
     assert processor.tokenizer is tokenizer, f"{folder}: the processor does not use sft's tokenizer"
     return processor
+
+
+def vision_processor(cfg: Any, tokenizer: PreTrainedTokenizerBase) -> ProcessorMixin | None:
+    """The model's processor when the training files hold images (`data.image_key`, multi-turn rows): the run is then
+    vision-language SFT. None otherwise. The trainer and `python -m sft.inspect_data` both decide here."""
+    from sft.data.vision_rows import has_image_column
+
+    d = cfg.data
+    if not (d.multiturn.enable and has_image_column(d.train_files, d.image_key)):
+        return None
+    return load_processor(cfg.model.tokenizer_path or cfg.model.partial_pretrain, tokenizer)

@@ -90,6 +90,10 @@ class TokenizedDataset(StoreBuild, Dataset):
         """Required columns (name -> the config key that names it) and optional columns."""
         raise NotImplementedError
 
+    def _fingerprint_extra(self) -> dict[str, Any]:
+        """What else changes the tokenised result, for the cache key (sft/data/cache.py)."""
+        return {}
+
     def _binary_columns(self) -> list[str]:
         """Columns read as bytes, not text (encoded images)."""
         return []

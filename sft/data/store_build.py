@@ -48,7 +48,9 @@ class StoreBuild:
         """Map the cache of this key when every rank finds it complete; else note the key for the build."""
         t0 = time.perf_counter()
         kind = f"{type(self).__module__}.{type(self).__qualname__}"
-        key, inputs = fingerprint(kind, expand_paths(files), max_samples, self.tokenizer, self.config)
+        key, inputs = fingerprint(
+            kind, expand_paths(files), max_samples, self.tokenizer, self.config, self._fingerprint_extra()
+        )
         self.cache = (root, key, inputs)
         folder = cache_folder(root, key)
         manifest, why = check_cache(folder, key)

@@ -18,9 +18,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from sft.data.images import ImageRef, load_image
+from sft.data.images import ImageRef, decoded_size, load_image
 from sft.data.messages import clean_messages
-from sft.data.multiturn import MultiTurnSFTDataset
+from sft.data.multiturn import MultiTurnSFTDataset, text_of
 from sft.data.row_reader import RowReader
 from sft.data.scan import scan_messages
 from sft.data.storage import Encoded
@@ -28,13 +28,32 @@ from sft.data.vision_rows import expand_images, vision_messages
 
 # Processor attributes naming the tokens of images and videos: never trained.
 VISION_TOKENS = ("image_token", "video_token", "vision_start_token", "vision_end_token", "boi_token", "eoi_token")
+# Unusual text around a probe image, so the template's own tokens around an image can be found between them.
+_BEFORE, _AFTER = "\u27e6sft-before\u27e7", "\u27e6sft-after\u27e7"
 
 
 def vision_token_ids(processor: Any) -> list[int]:
+    """Ids never trained: the processor's image/video tokens, and the special tokens the chat template writes
+    around an image (e.g. <|vision_start|> / <|vision_end|>, which Qwen2.5-VL's processor does not name)."""
     tok = processor.tokenizer
     ids = {
         tok.convert_tokens_to_ids(t) for name in VISION_TOKENS if isinstance(t := getattr(processor, name, None), str)
     }
+    probe = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": _BEFORE}, {"type": "image"}, {"type": "text", "text": _AFTER}],
+        }
+    ]
+    try:
+        text = tok.apply_chat_template(probe, tokenize=False)
+    except Exception:  # a template that refuses a lone user turn: the processor's names only
+        text = ""
+    lo, hi = text.find(_BEFORE), text.find(_AFTER)
+    if 0 <= lo < hi:
+        special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+        inside = tok(text[lo + len(_BEFORE) : hi], add_special_tokens=False)["input_ids"]
+        ids |= {i for i in inside if i in special}
     return sorted(i for i in ids if i is not None and i != tok.unk_token_id)
 
 
@@ -50,7 +69,6 @@ class VisionSFTDataset(MultiTurnSFTDataset):
 
     def __init__(self, *args: Any, processor: Any, **kwargs: Any) -> None:
         self.processor = processor
-        self.image_refs: dict[int, list[ImageRef]] = {}  # row -> images, for this process's first-row check
         self.checked = False
         self.reader: RowReader | None = None
         super().__init__(*args, **kwargs)
@@ -69,6 +87,10 @@ class VisionSFTDataset(MultiTurnSFTDataset):
     def _columns(self) -> tuple[dict[str, str], list[str]]:
         required, optional = super()._columns()
         return {**required, self.config.image_key: "data.image_key"}, [*optional, self.config.video_key]
+
+    def _fingerprint_extra(self) -> dict[str, Any]:
+        # The image processor's settings set each image's token count (min/max pixels, patch and merge sizes).
+        return {"image_processor": self.processor.image_processor.to_dict()}
 
     def _binary_columns(self) -> list[str]:
         return [self.config.image_key, self.config.video_key]
@@ -101,7 +123,14 @@ class VisionSFTDataset(MultiTurnSFTDataset):
             columns[mt.messages_key][k], columns[key][k], where, mt.messages_key, key, self._base_dir(row)
         )
         self._refs_now[k] = refs
-        return clean_messages(raw, where, mt.messages_key, parts=True)
+        messages, overrides = clean_messages(raw, where, mt.messages_key, parts=True)
+        for j, m in enumerate(messages):
+            if self.placeholder in text_of(m.get("content")):
+                raise ValueError(
+                    f"{where}: {mt.messages_key}[{j}] holds the image token {self.placeholder!r} as text; remove it "
+                    f"(images go in {key}, each marked by <image> or an image part)"
+                )
+        return messages, overrides
 
     def _encode_batch(self, rows: Sequence[int], columns: dict[str, list[Any]]) -> list[Encoded]:
         # What the hooks below pass between them for the rows of this batch (by position k).
@@ -117,6 +146,7 @@ class VisionSFTDataset(MultiTurnSFTDataset):
             self.placeholder,
             lambda h, w: image_token_count(self.processor, h, w),
             where,
+            size_of=decoded_size,  # every image decodes here, so a broken one is this row's error (or skip)
         )
         self._counts_now[k] = counts
         return expanded, spans

@@ -97,12 +97,19 @@ def vision_messages(
 
 
 def expand_images(
-    text: str, spans: list[Span], refs: list[ImageRef], placeholder: str, tokens_per_image: Any, where: str
+    text: str,
+    spans: list[Span],
+    refs: list[ImageRef],
+    placeholder: str,
+    tokens_per_image: Any,
+    where: str,
+    size_of: Any = image_size,
 ) -> tuple[str, list[Span], list[int]]:
     """Each `placeholder` in `text` (one per image, in order) repeated as many times as that image's token count;
     the trained spans moved to the expanded text; and the counts.
 
-    `tokens_per_image(height, width) -> int` is the processor's count for an image of that size."""
+    `tokens_per_image(height, width) -> int` is the processor's count for an image of that size; `size_of(ref,
+    where) -> (width, height)` reads the size (the header; `decoded_size` also checks the pixels decode)."""
     starts = []
     at = text.find(placeholder)
     while at >= 0:
@@ -115,7 +122,7 @@ def expand_images(
         )
     counts = []
     for ref in refs:
-        width, height = image_size(ref, where)
+        width, height = size_of(ref, where)
         counts.append(int(tokens_per_image(height, width)))
     pieces, last = [], 0
     for start, n in zip(starts, counts):

@@ -127,6 +127,7 @@ FAMILIES: dict[str, Family] = {
     # Qwen3-VL's text model: Qwen3 with multimodal RoPE; on text-only rows its three position sections are equal,
     # which is plain RoPE over the token positions (the packed per-sample positions work unchanged).
     "qwen3_vl_text": Family("Qwen3-VL (text model)", liger=False),
+    "qwen3_vl_moe_text": Family("Qwen3-VL-MoE (text model)", moe=_QWEN_MOE, liger=False, mlp="none"),
     "qwen2_vl_text": Family("Qwen2-VL (text model)", sliding_window=True, liger=False),
     "qwen2_5_vl_text": Family("Qwen2.5-VL (text model)", sliding_window=True, liger=False),
     "qwen3_5_text": Family("Qwen3.5 (text)", liger=False, rms_norm="offset", recurrent=_GDN),

@@ -30,6 +30,9 @@ VISION_FAMILIES: dict[str, VisionFamily] = {
     "qwen2_vl": _QWEN,
     "qwen2_5_vl": _QWEN,
     "qwen3_vl": _QWEN3,
+    "qwen3_vl_moe": _QWEN3,
+    "qwen3_5": _QWEN,  # Gated DeltaNet text layers (sft/models/recurrent/), Qwen3-VL's tower without deepstack
+    "qwen3_5_moe": _QWEN,
 }
 
 
