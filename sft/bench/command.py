@@ -26,12 +26,14 @@ from sft.bench.profiling import PROBE_ENV, PROBE_FACTORY
 from sft.loop.callbacks import CALLBACKS_ENV
 
 TRAINER_MODULE = "sft.fsdp_sft_trainer"
+# verl's two command-line layouts: both entry points run the same trainer (README 'Launch').
+TRAINER_MODULES = (TRAINER_MODULE, "sft.sft_trainer")
 
 
 def check_command(command: str) -> list[str]:
     argv = shlex.split(command)
-    if TRAINER_MODULE not in argv:
-        raise ValueError(f"--command must run the trainer (`-m {TRAINER_MODULE}`), got: {command}")
+    if not any(m in argv for m in TRAINER_MODULES):
+        raise ValueError(f"--command must run the trainer (`-m {' or -m '.join(TRAINER_MODULES)}`), got: {command}")
     return argv
 
 
