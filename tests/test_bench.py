@@ -348,3 +348,13 @@ def test_command_mode_loads_the_probe_as_a_callback(monkeypatch, tmp_path):
     probe.on_step_end(1, {"train/loss": 2.0, "val/loss": 3.0})
     line = json.loads((tmp_path / "probe" / "steps.jsonl").read_text())
     assert line["step"] == 1 and line["loss"] == 2.0 and "val/loss" not in line and line["world_size"] == 1
+
+
+def test_command_accepts_both_entry_points():
+    """verl's two layouts run the same trainer: `--command` times either entry point, and refuses anything else."""
+    from sft.bench.command import check_command
+
+    for module in ("sft.fsdp_sft_trainer", "sft.sft_trainer"):
+        assert check_command(f"torchrun --nproc_per_node=1 -m {module} a=b")[-2:] == [module, "a=b"]
+    with pytest.raises(ValueError, match="must run the trainer"):
+        check_command("python train.py a=b")

@@ -26,7 +26,7 @@ from transformers import (
 
 from sft.data.processor import without_video
 
-VISION_TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "gemma3")
+VISION_TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "gemma3")
 PATCH = 14
 MERGE = 2
 # Qwen's image processor resizes to a multiple of PATCH * MERGE within these pixel counts: 1 to 16 merged tokens.
@@ -105,6 +105,7 @@ CHAT_TEMPLATES = {
     "qwen3_vl": _QWEN_TEMPLATE.replace("DEFAULT_SYSTEM", "false"),
     "qwen3_vl_moe": _QWEN_TEMPLATE.replace("DEFAULT_SYSTEM", "false"),
     "qwen3_5": _QWEN_TEMPLATE.replace("DEFAULT_SYSTEM", "false"),
+    "qwen3_5_moe": _QWEN_TEMPLATE.replace("DEFAULT_SYSTEM", "false"),
     "gemma3": GEMMA_TEMPLATE,
 }
 
@@ -121,6 +122,7 @@ VIDEO_PROCESSOR = {
     "qwen3_vl": dict(_VIDEO, video_processor_type="Qwen3VLVideoProcessor"),
     "qwen3_vl_moe": dict(_VIDEO, video_processor_type="Qwen3VLVideoProcessor"),
     "qwen3_5": dict(_VIDEO, video_processor_type="Qwen3VLVideoProcessor"),
+    "qwen3_5_moe": dict(_VIDEO, video_processor_type="Qwen3VLVideoProcessor"),
 }
 
 
@@ -144,6 +146,14 @@ TEXT_EXTRA: dict[str, dict] = {
         rope_parameters=dict(QWEN_ROPE, partial_rotary_factor=0.5, mrope_interleaved=True),
     ),
 }
+# Qwen3.5-MoE: Qwen3.5's layers with an MoE block and a shared expert in each.
+TEXT_EXTRA["qwen3_5_moe"] = dict(
+    TEXT_EXTRA["qwen3_5"],
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    shared_expert_intermediate_size=16,
+)
 
 VISION_CONFIGS: dict[str, dict] = {
     # Window attention in block 0 (windows of 56 px = 2x2 merged tokens, so larger images get several windows and
@@ -186,6 +196,9 @@ VISION_CONFIGS: dict[str, dict] = {
     ),
 }
 VISION_CONFIGS["qwen3_vl_moe"] = dict(VISION_CONFIGS["qwen3_vl"], model_type="qwen3_vl_moe_vision")
+VISION_CONFIGS["qwen3_5_moe"] = {
+    k: v for k, v in VISION_CONFIGS["qwen3_vl"].items() if k != "deepstack_visual_indexes"
+} | dict(model_type="qwen3_5_moe_vision")
 VISION_CONFIGS["qwen3_5"] = {
     k: v for k, v in VISION_CONFIGS["qwen3_vl"].items() if k != "deepstack_visual_indexes"
 } | dict(model_type="qwen3_5_vision")
