@@ -26,7 +26,7 @@ from sft.data.build import build_dataset
 from sft.data.images import load_image
 from sft.data.processor import load_processor
 
-TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5")
+TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 
 
 def _overrides(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
