@@ -285,3 +285,34 @@ def test_cli_prints_one_line_and_exit_code_2(paths):
         "sft: config error: unknown config key 'data.bogus' (from data.bogus=1): it is not in "
         "sft/config/sft_trainer.yaml; check the spelling"
     ]
+
+
+def test_a_resume_that_would_load_no_weights_is_refused(demo_dir, tmp_path):
+    """load_contents follows save_contents unless set: with save_contents=[] a resume would load nothing and start
+    again from step 1, silently. It is refused before loading, for an explicit path and for an automatic resume that
+    finds a checkpoint; with load_contents set, or nothing to resume, it passes."""
+    from conftest import base_overrides
+
+    ckpt = tmp_path / "out" / "global_step_3"
+    ckpt.mkdir(parents=True)
+    (ckpt / "COMPLETE").write_text("{}")
+    one = WorldInfo(rank=0, local_rank=0, world_size=1, local_world_size=1)
+    base = [*base_overrides(demo_dir, tmp_path / "out"), "trainer.device=cpu"]
+    for extra in (
+        ["trainer.resume_mode=resume_path", f"trainer.resume_from_path={ckpt}"],
+        ["trainer.resume_mode=auto"],
+    ):
+        with pytest.raises(ConfigError, match="would load no model weights"):
+            validate_config(compose([*base, *extra]), one)
+        validate_config(compose([*base, *extra, "trainer.checkpoint.load_contents=[model,optimizer,extra]"]), one)
+    validate_config(
+        compose(
+            [
+                *base[:-1],
+                f"trainer.default_local_dir={tmp_path / 'empty'}",
+                "trainer.device=cpu",
+                "trainer.resume_mode=auto",
+            ]
+        ),
+        one,
+    )

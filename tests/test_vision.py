@@ -64,6 +64,7 @@ def vision_dirs(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 
 PACKED = ["use_remove_padding=true"]
 SP2 = ["ulysses_sequence_parallel_size=2"]
+SAVE = ["trainer.save_freq=1", 'trainer.checkpoint.save_contents=["model","optimizer","extra"]']
 FROZEN = ["model.freeze_vision_tower=true"]
 LORA = ["model.lora_rank=4", "model.lora_alpha=8", "optim.lr=1e-2"]
 EXPORT = ['trainer.checkpoint.save_contents=["hf_model"]', "trainer.checkpoint.hf_dtype=fp32"]
@@ -77,7 +78,15 @@ def runs(vision_dirs, tmp_path_factory) -> dict[str, dict]:
     for t in TYPES:
         one[f"padded_{t}"] = _overrides(vision_dirs[t], data, tmp / f"padded_{t}")
         two[f"sp2_{t}"] = _overrides(vision_dirs[t], data, tmp / f"sp2_{t}", *PACKED, *SP2, *EXPORT)
-    one["packed_qwen2_5_vl"] = _overrides(vision_dirs["qwen2_5_vl"], data, tmp / "packed_qwen2_5_vl", *PACKED)
+    one["packed_qwen2_5_vl"] = _overrides(vision_dirs["qwen2_5_vl"], data, tmp / "packed_qwen2_5_vl", *PACKED, *SAVE)
+    resume = [
+        "trainer.resume_mode=resume_path",
+        f"trainer.resume_from_path={tmp / 'packed_qwen2_5_vl' / 'global_step_1'}",
+        "trainer.checkpoint.load_contents=[model,optimizer,extra]",
+    ]
+    one["resumed_qwen2_5_vl"] = _overrides(
+        vision_dirs["qwen2_5_vl"], data, tmp / "resumed_qwen2_5_vl", *PACKED, *resume
+    )
     planted["planted_qwen2_5_vl"] = _overrides(vision_dirs["qwen2_5_vl"], data, tmp / "planted_qwen2_5_vl", *PACKED)
     one["frozen_qwen3_vl"] = _overrides(vision_dirs["qwen3_vl"], data, tmp / "frozen_qwen3_vl", *PACKED, *FROZEN)
     one["lora_qwen2_5_vl"] = _overrides(
@@ -179,3 +188,11 @@ def test_lora_adapts_the_language_model_only(runs, vision_dirs):
     merged = [k for k, w in export.items() if not torch.equal(w, start[f"lm.{k}"])]
     assert merged and all(".language_model." in k for k in merged), merged[:5]
     assert (run["out"] / "global_step_2" / "lora_adapter" / "adapter_config.json").is_file()
+
+
+def test_resume_is_exact(runs):
+    """Killed after step 1 and resumed from its checkpoint (the vision tower's weights and optimizer state included):
+    step 2 and the final weights are the uninterrupted run's, bit for bit."""
+    ref, got = runs["packed_qwen2_5_vl"], runs["resumed_qwen2_5_vl"]
+    assert _steps(got) == _steps(ref)[1:]
+    assert all(torch.equal(got["weights"][k], w) for k, w in ref["weights"].items())

@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+from sft.checkpoint.manager import complete_steps
 from sft.config.errors import ConfigError, either, need
 from sft.config.model_checks import _check_model, _check_model_folder
 from sft.config.schema import (
@@ -108,8 +109,27 @@ def _check_optim(cfg: SFTConfig) -> None:
     need(0 < o.wsd_decay_ratio <= 1, f"optim.wsd_decay_ratio={o.wsd_decay_ratio}: in (0, 1]")
 
 
+def _check_resume_loads(cfg: SFTConfig) -> None:
+    """A resume that would load no weights is refused: `load_contents` follows `save_contents` unless set (verl's
+    default), so a run that saves no `model` state would otherwise "resume" by starting again from step 1."""
+    t = cfg.trainer
+    if t.resume_mode == "disable" or "model" in t.checkpoint.load_contents:
+        return
+    found = t.resume_from_path if t.resume_mode == "resume_path" else None
+    if t.resume_mode == "auto":
+        steps = complete_steps(Path(t.default_local_dir).expanduser())
+        found = f"{t.default_local_dir}/global_step_{steps[-1]}" if steps else None
+    need(
+        found is None,
+        f"trainer.checkpoint.load_contents={list(t.checkpoint.load_contents)}: resuming from {found} would load no "
+        "model weights (load_contents follows save_contents unless set); set "
+        "trainer.checkpoint.load_contents=[model,optimizer,extra], or trainer.resume_mode=disable to start afresh",
+    )
+
+
 def _check_trainer(cfg: SFTConfig, world: WorldInfo) -> None:
     t = cfg.trainer
+    _check_resume_loads(cfg)
     need(t.total_epochs >= 1, f"trainer.total_epochs={t.total_epochs}: must be >= 1")
     need(
         t.total_training_steps is None or t.total_training_steps > 0,

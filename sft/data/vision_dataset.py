@@ -86,7 +86,8 @@ class VisionSFTDataset(MultiTurnSFTDataset):
 
     def _columns(self) -> tuple[dict[str, str], list[str]]:
         required, optional = super()._columns()
-        return {**required, self.config.image_key: "data.image_key"}, [*optional, self.config.video_key]
+        # Images optional per file: a validation file of text-only chats has no images column.
+        return required, [*optional, self.config.image_key, self.config.video_key]
 
     def _fingerprint_extra(self) -> dict[str, Any]:
         # The image processor's settings set each image's token count (min/max pixels, patch and merge sizes).
@@ -119,8 +120,9 @@ class VisionSFTDataset(MultiTurnSFTDataset):
                 "(drop the videos, or the row)"
             )
         row = self._rows_now[k]
+        images = columns[key][k] if key in columns else None
         raw, refs = vision_messages(
-            columns[mt.messages_key][k], columns[key][k], where, mt.messages_key, key, self._base_dir(row)
+            columns[mt.messages_key][k], images, where, mt.messages_key, key, self._base_dir(row)
         )
         self._refs_now[k] = refs
         messages, overrides = clean_messages(raw, where, mt.messages_key, parts=True)
