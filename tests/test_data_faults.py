@@ -369,7 +369,12 @@ def test_trainer_stops_with_one_line_before_the_model_and_keeps_the_checkpoint(d
     (out / "global_step_2" / "COMPLETE").write_text("")
     (out / "latest_checkpointed_iteration.txt").write_text("2")
     before = snapshot(out)
-    overrides = [*base_overrides(demo_dir, out), f"data.train_files={bad}", "trainer.resume_mode=auto"]
+    overrides = [
+        *base_overrides(demo_dir, out),
+        f"data.train_files={bad}",
+        "trainer.resume_mode=auto",
+        "trainer.checkpoint.load_contents=[model,optimizer,extra]",  # what a real resume loads
+    ]
     rc = run_cli(overrides, lambda cfg, ctx: FSDPSFTTrainer(cfg, ctx).fit())
     err = capsys.readouterr().err
     assert rc == 3, err
