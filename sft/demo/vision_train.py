@@ -29,6 +29,7 @@ from sft.data.images import load_image
 from sft.data.processor import load_processor
 from sft.data.vision_rows import vision_messages
 from sft.demo.train import run_trainer, say
+from sft.demo.train import train_overrides as text_train_overrides
 from sft.demo.vision_assets import COLOURS, answer_of, write_vision_demo
 from sft.plot import plot_runs
 
@@ -139,31 +140,11 @@ def load(folder: Path) -> tuple[PreTrainedModel, ProcessorMixin]:
 
 
 def train_overrides(work: Path, args: argparse.Namespace) -> list[str]:
-    """The trainer's command-line overrides for the demo run (CPU, packed rows, exported fp32 weights)."""
-    demo = work / "demo"
-    return [
-        f"data.train_files={demo}/train.parquet",
-        f"data.val_files={demo}/val.parquet",
-        "data.multiturn.enable=true",
-        "data.image_key=images",
-        "data.max_length=128",
-        f"data.train_batch_size={args.batch}",
-        f"data.micro_batch_size_per_gpu={args.batch // args.nproc}",
-        "use_remove_padding=true",
-        f"model.partial_pretrain={demo}/model",
-        "model.enable_gradient_checkpointing=false",
-        f"optim.lr={args.lr}",
-        "optim.lr_warmup_steps_ratio=0.05",
-        f"trainer.total_training_steps={args.steps}",
-        "trainer.total_epochs=1000",
-        f"trainer.test_freq={max(1, args.steps // 5)}",
-        "trainer.resume_mode=disable",
-        "trainer.logger=[console,file]",
-        "trainer.device=cpu",
-        f"trainer.default_local_dir={work}/run",
-        "trainer.checkpoint.save_contents=[hf_model]",
-        "trainer.checkpoint.hf_dtype=fp32",
-    ]
+    """The text demo's trainer overrides (CPU, exported fp32 weights) with this demo's changes: short rows that are
+    never truncated (sft refuses to cut an image), packed, a longer warm-up."""
+    changed = {"data.max_length": "128", "optim.lr_warmup_steps_ratio": "0.05", "use_remove_padding": "true"}
+    kept = [o for o in text_train_overrides(work, args) if o.split("=", 1)[0] not in (*changed, "data.truncation")]
+    return kept + [f"{k}={v}" for k, v in changed.items()]
 
 
 def format_report(before: dict[str, float], after: dict[str, float], rows: Sequence[dict[str, Any]]) -> str:
