@@ -274,3 +274,89 @@ def test_swiglu_kernels_on_cuda(rows, cols):
     c64.backward(dc.double())
     for got, want in ((c, c64), (a.grad, a64.grad), (b.grad, b64.grad)):
         torch.testing.assert_close(got.double(), want.detach(), rtol=2**-7, atol=2e-2)
+
+
+@pytest.mark.parametrize("window", [None, 24])
+@pytest.mark.parametrize("kernel", ["torch", "flash_attn", "fa4"])
+def test_image_blocks_on_cuda_match_the_reference(kernel, window):
+    """Gemma 3's image blocks on a CUDA varlen kernel (the causal call plus one non-causal call over the block
+    queries, bf16) against the exact fp32 reference, forward and backward, on a packed row of three samples."""
+    from sft.models.attention import varlen
+    from sft.models.attention.image_blocks import ImageBlocks
+    from sft.models.attention.kernels import why_not
+    from sft.models.attention.reference import AttnFeatures
+
+    reason = why_not(kernel, torch.cuda.get_device_capability()[0])
+    if reason is not None:
+        pytest.skip(reason)
+    lengths, image = [300, 517, 190], [(0, 64), (100, 164), (300, 364), (700, 764), (1007, 1071)]
+    total = sum(lengths)
+    is_image = torch.zeros(total, dtype=torch.bool)
+    for a, b in image:
+        is_image[a:b] = True
+    bounds = [0, 300, 817, total]
+    blocks = ImageBlocks.find(is_image, bounds).map_tensors(lambda t: t.cuda())
+    cu = torch.tensor(bounds, dtype=torch.int32, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    inputs = [torch.randn(total, h, 128, device="cuda", generator=g, dtype=torch.bfloat16) for h in (8, 2, 2)]
+    grad_out = torch.randn(total, 8, 128, device="cuda", generator=g, dtype=torch.bfloat16)
+
+    def run(dtype, features):
+        q, k, v = (t.to(dtype).requires_grad_() for t in inputs)
+        out = varlen.varlen_attention(q, k, v, cu, cu, max(lengths), max(lengths), 128**-0.5, features)
+        out.backward(grad_out.to(dtype))
+        return [out.float(), *(t.grad.float() for t in (q, k, v))]
+
+    varlen.set_attn_kernel(kernel)
+    try:
+        got = run(torch.bfloat16, AttnFeatures(window, blocks=blocks))
+    finally:
+        varlen.set_attn_kernel(None)
+    want = run(torch.float32, AttnFeatures(window, blocks=blocks))  # fp32: the exact per-segment reference
+    causal = run(torch.float32, AttnFeatures(window))
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), got, want, causal):
+        err, scale = (a - b).abs().max().item(), b.abs().max().item()
+        print(f"{kernel} window={window} {name}: max |diff| {err:.3g} of max {scale:.3g}")
+        assert err <= 2e-2 * scale, (name, err, scale)
+        assert (c - b).abs().max().item() > 10 * err, f"{name}: the blocks make no difference here"
+
+
+def test_gemma3_vision_micro_batch_never_syncs_on_cuda(demo_dir, tmp_path, cuda_rank):
+    """A tiny Gemma 3 vision-language model trains packed (bf16 master weights, checkpointing) with the
+    micro-batch loop under torch.cuda.set_sync_debug_mode("error"): the SigLIP tower on a batch of same-size images,
+    the image features written over the image tokens, and the image blocks' extra varlen call never sync."""
+    from vision_data import write_vision_rows
+    from vision_models import write_vision_model
+
+    from sft.config.schema import load_config
+    from sft.trainer import FSDPSFTTrainer
+
+    model = write_vision_model(demo_dir / "model", tmp_path / "gemma3", "gemma3")
+    data = write_vision_rows(tmp_path / "data", 32, seed=0, layout="verl")
+    overrides = [
+        f"data.train_files={data}",
+        f"data.val_files={data}",
+        "data.multiturn.enable=true",
+        "data.max_length=256",
+        "data.train_batch_size=8",
+        "data.micro_batch_size_per_gpu=2",
+        "data.max_token_len_per_gpu=256",
+        f"model.partial_pretrain={model}",
+        "model.fsdp_config.model_dtype=bf16",
+        "model.enable_gradient_checkpointing=true",
+        "use_remove_padding=true",
+        "trainer.device=cuda",
+        "trainer.total_training_steps=3",
+        "trainer.resume_mode=disable",
+        "trainer.logger=[]",
+        f"trainer.default_local_dir={tmp_path / 'out'}",
+        "trainer.checkpoint.save_contents=[]",
+    ]
+    trainer = FSDPSFTTrainer(load_config(overrides), cuda_rank)
+    trainer.sync_debug = "error"
+    logged: list[dict] = []
+    original = trainer.metrics.log
+    trainer.metrics.log = lambda m, step: (logged.append(m), original(m, step))
+    trainer.fit()
+    losses = [m["train/loss"] for m in logged if "train/loss" in m]
+    assert len(losses) == 3 and all(x == x for x in losses)

@@ -1,10 +1,11 @@
-"""Vision-language SFT on tiny random Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE and Qwen3.5 (Gated DeltaNet) checkpoints
-(CPU, fp32, real fully_shard on gloo).
+"""Vision-language SFT on tiny random Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5 (Gated DeltaNet) and Gemma 3
+checkpoints (CPU, fp32, real fully_shard on gloo).
 
-Padded (one process) = packed + sp=2 (two processes), and for Qwen2.5-VL = packed (one process), on losses and on
-weights after two steps; the fp32 export loads with the checkpoint's own class and, run by plain transformers (its own rotary index,
-its own image merge, one sample at a time), reproduces the trainer's validation loss. A planted bug (the image
-positions of a packed row's later samples offset by the samples before them) must break the equality.
+Padded (one process) = packed + sp=2 (two processes), and for Qwen2.5-VL and Gemma 3 = packed (one process), on
+losses and on weights after two steps; the fp32 export loads with the checkpoint's own class and, run by plain
+transformers (its own rotary index, its own image merge and Gemma's both-ways image masks, one sample at a time),
+reproduces the trainer's validation loss. Planted bugs must break the equality: the image positions of a packed
+row's later samples offset by the samples before them, and (Gemma 3) image tokens attending causally only.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from sft.data.build import build_dataset
 from sft.data.images import load_image
 from sft.data.processor import load_processor
 
-TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "gemma3")
+PACKED_TYPES = ("qwen2_5_vl", "gemma3")  # also packed in one process
+# Where each family's vision tower sits (sft/models/vision.py); its weights must train.
+TOWER = {t: ".visual." for t in TYPES} | {"gemma3": ".vision_tower."}
 
 
 def _overrides(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -78,7 +82,8 @@ def runs(vision_dirs, tmp_path_factory) -> dict[str, dict]:
     for t in TYPES:
         one[f"padded_{t}"] = _overrides(vision_dirs[t], data, tmp / f"padded_{t}")
         two[f"sp2_{t}"] = _overrides(vision_dirs[t], data, tmp / f"sp2_{t}", *PACKED, *SP2, *EXPORT)
-    one["packed_qwen2_5_vl"] = _overrides(vision_dirs["qwen2_5_vl"], data, tmp / "packed_qwen2_5_vl", *PACKED, *SAVE)
+    for t in PACKED_TYPES:
+        one[f"packed_{t}"] = _overrides(vision_dirs[t], data, tmp / f"packed_{t}", *PACKED, *SAVE)
     resume = [
         "trainer.resume_mode=resume_path",
         f"trainer.resume_from_path={tmp / 'packed_qwen2_5_vl' / 'global_step_1'}",
@@ -87,16 +92,18 @@ def runs(vision_dirs, tmp_path_factory) -> dict[str, dict]:
     one["resumed_qwen2_5_vl"] = _overrides(
         vision_dirs["qwen2_5_vl"], data, tmp / "resumed_qwen2_5_vl", *PACKED, *resume
     )
-    planted["planted_qwen2_5_vl"] = _overrides(vision_dirs["qwen2_5_vl"], data, tmp / "planted_qwen2_5_vl", *PACKED)
+    for t in PACKED_TYPES:
+        planted[f"planted_{t}"] = _overrides(vision_dirs[t], data, tmp / f"planted_{t}", *PACKED)
+    causal = {"causal_gemma3": _overrides(vision_dirs["gemma3"], data, tmp / "causal_gemma3", *PACKED)}
     one["frozen_qwen3_vl"] = _overrides(vision_dirs["qwen3_vl"], data, tmp / "frozen_qwen3_vl", *PACKED, *FROZEN)
     one["lora_qwen2_5_vl"] = _overrides(
         vision_dirs["qwen2_5_vl"], data, tmp / "lora_qwen2_5_vl", *PACKED, *LORA, *EXPORT
     )
-    for world, jobs, plant in ((1, one, False), (2, two, False), (1, planted, True)):
+    for world, jobs, plant in ((1, one, None), (2, two, None), (1, planted, "positions"), (1, causal, "causal")):
         run_ranks(train_jobs, world, [(ov, str(tmp / f"{name}.pt")) for name, ov in jobs.items()], world, plant)
     return {
         name: torch.load(tmp / f"{name}.pt", weights_only=False) | {"out": tmp / name}
-        for name in [*one, *two, *planted]
+        for name in [*one, *two, *planted, *causal]
     }
 
 
@@ -110,7 +117,9 @@ def _differences(ref: dict, got: dict, name: str) -> list[str]:
         if b != pytest.approx(a, rel=1e-5):
             bad.append(f"{name} step {step}: loss {a} vs {b}")
     for k, w in ref["weights"].items():
-        if not torch.allclose(got["weights"][k], w, rtol=1e-4, atol=5e-5):
+        # atol: a tenth of one AdamW step (lr 1e-3). Adam moves an element by about lr * g / |g|, so where a
+        # gradient is all but zero, float rounding of g moves that element by a fraction of lr, whatever the code.
+        if not torch.allclose(got["weights"][k], w, rtol=1e-4, atol=1e-4):
             bad.append(f"{name} {k}: max diff {(got['weights'][k] - w).abs().max():.3g}")
     return bad
 
@@ -119,16 +128,22 @@ def _differences(ref: dict, got: dict, name: str) -> list[str]:
 def test_packed_and_sp2_match_padded(runs, model_type):
     ref = runs[f"padded_{model_type}"]
     bad = _differences(ref, runs[f"sp2_{model_type}"], "sp2")
-    if f"packed_{model_type}" in runs:  # one process, packed: for one family (sp2 packs too)
+    if f"packed_{model_type}" in runs:  # one process, packed: for two families (sp2 packs too)
         bad += _differences(ref, runs[f"packed_{model_type}"], "packed")
     assert not bad, "\n".join(bad[:20])
     # The vision tower trains: its weights moved, and the optimizer holds them.
-    visual = [k for k in ref["weights"] if ".visual." in k]
-    assert visual and any(n for n in ref["optimized"] if ".visual." in n)
+    visual = [k for k in ref["weights"] if TOWER[model_type] in k]
+    assert visual and any(n for n in ref["optimized"] if TOWER[model_type] in n)
 
 
-def test_planted_position_shift_breaks_equality(runs):
-    assert _differences(runs["padded_qwen2_5_vl"], runs["planted_qwen2_5_vl"], "planted")
+@pytest.mark.parametrize("model_type", PACKED_TYPES)
+def test_planted_position_shift_breaks_equality(runs, model_type):
+    assert _differences(runs[f"padded_{model_type}"], runs[f"planted_{model_type}"], "planted")
+
+
+def test_planted_causal_image_blocks_break_equality(runs):
+    """Gemma 3's image tokens attend to each other both ways: packed rows without the blocks differ from padded."""
+    assert _differences(runs["padded_gemma3"], runs["causal_gemma3"], "causal")
 
 
 @pytest.mark.parametrize("model_type", TYPES)
@@ -149,9 +164,12 @@ def test_export_reproduces_val_loss(runs, vision_dirs, model_type):
         for i in range(len(ds)):
             item = ds[i]
             images = [load_image(r, item["where"]) for r in item["images"]]
-            pixels = processor.image_processor(images=images, return_tensors="pt")
+            out = processor.image_processor(images=images, return_tensors="pt")
+            pixels = {k: out[k] for k in ("pixel_values", "image_grid_thw") if k in out}
             ids = item["input_ids"][None]
-            kwargs = {"mm_token_type_ids": (ids == model.config.image_token_id).long()}
+            # Gemma 3 reads its image blocks from token_type_ids; Qwen's rotary index from mm_token_type_ids.
+            types = "token_type_ids" if model_type == "gemma3" else "mm_token_type_ids"
+            kwargs = {types: (ids == model.config.image_token_id).long()}
             logits = model(input_ids=ids, **pixels, **kwargs, use_cache=False).logits.float()
             labels = labels_from_loss_mask(ids, item["loss_mask"][None])
             total += float(F.cross_entropy(logits[0], labels[0], reduction="sum", ignore_index=-100))

@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 from transformers import AutoTokenizer
 from vision_data import LAYOUTS, SCHEMAS, write_vision_rows
-from vision_models import write_vision_model
+from vision_models import GEMMA_TOKENS, write_vision_model
 
 from sft.config.schema import DataConfig
 from sft.data.build import build_dataset
@@ -197,6 +197,100 @@ def test_image_in_assistant_turn_is_not_trained(procs, hand_rows, model_type):
     assert runs == ["The first is red.<|im_end|>", "Here is a green one.<|im_end|>"]
 
 
+# ----- Gemma 3: the template writes <start_of_image>, the processor puts its full image text there -----
+GEMMA_SPECIAL = ("<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>")
+GEMMA_HAND = [
+    # Two images and text in the first user turn, a text-only second exchange.
+    (
+        [
+            {"role": "user", "content": "<image>Compare it with <image>."},
+            {"role": "assistant", "content": "The first is red."},
+            {"role": "user", "content": "And now?"},
+            {"role": "assistant", "content": "Blue."},
+        ],
+        [RED, BLUE],
+    ),
+    # A system turn (Gemma folds it into the first user turn) and an image after the question.
+    (
+        [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "What is this?<image>"},
+            {"role": "assistant", "content": "A square."},
+        ],
+        [YELLOW],
+    ),
+]
+
+
+def gemma_pieces(messages: list[dict]) -> list[tuple[str, bool]]:
+    """(text, trained) pieces of a Gemma 3 rendering with each image as Gemma 3's processor writes it (a blank line,
+    <start_of_image>, GEMMA_TOKENS soft tokens, <end_of_image>, a blank line); text parts trimmed, the system text
+    opening the first user turn; the replies and their <end_of_turn> trained."""
+    image = ["\n\n", "<start_of_image>", *["<image_soft_token>"] * GEMMA_TOKENS, "<end_of_image>", "\n\n"]
+    system = ""
+    if messages[0]["role"] == "system":
+        system, messages = messages[0]["content"] + "\n\n", messages[1:]
+    pieces: list[tuple[str, bool]] = []
+    for k, m in enumerate(messages):
+        trained = m["role"] == "assistant"
+        role = "model" if trained else m["role"]
+        pieces += [("<start_of_turn>", False), (role + "\n" + (system if k == 0 else ""), False)]
+        for j, text in enumerate(m["content"].split("<image>")):
+            if j:
+                pieces += [(p, False) for p in image]
+            if text.strip():
+                pieces.append((text.strip(), trained))
+        pieces += [("<end_of_turn>", trained), ("\n", False)]
+    return pieces
+
+
+def _tokenize_pieces(tok, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+    """Ids and mask: special tokens alone, runs of untrained text between them tokenized together (as the
+    tokenizer sees them: the blank lines merge with the text beside them)."""
+    merged: list[tuple[str, bool]] = []
+    for text, trained in pieces:
+        joinable = merged and not trained and not merged[-1][1] and text not in GEMMA_SPECIAL
+        if joinable and merged[-1][0] not in GEMMA_SPECIAL:
+            merged[-1] = (merged[-1][0] + text, False)
+        else:
+            merged.append((text, trained))
+    ids, mask = [], []
+    for text, trained in merged:
+        piece = tok.encode(text, add_special_tokens=False)
+        ids += piece
+        mask += [int(trained)] * len(piece)
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def gemma(root: Path, demo_dir: Path):
+    folder = write_vision_model(demo_dir / "model", root / "gemma3", "gemma3")
+    return load_processor(str(folder), AutoTokenizer.from_pretrained(folder))
+
+
+@pytest.mark.parametrize("row", range(len(GEMMA_HAND)))
+def test_gemma3_masks_of_hand_built_rows(gemma, tmp_path, row):
+    messages, images = GEMMA_HAND[row]
+    path = tmp_path / "gemma.parquet"
+    record = {"messages": messages, "images": [{"bytes": solid_png(w, h, c), "path": None} for w, h, c, _ in images]}
+    pq.write_table(pa.Table.from_pylist([record], schema=SCHEMAS["verl"]), path)
+    ids, mask = _tokenize_pieces(gemma.tokenizer, gemma_pieces(messages))
+    item = build(path, gemma)[0]
+    assert item["input_ids"].tolist() == ids, gemma.tokenizer.decode(item["input_ids"])
+    assert item["loss_mask"].tolist() == mask
+    soft = item["input_ids"] == gemma.tokenizer.convert_tokens_to_ids("<image_soft_token>")
+    assert int(soft.sum()) == GEMMA_TOKENS * len(images)
+
+
+def test_gemma3_pan_and_scan_is_refused(gemma, hand_rows):
+    gemma.image_processor.do_pan_and_scan = True
+    try:
+        with pytest.raises(ValueError, match="do_pan_and_scan=true"):
+            build(hand_rows, gemma)
+    finally:
+        gemma.image_processor.do_pan_and_scan = False
+
+
 # ----- the processor's own ids -----
 def _parts_messages(row: dict) -> list[dict]:
     """A parts-layout parquet row's messages as transformers' content lists (parquet's null fields dropped)."""
@@ -223,6 +317,22 @@ def test_ids_equal_the_processors_own(root, procs, model_type):
         item = ds[i]
         trained = proc.tokenizer.decode(item["input_ids"][item["loss_mask"].bool()])
         replies = [m["content"][0]["text"] + "<|im_end|>" for m in row["messages"] if m["role"] == "assistant"]
+        assert trained == "".join(replies)
+
+
+def test_gemma3_ids_equal_the_processors_own(root, gemma):
+    """Gemma 3's processor expands <start_of_image> itself; sft's ids must be its ids, and the trained text the
+    replies with their <end_of_turn>."""
+    path = root / "rows" / "parts.parquet"
+    ds = build(path, gemma)
+    for i, row in enumerate(pq.read_table(path).to_pylist()[:6]):
+        text = gemma.apply_chat_template(_parts_messages(row), tokenize=False)
+        images = [Image.open(io.BytesIO(im["bytes"])).convert("RGB") for im in row["images"]]
+        theirs = gemma(text=[text], images=images, return_tensors="np")["input_ids"][0]
+        item = ds[i]
+        assert item["input_ids"].tolist() == theirs.tolist(), f"row {i}"
+        trained = gemma.tokenizer.decode(item["input_ids"][item["loss_mask"].bool()])
+        replies = [m["content"][0]["text"] + "<end_of_turn>" for m in row["messages"] if m["role"] == "assistant"]
         assert trained == "".join(replies)
 
 

@@ -6,6 +6,7 @@ import torch
 from family_workers import train_recorded
 
 from sft.data.vision_batch import VisionInputs
+from sft.models.attention.image_blocks import ImageBlocks
 from sft.parallel.distributed import init_distributed, teardown
 
 
@@ -21,17 +22,20 @@ def _shift_later_images(prepare, image_token_id: int):
         for it in items:
             real = int(it["attention_mask"].sum())
             image = it["input_ids"][:real] == image_token_id
-            it["position_ids"][:, :real][:, image] += at
+            it["position_ids"][..., :real][..., image] += at  # [3, s] (multimodal rotary) or [s]
             at += real
         return items, pixels
 
     return shifted
 
 
-def train_jobs(jobs: list[tuple[list[str], str]], sp: int, plant: bool = False) -> None:
+def train_jobs(jobs: list[tuple[list[str], str]], sp: int, plant: str | None = None) -> None:
     """For each (overrides, out_file): train; rank 0 saves the full trained weights, the logged metrics, and the
-    names of the parameters the optimizer holds."""
-    if plant:
+    names of the parameters the optimizer holds. `plant`: "positions" (see `_shift_later_images`) or "causal" (a
+    packed row carries no image blocks, so image tokens attend causally only)."""
+    if plant == "causal":
+        ImageBlocks.find = classmethod(lambda cls, is_image, bounds: None)
+    if plant == "positions":
         init = VisionInputs.__init__
 
         def planted_init(self, processor, hf_config, image_token_id):

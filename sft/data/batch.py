@@ -106,6 +106,8 @@ def _map_tensors(batch: dict[str, Any], fn) -> dict[str, Any]:
             if id(v) not in done:
                 done[id(v)] = fn(v)
             v = done[id(v)]
+        elif hasattr(v, "map_tensors"):  # a structure of tensors (image blocks, sft/models/attention/image_blocks.py)
+            v = v.map_tensors(fn)
         out[k] = v
     return out
 

@@ -2,8 +2,10 @@
 
 `VisionInputs.prepare` decodes the micro-batch's images (its samples' in order), runs the processor's image
 part on them, and gives each sample its multimodal rotary positions ([3, s], sft/models/vision_positions.py),
-computed for that sample alone so a packed row restarts them at every sample. `attach` adds the pixels and grids
-to the model inputs with `image_span`: which of the row's image tokens fall in this SP rank's slice. A micro-batch
+computed for that sample alone so a packed row restarts them at every sample (families with 1-D positions keep the
+text positions). `attach` adds the pixels (and grids) to the model inputs with `image_span`: which of the row's
+image tokens fall in this SP rank's slice; a packed row of a family whose image tokens attend both ways (Gemma 3)
+also gets its `image_blocks` (sft/models/attention/image_blocks.py). A micro-batch
 without images carries a blank stand-in image whose features are used by no token (every rank must run the
 vision tower: its weights are sharded and gathered by all ranks together).
 """
@@ -18,7 +20,11 @@ from PIL import Image
 
 from sft.data.batch import MicroBatch
 from sft.data.images import load_image
+from sft.models.attention.image_blocks import ImageBlocks
+from sft.models.vision import family
 from sft.models.vision_positions import MropeSpec, mrope_positions
+
+PIXEL_KEYS = ("pixel_values", "image_grid_thw")  # what the tower takes of the image processor's output
 
 
 class VisionInputs:
@@ -26,8 +32,8 @@ class VisionInputs:
 
     def __init__(self, processor: Any, hf_config: Any, image_token_id: int) -> None:
         self.image_processor = processor.image_processor
-        self.spec = MropeSpec.from_config(hf_config)
-        assert self.spec is not None, "vision-language families use multimodal rotary positions (sft/models/vision.py)"
+        self.spec = MropeSpec.from_config(hf_config)  # None: 1-D positions (Gemma 3)
+        self.bidirectional = family(hf_config).bidirectional
         self.image_token_id = image_token_id
         ip = self.image_processor
         side = 2 * getattr(ip, "patch_size", 14) * getattr(ip, "merge_size", 2)
@@ -35,12 +41,14 @@ class VisionInputs:
 
     def _pixels(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
         out = self.image_processor(images=images, return_tensors="pt")
-        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+        return {k: out[k] for k in PIXEL_KEYS if k in out}
 
     def prepare(self, items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor] | None]:
         """The items with their multimodal positions, and the micro-batch's pixels (None: no image in it)."""
         images = [load_image(ref, it["where"]) for it in items for ref in it["images"]]
         pixels = self._pixels(images) if images else None
+        if self.spec is None:
+            return items, pixels
         grids = pixels["image_grid_thw"] if pixels is not None else torch.zeros(0, 3, dtype=torch.long)
         out, at = [], 0
         for it in items:
@@ -63,4 +71,8 @@ class VisionInputs:
             assert count == 0, "image tokens without images"
             pixels, first = self.blank, 0
         inputs = dict(mb.inputs, **pixels, image_span=(first, first + count))
+        if self.bidirectional and "cu_seq_lens_q" in inputs:  # packed: padded rows use the model's own masks
+            blocks = ImageBlocks.find(is_image.reshape(-1), inputs["cu_seq_lens_q"].tolist())
+            if blocks is not None:
+                inputs["image_blocks"] = blocks
         return replace(mb, inputs=inputs)

@@ -57,6 +57,32 @@ def vision_token_ids(processor: Any) -> list[int]:
     return sorted(i for i in ids if i is not None and i != tok.unk_token_id)
 
 
+def image_text(processor: Any) -> tuple[str, Any, str]:
+    """(what the chat template writes for an image, the text the processor puts there for an image of n tokens,
+    the token repeated once per image feature), from the processor itself.
+
+    Qwen-VL: the template writes the image token, repeated n times. Gemma 3: the template writes <start_of_image>,
+    which the processor replaces by its `full_image_sequence` (blank lines, <start_of_image>, n soft tokens,
+    <end_of_image>); pan-and-scan crops would add images the header cannot count, so they are refused."""
+    full = getattr(processor, "full_image_sequence", None)
+    if isinstance(full, str):
+        if getattr(processor.image_processor, "do_pan_and_scan", False):
+            raise ValueError(
+                f"{type(processor).__name__}: do_pan_and_scan=true crops each image into a variable number of "
+                "images, which sft does not train; set do_pan_and_scan to false in the processor files"
+            )
+        soft = processor.tokenizer.image_token
+        per_image = full.count(soft)
+
+        def gemma(n: int) -> str:
+            assert n == per_image, f"{n} tokens for an image, the processor writes {per_image}"
+            return full
+
+        return processor.boi_token, gemma, soft
+    token = processor.image_token
+    return token, lambda n: token * n, token
+
+
 def image_token_count(processor: Any, height: int, width: int) -> int:
     """Tokens the processor makes of one image of this size (its own count, as inference servers use it)."""
     data = processor._get_num_multimodal_tokens(image_sizes=[[height, width]])
@@ -75,13 +101,14 @@ class VisionSFTDataset(MultiTurnSFTDataset):
 
     def _prepare(self) -> None:
         super()._prepare()
-        self.placeholder = getattr(self.processor, "image_token", None)
-        if not isinstance(self.placeholder, str):
+        if not isinstance(getattr(self.processor, "image_token", None), str):
             raise ValueError(
                 f"processor {type(self.processor).__name__} names no image token; sft cannot place images for it"
             )
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.placeholder)
-        self.never_trained = np.asarray(vision_token_ids(self.processor), dtype=np.int32)
+        self.placeholder, self.expansion, self.soft_token = image_text(self.processor)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.soft_token)
+        never = {*vision_token_ids(self.processor), self.image_token_id}
+        self.never_trained = np.asarray(sorted(never), dtype=np.int32)
         self.num_images = 0
 
     def _columns(self) -> tuple[dict[str, str], list[str]]:
@@ -127,11 +154,13 @@ class VisionSFTDataset(MultiTurnSFTDataset):
         self._refs_now[k] = refs
         messages, overrides = clean_messages(raw, where, mt.messages_key, parts=True)
         for j, m in enumerate(messages):
-            if self.placeholder in text_of(m.get("content")):
-                raise ValueError(
-                    f"{where}: {mt.messages_key}[{j}] holds the image token {self.placeholder!r} as text; remove it "
-                    f"(images go in {key}, each marked by <image> or an image part)"
-                )
+            text = text_of(m.get("content"))
+            for token in dict.fromkeys((self.placeholder, self.soft_token)):
+                if token in text:
+                    raise ValueError(
+                        f"{where}: {mt.messages_key}[{j}] holds the image token {token!r} as text; remove it "
+                        f"(images go in {key}, each marked by <image> or an image part)"
+                    )
         return messages, overrides
 
     def _encode_batch(self, rows: Sequence[int], columns: dict[str, list[Any]]) -> list[Encoded]:
@@ -149,6 +178,7 @@ class VisionSFTDataset(MultiTurnSFTDataset):
             lambda h, w: image_token_count(self.processor, h, w),
             where,
             size_of=decoded_size,  # every image decodes here, so a broken one is this row's error (or skip)
+            expansion=self.expansion,
         )
         self._counts_now[k] = counts
         return expanded, spans

@@ -104,12 +104,19 @@ def expand_images(
     tokens_per_image: Any,
     where: str,
     size_of: Any = image_size,
+    expansion: Any = None,
 ) -> tuple[str, list[Span], list[int]]:
-    """Each `placeholder` in `text` (one per image, in order) repeated as many times as that image's token count;
-    the trained spans moved to the expanded text; and the counts.
+    """Each `placeholder` in `text` (one per image, in order) replaced by `expansion(count)` (default: the
+    placeholder repeated as many times as that image's token count); the trained spans moved to the expanded text;
+    and the counts.
 
     `tokens_per_image(height, width) -> int` is the processor's count for an image of that size; `size_of(ref,
     where) -> (width, height)` reads the size (the header; `decoded_size` also checks the pixels decode)."""
+    if expansion is None:
+
+        def expansion(n: int) -> str:
+            return placeholder * n
+
     starts = []
     at = text.find(placeholder)
     while at >= 0:
@@ -125,15 +132,15 @@ def expand_images(
         width, height = size_of(ref, where)
         counts.append(int(tokens_per_image(height, width)))
     pieces, last = [], 0
+    growth = [0]
     for start, n in zip(starts, counts):
-        pieces += [text[last:start], placeholder * n]
+        expanded = expansion(n)
+        pieces += [text[last:start], expanded]
         last = start + len(placeholder)
+        growth.append(growth[-1] + len(expanded) - len(placeholder))
     pieces.append(text[last:])
     # A position p of the rendered text moves by the growth of every placeholder that ends at or before p.
     ends = [s + len(placeholder) for s in starts]
-    growth = [0]
-    for n in counts:
-        growth.append(growth[-1] + (n - 1) * len(placeholder))
 
     def moved(p: int) -> int:
         return p + growth[bisect.bisect_right(ends, p)]

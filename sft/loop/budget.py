@@ -99,8 +99,9 @@ def activation_bytes_per_token(
 
 def vision_bytes_per_token(hf_config: PretrainedConfig, recomputed: bool) -> float:
     """Activation bytes of the vision tower per image token of a packed row (vision-language SFT), charged to every
-    token so a row of large images fits: merge^2 patches per token, each keeping what one decoder layer of the
-    tower's widths keeps (`layer_bytes_per_token`'s formula), or only its input when the tower is checkpointed."""
+    token so a row of large images fits: merge^2 patches per token (Qwen), or the tower's patches per image over the
+    tokens an image becomes (Gemma 3: 64^2 / 256), each keeping what one decoder layer of the tower's widths keeps
+    (`layer_bytes_per_token`'s formula), or only its input when the tower is checkpointed."""
     v = getattr(hf_config, "vision_config", None)
     h = getattr(v, "hidden_size", None) or getattr(v, "embed_dim", None)
     if v is None or h is None:
@@ -109,6 +110,9 @@ def vision_bytes_per_token(hf_config: PretrainedConfig, recomputed: bool) -> flo
     inter = getattr(v, "intermediate_size", None) or 4 * h
     one = 32 * h + 8 * h + 8 * inter
     patches = getattr(v, "spatial_merge_size", 1) ** 2
+    tokens = getattr(hf_config, "mm_tokens_per_image", None)
+    if not hasattr(v, "spatial_merge_size") and tokens and getattr(v, "image_size", None):
+        patches = (v.image_size // v.patch_size) ** 2 / tokens
     kept = depth * 2 * h + one if recomputed else (depth + 1) * one
     return SAFETY * patches * kept
 

@@ -147,15 +147,21 @@ class CausalLMWithLoss(nn.Module):
             # that scan; sft's registered mask function turns it into no mask (sft/models/attention/varlen.py).
             attention_mask = NoMasks() if self.recurrent else torch.ones_like(input_ids)
         zero = None
+        decoder = self.lm.get_decoder()
         if self.vision is not None:  # the micro-batch's images, written over this slice's image tokens
-            pixels, grids, span = (attn_kwargs.pop(k) for k in ("pixel_values", "image_grid_thw", "image_span"))
+            pixels, grids, span = (attn_kwargs.pop(k, None) for k in ("pixel_values", "image_grid_thw", "image_span"))
             embeds, extra, zero = embed_images(
                 self.lm, self.vision, input_ids, pixels, grids, span, self.image_token_id
             )
             attn_kwargs.update(extra, inputs_embeds=embeds)
+            if self.vision.bidirectional and "cu_seq_lens_q" not in attn_kwargs:
+                # Padded rows: the model's own wrapper builds its masks with each image's block attending both
+                # ways (token_type_ids); packed rows carry the blocks to sft's varlen attention (`image_blocks`).
+                decoder = self.lm.model
+                attn_kwargs["token_type_ids"] = (input_ids == self.image_token_id).long()
         else:
             attn_kwargs["input_ids"] = input_ids
-        out = self.lm.get_decoder()(
+        out = decoder(
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=False,
@@ -285,9 +291,13 @@ def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig, vision: bool =
     model.frozen = frozen
     if vision:
         model.vision = vision_family(full_config)
-        # All the micro-batch's images in one varlen call; set on the built tower's own config, past transformers'
-        # check of the name (its "flash" makes the towers pass the image boundaries instead of looping in Python).
-        vision_tower(lm, model.vision).config._attn_implementation = register_vision_attention()
+        if model.vision.grid:
+            # All the micro-batch's images in one varlen call; set on the built tower's own config, past
+            # transformers' check of the name (its "flash" makes the towers pass the image boundaries instead of
+            # looping in Python). Fixed-size towers (Gemma 3's SigLIP) take a plain batch with their own attention.
+            vision_tower(lm, model.vision).config._attn_implementation = register_vision_attention()
+        else:
+            vision_tower(lm, model.vision).config._attn_implementation = "sdpa"  # not the decoder's packed one
         model.image_token_id = int(full_config.image_token_id)
         tower_n, proj_n = freeze(lm, model.vision, cfg.model.freeze_vision_tower, cfg.model.freeze_projector)
         logger.info(

@@ -1,8 +1,10 @@
 """Vision-language SFT on the model's own class: which families, what is frozen, and the image embedding step.
 
 `VISION_FAMILIES` is the one declarative place for per-family behaviour: where the vision tower and its projector
-are, and whether the tower's intermediate features are added into the first decoder layers (Qwen3-VL's deepstack).
-`embed_images` runs the tower on every image of the micro-batch and writes this rank's share of the image features
+are, how the tower is called (Qwen: all patches of all images with their grids, one varlen call; Gemma 3: a batch of
+fixed-size images), whether the tower's intermediate features are added into the first decoder layers (Qwen3-VL's
+deepstack), and whether an image's tokens attend to each other both ways (Gemma 3; see
+sft/models/attention/image_blocks.py). `embed_images` runs the tower on every image of the micro-batch and writes this rank's share of the image features
 over the image tokens of its slice of the row (the whole row's features on every SP rank: a slice boundary may
 fall inside an image). Every rank runs the tower on every micro-batch (a stand-in image where it has none), so
 FSDP's collectives match and every vision weight gets its gradient, zero or not.
@@ -20,12 +22,19 @@ from torch import nn
 @dataclass(frozen=True)
 class VisionFamily:
     tower: str  # module path of the vision tower in the ForConditionalGeneration class
-    projector: tuple[str, ...]  # its children that project into the text model (model.freeze_projector)
+    projector: tuple[str, ...]  # module paths of what projects into the text model (model.freeze_projector)
     deepstack: bool = False  # the tower's intermediate features are added to the first decoder layers' inputs
+    # The tower takes every patch of the micro-batch with `grid_thw` and attends per image in one varlen call
+    # (sft/models/attention/bidirectional.py); else it takes a batch of same-size images through the model's
+    # `get_image_features` (tower and projector) with its own attention.
+    grid: bool = True
+    # The image tokens of one image attend to each other both ways (causal elsewhere): Gemma 3's token_type_ids.
+    bidirectional: bool = False
 
 
-_QWEN = VisionFamily("model.visual", ("merger",))
-_QWEN3 = VisionFamily("model.visual", ("merger", "deepstack_merger_list"), deepstack=True)
+_QWEN = VisionFamily("model.visual", ("model.visual.merger",))
+_QWEN3 = VisionFamily("model.visual", ("model.visual.merger", "model.visual.deepstack_merger_list"), deepstack=True)
+_GEMMA3 = VisionFamily("model.vision_tower", ("model.multi_modal_projector",), grid=False, bidirectional=True)
 VISION_FAMILIES: dict[str, VisionFamily] = {
     "qwen2_vl": _QWEN,
     "qwen2_5_vl": _QWEN,
@@ -33,6 +42,7 @@ VISION_FAMILIES: dict[str, VisionFamily] = {
     "qwen3_vl_moe": _QWEN3,
     "qwen3_5": _QWEN,  # Gated DeltaNet text layers (sft/models/recurrent/), Qwen3-VL's tower without deepstack
     "qwen3_5_moe": _QWEN,
+    "gemma3": _GEMMA3,  # SigLIP tower, 1-D positions, sliding-window text layers (the family table's gemma3_text)
 }
 
 
@@ -58,10 +68,11 @@ def tower(lm: nn.Module, fam: VisionFamily) -> nn.Module:
 def freeze(lm: nn.Module, fam: VisionFamily, tower_frozen: bool, projector_frozen: bool) -> tuple[int, int]:
     """`model.freeze_vision_tower` / `model.freeze_projector`: no gradient, so not in the optimizer. Returns the
     frozen tower and projector parameter counts."""
-    visual = tower(lm, fam)
-    projector = {id(p) for name in fam.projector for p in visual.get_submodule(name).parameters()}
+    projector = {id(p) for name in fam.projector for p in lm.get_submodule(name).parameters()}
+    params = {id(p): p for p in tower(lm, fam).parameters()}
+    params.update((id(p), p) for name in fam.projector for p in lm.get_submodule(name).parameters())
     counts = [0, 0]
-    for p in visual.parameters():
+    for p in params.values():
         is_projector = id(p) in projector
         if (projector_frozen if is_projector else tower_frozen) and p.requires_grad:
             p.requires_grad_(False)
@@ -74,20 +85,26 @@ def embed_images(
     fam: VisionFamily,
     input_ids: torch.Tensor,
     pixel_values: torch.Tensor,
-    image_grid_thw: torch.Tensor,
+    image_grid_thw: torch.Tensor | None,
     image_span: tuple[int, int],
     image_token_id: int,
 ) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
     """Token embeddings with this slice's image features written over its image tokens.
 
-    input_ids [b, s] (this SP rank's slice); pixel_values [patches, d] of every image of the micro-batch; features
+    input_ids [b, s] (this SP rank's slice); pixel_values [patches, d] of every image of the micro-batch (Qwen, with
+    image_grid_thw [images, 3]) or [images, 3, H, W] (Gemma 3, no grid); features
     image_span[0]:image_span[1] of the flattened image tokens are this slice's. Returns the embeddings [b, s, h],
     the decoder's extra arguments (deepstack), and a zero that depends on every feature (added to the loss, so the
     tower's weights get their gradient on every rank, even where no image token is in the slice)."""
     embeds = lm.get_input_embeddings()(input_ids)  # [b, s, h]
     visual = tower(lm, fam)
-    out = visual(pixel_values.to(visual.dtype if hasattr(visual, "dtype") else embeds.dtype), grid_thw=image_grid_thw)
+    pixels = pixel_values.to(visual.dtype if hasattr(visual, "dtype") else embeds.dtype)
+    if fam.grid:
+        out = visual(pixels, grid_thw=image_grid_thw)
+    else:  # tower + projector as the model composes them: [images, tokens per image, h]
+        out = lm.model.get_image_features(pixel_values=pixels)
     features, layers = _tower_outputs(out)  # [image tokens of the micro-batch, h], deepstack levels of that shape
+    features = features.reshape(-1, features.shape[-1])
     lo, hi = image_span
     mask = input_ids == image_token_id  # [b, s]
     embeds = embeds.masked_scatter(mask[..., None], features[lo:hi].to(embeds.dtype))

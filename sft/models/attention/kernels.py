@@ -25,8 +25,11 @@ logger = logging.getLogger("sft")
 def _fa4(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap):
     from flash_attn.cute import flash_attn_varlen_func
 
-    # FA4 spells plain causal as no window at all; (-1, 0) would turn into a local window of -1.
+    # FA4 spells plain causal as no window at all; (-1, 0) would turn into a local window of -1. No bound on
+    # either side is None there.
+    causal = window[1] == 0
     left = None if window[0] < 0 else window[0]
+    right = None if left is None or not causal else 0
     out = flash_attn_varlen_func(
         q,
         k,
@@ -36,8 +39,8 @@ def _fa4(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap):
         max_seqlen_q=max_q,
         max_seqlen_k=max_k,
         softmax_scale=scale,
-        causal=True,
-        window_size=(left, None if left is None else 0),
+        causal=causal,
+        window_size=(left, right),
         softcap=softcap or 0.0,
     )
     return out[0] if isinstance(out, tuple) else out  # (out, lse)
@@ -46,8 +49,19 @@ def _fa4(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap):
 def _flash_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap):
     from flash_attn import flash_attn_varlen_func
 
+    causal = window[1] == 0  # (left, -1): no bound to the right, not causal
     return flash_attn_varlen_func(
-        q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=True, window_size=window, softcap=softcap or 0.0
+        q,
+        k,
+        v,
+        cu_q,
+        cu_k,
+        max_q,
+        max_k,
+        softmax_scale=scale,
+        causal=causal,
+        window_size=window,
+        softcap=softcap or 0.0,
     )
 
 
@@ -63,7 +77,8 @@ def _torch(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap):
 
     # torch 2.11 takes fewer KV heads without a flag; later versions ask for `enable_gqa=True`.
     gqa = q.shape[1] != k.shape[1] and _varlen_takes_gqa_flag()
-    # window_size=(-1, 0) is how this kernel spells "causal"; (W-1, 0) is a causal window of W.
+    # window_size=(-1, 0) is how this kernel spells "causal"; (W-1, 0) is a causal window of W; a right side of -1
+    # is unbounded (not causal).
     return varlen_attn(
         q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window, **({"enable_gqa": True} if gqa else {})
     )
@@ -184,5 +199,6 @@ def _chosen(name: str) -> str:
 
 
 def run_kernel(name, q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap) -> torch.Tensor:
-    """q `[T, h, d]`, k/v `[T, h_kv, d]` (bf16/fp16, CUDA), int32 `cu_*`; window as flash-attn's (left, 0)."""
+    """q `[T, h, d]`, k/v `[T, h_kv, d]` (bf16/fp16, CUDA), int32 `cu_*`; window as flash-attn's (left, right):
+    right 0 is causal, -1 unbounded (queries aligned to the end of their keys, as flash-attn aligns them)."""
     return KERNELS[name].call(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, softcap)

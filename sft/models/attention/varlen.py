@@ -83,6 +83,19 @@ def equal_width_call(kernel: Callable[..., torch.Tensor], q, k, v, *args) -> tor
     return kernel(F.pad(q, (0, d_v - d_qk)), F.pad(k, (0, d_v - d_qk)), v, *args)
 
 
+def _with_image_blocks(kernel, out, q, k, v, scale: float, f: AttnFeatures) -> torch.Tensor:
+    """`out` with the image-block queries' rows recomputed: each block's queries attend, not causally, to their
+    sample's keys through the block's end (sft/models/attention/image_blocks.py), within the window if any."""
+    b = f.blocks
+    # Each block's queries end where its keys end, so the kernel's end alignment puts query i at key i: a left
+    # window of W-1 keeps keys j > i - W, and nothing bounds the right (the keys stop at the block's end).
+    left = kernel_window(f.window, b.max_k)[0]
+    q_img = q.index_select(0, b.rows)  # [Q, h, d]
+    k_img, v_img = k.index_select(0, b.keys), v.index_select(0, b.keys)  # [K, h_kv, d]
+    o_img = kernel(q_img, k_img, v_img, b.cu_q, b.cu_k, b.max_q, b.max_k, scale, (left, -1), f.softcap)
+    return out.index_copy(0, b.rows, o_img.to(out.dtype))
+
+
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -109,20 +122,12 @@ def varlen_attention(
             set_attn_kernel(choose_attn_kernel("auto", q.device))
         name = _kernel
         if f.softcap is None or KERNELS[name].softcap:
+            kernel = functools.partial(equal_width_call, functools.partial(run_kernel, name))
             window = kernel_window(f.window, max_length_k)
-            return equal_width_call(
-                functools.partial(run_kernel, name),
-                q,
-                k,
-                v,
-                cu_seqlens_q,
-                cu_seqlens_k,
-                max_length_q,
-                max_length_k,
-                scale,
-                window,
-                f.softcap,
-            )
+            out = kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_length_q, max_length_k, scale, window, f.softcap)
+            if f.blocks is not None:
+                out = _with_image_blocks(kernel, out, q, k, v, scale, f)
+            return out
     if not torch.equal(cu_seqlens_q, cu_seqlens_k):
         raise ValueError(f"{ATTN_NAME} is self-attention: cu_seq_lens_q and cu_seq_lens_k must be equal")
     return _reference_varlen(q, k, v, cu_seqlens_q, scale, f)
