@@ -302,7 +302,7 @@ def test_image_blocks_on_cuda_match_the_reference(kernel, window):
     grad_out = torch.randn(total, 8, 128, device="cuda", generator=g, dtype=torch.bfloat16)
 
     def run(dtype, features):
-        q, k, v = (t.to(dtype).requires_grad_() for t in inputs)
+        q, k, v = (t.detach().to(dtype).requires_grad_() for t in inputs)
         out = varlen.varlen_attention(q, k, v, cu, cu, max(lengths), max(lengths), 128**-0.5, features)
         out.backward(grad_out.to(dtype))
         return [out.float(), *(t.grad.float() for t in (q, k, v))]

@@ -1,7 +1,7 @@
-"""Vision-language SFT on tiny random Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5 (Gated DeltaNet) and Gemma 3
-checkpoints (CPU, fp32, real fully_shard on gloo).
+"""Vision-language SFT on tiny random Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5 (Gated DeltaNet), Gemma 3 and
+Gemma 4 checkpoints (CPU, fp32, real fully_shard on gloo).
 
-Padded (one process) = packed + sp=2 (two processes), and for Qwen2.5-VL and Gemma 3 = packed (one process), on
+Padded (one process) = packed + sp=2 (two processes), and for Qwen2.5-VL, Gemma 3 and Gemma 4 = packed (one process), on
 losses and on weights after two steps; the fp32 export loads with the checkpoint's own class and, run by plain
 transformers (its own rotary index, its own image merge and Gemma's both-ways image masks, one sample at a time),
 reproduces the trainer's validation loss. Planted bugs must break the equality: the image positions of a packed
@@ -26,19 +26,24 @@ from sft.data.batch import labels_from_loss_mask
 from sft.data.build import build_dataset
 from sft.data.images import load_image
 from sft.data.processor import load_processor
+from sft.models.attention.image_blocks import ImageBlocks
+from sft.models.attention.varlen import register_varlen_attention
+from sft.models.vision import PIXEL_KEYS
 
-TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "gemma3")
-PACKED_TYPES = ("qwen2_5_vl", "gemma3")  # also packed in one process
+TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "gemma3", "gemma4")
+PACKED_TYPES = ("qwen2_5_vl", "gemma3", "gemma4")  # also packed in one process
 # Where each family's vision tower sits (sft/models/vision.py); its weights must train.
-TOWER = {t: ".visual." for t in TYPES} | {"gemma3": ".vision_tower."}
+TOWER = {t: ".visual." for t in TYPES} | {"gemma3": ".vision_tower.", "gemma4": ".vision_tower."}
+# Gemma 4 makes every image about 70 tokens (its smallest setting), so its rows are longer.
+MAX_LENGTH = {t: 256 for t in TYPES} | {"gemma4": 512}
 
 
-def _overrides(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+def _overrides(model: Path, data: Path, out: Path, *extra: str, max_length: int = 256) -> list[str]:
     return [
         f"data.train_files={data}",
         f"data.val_files={data}",
         "data.multiturn.enable=true",
-        "data.max_length=256",
+        f"data.max_length={max_length}",
         "data.train_max_samples=8",
         "data.val_max_samples=4",
         "data.train_batch_size=4",
@@ -80,10 +85,12 @@ def runs(vision_dirs, tmp_path_factory) -> dict[str, dict]:
     data = vision_dirs["data"]
     one, two, planted = {}, {}, {}
     for t in TYPES:
-        one[f"padded_{t}"] = _overrides(vision_dirs[t], data, tmp / f"padded_{t}")
-        two[f"sp2_{t}"] = _overrides(vision_dirs[t], data, tmp / f"sp2_{t}", *PACKED, *SP2, *EXPORT)
+        n = MAX_LENGTH[t]
+        one[f"padded_{t}"] = _overrides(vision_dirs[t], data, tmp / f"padded_{t}", max_length=n)
+        two[f"sp2_{t}"] = _overrides(vision_dirs[t], data, tmp / f"sp2_{t}", *PACKED, *SP2, *EXPORT, max_length=n)
     for t in PACKED_TYPES:
-        one[f"packed_{t}"] = _overrides(vision_dirs[t], data, tmp / f"packed_{t}", *PACKED, *SAVE)
+        n = MAX_LENGTH[t]
+        one[f"packed_{t}"] = _overrides(vision_dirs[t], data, tmp / f"packed_{t}", *PACKED, *SAVE, max_length=n)
     resume = [
         "trainer.resume_mode=resume_path",
         f"trainer.resume_from_path={tmp / 'packed_qwen2_5_vl' / 'global_step_1'}",
@@ -93,8 +100,13 @@ def runs(vision_dirs, tmp_path_factory) -> dict[str, dict]:
         vision_dirs["qwen2_5_vl"], data, tmp / "resumed_qwen2_5_vl", *PACKED, *resume
     )
     for t in PACKED_TYPES:
-        planted[f"planted_{t}"] = _overrides(vision_dirs[t], data, tmp / f"planted_{t}", *PACKED)
-    causal = {"causal_gemma3": _overrides(vision_dirs["gemma3"], data, tmp / "causal_gemma3", *PACKED)}
+        planted[f"planted_{t}"] = _overrides(
+            vision_dirs[t], data, tmp / f"planted_{t}", *PACKED, max_length=MAX_LENGTH[t]
+        )
+    causal = {
+        f"causal_{t}": _overrides(vision_dirs[t], data, tmp / f"causal_{t}", *PACKED, max_length=MAX_LENGTH[t])
+        for t in ("gemma3", "gemma4")
+    }
     one["frozen_qwen3_vl"] = _overrides(vision_dirs["qwen3_vl"], data, tmp / "frozen_qwen3_vl", *PACKED, *FROZEN)
     one["lora_qwen2_5_vl"] = _overrides(
         vision_dirs["qwen2_5_vl"], data, tmp / "lora_qwen2_5_vl", *PACKED, *LORA, *EXPORT
@@ -141,9 +153,38 @@ def test_planted_position_shift_breaks_equality(runs, model_type):
     assert _differences(runs[f"padded_{model_type}"], runs[f"planted_{model_type}"], "planted")
 
 
-def test_planted_causal_image_blocks_break_equality(runs):
-    """Gemma 3's image tokens attend to each other both ways: packed rows without the blocks differ from padded."""
-    assert _differences(runs["padded_gemma3"], runs["causal_gemma3"], "causal")
+@pytest.mark.parametrize("model_type", ["gemma3", "gemma4"])
+def test_planted_causal_image_blocks_break_equality(runs, model_type):
+    """Gemma's image tokens attend to each other both ways: packed rows without the blocks differ from padded."""
+    assert _differences(runs[f"padded_{model_type}"], runs[f"causal_{model_type}"], "causal")
+
+
+def test_gemma4_full_layers_stay_causal(vision_dirs):
+    """Gemma 4 lets an image's tokens see each other both ways in its sliding-window layers only. The packed
+    decoder (sft's varlen attention with the row's image blocks) gives the hidden states of the model's own wrapper
+    (transformers' masks, from mm_token_type_ids) to 1e-5, and blocks applied in every layer would not."""
+    model = AutoModelForImageTextToText.from_pretrained(vision_dirs["gemma4"], dtype=torch.float32).eval()
+    image, boi, eoi = (model.config.image_token_id, model.config.boi_token_id, model.config.eoi_token_id)
+    ids = torch.tensor([[5, 6, 7, boi, *[image] * 20, eoi, *range(30, 50)]])
+    n = ids.shape[1]
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(1, n, model.config.text_config.hidden_size, generator=g)
+    embeds = model.get_input_embeddings()(ids) + features * (ids == image)[..., None]  # stand-in image features
+    per_layer = model.model.language_model.get_per_layer_inputs(ids.masked_fill(ids == image, 0), None)
+    common = dict(inputs_embeds=embeds, per_layer_inputs=per_layer, position_ids=torch.arange(n)[None])
+    with torch.no_grad():
+        theirs = model.model(**common, mm_token_type_ids=(ids == image).long(), attention_mask=torch.ones_like(ids))
+        model.model.language_model.config._attn_implementation = register_varlen_attention()
+        cu = torch.tensor([0, n], dtype=torch.int32)
+        packed = dict(common, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=n, max_length_k=n)
+        packed["attention_mask"] = torch.ones_like(ids)
+        ours, everywhere = (
+            model.model.language_model(**packed, image_blocks=ImageBlocks.find(ids[0] == image, [0, n], sliding))
+            for sliding in (True, False)
+        )
+    err = (ours.last_hidden_state - theirs.last_hidden_state).abs().max().item()
+    wrong = (everywhere.last_hidden_state - theirs.last_hidden_state)[0, 25:].abs().max().item()
+    assert err < 1e-5 and wrong > 100 * err, (err, wrong)
 
 
 @pytest.mark.parametrize("model_type", TYPES)
@@ -156,7 +197,9 @@ def test_export_reproduces_val_loss(runs, vision_dirs, model_type):
     assert (
         type(model).__name__ == AutoModelForImageTextToText.from_pretrained(vision_dirs[model_type]).__class__.__name__
     )
-    cfg = compose(_overrides(export, vision_dirs["data"], run["out"] / "reload", *PACKED))
+    cfg = compose(
+        _overrides(export, vision_dirs["data"], run["out"] / "reload", *PACKED, max_length=MAX_LENGTH[model_type])
+    )
     processor = load_processor(str(export), __import__("transformers").AutoTokenizer.from_pretrained(export))
     ds = build_dataset(str(vision_dirs["data"]), processor.tokenizer, cfg.data, 4, False, processor=processor)
     total, count = 0.0, 0
@@ -165,9 +208,9 @@ def test_export_reproduces_val_loss(runs, vision_dirs, model_type):
             item = ds[i]
             images = [load_image(r, item["where"]) for r in item["images"]]
             out = processor.image_processor(images=images, return_tensors="pt")
-            pixels = {k: out[k] for k in ("pixel_values", "image_grid_thw") if k in out}
+            pixels = {k: out[k] for k in PIXEL_KEYS if k in out}
             ids = item["input_ids"][None]
-            # Gemma 3 reads its image blocks from token_type_ids; Qwen's rotary index from mm_token_type_ids.
+            # Gemma 3 reads its image blocks from token_type_ids; Gemma 4 from mm_token_type_ids, Qwen its rotary index.
             types = "token_type_ids" if model_type == "gemma3" else "mm_token_type_ids"
             kwargs = {types: (ids == model.config.image_token_id).long()}
             logits = model(input_ids=ids, **pixels, **kwargs, use_cache=False).logits.float()

@@ -1,6 +1,6 @@
 """The vision test fixtures hold together: tests/vision_models.py folders and tests/vision_data.py rows.
 
-For Qwen2.5-VL, Qwen3-VL and Gemma 3: a verl-layout row, turned into content parts with its decoded images and
+For each fixture family (Qwen-VL, Gemma 3, Gemma 4): a verl-layout row, turned into content parts with its decoded images and
 rendered by the folder's processor, has exactly the image tokens the image processor's output implies, in
 place, one run per image; the model's forward takes those inputs, gives finite logits, and its images matter (new
 pixels change the logits after the first image, never before). The three data layouts hold the same chats.
@@ -107,6 +107,13 @@ def test_processor_and_model(folders, data, model_type):
         assert ids.count(tok.convert_tokens_to_ids("<start_of_image>")) == len(images)
         assert runs(ids, image_id) == [GEMMA_TOKENS] * len(images) == [model.config.mm_tokens_per_image] * len(images)
         assert inputs["pixel_values"].shape[0] == len(images)
+    elif model_type == "gemma4":
+        image_id = tok.convert_tokens_to_ids("<|image|>")
+        assert model.config.image_token_id == image_id
+        assert ids.count(model.config.boi_token_id) == ids.count(model.config.eoi_token_id) == len(images)
+        # One token per 3x3 real (not padding) patches of each image.
+        real = (inputs["image_position_ids"] != -1).all(-1).sum(-1)
+        assert runs(ids, image_id) == [int(n) // 9 for n in real] and inputs["pixel_values"].shape[0] == len(images)
     else:
         image_id = tok.convert_tokens_to_ids(QWEN_TOKENS["image_token"])
         assert model.config.image_token_id == image_id

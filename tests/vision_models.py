@@ -1,4 +1,5 @@
-"""Tiny random vision-language checkpoints that see images: Qwen2.5-VL, Qwen3-VL and Gemma 3, as HF model folders.
+"""Tiny random vision-language checkpoints that see images: Qwen2.5-VL, Qwen3-VL(-MoE), Qwen3.5(-MoE), Gemma 3 and
+Gemma 4, as HF model folders.
 
 Each folder holds the demo tokenizer with the family's image tokens added as special tokens, our own chat template
 in the family's style, a 2-layer text model of tests/multimodal_models.py's widths under a 2-layer vision tower,
@@ -12,6 +13,7 @@ import json
 from pathlib import Path
 
 import torch
+from family_models import EXTRA
 from multimodal_models import TEXT
 from transformers import (
     AutoConfig,
@@ -19,14 +21,16 @@ from transformers import (
     AutoTokenizer,
     Gemma3ImageProcessorPil,
     Gemma3Processor,
+    Gemma4ImageProcessorPil,
+    Gemma4Processor,
     Qwen2_5_VLProcessor,
     Qwen2VLImageProcessorPil,
     Qwen3VLProcessor,
 )
 
-from sft.data.processor import without_video
+from sft.data.processor import image_only
 
-VISION_TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "gemma3")
+VISION_TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "gemma3", "gemma4")
 PATCH = 14
 MERGE = 2
 # Qwen's image processor resizes to a multiple of PATCH * MERGE within these pixel counts: 1 to 16 merged tokens.
@@ -48,6 +52,21 @@ GEMMA_TOKENS_NAMED = {
     "image_token": "<image_soft_token>",
 }
 GEMMA_TURN = ["<start_of_turn>", "<end_of_turn>"]
+# Gemma 4: the template writes the image token, which the processor turns into <|image>, n soft tokens, <image|>.
+# Its processor also reads the audio tokens' names (it refuses to run without them).
+GEMMA4_TOKENS_NAMED = {
+    "boi_token": "<|image>",
+    "eoi_token": "<image|>",
+    "image_token": "<|image|>",
+    "boa_token": "<|audio>",
+    "eoa_token": "<audio|>",
+    "audio_token": "<|audio|>",
+}
+GEMMA4_TURN = ["<|turn>", "<turn|>"]
+GEMMA4_VIDEO = "<|video|>"  # the processor adds it to the tokenizer itself; added here first, so the model has its id
+# Gemma 4's image processor keeps the aspect ratio within GEMMA4_SOFT_TOKENS * 3^2 patches of 16 px (70 is its
+# smallest setting), so each image is about 64-70 tokens, each pooled from 3x3 patches.
+GEMMA4_SOFT_TOKENS = 70
 
 # ChatML with images in place; the released Qwen2.5-VL template opens with a default system turn, Qwen3-VL's does not.
 _QWEN_TEMPLATE = r"""
@@ -100,6 +119,26 @@ GEMMA_TEMPLATE = r"""
 {%- if add_generation_prompt -%}{{- '<start_of_turn>model\n' -}}{%- endif -%}
 """.strip()
 
+# Gemma 4 style: <|turn>role ... <turn|>, `model` for the assistant, the system text as its own turn.
+GEMMA4_TEMPLATE = r"""
+{%- for m in messages -%}
+  {{- '<|turn>' + ('model' if m.role == 'assistant' else m.role) + '\n' -}}
+  {%- if m.content is string -%}
+    {{- m.content | trim -}}
+  {%- elif m.content is not none -%}
+    {%- for part in m.content -%}
+      {%- if part.type == 'image' or part.type == 'image_url' -%}
+        {{- '<|image|>' -}}
+      {%- elif part.type == 'text' -%}
+        {{- part.text | trim -}}
+      {%- endif -%}
+    {%- endfor -%}
+  {%- endif -%}
+  {{- '<turn|>\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|turn>model\n' -}}{%- endif -%}
+""".strip()
+
 CHAT_TEMPLATES = {
     "qwen2_5_vl": _QWEN_TEMPLATE.replace("DEFAULT_SYSTEM", "true"),
     "qwen3_vl": _QWEN_TEMPLATE.replace("DEFAULT_SYSTEM", "false"),
@@ -107,6 +146,7 @@ CHAT_TEMPLATES = {
     "qwen3_5": _QWEN_TEMPLATE.replace("DEFAULT_SYSTEM", "false"),
     "qwen3_5_moe": _QWEN_TEMPLATE.replace("DEFAULT_SYSTEM", "false"),
     "gemma3": GEMMA_TEMPLATE,
+    "gemma4": GEMMA4_TEMPLATE,
 }
 
 
@@ -195,6 +235,18 @@ VISION_CONFIGS: dict[str, dict] = {
         patch_size=PATCH,
     ),
 }
+VISION_CONFIGS["gemma4"] = dict(
+    model_type="gemma4_vision",
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=8,
+    patch_size=16,
+    pooling_kernel_size=3,
+    position_embedding_size=64,
+)
 VISION_CONFIGS["qwen3_vl_moe"] = dict(VISION_CONFIGS["qwen3_vl"], model_type="qwen3_vl_moe_vision")
 VISION_CONFIGS["qwen3_5_moe"] = {
     k: v for k, v in VISION_CONFIGS["qwen3_vl"].items() if k != "deepstack_visual_indexes"
@@ -206,13 +258,13 @@ VISION_CONFIGS["qwen3_5"] = {
 
 def _tokenizer(demo_model: Path, model_type: str):
     """The demo tokenizer plus the family's image (and, for Gemma, turn) tokens, all special."""
-    if model_type == "gemma3":
+    if model_type in ("gemma3", "gemma4"):
+        named, turn = (GEMMA_TOKENS_NAMED, GEMMA_TURN) if model_type == "gemma3" else (GEMMA4_TOKENS_NAMED, GEMMA4_TURN)
         # Named model-specific tokens are declared at load time; adding them below puts them in the vocabulary.
-        tok = AutoTokenizer.from_pretrained(demo_model, extra_special_tokens=dict(GEMMA_TOKENS_NAMED))
-        tok.add_special_tokens(
-            {"extra_special_tokens": [*GEMMA_TOKENS_NAMED.values(), *GEMMA_TURN]}, replace_extra_special_tokens=False
-        )
-        tok.eos_token = "<end_of_turn>"
+        tok = AutoTokenizer.from_pretrained(demo_model, extra_special_tokens=dict(named))
+        extra = [*named.values(), *turn] + ([GEMMA4_VIDEO] if model_type == "gemma4" else [])
+        tok.add_special_tokens({"extra_special_tokens": extra}, replace_extra_special_tokens=False)
+        tok.eos_token = turn[1]
     else:
         tok = AutoTokenizer.from_pretrained(demo_model)
         tok.add_special_tokens({"extra_special_tokens": list(QWEN_TOKENS.values())}, replace_extra_special_tokens=False)
@@ -250,6 +302,32 @@ def _config(tok, model_type: str):
             pad_token_id=tok.pad_token_id,
             tie_word_embeddings=True,
         )
+    if model_type == "gemma4":
+        # Every Gemma 4 text feature of tests/family_models.py (per-layer embeddings, shared KV, an MoE block, final
+        # soft-capping), and image tokens that see each other both ways in the sliding layers ("vision").
+        text.update(EXTRA["gemma4_text"], model_type="gemma4_text", vocab_size_per_layer_input=vocab, pad_token_id=0)
+        # A full layer feeds a later sliding one (the last layer reads an earlier layer's keys and values, so what
+        # its image rows compute reaches no target): a both-ways block in a full layer would show in the loss.
+        text.update(
+            use_bidirectional_attention="vision",
+            num_hidden_layers=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        )
+        ids = {name: tok.convert_tokens_to_ids(t) for name, t in GEMMA4_TOKENS_NAMED.items()}
+        return AutoConfig.for_model(
+            model_type,
+            text_config=text,
+            vision_config=vision,
+            audio_config=None,
+            image_token_id=ids["image_token"],
+            boi_token_id=ids["boi_token"],
+            eoi_token_id=ids["eoi_token"],
+            audio_token_id=ids["audio_token"],
+            boa_token_id=ids["boa_token"],
+            eoa_token_index=ids["eoa_token"],
+            video_token_id=tok.convert_tokens_to_ids(GEMMA4_VIDEO),
+            tie_word_embeddings=True,
+        )
     ids = {name: tok.convert_tokens_to_ids(t) for name, t in QWEN_TOKENS.items()}
     text.update({"model_type": f"{model_type}_text", "rope_parameters": QWEN_ROPE, **TEXT_EXTRA.get(model_type, {})})
     return AutoConfig.for_model(
@@ -270,12 +348,18 @@ def _processor(tok, model_type: str):
     if model_type == "gemma3":
         images = Gemma3ImageProcessorPil(size={"height": GEMMA_SIZE, "width": GEMMA_SIZE}, do_pan_and_scan=False)
         return Gemma3Processor(images, tok, chat_template=template, image_seq_length=GEMMA_TOKENS)
+    if model_type == "gemma4":
+        images = Gemma4ImageProcessorPil(patch_size=16, max_soft_tokens=GEMMA4_SOFT_TOKENS, pooling_kernel_size=3)
+        # No video processor (torchvision) and no audio feature extractor: images only.
+        return image_only(Gemma4Processor)(
+            image_processor=images, tokenizer=tok, chat_template=template, image_seq_length=GEMMA4_SOFT_TOKENS
+        )
     images = Qwen2VLImageProcessorPil(
         min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2
     )
     cls = Qwen2_5_VLProcessor if model_type == "qwen2_5_vl" else Qwen3VLProcessor  # Qwen3.5 uses Qwen3-VL's
     # No video processor: it needs torchvision, which the CPU machines lack; the files name the full class.
-    return without_video(cls)(image_processor=images, tokenizer=tok, chat_template=template)
+    return image_only(cls)(image_processor=images, tokenizer=tok, chat_template=template)
 
 
 def write_vision_model(demo_model: Path, out: Path, model_type: str) -> Path:

@@ -34,7 +34,7 @@ def train_jobs(jobs: list[tuple[list[str], str]], sp: int, plant: str | None = N
     names of the parameters the optimizer holds. `plant`: "positions" (see `_shift_later_images`) or "causal" (a
     packed row carries no image blocks, so image tokens attend causally only)."""
     if plant == "causal":
-        ImageBlocks.find = classmethod(lambda cls, is_image, bounds: None)
+        ImageBlocks.find = classmethod(lambda cls, *args: None)
     if plant == "positions":
         init = VisionInputs.__init__
 

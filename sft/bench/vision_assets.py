@@ -138,11 +138,11 @@ def build_processor(tok: Any, shape: str) -> Any:
     """Qwen2.5-VL's processor around `tok` with the release's image settings, without a video processor."""
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil
 
-    from sft.data.processor import without_video
+    from sft.data.processor import image_only
 
     images = Qwen2VLImageProcessorPil(**_check_shape(shape)["processor"])
     # The saved files name Qwen2_5_VLProcessor: a host with torchvision loads the full class from them.
-    return without_video(Qwen2_5_VLProcessor)(image_processor=images, tokenizer=tok, chat_template=CHAT_TEMPLATE)
+    return image_only(Qwen2_5_VLProcessor)(image_processor=images, tokenizer=tok, chat_template=CHAT_TEMPLATE)
 
 
 def vision_config(shape: str, tok: Any, layers: int | None = None, widths: dict[str, dict] | None = None) -> Any:

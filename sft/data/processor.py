@@ -1,9 +1,10 @@
 """The model's processor for vision-language SFT: image processor, sft's tokenizer and the folder's chat template.
 
 `load_processor` loads a model folder's processor around the tokenizer sft already built (its pad token and any
-`data.chat_template`). Qwen-VL processors (Qwen2.5-VL, Qwen3-VL, Qwen3.5) also ask for a video processor, which
-needs torchvision; where it cannot load (the CPU wheels have no torchvision, or the folder has no video processor
-files), the same processor class is built without one. Failures are one-line ValueErrors naming the folder.
+`data.chat_template`). Qwen-VL and Gemma 4 processors also ask for a video processor, which needs torchvision, and
+Gemma 4's for an audio feature extractor; where these cannot load (the CPU wheels have no torchvision, or the folder
+lacks their files), the same processor class is built with its image processor and tokenizer only. Failures are
+one-line ValueErrors naming the folder.
 """
 
 from __future__ import annotations
@@ -27,22 +28,27 @@ def _first_line(error: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+KEPT = ("image_processor", "tokenizer")  # what image training uses of a processor
+
+
 @functools.cache
-def without_video(cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
-    """`cls` whose sub-processors are its image processor and tokenizer only (no video processor).
+def image_only(cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
+    """`cls` whose sub-processors are its image processor and tokenizer only (no video processor, no audio
+    feature extractor).
 
     ProcessorMixin derives the sub-processors it checks, loads and saves from the `__init__` signature, so a
     narrower signature is all it takes. The class keeps its name: save_pretrained writes it as `processor_class`,
     and a host with torchvision loads the full class from the same files.
     """
+    dropped = {name: None for name in cls.get_attributes() if name not in KEPT}
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         cls.__init__(
             self,
             image_processor=image_processor,
             tokenizer=tokenizer,
-            video_processor=None,
             chat_template=chat_template,
+            **dropped,
             **kwargs,
         )
 
@@ -51,11 +57,22 @@ def without_video(cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
         return _restore, (cls, self.__dict__)
 
     namespace = {"__init__": __init__, "__reduce__": __reduce__, "__module__": cls.__module__, "__doc__": cls.__doc__}
-    return type(cls.__name__, (cls,), namespace)
+    # _DropUnused sits between `cls` and ProcessorMixin in the MRO, so it sees what `cls.__init__` hands on.
+    return type(cls.__name__, (cls, _DropUnused), namespace)
+
+
+class _DropUnused(ProcessorMixin):
+    """Drops the absent (None) sub-processors that a processor's own `__init__` passes on by keyword (Gemma 4's
+    `feature_extractor=`), which ProcessorMixin would refuse as arguments outside the narrowed signature."""
+
+    def __init__(self, *args, **kwargs):
+        kept = self.get_attributes()
+        kwargs = {k: v for k, v in kwargs.items() if k in kept or k == "chat_template" or v is not None}
+        super().__init__(*args, **kwargs)
 
 
 def _restore(cls: type[ProcessorMixin], state: dict) -> ProcessorMixin:
-    sub = without_video(cls)
+    sub = image_only(cls)
     processor = sub.__new__(sub)
     processor.__dict__.update(state)
     return processor
@@ -71,9 +88,9 @@ def _read_json(path: Path) -> dict:
     return found
 
 
-def _video_class(folder: Path) -> type[ProcessorMixin] | None:
-    """The processor class the folder names (its `processor_class`, else its model type's) if it has a video
-    processor; None otherwise."""
+def _narrowable_class(folder: Path) -> type[ProcessorMixin] | None:
+    """The processor class the folder names (its `processor_class`, else its model type's) if it has sub-processors
+    beyond an image processor and a tokenizer; None otherwise."""
     name = None
     for file in CLASS_FILES:
         if (folder / file).is_file() and isinstance(found := _read_json(folder / file).get("processor_class"), str):
@@ -82,7 +99,7 @@ def _video_class(folder: Path) -> type[ProcessorMixin] | None:
     if name is None and (folder / "config.json").is_file():
         name = PROCESSOR_MAPPING_NAMES.get(_read_json(folder / "config.json").get("model_type"))
     cls = processor_class_from_name(name) if isinstance(name, str) else None
-    if isinstance(cls, type) and issubclass(cls, ProcessorMixin) and "video_processor" in cls.get_attributes():
+    if isinstance(cls, type) and issubclass(cls, ProcessorMixin) and set(cls.get_attributes()) - set(KEPT):
         return cls
     return None
 
@@ -90,8 +107,8 @@ def _video_class(folder: Path) -> type[ProcessorMixin] | None:
 def load_processor(folder: str, tokenizer: PreTrainedTokenizerBase) -> ProcessorMixin:
     """The processor of model `folder`, with `tokenizer` (sft's, pad token and chat template set) as its tokenizer.
 
-    When AutoProcessor fails and the class has a video processor (no torchvision, or no video processor files),
-    the class is built without one: image training never calls it.
+    When AutoProcessor fails and the class has other sub-processors (no torchvision, or no video or audio files),
+    the class is built without them: image training never calls them.
     """
     path = Path(folder)
     if not path.is_dir():
@@ -99,16 +116,16 @@ def load_processor(folder: str, tokenizer: PreTrainedTokenizerBase) -> Processor
     try:
         processor = AutoProcessor.from_pretrained(folder, tokenizer=tokenizer)
     except Exception as e:  # ImportError, OSError or AttributeError where torchvision or a video config is missing
-        cls = _video_class(path)
+        cls = _narrowable_class(path)
         if cls is None:
             raise ValueError(f"{folder}: cannot load the processor ({_first_line(e)}); fix the processor files") from e
         try:
             # The image processor comes from AutoImageProcessor (its PIL backend without torchvision), the chat
             # template and the class's other settings from the folder, the tokenizer is sft's.
-            processor = without_video(cls).from_pretrained(folder, tokenizer=tokenizer)
+            processor = image_only(cls).from_pretrained(folder, tokenizer=tokenizer)
         except Exception as inner:
             # The same cause twice (a broken image processor file breaks both) is said once.
-            also = "" if str(inner) == str(e) else f", nor without its video processor ({_first_line(inner)})"
+            also = "" if str(inner) == str(e) else f", nor with its image processor only ({_first_line(inner)})"
             raise ValueError(
                 f"{folder}: cannot load {cls.__name__} ({_first_line(e)}){also}; fix the processor files"
             ) from inner

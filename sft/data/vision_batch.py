@@ -4,7 +4,7 @@
 part on them, and gives each sample its multimodal rotary positions ([3, s], sft/models/vision_positions.py),
 computed for that sample alone so a packed row restarts them at every sample (families with 1-D positions keep the
 text positions). `attach` adds the pixels (and grids) to the model inputs with `image_span`: which of the row's
-image tokens fall in this SP rank's slice; a packed row of a family whose image tokens attend both ways (Gemma 3)
+image tokens fall in this SP rank's slice, and `image_index`: where they sit in it; a packed row of a family whose image tokens attend both ways (Gemma 3)
 also gets its `image_blocks` (sft/models/attention/image_blocks.py). A micro-batch
 without images carries a blank stand-in image whose features are used by no token (every rank must run the
 vision tower: its weights are sharded and gathered by all ranks together).
@@ -21,10 +21,8 @@ from PIL import Image
 from sft.data.batch import MicroBatch
 from sft.data.images import load_image
 from sft.models.attention.image_blocks import ImageBlocks
-from sft.models.vision import family
+from sft.models.vision import PIXEL_KEYS, family
 from sft.models.vision_positions import MropeSpec, mrope_positions
-
-PIXEL_KEYS = ("pixel_values", "image_grid_thw")  # what the tower takes of the image processor's output
 
 
 class VisionInputs:
@@ -33,7 +31,7 @@ class VisionInputs:
     def __init__(self, processor: Any, hf_config: Any, image_token_id: int) -> None:
         self.image_processor = processor.image_processor
         self.spec = MropeSpec.from_config(hf_config)  # None: 1-D positions (Gemma 3)
-        self.bidirectional = family(hf_config).bidirectional
+        self.blocks = family(hf_config).blocks(hf_config)  # where image tokens attend both ways ("": nowhere)
         self.image_token_id = image_token_id
         ip = self.image_processor
         side = 2 * getattr(ip, "patch_size", 14) * getattr(ip, "merge_size", 2)
@@ -70,9 +68,12 @@ class VisionInputs:
         if pixels is None:
             assert count == 0, "image tokens without images"
             pixels, first = self.blank, 0
-        inputs = dict(mb.inputs, **pixels, image_span=(first, first + count))
-        if self.bidirectional and "cu_seq_lens_q" in inputs:  # packed: padded rows use the model's own masks
-            blocks = ImageBlocks.find(is_image.reshape(-1), inputs["cu_seq_lens_q"].tolist())
+        # Where this slice's image tokens sit in its flattened [b * s] tokens, found here so the model writes the
+        # features by index (masked_scatter's backward would read a count back from the GPU).
+        index = is_image[..., lo:hi].reshape(-1).nonzero().squeeze(1)
+        inputs = dict(mb.inputs, **pixels, image_span=(first, first + count), image_index=index)
+        if self.blocks and "cu_seq_lens_q" in inputs:  # packed: padded rows use the model's own masks
+            blocks = ImageBlocks.find(is_image.reshape(-1), inputs["cu_seq_lens_q"].tolist(), self.blocks == "sliding")
             if blocks is not None:
                 inputs["image_blocks"] = blocks
         return replace(mb, inputs=inputs)

@@ -63,7 +63,9 @@ def image_text(processor: Any) -> tuple[str, Any, str]:
 
     Qwen-VL: the template writes the image token, repeated n times. Gemma 3: the template writes <start_of_image>,
     which the processor replaces by its `full_image_sequence` (blank lines, <start_of_image>, n soft tokens,
-    <end_of_image>); pan-and-scan crops would add images the header cannot count, so they are refused."""
+    <end_of_image>); pan-and-scan crops would add images the header cannot count, so they are refused. Gemma 4: the
+    template writes the image token, which the processor wraps in its begin/end-of-image tokens. Whatever the rule,
+    the first row of each process is checked against the processor's own ids."""
     full = getattr(processor, "full_image_sequence", None)
     if isinstance(full, str):
         if getattr(processor.image_processor, "do_pan_and_scan", False):
@@ -80,6 +82,9 @@ def image_text(processor: Any) -> tuple[str, Any, str]:
 
         return processor.boi_token, gemma, soft
     token = processor.image_token
+    boi, eoi = getattr(processor, "boi_token", None), getattr(processor, "eoi_token", None)
+    if isinstance(boi, str) and isinstance(eoi, str):
+        return token, lambda n: boi + token * n + eoi, token
     return token, lambda n: token * n, token
 
 

@@ -26,7 +26,7 @@ from transformers import (
     Qwen2VLImageProcessorPil,
 )
 
-from sft.data.processor import without_video
+from sft.data.processor import image_only
 from sft.demo.assets import build_tokenizer
 
 COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (45, 75, 215), "yellow": (230, 195, 30)}
@@ -134,7 +134,7 @@ def build_processor(tok: PreTrainedTokenizerBase) -> Qwen2_5_VLProcessor:
     )
     # The saved files name Qwen2_5_VLProcessor; sft's load_processor builds that class from them, with or without
     # its video processor.
-    return without_video(Qwen2_5_VLProcessor)(image_processor=images, tokenizer=tok, chat_template=CHAT_TEMPLATE)
+    return image_only(Qwen2_5_VLProcessor)(image_processor=images, tokenizer=tok, chat_template=CHAT_TEMPLATE)
 
 
 def build_model_config(tok: PreTrainedTokenizerBase) -> Qwen2_5_VLConfig:

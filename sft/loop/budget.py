@@ -100,7 +100,7 @@ def activation_bytes_per_token(
 def vision_bytes_per_token(hf_config: PretrainedConfig, recomputed: bool) -> float:
     """Activation bytes of the vision tower per image token of a packed row (vision-language SFT), charged to every
     token so a row of large images fits: merge^2 patches per token (Qwen), or the tower's patches per image over the
-    tokens an image becomes (Gemma 3: 64^2 / 256), each keeping what one decoder layer of the tower's widths keeps
+    tokens an image becomes (Gemma 3: 64^2 / 256; Gemma 4: 3^2), each keeping what one decoder layer of the tower's widths keeps
     (`layer_bytes_per_token`'s formula), or only its input when the tower is checkpointed."""
     v = getattr(hf_config, "vision_config", None)
     h = getattr(v, "hidden_size", None) or getattr(v, "embed_dim", None)
@@ -113,6 +113,8 @@ def vision_bytes_per_token(hf_config: PretrainedConfig, recomputed: bool) -> flo
     tokens = getattr(hf_config, "mm_tokens_per_image", None)
     if not hasattr(v, "spatial_merge_size") and tokens and getattr(v, "image_size", None):
         patches = (v.image_size // v.patch_size) ** 2 / tokens
+    elif getattr(v, "pooling_kernel_size", None):  # Gemma 4: a token pools k x k patches
+        patches = v.pooling_kernel_size**2
     kept = depth * 2 * h + one if recomputed else (depth + 1) * one
     return SAFETY * patches * kept
 

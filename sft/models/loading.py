@@ -48,7 +48,7 @@ from sft.models.multimodal import (
 from sft.models.recurrent.install import install_packed_mixers, sp_reason
 from sft.models.recurrent.kernels import backend_for
 from sft.models.recurrent.packed import NoMasks
-from sft.models.vision import VisionFamily, embed_images, freeze
+from sft.models.vision import PIXEL_KEYS, VisionFamily, embed_images, freeze
 from sft.models.vision import family as vision_family
 from sft.models.vision import tower as vision_tower
 from sft.ops.fp8 import FP8_UNFUSED, convert_to_fp8, fp8_recipe
@@ -149,16 +149,18 @@ class CausalLMWithLoss(nn.Module):
         zero = None
         decoder = self.lm.get_decoder()
         if self.vision is not None:  # the micro-batch's images, written over this slice's image tokens
-            pixels, grids, span = (attn_kwargs.pop(k, None) for k in ("pixel_values", "image_grid_thw", "image_span"))
+            pixels = {k: attn_kwargs.pop(k) for k in PIXEL_KEYS if k in attn_kwargs}
+            span, index = attn_kwargs.pop("image_span"), attn_kwargs.pop("image_index")
             embeds, extra, zero = embed_images(
-                self.lm, self.vision, input_ids, pixels, grids, span, self.image_token_id
+                self.lm, self.vision, input_ids, pixels, span, index, self.image_token_id
             )
             attn_kwargs.update(extra, inputs_embeds=embeds)
             if self.vision.bidirectional and "cu_seq_lens_q" not in attn_kwargs:
                 # Padded rows: the model's own wrapper builds its masks with each image's block attending both
-                # ways (token_type_ids); packed rows carry the blocks to sft's varlen attention (`image_blocks`).
+                # ways (from the token types); packed rows carry the blocks to sft's varlen attention
+                # (`image_blocks`, sft/data/vision_batch.py).
                 decoder = self.lm.model
-                attn_kwargs["token_type_ids"] = (input_ids == self.image_token_id).long()
+                attn_kwargs[self.vision.token_types] = (input_ids == self.image_token_id).long()
         else:
             attn_kwargs["input_ids"] = input_ids
         out = decoder(

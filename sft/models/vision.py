@@ -18,6 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+# What the vision tower takes of the image processor's output (and the micro-batch carries to the model).
+PIXEL_KEYS = ("pixel_values", "image_grid_thw", "image_position_ids")
+
 
 @dataclass(frozen=True)
 class VisionFamily:
@@ -28,13 +31,36 @@ class VisionFamily:
     # (sft/models/attention/bidirectional.py); else it takes a batch of same-size images through the model's
     # `get_image_features` (tower and projector) with its own attention.
     grid: bool = True
-    # The image tokens of one image attend to each other both ways (causal elsewhere): Gemma 3's token_type_ids.
-    bidirectional: bool = False
+    # Where the image tokens of one image attend to each other both ways (causal elsewhere): "all" layers (Gemma 3),
+    # "sliding" window layers only (Gemma 4, when its text config's `use_bidirectional_attention` is "vision"), or "".
+    bidirectional: str = ""
+    # The keyword by which the model's own wrapper takes the image-token types (padded rows build their masks there).
+    token_types: str = "token_type_ids"
+    # The decoder takes per-layer token embeddings (Gemma 4's PLE), looked up with image tokens read as padding.
+    per_layer_inputs: bool = False
+    # Modules the images never reach (Gemma 4's audio tower): frozen, exported unchanged.
+    unused: tuple[str, ...] = ()
+
+    def blocks(self, hf_config: Any) -> str:
+        """Where image blocks attend both ways for this checkpoint ("all", "sliding" or "")."""
+        if self.bidirectional == "sliding":
+            text = hf_config.get_text_config()
+            return "sliding" if getattr(text, "use_bidirectional_attention", None) == "vision" else ""
+        return self.bidirectional
 
 
 _QWEN = VisionFamily("model.visual", ("model.visual.merger",))
 _QWEN3 = VisionFamily("model.visual", ("model.visual.merger", "model.visual.deepstack_merger_list"), deepstack=True)
-_GEMMA3 = VisionFamily("model.vision_tower", ("model.multi_modal_projector",), grid=False, bidirectional=True)
+_GEMMA3 = VisionFamily("model.vision_tower", ("model.multi_modal_projector",), grid=False, bidirectional="all")
+_GEMMA4 = VisionFamily(
+    "model.vision_tower",
+    ("model.embed_vision",),
+    grid=False,
+    bidirectional="sliding",
+    token_types="mm_token_type_ids",
+    per_layer_inputs=True,
+    unused=("model.audio_tower", "model.embed_audio"),
+)
 VISION_FAMILIES: dict[str, VisionFamily] = {
     "qwen2_vl": _QWEN,
     "qwen2_5_vl": _QWEN,
@@ -43,6 +69,7 @@ VISION_FAMILIES: dict[str, VisionFamily] = {
     "qwen3_5": _QWEN,  # Gated DeltaNet text layers (sft/models/recurrent/), Qwen3-VL's tower without deepstack
     "qwen3_5_moe": _QWEN,
     "gemma3": _GEMMA3,  # SigLIP tower, 1-D positions, sliding-window text layers (the family table's gemma3_text)
+    "gemma4": _GEMMA4,  # aspect-preserving patches with 2-D positions, pooled 3x3; the family table's gemma4_text
 }
 
 
@@ -71,6 +98,9 @@ def freeze(lm: nn.Module, fam: VisionFamily, tower_frozen: bool, projector_froze
     projector = {id(p) for name in fam.projector for p in lm.get_submodule(name).parameters()}
     params = {id(p): p for p in tower(lm, fam).parameters()}
     params.update((id(p), p) for name in fam.projector for p in lm.get_submodule(name).parameters())
+    for name in fam.unused:  # never in the graph with images: frozen, whatever the keys say
+        if (part := _find(lm, name)) is not None:
+            part.requires_grad_(False)
     counts = [0, 0]
     for p in params.values():
         is_projector = id(p) in projector
@@ -80,36 +110,51 @@ def freeze(lm: nn.Module, fam: VisionFamily, tower_frozen: bool, projector_froze
     return counts[0], counts[1]
 
 
+def _find(lm: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return lm.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def embed_images(
     lm: nn.Module,
     fam: VisionFamily,
     input_ids: torch.Tensor,
-    pixel_values: torch.Tensor,
-    image_grid_thw: torch.Tensor | None,
+    pixels: dict[str, torch.Tensor],
     image_span: tuple[int, int],
+    image_index: torch.Tensor,
     image_token_id: int,
 ) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
     """Token embeddings with this slice's image features written over its image tokens.
 
-    input_ids [b, s] (this SP rank's slice); pixel_values [patches, d] of every image of the micro-batch (Qwen, with
-    image_grid_thw [images, 3]) or [images, 3, H, W] (Gemma 3, no grid); features
+    input_ids [b, s] (this SP rank's slice); pixels: `pixel_values` of every image of the micro-batch, [patches, d]
+    with `image_grid_thw` [images, 3] (Qwen), [images, 3, H, W] (Gemma 3) or [images, patches, d] with
+    `image_position_ids` (Gemma 4); image_index [n] where this slice's image tokens sit in its flattened b*s tokens
+    (written by index: masked_scatter's backward reads a count back from the GPU); features
     image_span[0]:image_span[1] of the flattened image tokens are this slice's. Returns the embeddings [b, s, h],
     the decoder's extra arguments (deepstack), and a zero that depends on every feature (added to the loss, so the
     tower's weights get their gradient on every rank, even where no image token is in the slice)."""
+    mask = input_ids == image_token_id  # [b, s]
+    extra: dict[str, Any] = {}
+    if fam.per_layer_inputs and getattr(lm.config.get_text_config(), "hidden_size_per_layer_input", 0):
+        # As the model's own wrapper: the per-layer lookup reads image tokens as padding.
+        text_ids = input_ids.masked_fill(mask, lm.config.get_text_config().pad_token_id)
+        extra["per_layer_inputs"] = lm.get_decoder().get_per_layer_inputs(text_ids, None)
     embeds = lm.get_input_embeddings()(input_ids)  # [b, s, h]
     visual = tower(lm, fam)
-    pixels = pixel_values.to(visual.dtype if hasattr(visual, "dtype") else embeds.dtype)
+    pixels = dict(
+        pixels, pixel_values=pixels["pixel_values"].to(visual.dtype if hasattr(visual, "dtype") else embeds.dtype)
+    )
     if fam.grid:
-        out = visual(pixels, grid_thw=image_grid_thw)
-    else:  # tower + projector as the model composes them: [images, tokens per image, h]
-        out = lm.model.get_image_features(pixel_values=pixels)
+        out = visual(pixels["pixel_values"], grid_thw=pixels["image_grid_thw"])
+    else:  # tower + projector as the model composes them: [images, tokens per image, h] or one tensor per image
+        out = lm.model.get_image_features(**pixels)
     features, layers = _tower_outputs(out)  # [image tokens of the micro-batch, h], deepstack levels of that shape
-    features = features.reshape(-1, features.shape[-1])
     lo, hi = image_span
-    mask = input_ids == image_token_id  # [b, s]
-    embeds = embeds.masked_scatter(mask[..., None], features[lo:hi].to(embeds.dtype))
+    b, s, h = embeds.shape
+    embeds = embeds.reshape(b * s, h).index_copy(0, image_index, features[lo:hi].to(embeds.dtype)).reshape(b, s, h)
     zero = features.sum() * 0.0
-    extra: dict[str, Any] = {}
     if fam.deepstack:
         extra["visual_pos_masks"] = mask
         extra["deepstack_visual_embeds"] = [f[lo:hi].to(embeds.dtype) for f in layers]
@@ -118,10 +163,15 @@ def embed_images(
 
 
 def _tower_outputs(out: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(merged features, deepstack features) from a vision tower's output, as transformers versions return it: an
-    output object (pooler_output = merged, 5.x), a tensor, or a (merged, deepstack list) tuple (Qwen3-VL, 4.57)."""
+    """(merged features [image tokens, h], deepstack features) from a vision tower's output, as transformers versions
+    return it: an output object (pooler_output = merged, 5.x; per image for Gemma 4), a tensor, or a (merged,
+    deepstack list) tuple (Qwen3-VL, 4.57)."""
     if hasattr(out, "pooler_output"):
-        return out.pooler_output, list(getattr(out, "deepstack_features", None) or [])
-    if isinstance(out, tuple):
-        return out[0], list(out[1] or [])
-    return out, []
+        merged, layers = out.pooler_output, list(getattr(out, "deepstack_features", None) or [])
+    elif isinstance(out, tuple):
+        merged, layers = out[0], list(out[1] or [])
+    else:
+        merged, layers = out, []
+    if isinstance(merged, (tuple, list)):  # one tensor per image (Gemma 4)
+        merged = torch.cat(list(merged))
+    return merged.reshape(-1, merged.shape[-1]), layers

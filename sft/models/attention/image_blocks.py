@@ -2,7 +2,8 @@
 
 transformers' Gemma 3 lets the soft tokens of one image see each other in both directions, and everything before
 them causally: OR(causal, same block) on full-attention layers, AND(window, OR(causal, same block)) on sliding ones,
-where a window of W keeps key j for query i iff j > i - W. A block is a run of image tokens; in a packed row each
+where a window of W keeps key j for query i iff j > i - W (Gemma 4: on the sliding layers only, full layers stay
+causal). A block is a run of image tokens; in a packed row each
 sample keeps its own. `ImageBlocks` holds a row's blocks, found on the host when the micro-batch is built, with what
 the CUDA path needs without a host sync: the rows of the blocks' queries, the rows of the keys each block sees (its
 sample's start through its own end) and their cumulative lengths. On CUDA that is one more varlen call over the
@@ -26,9 +27,10 @@ class ImageBlocks:
     cu_k: torch.Tensor  # int32 [m + 1]: cumulative key counts
     max_q: int
     max_k: int
+    sliding_only: bool = False  # Gemma 4: only sliding-window layers let a block see itself both ways
 
     @classmethod
-    def find(cls, is_image: torch.Tensor, bounds: list[int]) -> ImageBlocks | None:
+    def find(cls, is_image: torch.Tensor, bounds: list[int], sliding_only: bool = False) -> ImageBlocks | None:
         """The blocks of a packed row: `is_image` [T] (bool, host), `bounds` its samples' cumulative lengths.
         None when the row has no image token."""
         flags = is_image.tolist()
@@ -58,6 +60,7 @@ class ImageBlocks:
             cu_k=torch.cat([zero, k_len.cumsum(0).to(torch.int32)]),
             max_q=int(q_len.max()),
             max_k=int(k_len.max()),
+            sliding_only=sliding_only,
         )
 
     def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> ImageBlocks:

@@ -43,11 +43,14 @@ def features_from_kwargs(kwargs: dict) -> AttnFeatures:
     """The extras transformers' attention modules pass by keyword (None or 0 means absent)."""
     window = kwargs.get("sliding_window")
     softcap = kwargs.get("softcap")
+    blocks = kwargs.get("image_blocks")
+    if blocks is not None and blocks.sliding_only and not window:
+        blocks = None  # a full-attention layer of a family whose blocks act in sliding layers only
     return AttnFeatures(
         window=int(window) if window else None,
         softcap=float(softcap) if softcap else None,
         sinks=kwargs.get("s_aux"),
-        blocks=kwargs.get("image_blocks"),
+        blocks=blocks,
     )
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from sft.models.attention.kernels import KERNELS, choose_attn_kernel, run_kernel
+from sft.models.attention.kernels import KERNELS, choose_attn_kernel, installed, run_kernel
 from sft.models.attention.reference import AttnFeatures, features_from_kwargs, kernel_window, segment_attention
 from sft.parallel.ulysses import local_heads, ulysses_attention
 
@@ -126,7 +126,12 @@ def varlen_attention(
             window = kernel_window(f.window, max_length_k)
             out = kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_length_q, max_length_k, scale, window, f.softcap)
             if f.blocks is not None:
-                out = _with_image_blocks(kernel, out, q, k, v, scale, f)
+                # The blocks' call runs on PyTorch's own kernel where it is there: its non-causal windows are the
+                # ones checked against the reference on a GPU (tests/test_gpu.py); FA2/FA4 were not installed there.
+                # It has no soft-capping: with one, the chosen kernel computes it.
+                block_kernel = "torch" if installed("torch") and f.softcap is None else name
+                block_call = functools.partial(equal_width_call, functools.partial(run_kernel, block_kernel))
+                out = _with_image_blocks(block_call, out, q, k, v, scale, f)
             return out
     if not torch.equal(cu_seqlens_q, cu_seqlens_k):
         raise ValueError(f"{ATTN_NAME} is self-attention: cu_seq_lens_q and cu_seq_lens_k must be equal")
