@@ -4,10 +4,11 @@
 part on them, and gives each sample its multimodal rotary positions ([3, s], sft/models/vision_positions.py),
 computed for that sample alone so a packed row restarts them at every sample (families with 1-D positions keep the
 text positions). `attach` adds the pixels (and grids) to the model inputs with `image_span`: which of the row's
-image tokens fall in this SP rank's slice, and `image_index`: where they sit in it; a packed row of a family whose image tokens attend both ways (Gemma 3)
-also gets its `image_blocks` (sft/models/attention/image_blocks.py). A micro-batch
-without images carries a blank stand-in image whose features are used by no token (every rank must run the
-vision tower: its weights are sharded and gathered by all ranks together).
+image tokens fall in this SP rank's slice, and `image_index`: where they sit in it. Under SP each rank runs the
+tower on the images its slice shows (one cut by a slice boundary on both ranks). A packed row of a family whose
+image tokens attend both ways (Gemma) also gets its `image_blocks` (sft/models/attention/image_blocks.py). A
+micro-batch or slice without images carries a blank stand-in image whose features are used by no token (every
+rank must run the vision tower: its weights are sharded and gathered by all ranks together).
 """
 
 from __future__ import annotations
@@ -58,6 +59,41 @@ class VisionInputs:
             at += n
         return out, pixels
 
+    def _share(
+        self, pixels: dict[str, torch.Tensor], is_image: torch.Tensor, lo: int, hi: int
+    ) -> tuple[dict[str, torch.Tensor] | None, int]:
+        """The pixels of the images whose tokens fall in [lo, hi) of the row (None: no such image), and the count of
+        image tokens before the first of them. An image cut by a slice boundary runs on both ranks, the others on
+        one. Each image is one run of image tokens; where runs and images do not pair up (two images' tokens
+        adjacent), every image stays."""
+        flags = is_image.tolist()
+        runs, t = [], 0
+        while t < len(flags):
+            if flags[t]:
+                a = t
+                while t < len(flags) and flags[t]:
+                    t += 1
+                runs.append((a, t))
+            else:
+                t += 1
+        grids = pixels.get("image_grid_thw")
+        n_images = len(grids) if grids is not None else len(pixels["pixel_values"])
+        if len(runs) != n_images:
+            return pixels, 0
+        shown = [i for i, (a, b) in enumerate(runs) if a < hi and b > lo]
+        if not shown:
+            return None, 0
+        i0, i1 = shown[0], shown[-1] + 1
+        before = sum(b - a for a, b in runs[:i0])
+        if grids is None:  # one entry per image in every tensor
+            return {k: v[i0:i1] for k, v in pixels.items()}, before
+        ends = grids.prod(-1).cumsum(0).tolist()  # Qwen: the images' patches, one after another
+        starts = [0, *ends[:-1]]
+        return {
+            "pixel_values": pixels["pixel_values"][starts[i0] : ends[i1 - 1]],
+            "image_grid_thw": grids[i0:i1],
+        }, before
+
     def attach(
         self, mb: MicroBatch, row_ids: torch.Tensor, pixels: dict[str, torch.Tensor] | None, lo: int, hi: int
     ) -> MicroBatch:
@@ -67,6 +103,10 @@ class VisionInputs:
         first, count = int(is_image[..., :lo].sum()), int(is_image[..., lo:hi].sum())
         if pixels is None:
             assert count == 0, "image tokens without images"
+        elif hi - lo < is_image.shape[-1]:  # a sequence-parallel slice: only the images it shows
+            pixels, before = self._share(pixels, is_image.reshape(-1), lo, hi)
+            first -= before
+        if pixels is None or count == 0:
             pixels, first = self.blank, 0
         # Where this slice's image tokens sit in its flattened [b * s] tokens, found here so the model writes the
         # features by index (masked_scatter's backward would read a count back from the GPU).
