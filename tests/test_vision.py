@@ -1,11 +1,11 @@
 """Vision-language SFT on tiny random Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5 (Gated DeltaNet), Gemma 3 and
 Gemma 4 checkpoints (CPU, fp32, real fully_shard on gloo).
 
-Padded (one process) = packed + sp=2 (two processes), and for Qwen2.5-VL, Gemma 3 and Gemma 4 = packed (one process), on
-losses and on weights after two steps; the fp32 export loads with the checkpoint's own class and, run by plain
-transformers (its own rotary index, its own image merge and Gemma's both-ways image masks, one sample at a time),
-reproduces the trainer's validation loss. Planted bugs must break the equality: the image positions of a packed
-row's later samples offset by the samples before them, and (Gemma 3) image tokens attending causally only.
+Padded (one process) = packed + sp=2 (two processes), and for Qwen2.5-VL, Qwen3-VL, Gemma 3 and Gemma 4 = packed
+(one process), on losses and on weights after two steps; the fp32 export loads with the checkpoint's own class and,
+run by plain transformers (its own rotary index, its own image merge and Gemma's both-ways image masks, one sample
+at a time), reproduces the trainer's validation loss. Planted bugs must break the equality: the image positions of a
+packed row's later samples offset by the samples before them, and (Gemma) image tokens attending causally only.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from sft.models.attention.varlen import register_varlen_attention
 from sft.models.vision import PIXEL_KEYS
 
 TYPES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "gemma3", "gemma4")
-PACKED_TYPES = ("qwen2_5_vl", "gemma3", "gemma4")  # also packed in one process
+PACKED_TYPES = ("qwen2_5_vl", "qwen3_vl", "gemma3", "gemma4")  # also packed in one process
 # Where each family's vision tower sits (sft/models/vision.py); its weights must train.
 TOWER = {t: ".visual." for t in TYPES} | {"gemma3": ".vision_tower.", "gemma4": ".vision_tower."}
 # Gemma 4 makes every image about 70 tokens (its smallest setting), so its rows are longer.
