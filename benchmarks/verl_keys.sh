@@ -4,7 +4,7 @@
 #   BASE=/path/to/other/checkout bash benchmarks/verl_keys.sh     # that checkout and this one, taking turns
 #   TRL=1 bash benchmarks/verl_keys.sh                            # + TRL SFTTrainer with Liger, same model and data
 #   FP8=1 bash benchmarks/verl_keys.sh                            # + the same keys and FP8_KEYS (needs torchao)
-# Env: SHAPE (qwen2.5-1.5b | qwen2.5-0.5b | qwen2.5-7b | qwen3-8b-short), STEPS (12: 2 warm-up, the last profiled, the rest timed),
+# Env: SHAPE (qwen2.5-1.5b | qwen2.5-0.5b | qwen2.5-7b | qwen3-8b-short | qwen3.5-2b-hybrid | qwen3-2b), STEPS (12: 2 warm-up, the last profiled, the rest timed),
 # REPS (2), TESTS=1 (tests/test_gpu.py first), TRL_ATTN (flash_attention_4 where FA4 imports, else flex_attention),
 # TIMEOUT (seconds per run, 900), EXTRA (keys added to every sft run), FP8_KEYS (what FP8=1 adds: model.fp8=true
 # model.compile=true), OUT_DIR (bench_out), WORK_DIR (OUT_DIR/work).

@@ -360,3 +360,71 @@ def test_gemma3_vision_micro_batch_never_syncs_on_cuda(demo_dir, tmp_path, cuda_
     trainer.fit()
     losses = [m["train/loss"] for m in logged if "train/loss" in m]
     assert len(losses) == 3 and all(x == x for x in losses)
+
+
+def _hybrid_overrides(demo_dir, model, out, *extra: str) -> list[str]:
+    overrides = [o for o in base_overrides(demo_dir, out) if not o.startswith("model.partial_pretrain=")]
+    return overrides + [
+        f"model.partial_pretrain={model}",
+        "trainer.device=cuda",
+        "data.train_batch_size=16",
+        "data.micro_batch_size_per_gpu=8",
+        "optim.lr=1e-3",
+        "trainer.total_training_steps=10",
+        'trainer.logger=["file"]',
+        *extra,
+    ]
+
+
+@pytest.fixture
+def hybrid_on_fla(demo_dir, tmp_path):
+    """A tiny Qwen3.5-style hybrid whose Gated DeltaNet heads are wide enough for fla's kernels (32), when fla's
+    varlen kernels can run here."""
+    from hybrid_models import write_hybrid_model
+
+    from sft.models.recurrent.kernels import _fla, _fla_blocker
+
+    if _fla() is None or (why := _fla_blocker()) is not None:
+        pytest.skip(f"flash-linear-attention cannot run here: {why if _fla() else 'not installed'}")
+    return write_hybrid_model(
+        demo_dir / "model", tmp_path / "qwen3_5", "qwen3_5_text", linear_key_head_dim=32, linear_value_head_dim=32
+    )
+
+
+def test_hybrid_packed_on_fla_matches_padded_on_cuda(demo_dir, tmp_path, hybrid_on_fla):
+    """Qwen3.5's Gated DeltaNet layers packed on fla's varlen kernels (restarting at every sample) against the
+    model's own padded run, bf16 on CUDA, 10 steps."""
+    padded = torchrun(1, _hybrid_overrides(demo_dir, hybrid_on_fla, tmp_path / "padded"))
+    assert padded.returncode == 0, padded.stderr[-3000:]
+    packed = torchrun(1, _hybrid_overrides(demo_dir, hybrid_on_fla, tmp_path / "packed", "use_remove_padding=true"))
+    assert packed.returncode == 0, packed.stderr[-3000:]
+    assert "flash-linear-attention varlen kernels" in packed.stdout + packed.stderr
+    a, b = _losses(tmp_path / "padded"), _losses(tmp_path / "packed")
+    diff = max(abs(x - y) for x, y in zip(a, b))
+    print(f"hybrid on fla, packed vs padded, bf16 on CUDA, 10 steps: max |loss diff| = {diff:.2e} ({a[-1]:.4f})")
+    assert len(a) == len(b) == 10 and diff < 2e-2 * max(a)
+
+
+def test_hybrid_micro_batch_loop_never_syncs_on_cuda(demo_dir, tmp_path, cuda_rank, hybrid_on_fla):
+    """The packed hybrid on fla's kernels (bf16 master weights, checkpointing) trains with host syncs as errors."""
+    from sft.config.schema import load_config
+    from sft.trainer import FSDPSFTTrainer
+
+    overrides = _hybrid_overrides(demo_dir, hybrid_on_fla, tmp_path / "out", "use_remove_padding=true")
+    overrides = [o for o in overrides if not o.startswith(("trainer.total_training_steps", "trainer.logger"))]
+    overrides += [
+        "trainer.total_training_steps=3",
+        "trainer.logger=[]",
+        "model.fsdp_config.model_dtype=bf16",
+        "model.enable_gradient_checkpointing=true",
+        "data.micro_batch_size_per_gpu=2",
+        "data.max_token_len_per_gpu=512",
+    ]
+    trainer = FSDPSFTTrainer(load_config(overrides), cuda_rank)
+    trainer.sync_debug = "error"
+    logged: list[dict] = []
+    original = trainer.metrics.log
+    trainer.metrics.log = lambda m, step: (logged.append(m), original(m, step))
+    trainer.fit()
+    losses = [m["train/loss"] for m in logged if "train/loss" in m]
+    assert len(losses) == 3 and all(x == x for x in losses)

@@ -65,6 +65,37 @@ SHAPES: dict[str, dict[str, Any]] = {
         vocab_size=151936,
         tie_word_embeddings=False,
     ),
+    # A Qwen3.5-shaped hybrid (Gated DeltaNet layers, every fourth layer gated full attention) of about 1.7B
+    # parameters, and a dense Qwen3 of the same widths and depth (1.5B), to time the recurrent layers against
+    # attention on the same samples.
+    "qwen3.5-2b-hybrid": dict(
+        model_type="qwen3_5_text",
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=24,
+        layer_types=(["linear_attention"] * 3 + ["full_attention"]) * 6,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=256,
+        linear_num_key_heads=16,
+        linear_num_value_heads=16,
+        linear_key_head_dim=128,
+        linear_value_head_dim=128,
+        linear_conv_kernel_dim=4,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "qwen3-2b": dict(
+        model_type="qwen3",
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
 }
 SHAPE_NAMES = ("tiny", *SHAPES)
 
