@@ -180,3 +180,22 @@ def test_default_budget_loss_and_sync_free_loop(demo_dir, tmp_path, one_rank, mo
     assert mode.ops > 1000  # the loop really ran under the mode
     assert not mode.hits, "\n".join(mode.hits[:5])
     assert metrics["train/loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_vision_budget_counts_the_patches_behind_each_image_token():
+    """The tower's activations per image token scale with the patches pooled into it: Qwen's 2x2 merge (4),
+    Gemma 3's 64x64 patches pooled to 256 tokens (16), Gemma 4's 3x3 pooling (9); same tower widths otherwise."""
+    from types import SimpleNamespace
+
+    from sft.loop.budget import vision_bytes_per_token
+
+    tower = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    qwen = SimpleNamespace(vision_config=SimpleNamespace(**tower, spatial_merge_size=2))
+    gemma3 = SimpleNamespace(
+        vision_config=SimpleNamespace(**tower, image_size=896, patch_size=14), mm_tokens_per_image=256
+    )
+    gemma4 = SimpleNamespace(vision_config=SimpleNamespace(**tower, patch_size=16, pooling_kernel_size=3))
+    per_patch = vision_bytes_per_token(qwen, False) / 4
+    assert per_patch > 0
+    assert vision_bytes_per_token(gemma3, False) == pytest.approx(16 * per_patch)
+    assert vision_bytes_per_token(gemma4, False) == pytest.approx(9 * per_patch)
