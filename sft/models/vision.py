@@ -1,13 +1,14 @@
 """Vision-language SFT on the model's own class: which families, what is frozen, and the image embedding step.
 
 `VISION_FAMILIES` is the one declarative place for per-family behaviour: where the vision tower and its projector
-are, how the tower is called (Qwen: all patches of all images with their grids, one varlen call; Gemma 3: a batch of
-fixed-size images), whether the tower's intermediate features are added into the first decoder layers (Qwen3-VL's
-deepstack), and whether an image's tokens attend to each other both ways (Gemma 3; see
-sft/models/attention/image_blocks.py). `embed_images` runs the tower on every image of the micro-batch and writes this rank's share of the image features
-over the image tokens of its slice of the row (the whole row's features on every SP rank: a slice boundary may
-fall inside an image). Every rank runs the tower on every micro-batch (a stand-in image where it has none), so
-FSDP's collectives match and every vision weight gets its gradient, zero or not.
+are, how the tower is called (Qwen: all patches of all images with their grids, one varlen call; Gemma 3 and 4: a
+batch of images through the model's `get_image_features`), whether the tower's intermediate features are added into
+the first decoder layers (Qwen3-VL's deepstack), where an image's tokens attend to each other both ways (Gemma 3 and
+4; sft/models/attention/image_blocks.py), and what else the decoder takes (Gemma 4's per-layer embeddings).
+`embed_images` runs the tower on the images the micro-batch builder gave this rank (under SP, those its slice
+shows) and writes their features over the image tokens of its slice. Every rank runs the tower on every
+micro-batch (a stand-in image where it has none), so FSDP's collectives match and every vision weight gets its
+gradient, zero or not.
 """
 
 from __future__ import annotations
