@@ -113,6 +113,16 @@ def test_fp8_matches_bf16_on_cuda(demo_dir, tmp_path):
         assert len(fp8) == len(bf16) and diff < 2e-2, (name, fp8, bf16)
 
 
+def _fit_without_syncs(trainer) -> list[float]:
+    """Train with any host sync in the micro-batch loop raising; the logged training losses."""
+    trainer.sync_debug = "error"
+    logged: list[dict] = []
+    original = trainer.metrics.log
+    trainer.metrics.log = lambda m, step: (logged.append(m), original(m, step))
+    trainer.fit()
+    return [m["train/loss"] for m in logged if "train/loss" in m]
+
+
 @pytest.fixture
 def cuda_rank(single_rank):
     return single_rank("cuda")
@@ -164,15 +174,10 @@ def test_micro_batch_loop_never_syncs_on_cuda(demo_dir, tmp_path, cuda_rank, fam
         "trainer.total_training_steps=3",
     ]
     trainer = FSDPSFTTrainer(load_config(overrides), cuda_rank)
-    trainer.sync_debug = "error"
-    logged: list[dict] = []
-    original = trainer.metrics.log
-    trainer.metrics.log = lambda m, step: (logged.append(m), original(m, step))
     experts = {type(m).__name__ for m in trainer.model.modules() if m.__class__.__name__.endswith("Experts")}
     assert not any(name.startswith("Liger") for name in experts), experts
     assert (fp8 == "true") == any(type(m).__name__ == "Float8Linear" for m in trainer.model.modules())
-    trainer.fit()
-    losses = [m["train/loss"] for m in logged if "train/loss" in m]
+    losses = _fit_without_syncs(trainer)
     assert len(losses) == 3 and all(x == x for x in losses)
 
 
@@ -353,12 +358,7 @@ def test_gemma3_vision_micro_batch_never_syncs_on_cuda(demo_dir, tmp_path, cuda_
         "trainer.checkpoint.save_contents=[]",
     ]
     trainer = FSDPSFTTrainer(load_config(overrides), cuda_rank)
-    trainer.sync_debug = "error"
-    logged: list[dict] = []
-    original = trainer.metrics.log
-    trainer.metrics.log = lambda m, step: (logged.append(m), original(m, step))
-    trainer.fit()
-    losses = [m["train/loss"] for m in logged if "train/loss" in m]
+    losses = _fit_without_syncs(trainer)
     assert len(losses) == 3 and all(x == x for x in losses)
 
 
@@ -421,10 +421,5 @@ def test_hybrid_micro_batch_loop_never_syncs_on_cuda(demo_dir, tmp_path, cuda_ra
         "data.max_token_len_per_gpu=512",
     ]
     trainer = FSDPSFTTrainer(load_config(overrides), cuda_rank)
-    trainer.sync_debug = "error"
-    logged: list[dict] = []
-    original = trainer.metrics.log
-    trainer.metrics.log = lambda m, step: (logged.append(m), original(m, step))
-    trainer.fit()
-    losses = [m["train/loss"] for m in logged if "train/loss" in m]
+    losses = _fit_without_syncs(trainer)
     assert len(losses) == 3 and all(x == x for x in losses)

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sft.demo.assets import SYSTEM_PROMPTS, WORDS, build_tokenizer
+from sft.demo.vision_assets import QWEN_CONTENT
 
 IMAGE_TAG = "<image>"
 # Named as the processor and config name them; all special, so they are never split or trained.
@@ -80,17 +81,6 @@ JPEG_QUALITY = 85
 
 # ChatML with Qwen's image triple; a default system turn, as in released Qwen2.5-VL. Contents are strings or
 # lists of parts (a system message of parts renders its texts joined).
-_CONTENT = r"""
-  {%- if m.content is string -%}
-    {{- m.content -}}
-  {%- elif m.content is not none -%}
-    {%- for part in m.content -%}
-      {%- if part.type == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}
-      {%- elif part.type == 'text' -%}{{- part.text -}}
-      {%- endif -%}
-    {%- endfor -%}
-  {%- endif -%}
-""".strip()
 _TEMPLATE = r"""
 {%- if messages and messages[0].role == 'system' -%}
   {%- set system = messages[0].content -%}{%- set rest = messages[1:] -%}
@@ -112,7 +102,7 @@ _TEMPLATE = r"""
   {%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}
-""".strip().replace("CONTENT", _CONTENT)
+""".strip().replace("CONTENT", QWEN_CONTENT)
 CHAT_TEMPLATE = _TEMPLATE.replace("GEN_OPEN", "").replace("GEN_CLOSE", "")
 # The same rendering with `{% generation %}` around each reply and its end-of-turn token: TRL's assistant-only
 # loss needs the markers, and they mark the tokens sft trains.

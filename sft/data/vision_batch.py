@@ -21,7 +21,7 @@ from PIL import Image
 
 from sft.data.batch import MicroBatch
 from sft.data.images import load_image
-from sft.models.attention.image_blocks import ImageBlocks
+from sft.models.attention.image_blocks import ImageBlocks, runs
 from sft.models.vision import PIXEL_KEYS, family
 from sft.models.vision_positions import MropeSpec, mrope_positions
 
@@ -67,24 +67,16 @@ class VisionInputs:
         one. Each image is one run of image tokens; where runs and images do not pair up (two images' tokens
         adjacent), every image stays."""
         flags = is_image.tolist()
-        runs, t = [], 0
-        while t < len(flags):
-            if flags[t]:
-                a = t
-                while t < len(flags) and flags[t]:
-                    t += 1
-                runs.append((a, t))
-            else:
-                t += 1
+        images = runs(flags, 0, len(flags))  # one run of image tokens per image, in order
         grids = pixels.get("image_grid_thw")
         n_images = len(grids) if grids is not None else len(pixels["pixel_values"])
-        if len(runs) != n_images:
+        if len(images) != n_images:
             return pixels, 0
-        shown = [i for i, (a, b) in enumerate(runs) if a < hi and b > lo]
+        shown = [i for i, (a, b) in enumerate(images) if a < hi and b > lo]
         if not shown:
             return None, 0
         i0, i1 = shown[0], shown[-1] + 1
-        before = sum(b - a for a, b in runs[:i0])
+        before = sum(b - a for a, b in images[:i0])
         if grids is None:  # one entry per image in every tensor
             return {k: v[i0:i1] for k, v in pixels.items()}, before
         ends = grids.prod(-1).cumsum(0).tolist()  # Qwen: the images' patches, one after another

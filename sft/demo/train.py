@@ -150,6 +150,15 @@ def run_trainer(overrides: list[str], nproc: int) -> None:
         raise SystemExit(f"sft.demo train: error: the trainer exited with status {rc} (its messages are above)")
 
 
+def train_and_export(work: Path, overrides: list[str], nproc: int, label: str) -> tuple[Path, Path]:
+    """Train into `work/run`; (the last checkpoint's Hugging Face export, the loss-curve plot labelled `label`)."""
+    run_trainer(overrides, nproc)
+    run_dir = work / "run"
+    step = (run_dir / "latest_checkpointed_iteration.txt").read_text().strip()
+    curves = plot_runs([run_dir / "metrics.jsonl"], work / "curves.png", labels=[label])
+    return run_dir / f"global_step_{step}" / "huggingface", curves
+
+
 def say(text: str) -> None:
     # Flushed at once: the trainer child writes to the same console in between.
     print(text, flush=True)
@@ -181,12 +190,8 @@ def main_train(argv: Sequence[str]) -> int:
     say(f"accuracy before training: {_accuracy(before['all']):.1%} of {len(rows)} held-out conversations")
 
     say(f"training {args.steps} steps of {args.batch} conversations on {args.nproc} CPU process(es)")
-    run_trainer(train_overrides(work, args), args.nproc)
-    run_dir = work / "run"
-    step = (run_dir / "latest_checkpointed_iteration.txt").read_text().strip()
-    export = run_dir / f"global_step_{step}" / "huggingface"
+    export, curves = train_and_export(work, train_overrides(work, args), args.nproc, "demo")
     after = evaluate(*_load(export), rows)
-    curves = plot_runs([run_dir / "metrics.jsonl"], work / "curves.png", labels=["demo"])
 
     say(f"\ngreedy answers graded by sft.demo.check_answer (model: {export})")
     say(format_report(before, after))

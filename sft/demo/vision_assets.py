@@ -49,9 +49,8 @@ TEXT_HIDDEN = 128
 # ChatML; string contents as they are, content parts with each image as Qwen's start / pad / end triple (the
 # processor expands the pad to the image's token count). No default system turn (as Qwen3-VL): it would only make
 # every row longer.
-CHAT_TEMPLATE = r"""
-{%- for m in messages -%}
-  {{- '<|im_start|>' + m.role + '\n' -}}
+# One message's content (`m`), Qwen style: a string as it is, parts with each image as the start / pad / end triple.
+QWEN_CONTENT = r"""
   {%- if m.content is string -%}
     {{- m.content -}}
   {%- elif m.content is not none -%}
@@ -61,10 +60,15 @@ CHAT_TEMPLATE = r"""
       {%- endif -%}
     {%- endfor -%}
   {%- endif -%}
+""".strip()
+CHAT_TEMPLATE = r"""
+{%- for m in messages -%}
+  {{- '<|im_start|>' + m.role + '\n' -}}
+  CONTENT
   {{- '<|im_end|>\n' -}}
 {%- endfor -%}
 {%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}
-""".strip()
+""".strip().replace("CONTENT", QWEN_CONTENT)
 
 _MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 _IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # HF datasets' Image layout

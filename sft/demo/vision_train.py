@@ -28,10 +28,9 @@ from transformers import AutoModelForImageTextToText, AutoTokenizer, PreTrainedM
 from sft.data.images import load_image
 from sft.data.processor import load_processor
 from sft.data.vision_rows import vision_messages
-from sft.demo.train import run_trainer, say
+from sft.demo.train import say, train_and_export
 from sft.demo.train import train_overrides as text_train_overrides
 from sft.demo.vision_assets import COLOURS, answer_of, write_vision_demo
-from sft.plot import plot_runs
 
 
 def prompt_of(processor: ProcessorMixin, row: dict[str, Any], where: str) -> tuple[str, list[Image.Image]]:
@@ -195,12 +194,8 @@ def run_demo(work: Path, args: argparse.Namespace) -> int:
     say(f"accuracy before training: {before['scored']:.1%} of {len(rows)} held-out images (chance: 25%)")
 
     say(f"training {args.steps} steps of {args.batch} images on {args.nproc} CPU process(es)")
-    run_trainer(train_overrides(work, args), args.nproc)
-    run_dir = work / "run"
-    step = (run_dir / "latest_checkpointed_iteration.txt").read_text().strip()
-    export = run_dir / f"global_step_{step}" / "huggingface"
+    export, curves = train_and_export(work, train_overrides(work, args), args.nproc, "vision demo")
     after = evaluate(*load(export), rows)
-    curves = plot_runs([run_dir / "metrics.jsonl"], work / "curves.png", labels=["vision demo"])
 
     report = {"before": before, "after": after, "blind_nll": blind_nll(rows), "n_eval": len(rows), "model": str(export)}
     (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")

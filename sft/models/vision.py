@@ -96,9 +96,9 @@ def tower(lm: nn.Module, fam: VisionFamily) -> nn.Module:
 def freeze(lm: nn.Module, fam: VisionFamily, tower_frozen: bool, projector_frozen: bool) -> tuple[int, int]:
     """`model.freeze_vision_tower` / `model.freeze_projector`: no gradient, so not in the optimizer. Returns the
     frozen tower and projector parameter counts."""
-    projector = {id(p) for name in fam.projector for p in lm.get_submodule(name).parameters()}
-    params = {id(p): p for p in tower(lm, fam).parameters()}
-    params.update((id(p), p) for name in fam.projector for p in lm.get_submodule(name).parameters())
+    projector_params = [p for name in fam.projector for p in lm.get_submodule(name).parameters()]
+    projector = {id(p) for p in projector_params}
+    params = {id(p): p for p in [*tower(lm, fam).parameters(), *projector_params]}  # Qwen's merger is in the tower
     for name in fam.unused:  # never in the graph with images: frozen, whatever the keys say
         if (part := _find(lm, name)) is not None:
             part.requires_grad_(False)

@@ -18,6 +18,21 @@ from dataclasses import dataclass, replace
 import torch
 
 
+def runs(flags: list[bool], start: int, end: int) -> list[tuple[int, int]]:
+    """The maximal runs [a, b) of true flags within [start, end)."""
+    out: list[tuple[int, int]] = []
+    t = start
+    while t < end:
+        if flags[t]:
+            a = t
+            while t < end and flags[t]:
+                t += 1
+            out.append((a, t))
+        else:
+            t += 1
+    return out
+
+
 @dataclass(frozen=True)
 class ImageBlocks:
     spans: tuple[tuple[int, int, int], ...]  # (sample start, block start, block end) in row coordinates, host
@@ -34,17 +49,7 @@ class ImageBlocks:
         """The blocks of a packed row: `is_image` [T] (bool, host), `bounds` its samples' cumulative lengths.
         None when the row has no image token."""
         flags = is_image.tolist()
-        spans = []
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            t = start
-            while t < end:
-                if flags[t]:
-                    a = t
-                    while t < end and flags[t]:
-                        t += 1
-                    spans.append((start, a, t))
-                else:
-                    t += 1
+        spans = [(start, a, b) for start, end in zip(bounds[:-1], bounds[1:]) for a, b in runs(flags, start, end)]
         if not spans:
             return None
         rows = torch.cat([torch.arange(a, b) for _, a, b in spans])
