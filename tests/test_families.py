@@ -166,6 +166,10 @@ def test_family_table_rows():
         # Outside the table the packing probe decides (tests/test_probe.py), but not for what sft's loss must apply.
         ("falcon", {"final_logit_softcapping": 30.0}, "not in sft's table of tested families and its config"),
         ("helium", {"num_experts": 4}, "mixture-of-experts routing.* needs a row"),
+        # Routers that the packing probe passes (its forward is exact) but whose aux loss sft would not apply.
+        ("ernie4_5_moe", {}, r"config.moe_num_experts=64 \(mixture-of-experts routing\) needs a row"),
+        ("aria_text", {}, r"config.moe_num_experts=8 \(mixture-of-experts"),
+        ("helium", {"num_experts_per_tok": 2}, r"config.num_experts_per_tok=2 \(mixture-of-experts"),
         ("deepseek_v3", {"final_logit_softcapping": 30.0}, "final-logit soft-capping"),
         ("gemma3_text", {"use_bidirectional_attention": True}, "attends to later tokens"),
         ("qwen3", {"logit_scale": 0.0625}, "scaled logits"),  # only the Cohere rows declare logit_scale
@@ -182,6 +186,7 @@ def test_untabled_models_refused_before_loading(demo_dir, tmp_path, model_type, 
     for f in (demo_dir / "model").iterdir():
         (folder / f.name).write_bytes(f.read_bytes())
     cfg_json = json.loads((folder / "config.json").read_text())
+    cfg_json = {**AutoConfig.for_model(model_type).to_dict(), **cfg_json}  # the type's own keys, as released
     cfg_json.update(model_type=model_type, **extra)
     (folder / "config.json").write_text(json.dumps(cfg_json))
     cfg = compose(base_overrides(demo_dir, tmp_path / "out") + [f"model.partial_pretrain={folder}"])

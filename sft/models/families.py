@@ -176,7 +176,12 @@ _FEATURE_KEYS = {
     "num_experts": "mixture-of-experts routing",
     "num_local_experts": "mixture-of-experts routing",
     "n_routed_experts": "mixture-of-experts routing",
+    "moe_num_experts": "mixture-of-experts routing",  # ERNIE 4.5 MoE, Aria
+    # Experts chosen per token: set with a count key above in most configs; alone, still a router.
+    "num_experts_per_tok": "mixture-of-experts routing",
+    "num_experts_per_token": "mixture-of-experts routing",
 }
+_PER_TOKEN_KEYS = ("num_experts_per_tok", "num_experts_per_token")
 # Of those, what the packing probe (sft/models/probe.py) measures for a model type outside the table: attention
 # soft-capping happens inside the model's forward, in the logits it compares. The others change what sft's loss
 # or router statistics must apply themselves, so they need a row.
@@ -238,7 +243,7 @@ def unsupported_reason(config: dict[str, Any]) -> str | None:
         return None
     declared = {fam.attn_softcap_key, fam.final_softcap_key}
     if fam.moe is not None:
-        declared.update(fam.moe.experts_keys)
+        declared.update(fam.moe.experts_keys, _PER_TOKEN_KEYS)
     if fam.logit_scale is not None:
         declared.add(fam.logit_scale[0])
     for key, what in _FEATURE_KEYS.items():
