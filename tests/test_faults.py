@@ -231,27 +231,32 @@ def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoint(demo_d
     "extra, refused",
     [
         (["use_remove_padding=true"], True),
-        (["use_remove_padding=true", "+model.override_config.attention_dropout=0.0"], False),
-        (["use_remove_padding=false"], False),
+        (["use_remove_padding=false"], True),
+        (["use_remove_padding=true", "+model.override_config.attention_dropout=0.0"], "dropout"),
+        (["+model.override_config.attention_dropout=0.0", "+model.override_config.dropout=0.0"], False),
     ],
 )
-def test_attention_dropout_refused_before_loading_with_remove_padding(demo_dir, tmp_path, capsys, extra, refused):
-    """A config.json with attention dropout (StarCoder2 ships 0.1): the packed attention cannot apply it, so
-    remove-padding refuses in one line before loading, unless the user overrides it to 0."""
+def test_dropout_refused_before_loading(demo_dir, tmp_path, capsys, extra, refused):
+    """A config.json with dropout (StarCoder2 ships 0.1 attention, residual and embedding dropout; OPT a 0.1
+    `dropout`): random masks laid out by how each batch is split and packed make no run exact, in any mode, so it is
+    refused in one line before loading, every key named with its override, until each is overridden to 0."""
     from sft.cli import run_cli
 
     model = broken_copy(demo_dir, tmp_path, [])
     cfg = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**cfg, "attention_dropout": 0.1}))
+    (model / "config.json").write_text(json.dumps({**cfg, "attention_dropout": 0.1, "dropout": 0.2}))
     out = tmp_path / "out"
     overrides = [o for o in base_overrides(demo_dir, out) if not o.startswith("use_remove_padding=")]
     rc = run_cli([*overrides, f"model.partial_pretrain={model}", *extra], lambda cfg, ctx: None)
     err = capsys.readouterr().err
-    if refused:
+    head = f"sft: config error: model.partial_pretrain={model}: config.json sets "
+    tail = ": dropout masks depend on how each batch is split and packed, so the loss would not be exact; set "
+    if refused is True:
         assert rc == 2 and err.strip() == (
-            f"sft: config error: model.partial_pretrain={model}: config.json sets attention_dropout=0.1, which "
-            "remove-padding attention does not apply; set +model.override_config.attention_dropout=0.0 "
-            "(or use_remove_padding=false)"
+            f"{head}attention_dropout=0.1, dropout=0.2{tail}+model.override_config.attention_dropout=0.0 "
+            "+model.override_config.dropout=0.0"
         ), err
+    elif refused == "dropout":
+        assert rc == 2 and err.strip() == f"{head}dropout=0.2{tail}+model.override_config.dropout=0.0", err
     else:
         assert rc == 0, err

@@ -138,8 +138,15 @@ def test_remote_code_of_a_listed_type_goes_through_the_probe(demo_dir, tmp_path)
 @pytest.mark.parametrize(
     "model_type,config,extra,expect",
     [
-        # attention dropout under GPT-2's key: the packed attention applies none
-        ("gpt2", dict(n_embd=32, n_layer=2, n_head=4, n_inner=64, attn_pdrop=0.1), PACKED, r"sets attn_pdrop=0\.1, "),
+        # dropout under GPT-2's keys (its summary head's is not the LM's): every key named, with its override
+        (
+            "gpt2",
+            dict(n_embd=32, n_layer=2, n_head=4, n_inner=64, attn_pdrop=0.1),
+            PACKED,
+            r"sets attn_pdrop=0\.1, embd_pdrop=0\.1, resid_pdrop=0\.1: dropout masks depend on how each batch is split "
+            r"and packed, .*; set \+model.override_config.attn_pdrop=0.0 \+model.override_config.embd_pdrop=0.0 "
+            r"\+model.override_config.resid_pdrop=0.0$",
+        ),
         # a class without `_no_split_modules`: FSDP finds no blocks to shard
         ("biogpt", dict(COMMON, num_hidden_layers=2), [], r"BioGptForCausalLM declares no `_no_split_modules`"),
     ],
@@ -151,9 +158,10 @@ def test_refused_in_the_checks_not_after_loading(demo_dir, tmp_path, model_type,
     assert "\n" not in str(err.value)
 
 
-def test_attention_dropout_override_is_accepted(demo_dir, tmp_path):
+def test_dropout_override_is_accepted(demo_dir, tmp_path):
     folder = _folder(demo_dir, tmp_path, "gpt2", bare=dict(n_embd=32, n_layer=2, n_head=4, n_inner=64, attn_pdrop=0.1))
-    _validate(demo_dir, tmp_path, folder, [*PACKED, "+model.override_config.attn_pdrop=0.0"])
+    off = [f"+model.override_config.{k}=0.0" for k in ("attn_pdrop", "resid_pdrop", "embd_pdrop")]
+    _validate(demo_dir, tmp_path, folder, [*PACKED, *off])
 
 
 def test_a_draft_model_reading_another_models_keys_is_refused():

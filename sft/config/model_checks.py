@@ -16,7 +16,7 @@ from sft.data.vision_rows import has_image_column
 from sft.models.attention.kernels import CHOICES as ATTN_CHOICES
 from sft.models.attention.kernels import KERNELS as ATTN_KERNELS
 from sft.models.attention.kernels import installed as attn_installed
-from sft.models.families import ATTENTION_DROPOUT_KEYS, needs_probe, recurrent_spec, unsupported_reason
+from sft.models.families import active_dropout, needs_probe, recurrent_spec, unsupported_reason
 from sft.models.loading import load_hf_config
 from sft.models.multimodal import is_multimodal, model_class_name, weight_files
 from sft.models.probe import probe_reason
@@ -220,19 +220,20 @@ def _check_model_folder(cfg: SFTConfig) -> None:
     recurrent = recurrent_spec(config.get("model_type"))
     reason = recurrent and sp_reason(config, recurrent, cfg.ulysses_sequence_parallel_size)
     need(not reason, f"model.partial_pretrain={p}: {reason}")
-    # The packed attention has no dropout; say so now rather than at the first forward, after loading.
-    for name in ATTENTION_DROPOUT_KEYS:
-        dropout = cfg.model.override_config.get(name, config.get(name) or 0.0)
-        need(
-            not cfg.use_remove_padding or not dropout,
-            f"model.partial_pretrain={p}: config.json sets {name}={dropout}, which remove-padding attention does not "
-            f"apply; set +model.override_config.{name}=0.0 (or use_remove_padding=false)",
-        )
     _check_layers_declared(p, config, cfg.model.trust_remote_code)
     vocab = config.get("vocab_size")
     need(
         vocab is None or (isinstance(vocab, int) and vocab > 0),
         f"model.partial_pretrain={p}: config.json has vocab_size={vocab!r}; it must be a positive integer",
+    )
+    # Dropout draws random masks whose layout follows how a batch is split over ranks, micro-batches and packed rows,
+    # so no run with it is exact (and sft's packed attention applies none): refuse it now, naming every key.
+    drops = active_dropout({**config, **cfg.model.override_config})
+    need(
+        not drops,
+        f"model.partial_pretrain={p}: config.json sets {', '.join(f'{k}={v}' for k, v in drops.items())}: dropout "
+        "masks depend on how each batch is split and packed, so the loss would not be exact; set "
+        + " ".join(f"+model.override_config.{k}=0.0" for k in drops),
     )
     if needs_probe(config, cfg.model.trust_remote_code):
         # Outside the table (or remote code): measure that sft trains it exactly, before any weight loads (last:

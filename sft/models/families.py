@@ -188,8 +188,8 @@ _PER_TOKEN_KEYS = ("num_experts_per_tok", "num_experts_per_token")
 _PROBED_FEATURES = frozenset({"attn_logit_softcapping"})
 # Attention that looks both ways makes next-token training meaningless (Gemma 3's `true`, Gemma 4's "all").
 _BIDIRECTIONAL = (True, "all")
-# Config keys of attention dropout, by family: sft's packed attention applies none (sft/config/model_checks.py).
-ATTENTION_DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "attn_dropout", "attention_probs_dropout_prob")
+# Dropout keys of heads a causal LM does not run (sequence classification, GPT-2's summary head).
+_UNUSED_DROPOUT = ("classifier", "summary")
 
 
 # Multimodal checkpoints (a `text_config` in config.json) train their text model under its own row above
@@ -197,6 +197,20 @@ ATTENTION_DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "attn_dropout", "at
 # wrapper's forward, not by its text model, and wrappers differ: these apply them as their text model does. With
 # any other wrapper a text_config that sets one is refused (Gemma 3's wrapper ignores `final_logit_softcapping`).
 HEAD_FEATURE_WRAPPERS = frozenset({"gemma4", "paligemma", "aya_vision"})
+
+
+def active_dropout(config: dict[str, Any]) -> dict[str, float]:
+    """The dropout probabilities above 0 in a model's config.json (attention, hidden, residual, embedding, layer
+    drop: every key with "drop" in its name, under whatever name the family gives it)."""
+    return {
+        key: value
+        for key, value in config.items()
+        if "drop" in key.lower()
+        and not key.startswith(_UNUSED_DROPOUT)
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and value > 0
+    }
 
 
 def _row(hf_config: Any) -> Family | None:
