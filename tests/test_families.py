@@ -176,6 +176,8 @@ def test_family_table_rows():
         ("llama", {"final_logit_softcapping": 30.0}, "final-logit soft-capping"),
         ("qwen2", {"num_experts": 4}, "mixture-of-experts"),
         ("gemma3", {"text_config": {}}, "multimodal"),
+        # Random in training only, in a layout that follows the split: refused like dropout (PhiMoE ships 0.01).
+        ("mixtral", {"router_jitter_noise": 0.01}, r"sets router_jitter_noise=0.01: dropout and router jitter are"),
     ],
 )
 def test_untabled_models_refused_before_loading(demo_dir, tmp_path, model_type, extra, expect):

@@ -250,7 +250,10 @@ def test_dropout_refused_before_loading(demo_dir, tmp_path, capsys, extra, refus
     rc = run_cli([*overrides, f"model.partial_pretrain={model}", *extra], lambda cfg, ctx: None)
     err = capsys.readouterr().err
     head = f"sft: config error: model.partial_pretrain={model}: config.json sets "
-    tail = ": dropout masks depend on how each batch is split and packed, so the loss would not be exact; set "
+    tail = (
+        ": dropout and router jitter are random in a layout that depends on how each batch is split and packed, so "
+        "the loss would not be exact; set "
+    )
     if refused is True:
         assert rc == 2 and err.strip() == (
             f"{head}attention_dropout=0.1, dropout=0.2{tail}+model.override_config.attention_dropout=0.0 "

@@ -16,7 +16,7 @@ from sft.data.vision_rows import has_image_column
 from sft.models.attention.kernels import CHOICES as ATTN_CHOICES
 from sft.models.attention.kernels import KERNELS as ATTN_KERNELS
 from sft.models.attention.kernels import installed as attn_installed
-from sft.models.families import active_dropout, needs_probe, recurrent_spec, unsupported_reason
+from sft.models.families import needs_probe, recurrent_spec, training_noise, unsupported_reason
 from sft.models.loading import load_hf_config
 from sft.models.multimodal import is_multimodal, model_class_name, weight_files
 from sft.models.probe import probe_reason
@@ -226,14 +226,14 @@ def _check_model_folder(cfg: SFTConfig) -> None:
         vocab is None or (isinstance(vocab, int) and vocab > 0),
         f"model.partial_pretrain={p}: config.json has vocab_size={vocab!r}; it must be a positive integer",
     )
-    # Dropout draws random masks whose layout follows how a batch is split over ranks, micro-batches and packed rows,
-    # so no run with it is exact (and sft's packed attention applies none): refuse it now, naming every key.
-    drops = active_dropout({**config, **cfg.model.override_config})
+    # Dropout and router jitter draw random numbers laid out by how a batch is split over ranks, micro-batches and
+    # packed rows, so no run with them is exact (and sft's packed attention applies no dropout): refuse them now.
+    noise = training_noise({**config, **cfg.model.override_config})
     need(
-        not drops,
-        f"model.partial_pretrain={p}: config.json sets {', '.join(f'{k}={v}' for k, v in drops.items())}: dropout "
-        "masks depend on how each batch is split and packed, so the loss would not be exact; set "
-        + " ".join(f"+model.override_config.{k}=0.0" for k in drops),
+        not noise,
+        f"model.partial_pretrain={p}: config.json sets {', '.join(f'{k}={v}' for k, v in noise.items())}: dropout "
+        "and router jitter are random in a layout that depends on how each batch is split and packed, so the loss "
+        "would not be exact; set " + " ".join(f"+model.override_config.{k}=0.0" for k in noise),
     )
     if needs_probe(config, cfg.model.trust_remote_code):
         # Outside the table (or remote code): measure that sft trains it exactly, before any weight loads (last:

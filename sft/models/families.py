@@ -199,13 +199,14 @@ _UNUSED_DROPOUT = ("classifier", "summary")
 HEAD_FEATURE_WRAPPERS = frozenset({"gemma4", "paligemma", "aya_vision"})
 
 
-def active_dropout(config: dict[str, Any]) -> dict[str, float]:
-    """The dropout probabilities above 0 in a model's config.json (attention, hidden, residual, embedding, layer
-    drop: every key with "drop" in its name, under whatever name the family gives it)."""
+def training_noise(config: dict[str, Any]) -> dict[str, float]:
+    """The probabilities and scales above 0 of what a model randomises in training only, in its config.json: dropout
+    (attention, hidden, residual, embedding, layer drop: every key with "drop" in its name) and router jitter (Mixtral,
+    PhiMoE, MiniMax: "jitter")."""
     return {
         key: value
         for key, value in config.items()
-        if "drop" in key.lower()
+        if ("drop" in key.lower() or "jitter" in key.lower())
         and not key.startswith(_UNUSED_DROPOUT)
         and isinstance(value, (int, float))
         and not isinstance(value, bool)
