@@ -268,6 +268,25 @@ def test_refused_before_loading(mm_dirs, demo_dir, tmp_path, model_type, edit, e
     assert "\n" not in str(info.value)
 
 
+def test_a_tower_this_environment_cannot_build_is_refused_before_loading(mm_dirs, demo_dir, tmp_path):
+    """Perception LM's and FastVLM's vision towers are timm models: without timm the checkpoint's class cannot be
+    built, which loading would say only after the data is tokenised. The checks build each tower on the meta device."""
+    import importlib.util
+
+    from transformers import AutoConfig
+
+    if importlib.util.find_spec("timm") is not None:
+        pytest.skip("timm is installed here, so the tower builds")
+    timm_tower = AutoConfig.for_model("timm_wrapper").to_dict()
+    folder = _edited(mm_dirs["mistral3"], tmp_path, lambda c: c.update(vision_config=timm_tower))
+    cfg = compose(base_overrides(demo_dir, tmp_path / "out") + [f"model.partial_pretrain={folder}"])
+    with pytest.raises(
+        ConfigError, match=r"its vision_config \(timm_wrapper\) cannot be built: TimmWrapperModel "
+    ) as info:
+        validate_config(cfg, ONE)
+    assert "\n" not in str(info.value)
+
+
 def test_bin_weights_refused(mm_dirs, demo_dir, tmp_path):
     folder = tmp_path / "m"
     shutil.copytree(mm_dirs["mistral3"], folder)

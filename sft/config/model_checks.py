@@ -214,7 +214,7 @@ def _check_model_folder(cfg: SFTConfig) -> None:
         )
         _check_vision(cfg, p, config)
     if is_multimodal(config):
-        _check_multimodal(p, config)
+        _check_multimodal(p, config, cfg)
         config = config["text_config"]  # the trained model: the checks below are about it
     # Hybrid models: each SP rank takes a share of the recurrent layers' heads; refuse a size that cannot be exact.
     recurrent = recurrent_spec(config.get("model_type"))
@@ -280,20 +280,47 @@ def _check_vision(cfg: SFTConfig, p: Path, config: dict) -> None:
     need(not cfg.model.fp8, "model.fp8 with images in the data is not supported yet; set it false")
 
 
-def _check_multimodal(p: Path, config: dict) -> None:
+def _check_multimodal(p: Path, config: dict, cfg: SFTConfig) -> None:
     """A multimodal checkpoint trains its text model with its own class, and copies its vision tensors byte for
-    byte: the class must exist and the weights must be safetensors (sft/models/multimodal.py)."""
+    byte: the class must exist, its towers must build here, and the weights must be safetensors
+    (sft/models/multimodal.py)."""
     need(
         model_class_name(config) is not None,
         f"model.partial_pretrain={p}: transformers has no class for model_type={config.get('model_type')!r} "
         f"(architectures={config.get('architectures')}); sft trains multimodal checkpoints with their own "
         "transformers class: upgrade transformers",
     )
+    _check_towers_build(p, cfg)
     need(
         bool(weight_files(p)),
         f"model.partial_pretrain={p}: a multimodal checkpoint needs safetensors weights (model.safetensors or an "
         "index), since sft copies its vision tensors byte for byte; re-save it with save_pretrained",
     )
+
+
+def _check_towers_build(p: Path, cfg: SFTConfig) -> None:
+    """The checkpoint's class builds its vision (and audio) towers even when only its text model trains: a tower
+    that needs a package this environment lacks (timm for Perception LM's and FastVLM's) would fail only at load,
+    after the data is tokenised. Each tower is built here on the meta device (no memory, a fraction of a second)."""
+    import torch
+    from transformers import AutoModel, PretrainedConfig
+
+    hf_config = load_hf_config(cfg)
+    text = hf_config.get_text_config()
+    for name, sub in vars(hf_config).items():
+        if not isinstance(sub, PretrainedConfig) or sub is text:
+            continue
+        try:
+            with torch.device("meta"):
+                AutoModel.from_config(sub)
+        except ImportError as exc:
+            need(False, f"model.partial_pretrain={p}: its {name} ({sub.model_type}) cannot be built: {_one_line(exc)}")
+        except (ValueError, KeyError):
+            pass  # no AutoModel class for this sub-config: the checkpoint's own class builds it (sft/models/multimodal.py)
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:300]
 
 
 def check_vocab(tokenizer, hf_config) -> None:
