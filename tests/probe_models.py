@@ -9,6 +9,8 @@ as `model.external_lib=probe_models` does. Each is Llama with one change:
   exact when packed on one rank, but it mixes tokens outside attention, which an SP rank holding a slice of the
   row cannot compute.
 - `sft_head_bias`: an LM head with a bias, which sft's loss (hidden @ lm_head.weight.T) would leave out.
+- `sft_train_shift`: `sft_token_shift`'s leak in training mode only (as a training-only branch or random draw
+  would be): a probe run in eval mode passes it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,13 @@ class _ShiftLayer(LlamaDecoderLayer):
     def forward(self, hidden_states, *args, **kwargs):
         prev = F.pad(hidden_states, (0, 0, 1, 0))[:, :-1]  # [b, s, h]: token t-1's state at t, across samples
         return super().forward(hidden_states + 0.5 * prev, *args, **kwargs)
+
+
+class _TrainShiftLayer(LlamaDecoderLayer):
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.training:
+            hidden_states = hidden_states + 0.5 * F.pad(hidden_states, (0, 0, 1, 0))[:, :-1]
+        return super().forward(hidden_states, *args, **kwargs)
 
 
 class _OwnAttention(LlamaAttention):
@@ -73,3 +82,4 @@ _planted("sft_token_shift", layer=_ShiftLayer)
 _planted("sft_own_attention", attention=_OwnAttention)
 _planted("sft_segment_mix", layer=_SegmentMixLayer)
 _planted("sft_head_bias", head_bias=True)
+_planted("sft_train_shift", layer=_TrainShiftLayer)

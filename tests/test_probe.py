@@ -67,6 +67,7 @@ def _validate(demo_dir: Path, tmp: Path, folder: Path, extra: list[str], world: 
         ("sft_own_attention", SP2, "never called sft's packed attention function"),
         ("sft_segment_mix", SP2, "ulysses_sequence_parallel_size=2 its layers outside the attention function mix"),
         ("sft_head_bias", PACKED, "turns hidden states into logits differently from sft's loss"),
+        ("sft_train_shift", PACKED, "packed logits differ"),  # the probe runs in training mode, as training does
     ],
 )
 def test_planted_architectures_refused_before_loading(demo_dir, tmp_path, model_type, extra, expect):

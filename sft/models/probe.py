@@ -1,7 +1,7 @@
 """The packing probe: measure, before any weight loads, that sft trains a model type outside the family table exactly.
 
 A small random instance of the user's architecture (same class and depth, widths shrunk, windows shorter than the
-probe's samples, fp32 on CPU, seeded) runs the probe's samples one at a time with the model's own attention, and
+probe's samples, fp32 on CPU, seeded, in training mode) runs the probe's samples one at a time with the model's own attention, and
 the way the trainer runs them: packed into one row through sft's varlen attention (or padded, with
 `use_remove_padding=false`), the logits taken from the decoder's hidden states as sft's loss takes them. Equal
 logits (to a tight tolerance) let the run go on with the generic row; a difference, a model whose attention never
@@ -88,7 +88,7 @@ def _register() -> None:
 
 
 def tiny_config(hf_config: PretrainedConfig) -> PretrainedConfig:
-    """The user's config with small widths, short windows, no cache and no dropout; special ids inside the vocab."""
+    """The user's config with small widths, short windows and no cache; special ids inside the vocab."""
     d = hf_config.to_dict()
     heads, kv = d.get("num_attention_heads"), d.get("num_key_value_heads")
     for key, value in TINY.items():
@@ -140,7 +140,9 @@ def _build(cfg: PretrainedConfig, trust_remote_code: bool, attn: str | None, sta
                 p.add_(torch.randn(p.shape, generator=gen) * 0.1)
     else:
         lm.load_state_dict(state)
-    model = CausalLMWithLoss(lm.eval(), softcap=final_softcap(cfg))
+    # Training mode, as the trainer runs it: a branch or a random draw taken only in training shows as a difference
+    # (dropout and router jitter by their config keys are refused before the probe runs).
+    model = CausalLMWithLoss(lm.train(), softcap=final_softcap(cfg))
     model.logit_multiplier = logit_multiplier(cfg)
     hidden: list[torch.Tensor] = []
 
