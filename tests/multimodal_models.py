@@ -81,12 +81,30 @@ WRAPPERS: dict[str, dict] = {
         ),
         tie_word_embeddings=True,
     ),
+    # Kimi K2.5: a DeepSeek-V3 text model (MLA, routed and shared experts) under its own vision tower; its wrapper's
+    # module does not declare the experts-implementation choice, so sft addresses the choice to the text model.
+    "kimi_k25": dict(
+        text_config=dict(TEXT, model_type="deepseek_v3", **EXTRA["deepseek_v3"]),
+        vision_config=dict(
+            model_type="kimi_k25_vision",
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            patch_size=14,
+            pos_emb_height=4,
+            pos_emb_width=4,
+        ),
+        projection_hidden_size=16,
+        tie_word_embeddings=False,
+    ),
 }
 VISION_DTYPE = {
     "gemma3": torch.bfloat16,
     "qwen3_vl": torch.float32,
     "mistral3": torch.bfloat16,
     "gemma4": torch.bfloat16,
+    "kimi_k25": torch.bfloat16,
 }
 PROCESSOR_FILE = "preprocessor_config.json"
 

@@ -287,6 +287,21 @@ def test_a_tower_this_environment_cannot_build_is_refused_before_loading(mm_dirs
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("implementation", ["grouped_mm", "eager"])
+def test_experts_implementation_reaches_the_text_model_of_any_wrapper(demo_dir, tmp_path, implementation):
+    """Kimi K2.5's wrapper refuses `experts_implementation` at its top level (its module does not declare it), which
+    failed at load after tokenisation; sft addresses the choice to the text model, whose experts take it."""
+    folder = write_multimodal_model(demo_dir / "model", tmp_path / "kimi", "kimi_k25")
+    cfg = compose(
+        base_overrides(demo_dir, tmp_path / "out")
+        + [f"model.partial_pretrain={folder}", f"model.experts_implementation={implementation}"]
+    )
+    validate_config(cfg, ONE)
+    model = build_meta_model(load_hf_config(cfg), cfg)
+    experts = [m for name, m in model.named_modules() if name.endswith("mlp.experts")]
+    assert experts and {m.config._experts_implementation for m in experts} == {implementation}
+
+
 def test_bin_weights_refused(mm_dirs, demo_dir, tmp_path):
     folder = tmp_path / "m"
     shutil.copytree(mm_dirs["mistral3"], folder)

@@ -233,6 +233,10 @@ def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig, vision: bool =
         # A copy: from_config records the attention choice in the config object it is given, and
         # the original is exported with checkpoints (where "sft_varlen" would not load).
         kwargs = dict(dtype=dtype, **extra, **experts_kwargs(hf_config, cfg.model.experts_implementation))
+        if is_multimodal(full_config) and "experts_implementation" in kwargs:
+            # Addressed to the text model: a wrapper whose own module does not declare the choice (Kimi K2.5's)
+            # refuses it at the top level, and the experts are the text model's anyway.
+            kwargs["experts_implementation"] = {"text_config": kwargs["experts_implementation"]}
         frozen = None
         if vision:  # the whole model, its own class; the vision side trains unless frozen
             lm = model_class(full_config)._from_config(copy.deepcopy(full_config), **kwargs)
