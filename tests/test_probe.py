@@ -94,6 +94,17 @@ def test_exact_architectures_train_with_one_log_line(demo_dir, tmp_path, caplog,
     assert len(lines) == 1 and model_type in lines[0], lines
 
 
+def test_a_type_whose_packed_instance_cannot_run_is_pointed_to_padded_rows(demo_dir, tmp_path):
+    """StableLM's attention asks the packed forward for a mask that packed rows do not have: the probe cannot run it
+    packed, and says that padded rows (measured exact) train it; padded, it trains."""
+    folder = _folder(demo_dir, tmp_path, "stablelm")
+    with pytest.raises(
+        ConfigError, match=r"could not run a small random instance .*\); use_remove_padding=false trains it exactly$"
+    ):
+        _validate(demo_dir, tmp_path, folder, PACKED)
+    _validate(demo_dir, tmp_path, folder, [])
+
+
 def test_what_the_probe_cannot_measure_needs_a_row(demo_dir, tmp_path):
     """Final soft-capping is applied by sft's loss, not by the forward the probe compares: a row must say so."""
     folder = _folder(demo_dir, tmp_path, "helium", final_logit_softcapping=30.0)

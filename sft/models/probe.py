@@ -259,6 +259,16 @@ def _locality(local: _Instance, mb: MicroBatch, vocab: int) -> float:
     return worst
 
 
+def _padded_exact(hf_config: PretrainedConfig, trust_remote_code: bool) -> bool:
+    """Whether the probe measures padded rows exact (where packed ones could not even run: a model whose attention
+    needs a mask that packed rows do not have)."""
+    try:
+        found = measure(hf_config, False, 1, trust_remote_code)
+        return max(found["causal"], found.get("padded", 1.0)) <= RTOL
+    except Exception:  # noqa: BLE001 - not even padded runs: no hint
+        return False
+
+
 def probe_reason(hf_config: PretrainedConfig, remove_padding: bool, sp: int, trust_remote_code: bool) -> str | None:
     """None when the probe shows sft trains this model exactly (one line logged); else why not, in one line."""
     model_type = hf_config.model_type
@@ -270,9 +280,11 @@ def probe_reason(hf_config: PretrainedConfig, remove_padding: bool, sp: int, tru
         found = measure(hf_config, remove_padding, sp, trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - whatever stops the instance, nothing was proved: refuse, saying what
         text = " ".join(str(exc).split())[:300]
+        padded_ok = remove_padding and _padded_exact(hf_config, trust_remote_code)
+        hint = "; use_remove_padding=false trains it exactly" if padded_ok else fix
         return (
             f"{what}, and sft could not run a small random instance of it to check packing "
-            f"({type(exc).__name__}: {text}){fix}"
+            f"({type(exc).__name__}: {text}){hint}"
         )
     padded_ok = found.get("padded", 1.0) <= RTOL
     if found["causal"] > RTOL:
