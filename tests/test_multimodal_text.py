@@ -302,6 +302,23 @@ def test_experts_implementation_reaches_the_text_model_of_any_wrapper(demo_dir, 
     assert experts and {m.config._experts_implementation for m in experts} == {implementation}
 
 
+def test_a_weights_layout_sft_cannot_map_is_refused_before_the_data(mm_dirs, demo_dir, tmp_path):
+    """A checkpoint whose files name the vision tensors in a layout of their own (Cosmos 3 Omni's save writes
+    `blocks.N.*`): sft cannot tell which stored tensors to keep, and says so in the checks, before tokenising."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "m"
+    shutil.copytree(mm_dirs["mistral3"], folder)
+    weights = load_file(folder / "model.safetensors")
+    renamed = {k.replace("vision_tower.", "blocks."): v for k, v in weights.items()}
+    assert renamed.keys() != weights.keys()
+    save_file(renamed, folder / "model.safetensors", metadata={"format": "pt"})
+    cfg = compose(base_overrides(demo_dir, tmp_path / "out") + [f"model.partial_pretrain={folder}"])
+    with pytest.raises(ConfigError, match="cannot tell this checkpoint's vision tensors apart") as info:
+        validate_config(cfg, ONE)
+    assert "\n" not in str(info.value)
+
+
 def test_bin_weights_refused(mm_dirs, demo_dir, tmp_path):
     folder = tmp_path / "m"
     shutil.copytree(mm_dirs["mistral3"], folder)

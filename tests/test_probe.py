@@ -208,3 +208,18 @@ def test_blocks_named_inside_blocks_are_sharded_once(model_type, config):
     assert len(named) > len(layers) == 2, (len(named), len(layers))
     for outer in layers:
         assert not any(outer is not other and any(m is outer for m in other.modules()) for other in layers)
+
+
+def test_small_instance_of_an_mla_model_runs():
+    """DeepSeek-V3-style MLA sizes its rotary table by head_dim = qk_rope_head_dim: the probe's small instance keeps
+    the two equal (shrinking head_dim alone broke the rotary product, and the probe could only refuse)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sft.models.probe import tiny_config
+
+    cfg = tiny_config(AutoConfig.for_model("deepseek_v3", num_hidden_layers=2, first_k_dense_replace=2))
+    assert cfg.head_dim == cfg.qk_rope_head_dim == 8
+    lm = AutoModelForCausalLM.from_config(cfg)
+    logits = lm(input_ids=torch.arange(12)[None], use_cache=False).logits
+    assert logits.shape == (1, 12, cfg.vocab_size) and torch.isfinite(logits).all()

@@ -18,7 +18,7 @@ from sft.models.attention.kernels import KERNELS as ATTN_KERNELS
 from sft.models.attention.kernels import installed as attn_installed
 from sft.models.families import needs_probe, recurrent_spec, training_noise, unsupported_reason
 from sft.models.loading import load_hf_config
-from sft.models.multimodal import is_multimodal, model_class_name, weight_files
+from sft.models.multimodal import build_text_only, is_multimodal, model_class_name, weight_files
 from sft.models.probe import probe_reason
 from sft.models.recurrent.install import sp_reason
 from sft.models.vision import vision_reason
@@ -296,6 +296,19 @@ def _check_multimodal(p: Path, config: dict, cfg: SFTConfig) -> None:
         f"model.partial_pretrain={p}: a multimodal checkpoint needs safetensors weights (model.safetensors or an "
         "index), since sft copies its vision tensors byte for byte; re-save it with save_pretrained",
     )
+    if not has_image_column(cfg.data.train_files, cfg.data.image_key):
+        # Text only: which stored tensors stay frozen is planned from the files' headers now (the same plan the
+        # model build makes), so a layout sft cannot map is refused before the data is tokenised.
+        import torch
+
+        lora_targets = cfg.model.target_modules if cfg.model.lora_rank > 0 else None
+        try:
+            with torch.device("meta"):
+                build_text_only(load_hf_config(cfg), p, lora_targets)
+        except ValueError as exc:  # the plan's own refusal names the folder
+            need(False, _one_line(exc))
+        except Exception as exc:  # noqa: BLE001 - a weights file whose header cannot be read
+            need(False, f"model.partial_pretrain={p}: its safetensors headers cannot be read: {_one_line(exc)}")
 
 
 def _check_towers_build(p: Path, cfg: SFTConfig) -> None:

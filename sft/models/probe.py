@@ -91,11 +91,14 @@ def tiny_config(hf_config: PretrainedConfig) -> PretrainedConfig:
     """The user's config with small widths, short windows and no cache; special ids inside the vocab."""
     d = hf_config.to_dict()
     heads, kv = d.get("num_attention_heads"), d.get("num_key_value_heads")
+    mla_rope_heads = d.get("head_dim") is not None and d.get("head_dim") == d.get("qk_rope_head_dim")
     for key, value in TINY.items():
         if isinstance(d.get(key), int) and d[key] > 0:
             d[key] = value
     if isinstance(kv, int) and isinstance(heads, int):
         d["num_key_value_heads"] = 4 if kv == heads else 1 if kv == 1 else 2  # keep MHA / MQA / GQA
+    if mla_rope_heads:  # MLA configs (DeepSeek-V3) size their rotary table by head_dim = qk_rope_head_dim
+        d["head_dim"] = d["qk_rope_head_dim"]
     for key, value in SHORT.items():
         if isinstance(d.get(key), int) and d[key] > value:
             d[key] = value
