@@ -225,3 +225,54 @@ def test_liger_never_swaps_moe_experts(monkeypatch, model_type, swiglu):
     apply_liger(lm)
     # rms_norm=False: these families' norms run on PyTorch's fused kernel instead (tests/test_kernels.py)
     assert asked == {"rope": True, "rms_norm": False, "swiglu": swiglu, "fce": False}
+
+
+LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 64}
+
+
+def test_longrope_picks_frequencies_by_the_longest_sample_of_a_batch():
+    """Why the check below exists: Phi-3's longrope (as transformers computes it) switches every position of a batch
+    to its long factors once the batch's longest sequence passes original_max_position_embeddings, so a short
+    sample's logits change with the samples beside it."""
+    rope = dict(LONGROPE, short_factor=[1.0] * 4, long_factor=[4.0] * 4, original_max_position_embeddings=16)
+    cfg = AutoConfig.for_model(
+        "phi3",
+        **dict(COMMON, vocab_size=100, max_position_embeddings=64, pad_token_id=0, rope_parameters=rope),
+        original_max_position_embeddings=16,  # Phi-3's config writes its own key over the rope parameters'
+    )
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(cfg).eval()
+    short, long = torch.randint(1, 100, (1, 10)), torch.randint(1, 100, (1, 30))
+    alone = lm(short).logits[0]
+    with_long = lm(torch.cat([torch.nn.functional.pad(short, (0, 20)), long])).logits[0, :10]
+    with_short = lm(torch.cat([short, short])).logits[0]
+    assert torch.allclose(with_short, alone, atol=1e-6) and (with_long - alone).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("max_length,refused", [(256, True), (64, False)])
+def test_frequency_switching_rope_refused_where_samples_can_pass_the_switch(demo_dir, tmp_path, max_length, refused):
+    import json
+
+    from sft.parallel.distributed import WorldInfo
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for f in (demo_dir / "model").iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    cfg_json = json.loads((folder / "config.json").read_text())
+    head = cfg_json["hidden_size"] // cfg_json["num_attention_heads"] // 2
+    rope = dict(LONGROPE, short_factor=[1.0] * head, long_factor=[2.0] * head)
+    cfg_json.update(
+        model_type="phi3", rope_parameters=rope, max_position_embeddings=1024, original_max_position_embeddings=64
+    )
+    (folder / "config.json").write_text(json.dumps(cfg_json))
+    cfg = compose(
+        base_overrides(demo_dir, tmp_path / "out")
+        + [f"model.partial_pretrain={folder}", f"data.max_length={max_length}"]
+    )
+    one = WorldInfo(rank=0, world_size=1, local_rank=0, local_world_size=1)
+    if refused:
+        with pytest.raises(ConfigError, match=r"rotary embedding \(longrope\) switches .* data.max_length<=64$"):
+            validate_config(cfg, one)
+    else:
+        validate_config(cfg, one)

@@ -235,6 +235,7 @@ def _check_model_folder(cfg: SFTConfig) -> None:
         "and router jitter are random in a layout that depends on how each batch is split and packed, so the loss "
         "would not be exact; set " + " ".join(f"+model.override_config.{k}=0.0" for k in noise),
     )
+    _check_rope_switch(p, cfg)
     if needs_probe(config, cfg.model.trust_remote_code):
         # Outside the table (or remote code): measure that sft trains it exactly, before any weight loads (last:
         # it builds a small model, a second or two).
@@ -309,6 +310,31 @@ def _check_multimodal(p: Path, config: dict, cfg: SFTConfig) -> None:
             need(False, _one_line(exc))
         except Exception as exc:  # noqa: BLE001 - a weights file whose header cannot be read
             need(False, f"model.partial_pretrain={p}: its safetensors headers cannot be read: {_one_line(exc)}")
+
+
+def _check_rope_switch(p: Path, cfg: SFTConfig) -> None:
+    """Rotary embeddings that pick their frequencies by the longest sequence in the batch (transformers' `longrope`,
+    Phi-3/3.5/4-mini 128k; `dynamic` NTK): past the switch length a short sample's positions would change with the
+    samples that share its micro-batch or packed row, so training is exact only when no sample can pass it."""
+    text = load_hf_config(cfg).get_text_config()
+    params = getattr(text, "rope_parameters", None) or {}
+    per_layer = bool(params) and all(isinstance(v, dict) for v in params.values())  # keyed by layer type
+    for rope in params.values() if per_layer else [params]:
+        kind = rope.get("rope_type")
+        if kind == "longrope":
+            switch = rope.get("original_max_position_embeddings") or getattr(
+                text, "original_max_position_embeddings", 0
+            )
+        elif kind == "dynamic":
+            switch = text.max_position_embeddings
+        else:
+            continue
+        need(
+            cfg.data.max_length <= switch,
+            f"model.partial_pretrain={p}: its rotary embedding ({kind}) switches frequencies once the longest "
+            f"sequence of a batch passes {switch} tokens, so with data.max_length={cfg.data.max_length} a sample's "
+            f"positions would depend on which samples share its batch; set data.max_length<={switch}",
+        )
 
 
 def _check_towers_build(p: Path, cfg: SFTConfig) -> None:
