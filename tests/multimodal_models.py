@@ -98,6 +98,25 @@ WRAPPERS: dict[str, dict] = {
         projection_hidden_size=16,
         tie_word_embeddings=False,
     ),
+    # DeepSeek-VL-Hybrid: a Llama text model under a SigLIP tower and a high-resolution SAM encoder, whose attention
+    # class is looked up by the model's attention name (so sft's name must reach the text model only).
+    "deepseek_vl_hybrid": dict(
+        text_config=dict(TEXT, model_type="llama"),
+        vision_config=dict(VISION, model_type="siglip_vision_model"),
+        high_res_vision_config=dict(
+            model_type="sam_vision_model",
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            mlp_dim=32,
+            image_size=64,
+            patch_size=16,
+            output_channels=16,
+            global_attn_indexes=[0],
+            window_size=2,
+        ),
+        tie_word_embeddings=False,
+    ),
 }
 VISION_DTYPE = {
     "gemma3": torch.bfloat16,
@@ -105,6 +124,7 @@ VISION_DTYPE = {
     "mistral3": torch.bfloat16,
     "gemma4": torch.bfloat16,
     "kimi_k25": torch.bfloat16,
+    "deepseek_vl_hybrid": torch.bfloat16,
 }
 PROCESSOR_FILE = "preprocessor_config.json"
 

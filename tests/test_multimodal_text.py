@@ -302,6 +302,21 @@ def test_experts_implementation_reaches_the_text_model_of_any_wrapper(demo_dir, 
     assert experts and {m.config._experts_implementation for m in experts} == {implementation}
 
 
+def test_packed_attention_is_the_text_models_only(demo_dir, tmp_path):
+    """DeepSeek-VL-Hybrid's SAM encoder looks its attention class up by the model's attention name: sft's packed
+    attention, given to the whole checkpoint, failed with a KeyError when the model was built, after tokenising.
+    The text model alone takes it."""
+    from sft.models.attention.varlen import ATTN_NAME
+
+    folder = write_multimodal_model(demo_dir / "model", tmp_path / "dsvl", "deepseek_vl_hybrid")
+    cfg = compose(
+        base_overrides(demo_dir, tmp_path / "out") + [f"model.partial_pretrain={folder}", "use_remove_padding=true"]
+    )
+    validate_config(cfg, ONE)
+    model = build_meta_model(load_hf_config(cfg), cfg)
+    assert model.lm.get_decoder().config._attn_implementation == ATTN_NAME
+
+
 def test_a_weights_layout_sft_cannot_map_is_refused_before_the_data(mm_dirs, demo_dir, tmp_path):
     """A checkpoint whose files name the vision tensors in a layout of their own (Cosmos 3 Omni's save writes
     `blocks.N.*`): sft cannot tell which stored tensors to keep, and says so in the checks, before tokenising."""

@@ -242,6 +242,10 @@ def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig, vision: bool =
             lm = model_class(full_config)._from_config(copy.deepcopy(full_config), **kwargs)
         elif is_multimodal(full_config):
             lora_targets = cfg.model.target_modules if cfg.model.lora_rank > 0 else None
+            if "attn_implementation" in kwargs:
+                # The text model's only: towers removed below may not know sft's name (DeepSeek-VL-Hybrid's SAM
+                # encoder looks its attention class up by it), and keep their default.
+                kwargs["attn_implementation"] = {"text_config": kwargs["attn_implementation"]}
             lm, frozen = build_text_only(full_config, Path(cfg.model.partial_pretrain), lora_targets, **kwargs)
         else:
             lm = AutoModelForCausalLM.from_config(
