@@ -22,7 +22,7 @@ from omegaconf.errors import (
 )
 
 from sft.config.checks import validate_config
-from sft.config.errors import ConfigError
+from sft.config.errors import ConfigError, one_line
 from sft.config.schema import SFTConfig, load_config, to_dict
 from sft.loop.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
 from sft.loop.preemption import Preempted
@@ -59,7 +59,7 @@ def explain_compose_error(exc: BaseException, overrides: list[str]) -> str:
     if isinstance(cause, ValidationError):
         first = str(cause).splitlines()[0]
         return f"{key}: {first}; give a value of the type shown in sft/config/sft_trainer.yaml"
-    return " ".join(str(exc).split())
+    return one_line(exc)
 
 
 def compose(overrides: list[str]) -> SFTConfig:

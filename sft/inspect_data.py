@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from sft.cli import compose
-from sft.config.errors import ConfigError
+from sft.config.errors import ConfigError, one_line
 from sft.config.schema import SFTConfig
 from sft.data.build import build_dataset
 from sft.data.images import image_size
@@ -62,7 +62,7 @@ def build_split(cfg: SFTConfig, split: str) -> tuple[PreTrainedTokenizerBase, Da
     try:
         tokenizer = load_tokenizer(cfg)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"model.partial_pretrain={model_dir}: cannot load its tokenizer: {_one_line(e)}") from e
+        raise ConfigError(f"model.partial_pretrain={model_dir}: cannot load its tokenizer: {one_line(e)}") from e
     processor = build_processor(cfg, tokenizer)
     dataset = build_dataset(
         files, tokenizer, cfg.data, max_samples, pad_to_max_length=not cfg.use_remove_padding, processor=processor
@@ -77,11 +77,7 @@ def build_processor(cfg: SFTConfig, tokenizer: PreTrainedTokenizerBase) -> Any:
     try:
         return vision_processor(cfg, tokenizer)
     except ValueError as e:
-        raise ConfigError(f"{key}: {_one_line(e)}") from e  # the message names the folder and the processor
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
+        raise ConfigError(f"{key}: {one_line(e)}") from e  # the message names the folder and the processor
 
 
 def unpadded(dataset: Dataset, index: int) -> tuple[list[int], list[int], list[dict[str, Any]]]:
@@ -175,11 +171,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = compose(list(args.overrides))
         tokenizer, dataset = build_split(cfg, args.split)
     except ConfigError as e:
-        print(f"sft: config error: {_one_line(e)}", file=sys.stderr)
+        print(f"sft: config error: {one_line(e)}", file=sys.stderr)
         return 2
     except ValueError as e:
         # Raised while reading and tokenizing the rows: a problem in the data.
-        print(f"sft: data error: {_one_line(e)}", file=sys.stderr)
+        print(f"sft: data error: {one_line(e)}", file=sys.stderr)
         return 3
     colour = sys.stdout.isatty()
     for i in range(min(args.rows, len(dataset))):

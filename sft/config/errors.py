@@ -18,6 +18,11 @@ def need(ok: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (Arrow's, transformers' and the probe's can span several)."""
+    return " ".join(str(exc).split())
+
+
 def either(choices: Iterable[object]) -> str:
     """`a, b or c`: the allowed values of a key, as a message names them."""
     names = [str(c) for c in choices]

@@ -7,10 +7,15 @@ tokenizer's vocabulary against the embedding once both are loaded (`check_vocab`
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 
-from sft.config.errors import ConfigError, either, need
+from transformers import PretrainedConfig
+
+from sft.config.errors import ConfigError, either, need, one_line
 from sft.config.schema import DTYPES, EXPERTS_IMPLEMENTATIONS, GRADIENT_CHECKPOINTING_MODES, ModelConfig, SFTConfig
 from sft.data.vision_rows import has_image_column
 from sft.models.attention.kernels import CHOICES as ATTN_CHOICES
@@ -206,7 +211,11 @@ def _check_model_folder(cfg: SFTConfig) -> None:
     )
     reason = unsupported_reason(config)
     need(reason is None, f"model.partial_pretrain={p}: {reason}")
-    if has_image_column(cfg.data.train_files, cfg.data.image_key):
+    # The model's config as the trainer will build it (override_config applied), read once and only when a check
+    # below needs it: the towers, the frozen-tensor plan, the rotary check and the probe.
+    hf_config = functools.cache(lambda: load_hf_config(cfg))
+    images = has_image_column(cfg.data.train_files, cfg.data.image_key)
+    if images:
         need(
             cfg.data.multiturn.enable,
             f"data.image_key={cfg.data.image_key}: the data has images, and vision-language SFT reads multi-turn "
@@ -214,7 +223,7 @@ def _check_model_folder(cfg: SFTConfig) -> None:
         )
         _check_vision(cfg, p, config)
     if is_multimodal(config):
-        _check_multimodal(p, config, cfg)
+        _check_multimodal(p, config, cfg, hf_config, images)
         config = config["text_config"]  # the trained model: the checks below are about it
     # Hybrid models: each SP rank takes a share of the recurrent layers' heads; refuse a size that cannot be exact.
     recurrent = recurrent_spec(config.get("model_type"))
@@ -235,12 +244,12 @@ def _check_model_folder(cfg: SFTConfig) -> None:
         "and router jitter are random in a layout that depends on how each batch is split and packed, so the loss "
         "would not be exact; set " + " ".join(f"+model.override_config.{k}=0.0" for k in noise),
     )
-    _check_rope_switch(p, cfg)
+    _check_rope_switch(p, cfg, hf_config())
     if needs_probe(config, cfg.model.trust_remote_code):
         # Outside the table (or remote code): measure that sft trains it exactly, before any weight loads (last:
         # it builds a small model, a second or two).
         reason = probe_reason(
-            load_hf_config(cfg), cfg.use_remove_padding, cfg.ulysses_sequence_parallel_size, cfg.model.trust_remote_code
+            hf_config(), cfg.use_remove_padding, cfg.ulysses_sequence_parallel_size, cfg.model.trust_remote_code
         )
         need(reason is None, f"model.partial_pretrain={p}: {reason}")
 
@@ -281,7 +290,9 @@ def _check_vision(cfg: SFTConfig, p: Path, config: dict) -> None:
     need(not cfg.model.fp8, "model.fp8 with images in the data is not supported yet; set it false")
 
 
-def _check_multimodal(p: Path, config: dict, cfg: SFTConfig) -> None:
+def _check_multimodal(
+    p: Path, config: dict, cfg: SFTConfig, hf_config: Callable[[], PretrainedConfig], images: bool
+) -> None:
     """A multimodal checkpoint trains its text model with its own class, and copies its vision tensors byte for
     byte: the class must exist, its towers must build here, and the weights must be safetensors
     (sft/models/multimodal.py)."""
@@ -291,13 +302,13 @@ def _check_multimodal(p: Path, config: dict, cfg: SFTConfig) -> None:
         f"(architectures={config.get('architectures')}); sft trains multimodal checkpoints with their own "
         "transformers class: upgrade transformers",
     )
-    _check_towers_build(p, cfg)
+    _check_towers_build(p, hf_config())  # read only once the class is known to exist
     need(
         bool(weight_files(p)),
         f"model.partial_pretrain={p}: a multimodal checkpoint needs safetensors weights (model.safetensors or an "
         "index), since sft copies its vision tensors byte for byte; re-save it with save_pretrained",
     )
-    if not has_image_column(cfg.data.train_files, cfg.data.image_key):
+    if not images:
         # Text only: which stored tensors stay frozen is planned from the files' headers now (the same plan the
         # model build makes), so a layout sft cannot map is refused before the data is tokenised.
         import torch
@@ -305,18 +316,18 @@ def _check_multimodal(p: Path, config: dict, cfg: SFTConfig) -> None:
         lora_targets = cfg.model.target_modules if cfg.model.lora_rank > 0 else None
         try:
             with torch.device("meta"):
-                build_text_only(load_hf_config(cfg), p, lora_targets)
+                build_text_only(hf_config(), p, lora_targets)
         except ValueError as exc:  # the plan's own refusal names the folder
-            need(False, _one_line(exc))
+            need(False, one_line(exc)[:300])
         except Exception as exc:  # noqa: BLE001 - a weights file whose header cannot be read
-            need(False, f"model.partial_pretrain={p}: its safetensors headers cannot be read: {_one_line(exc)}")
+            need(False, f"model.partial_pretrain={p}: its safetensors headers cannot be read: {one_line(exc)[:300]}")
 
 
-def _check_rope_switch(p: Path, cfg: SFTConfig) -> None:
+def _check_rope_switch(p: Path, cfg: SFTConfig, hf_config: PretrainedConfig) -> None:
     """Rotary embeddings that pick their frequencies by the longest sequence in the batch (transformers' `longrope`,
     Phi-3/3.5/4-mini 128k; `dynamic` NTK): past the switch length a short sample's positions would change with the
     samples that share its micro-batch or packed row, so training is exact only when no sample can pass it."""
-    text = load_hf_config(cfg).get_text_config()
+    text = hf_config.get_text_config()
     params = getattr(text, "rope_parameters", None) or {}
     per_layer = bool(params) and all(isinstance(v, dict) for v in params.values())  # keyed by layer type
     for rope in params.values() if per_layer else [params]:
@@ -337,29 +348,27 @@ def _check_rope_switch(p: Path, cfg: SFTConfig) -> None:
         )
 
 
-def _check_towers_build(p: Path, cfg: SFTConfig) -> None:
+def _check_towers_build(p: Path, hf_config: PretrainedConfig) -> None:
     """The checkpoint's class builds its vision (and audio) towers even when only its text model trains: a tower
     that needs a package this environment lacks (timm for Perception LM's and FastVLM's) would fail only at load,
     after the data is tokenised. Each tower is built here on the meta device (no memory, a fraction of a second)."""
     import torch
-    from transformers import AutoModel, PretrainedConfig
+    from transformers import AutoModel
 
-    hf_config = load_hf_config(cfg)
     text = hf_config.get_text_config()
     for name, sub in vars(hf_config).items():
         if not isinstance(sub, PretrainedConfig) or sub is text:
             continue
         try:
             with torch.device("meta"):
-                AutoModel.from_config(sub)
+                AutoModel.from_config(copy.deepcopy(sub))  # a copy: from_config records its choices in the config
         except ImportError as exc:
-            need(False, f"model.partial_pretrain={p}: its {name} ({sub.model_type}) cannot be built: {_one_line(exc)}")
+            need(
+                False,
+                f"model.partial_pretrain={p}: its {name} ({sub.model_type}) cannot be built: {one_line(exc)[:300]}",
+            )
         except (ValueError, KeyError):
             pass  # no AutoModel class for this sub-config: the checkpoint's own class builds it (sft/models/multimodal.py)
-
-
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())[:300]
 
 
 def check_vocab(tokenizer, hf_config) -> None:

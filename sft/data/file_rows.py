@@ -17,6 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sft.config.errors import one_line
+
 # Parquet read buffer per column: pages are read through it instead of whole column chunks
 # (a column chunk of a big row group can be gigabytes; pre-buffering would read it all at once).
 READ_BUFFER = 1 << 20
@@ -33,11 +35,6 @@ def check_columns(path: str, available: list[str], required: Mapping[str, str]) 
                 f"{path}: column {name!r} ({option}) not found; available columns: {available}; "
                 f"set {option} to one of them{hint}"
             )
-
-
-def one_line(exc: BaseException) -> str:
-    # Arrow's messages can span lines; ours are one line.
-    return " ".join(str(exc).split())
 
 
 class TableRows:

@@ -20,7 +20,8 @@ from typing import Any, BinaryIO
 import numpy as np
 import pyarrow as pa
 
-from sft.data.file_rows import TableRows, Wanted, check_columns, one_line
+from sft.config.errors import one_line
+from sft.data.file_rows import TableRows, Wanted, check_columns
 from sft.data.json_types import ColumnTypes, table_of
 
 # Records whose types are learnt together in the first pass, at most so many rows or bytes of lines:

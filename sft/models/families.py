@@ -167,6 +167,8 @@ FAMILIES: dict[str, Family] = {
     "deepseek_v3": Family("DeepSeek-V3 / V3.1", moe=_DEEPSEEK_MOE, liger=False),
 }
 
+# Experts chosen per token: set with a count key below in most configs; alone, still a router.
+_PER_TOKEN_KEYS = ("num_experts_per_tok", "num_experts_per_token")
 # Config keys that change what a model computes in ways a row above must declare before sft trains it.
 _FEATURE_KEYS = {
     "final_logit_softcapping": "final-logit soft-capping",
@@ -177,11 +179,8 @@ _FEATURE_KEYS = {
     "num_local_experts": "mixture-of-experts routing",
     "n_routed_experts": "mixture-of-experts routing",
     "moe_num_experts": "mixture-of-experts routing",  # ERNIE 4.5 MoE, Aria
-    # Experts chosen per token: set with a count key above in most configs; alone, still a router.
-    "num_experts_per_tok": "mixture-of-experts routing",
-    "num_experts_per_token": "mixture-of-experts routing",
+    **dict.fromkeys(_PER_TOKEN_KEYS, "mixture-of-experts routing"),
 }
-_PER_TOKEN_KEYS = ("num_experts_per_tok", "num_experts_per_token")
 # Of those, what the packing probe (sft/models/probe.py) measures for a model type outside the table: attention
 # soft-capping happens inside the model's forward, in the logits it compares. The others change what sft's loss
 # or router statistics must apply themselves, so they need a row.

@@ -1,8 +1,8 @@
 """The packing probe: measure, before any weight loads, that sft trains a model type outside the family table exactly.
 
 A small random instance of the user's architecture (same class and depth, widths shrunk, windows shorter than the
-probe's samples, fp32 on CPU, seeded, in training mode) runs the probe's samples one at a time with the model's own attention, and
-the way the trainer runs them: packed into one row through sft's varlen attention (or padded, with
+probe's samples, fp32 on CPU, seeded, in training mode) runs the probe's samples one at a time with the model's own
+attention, and the way the trainer runs them: packed into one row through sft's varlen attention (or padded, with
 `use_remove_padding=false`), the logits taken from the decoder's hidden states as sft's loss takes them. Equal
 logits (to a tight tolerance) let the run go on with the generic row; a difference, a model whose attention never
 reaches sft's attention function, a model that looks at later tokens, or (under Ulysses SP) mixing between tokens
@@ -20,6 +20,7 @@ import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, PretrainedConfig
 from transformers.masking_utils import AttentionMaskInterface
 
+from sft.config.errors import one_line
 from sft.data.batch import MicroBatch, padded_micro_batch
 from sft.data.packing import packed_micro_batch
 from sft.models.attention.varlen import sft_varlen_attention_forward
@@ -282,7 +283,7 @@ def probe_reason(hf_config: PretrainedConfig, remove_padding: bool, sp: int, tru
     try:
         found = measure(hf_config, remove_padding, sp, trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - whatever stops the instance, nothing was proved: refuse, saying what
-        text = " ".join(str(exc).split())[:300]
+        text = one_line(exc)[:300]
         padded_ok = remove_padding and _padded_exact(hf_config, trust_remote_code)
         hint = "; use_remove_padding=false trains it exactly" if padded_ok else fix
         return (
