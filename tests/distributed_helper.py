@@ -13,6 +13,8 @@ import socket
 import torch
 import torch.multiprocessing as mp
 
+PORT_ATTEMPTS = 3
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -37,5 +39,17 @@ def _entry(rank: int, fn, world_size: int, port: int, args: tuple) -> None:
 
 
 def run_ranks(fn, world_size: int, *args) -> None:
-    """Call fn(*args) on `world_size` spawned processes; raises if any rank fails."""
-    mp.start_processes(_entry, args=(fn, world_size, _free_port(), args), nprocs=world_size, start_method="spawn")
+    """Call fn(*args) on `world_size` spawned processes; raises if any rank fails.
+
+    The free port is released before rank 0's store binds it, and in that gap another test process (the other
+    pytest worker's gloo connections) can take it: a launch that fails with EADDRINUSE, before any rank did any
+    work, is launched again on a new port."""
+    for attempt in range(PORT_ATTEMPTS):
+        try:
+            mp.start_processes(
+                _entry, args=(fn, world_size, _free_port(), args), nprocs=world_size, start_method="spawn"
+            )
+            return
+        except mp.ProcessRaisedException as exc:
+            if "EADDRINUSE" not in str(exc) or attempt == PORT_ATTEMPTS - 1:
+                raise
