@@ -49,3 +49,18 @@ def train_many(jobs: list[tuple[list[str], str]], sp: int) -> None:
                 torch.save(result, out_file)
     finally:
         teardown()
+
+
+def train_many_batch_wide_rope(jobs: list[tuple[list[str], str]], sp: int) -> None:
+    """train_many with a planted error: longrope's frequency set chosen per micro-batch (any sample past the switch
+    switches them all, as transformers does), not per sample."""
+    import sft.models.loading as loading
+
+    per_sample = loading.long_tokens
+
+    def batch_wide(*args):
+        flags = per_sample(*args)
+        return flags.any().expand_as(flags)
+
+    loading.long_tokens = batch_wide
+    train_many(jobs, sp)

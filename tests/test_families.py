@@ -249,8 +249,13 @@ def test_longrope_picks_frequencies_by_the_longest_sample_of_a_batch():
     assert torch.allclose(with_short, alone, atol=1e-6) and (with_long - alone).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("max_length,refused", [(256, True), (64, False)])
-def test_frequency_switching_rope_refused_where_samples_can_pass_the_switch(demo_dir, tmp_path, max_length, refused):
+@pytest.mark.parametrize(
+    "kind,max_length,refused",
+    [("dynamic", 256, True), ("dynamic", 64, False), ("longrope", 256, False)],  # longrope: per sample, test_longrope
+)
+def test_frequency_switching_rope_refused_where_samples_can_pass_the_switch(
+    demo_dir, tmp_path, kind, max_length, refused
+):
     import json
 
     from sft.parallel.distributed import WorldInfo
@@ -261,10 +266,13 @@ def test_frequency_switching_rope_refused_where_samples_can_pass_the_switch(demo
         (folder / f.name).write_bytes(f.read_bytes())
     cfg_json = json.loads((folder / "config.json").read_text())
     head = cfg_json["hidden_size"] // cfg_json["num_attention_heads"] // 2
-    rope = dict(LONGROPE, short_factor=[1.0] * head, long_factor=[2.0] * head)
-    cfg_json.update(
-        model_type="phi3", rope_parameters=rope, max_position_embeddings=1024, original_max_position_embeddings=64
-    )
+    if kind == "longrope":
+        rope = dict(LONGROPE, short_factor=[1.0] * head, long_factor=[2.0] * head)
+        cfg_json.update(model_type="phi3", max_position_embeddings=1024, original_max_position_embeddings=64)
+    else:  # dynamic NTK rescales past max_position_embeddings
+        rope = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
+        cfg_json.update(max_position_embeddings=64)
+    cfg_json.update(rope_parameters=rope)
     (folder / "config.json").write_text(json.dumps(cfg_json))
     cfg = compose(
         base_overrides(demo_dir, tmp_path / "out")
@@ -272,7 +280,7 @@ def test_frequency_switching_rope_refused_where_samples_can_pass_the_switch(demo
     )
     one = WorldInfo(rank=0, world_size=1, local_rank=0, local_world_size=1)
     if refused:
-        with pytest.raises(ConfigError, match=r"rotary embedding \(longrope\) switches .* data.max_length<=64$"):
+        with pytest.raises(ConfigError, match=rf"rotary embedding \({kind}\) switches .* data.max_length<=64$"):
             validate_config(cfg, one)
     else:
         validate_config(cfg, one)

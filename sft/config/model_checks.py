@@ -26,6 +26,7 @@ from sft.models.loading import load_hf_config
 from sft.models.multimodal import build_text_only, is_multimodal, model_class_name, weight_files
 from sft.models.probe import probe_reason
 from sft.models.recurrent.install import sp_reason
+from sft.models.rope_switch import switch_length
 from sft.models.vision import vision_reason
 from sft.ops.patch import check_liger
 from sft.parallel.distributed import resolve_device_type
@@ -244,7 +245,7 @@ def _check_model_folder(cfg: SFTConfig) -> None:
         "and router jitter are random in a layout that depends on how each batch is split and packed, so the loss "
         "would not be exact; set " + " ".join(f"+model.override_config.{k}=0.0" for k in noise),
     )
-    _check_rope_switch(p, cfg, hf_config())
+    _check_rope_switch(p, cfg, hf_config(), images)
     if needs_probe(config, cfg.model.trust_remote_code):
         # Outside the table (or remote code): measure that sft trains it exactly, before any weight loads (last:
         # it builds a small model, a second or two).
@@ -323,16 +324,20 @@ def _check_multimodal(
             need(False, f"model.partial_pretrain={p}: its safetensors headers cannot be read: {one_line(exc)[:300]}")
 
 
-def _check_rope_switch(p: Path, cfg: SFTConfig, hf_config: PretrainedConfig) -> None:
-    """Rotary embeddings that pick their frequencies by the longest sequence in the batch (transformers' `longrope`,
-    Phi-3/3.5/4-mini 128k; `dynamic` NTK): past the switch length a short sample's positions would change with the
-    samples that share its micro-batch or packed row, so training is exact only when no sample can pass it."""
+def _check_rope_switch(p: Path, cfg: SFTConfig, hf_config: PretrainedConfig, images: bool) -> None:
+    """Rotary embeddings that pick their frequencies by the longest sequence in the batch. A model-wide `longrope`
+    (Phi-3/3.5/4-mini 128k) is given each sample's own set (sft/models/rope_switch.py). Past the switch length, what
+    that does not cover would give a short sample other positions beside a long one, so it is refused unless no
+    sample can pass the switch: `dynamic` NTK (a continuous rescale), longrope keyed by layer type, and longrope
+    with images in the data."""
     text = hf_config.get_text_config()
     params = getattr(text, "rope_parameters", None) or {}
     per_layer = bool(params) and all(isinstance(v, dict) for v in params.values())  # keyed by layer type
     for rope in params.values() if per_layer else [params]:
         kind = rope.get("rope_type")
         if kind == "longrope":
+            if switch_length(text) is not None and not images:
+                continue
             switch = rope.get("original_max_position_embeddings") or getattr(
                 text, "original_max_position_embeddings", 0
             )

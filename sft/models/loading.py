@@ -48,6 +48,7 @@ from sft.models.multimodal import (
 from sft.models.recurrent.install import install_packed_mixers, sp_reason
 from sft.models.recurrent.kernels import backend_for
 from sft.models.recurrent.packed import NoMasks
+from sft.models.rope_switch import PerSampleLongRope, install_per_sample_longrope, long_tokens, switch_length
 from sft.models.vision import PIXEL_KEYS, VisionFamily, embed_images, freeze
 from sft.models.vision import family as vision_family
 from sft.models.vision import tower as vision_tower
@@ -119,6 +120,9 @@ class CausalLMWithLoss(nn.Module):
         self.softcap = softcap  # final-logit soft-capping, applied chunk by chunk in the loss
         self.routing = routing  # MoE: router aux loss and metrics (sft/models/moe.py)
         self.recurrent = False  # packed recurrent mixers (sft/models/recurrent/): no per-layer masks at all
+        self.long_rope: PerSampleLongRope | None = (
+            None  # longrope's frequency set per sample (sft/models/rope_switch.py)
+        )
         self.logit_multiplier = 1.0  # set from the family table: (h * m) @ W.T == m * logits
         # Multimodal checkpoints: the tensors outside the language model, kept unchanged (sft/models/multimodal.py).
         self.frozen: FrozenPart | None = None
@@ -141,6 +145,14 @@ class CausalLMWithLoss(nn.Module):
         aux_weight = attn_kwargs.pop("aux_weight", 0.0)
         if self.routing is not None:
             self.routing.start()
+        if self.long_rope is not None:
+            self.long_rope.tokens = long_tokens(
+                self.long_rope.switch,
+                input_ids,
+                attention_mask,
+                attn_kwargs.get("cu_seq_lens_q"),
+                attn_kwargs.get("sp_group"),
+            )
         if attention_mask is None and "cu_seq_lens_q" in attn_kwargs:
             # Packed row: with no 2-D mask, transformers scans position_ids for packed sequences and
             # reads the answer back from the GPU (a host sync per forward). An all-ones mask skips
@@ -298,6 +310,18 @@ def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig, vision: bool =
     model = CausalLMWithLoss(lm, fused_loss=fused, softcap=final_softcap(hf_config), routing=routing)
     model.logit_multiplier = logit_multiplier(hf_config)
     model.recurrent = mixers > 0
+    if not vision and switch_length(hf_config) is not None:  # (with images the config checks refuse long rows)
+        model.long_rope = install_per_sample_longrope(lm.get_decoder(), hf_config)
+        if model.long_rope is None:  # never the batch-wide switch in silence
+            raise ValueError(
+                f"model_type={hf_config.model_type}: its longrope rotary module is not where sft patches it "
+                "(decoder.rotary_emb); set data.max_length<=" + str(switch_length(hf_config))
+            )
+    if model.long_rope is not None:
+        logger.info(
+            "rotary: longrope, each sample at the frequencies it has alone (long past %d tokens)",
+            model.long_rope.switch,
+        )
     model.frozen = frozen
     if vision:
         model.vision = vision_family(full_config)

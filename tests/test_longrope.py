@@ -1,0 +1,133 @@
+"""Phi-3's `longrope` trained per sample (sft/models/rope_switch.py), on real fully_shard over gloo.
+
+transformers switches a whole batch to the long frequencies once its longest sequence passes
+original_max_position_embeddings (tests/test_families.py shows it); sft gives each sample the set it has alone. A tiny
+Phi-3 whose switch (40 tokens) falls between the demo's sample lengths (29 to 96) trains padded (1 process) ≡
+remove-padding (1 process) ≡ remove-padding + sp=2 (2 processes) on losses and weights after 2 steps; the independent
+check is plain transformers on each validation sample alone, against the trainer's validation loss over micro-batches
+that mix short and long samples. The batch-wide rule, planted in the trainer, fails that check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import export_val_loss, two_steps
+from distributed_helper import run_ranks
+from family_models import COMMON, write_family_model
+from family_workers import train_many, train_many_batch_wide_rope
+
+from sft.models.rope_switch import long_tokens
+
+SWITCH = 40
+HALF = COMMON["head_dim"] // 2
+ROPE = {
+    "rope_type": "longrope",
+    "rope_theta": 10000.0,
+    "original_max_position_embeddings": SWITCH,
+    "short_factor": [1.0] * HALF,
+    "long_factor": [4.0] * HALF,
+}
+MODES = {
+    "padded": (1, []),
+    "rmpad": (1, ["use_remove_padding=true"]),
+    "sp2": (2, ["use_remove_padding=true", "ulysses_sequence_parallel_size=2"]),
+}
+EXPORT = ['trainer.checkpoint.save_contents=["hf_model"]', "trainer.checkpoint.hf_dtype=fp32"]
+
+
+def _expected_flags(lengths: list[int]) -> list[bool]:
+    return [n > SWITCH for n in lengths for _ in range(n)]
+
+
+def test_long_tokens_follow_each_samples_own_length():
+    """Padded rows by their mask, a packed row by its boundaries, and each SP rank's slice of that row."""
+    mask = torch.zeros(2, 50, dtype=torch.long)
+    mask[0, :41], mask[1, :40] = 1, 1
+    flags = long_tokens(SWITCH, mask, mask, None, None)
+    assert flags[0].all() and not flags[1].any()
+
+    lengths = [12, 41, 40, 7, 60]  # 160 tokens
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    ids = torch.zeros(1, 160, dtype=torch.long)
+    assert long_tokens(SWITCH, ids, None, cu, None)[0].tolist() == _expected_flags(lengths)
+
+
+def _sp_slices(out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        lengths = [12, 41, 40, 7, 60]
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        ids = torch.zeros(1, 80, dtype=torch.long)  # this rank's half of the 160-token row
+        flags = long_tokens(SWITCH, ids, None, cu, dist.group.WORLD)
+        torch.save(flags, f"{out}.{dist.get_rank()}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sp_ranks_cut_their_slice_out_of_the_rows_flags(tmp_path):
+    run_ranks(_sp_slices, 2, str(tmp_path / "flags"))
+    whole = torch.cat([torch.load(tmp_path / f"flags.{r}")[0] for r in range(2)])
+    assert whole.tolist() == _expected_flags([12, 41, 40, 7, 60])
+
+
+@pytest.fixture(scope="module")
+def phi3(demo_dir: Path, tmp_path_factory) -> Path:
+    return write_family_model(
+        demo_dir / "model",
+        tmp_path_factory.mktemp("phi3") / "m",
+        "phi3",
+        rope_parameters=ROPE,
+        original_max_position_embeddings=SWITCH,  # Phi-3's config key wins over the rope parameters'
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(phi3, demo_dir, tmp_path_factory) -> dict[str, dict]:
+    """mode -> {weights, metrics, out}; each run exports its HF model; "planted": remove-padding with the batch-wide
+    switch that transformers applies."""
+    tmp = tmp_path_factory.mktemp("longrope_runs")
+    results = {}
+    for mode, (world, extra) in {**MODES, "planted": MODES["rmpad"]}.items():
+        job = (two_steps(demo_dir, phi3, tmp / mode, *extra, *EXPORT), str(tmp / f"{mode}.pt"))
+        run_ranks(train_many_batch_wide_rope if mode == "planted" else train_many, world, [job], world)
+        results[mode] = torch.load(tmp / f"{mode}.pt", weights_only=False) | {"out": tmp / mode}
+    return results
+
+
+def _losses(run: dict) -> list[float]:
+    return [m["train/loss"] for m in run["metrics"] if "train/loss" in m]
+
+
+def _val_loss(run: dict) -> float:
+    return [m["val/loss"] for m in run["metrics"] if "val/loss" in m][-1]
+
+
+@pytest.mark.parametrize("mode", ["rmpad", "sp2"])
+def test_packed_and_sp2_match_padded(runs, mode):
+    ref, got = runs["padded"], runs[mode]
+    a, b = _losses(ref), _losses(got)
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b):
+        assert abs(x - y) <= 1e-5 * abs(x), (a, b)
+    for name, w in ref["weights"].items():
+        assert torch.allclose(got["weights"][name], w, rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("mode", ["padded", "rmpad", "sp2"])
+def test_export_reproduces_val_loss_of_each_sample_alone(runs, demo_dir, mode):
+    """Plain transformers, one validation sample at a time (each at the frequencies its own length selects)."""
+    run = runs[mode]
+    export = next((run["out"]).glob("global_step_*/huggingface"))
+    alone = export_val_loss(export, demo_dir, run["out"] / "val")
+    assert abs(alone - _val_loss(run)) <= 1e-5 * alone, (alone, _val_loss(run))
+
+
+def test_batch_wide_switch_planted_fails_the_check(runs, demo_dir):
+    run = runs["planted"]
+    export = next((run["out"]).glob("global_step_*/huggingface"))
+    alone = export_val_loss(export, demo_dir, run["out"] / "val")
+    assert abs(alone - _val_loss(run)) > 1e-3 * alone, (alone, _val_loss(run))
