@@ -185,7 +185,9 @@ def _has_chat_template(folder: Path) -> bool:
 
 
 def _check_model_folder(cfg: SFTConfig) -> None:
-    """Cheap checks of the model folder (json files only), so a broken folder fails before anything loads."""
+    """Checks of the model folder before any weight loads: its json files, then what the config implies (towers
+    built on the meta device, the safetensors headers of a multimodal checkpoint, the rotary switch, and the packing
+    probe's tiny model for an unlisted type), so a broken folder or an inexact model fails in seconds."""
     p = Path(cfg.model.partial_pretrain).expanduser()
     need(
         (p / "config.json").is_file(),
