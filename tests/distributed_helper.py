@@ -7,6 +7,7 @@ reads like a failure in the test itself.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 
@@ -23,6 +24,7 @@ def _free_port() -> int:
 
 
 def _entry(rank: int, fn, world_size: int, port: int, args: tuple) -> None:
+    faulthandler.enable()  # a rank that dies of a signal prints its Python stack into the test's captured output
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
