@@ -110,9 +110,12 @@ def _val_loss(run: dict) -> float:
 def test_packed_and_sp2_match_padded(runs, mode):
     ref, got = runs["padded"], runs[mode]
     a, b = _losses(ref), _losses(got)
+    print(f"longrope {mode} vs padded: losses {b} vs {a}")
     assert len(a) == len(b) == 2
     for x, y in zip(a, b):
         assert abs(x - y) <= 1e-5 * abs(x), (a, b)
+    worst = max((got["weights"][n] - w).abs().max().item() for n, w in ref["weights"].items())
+    print(f"longrope {mode} vs padded: max |weight diff| after 2 steps {worst:.2e}")
     for name, w in ref["weights"].items():
         assert torch.allclose(got["weights"][name], w, rtol=1e-4, atol=1e-6), name
 
@@ -123,6 +126,7 @@ def test_export_reproduces_val_loss_of_each_sample_alone(runs, demo_dir, mode):
     run = runs[mode]
     export = next((run["out"]).glob("global_step_*/huggingface"))
     alone = export_val_loss(export, demo_dir, run["out"] / "val")
+    print(f"longrope {mode}: trainer val/loss {_val_loss(run):.8f}, each sample alone {alone:.8f}")
     assert abs(alone - _val_loss(run)) <= 1e-5 * alone, (alone, _val_loss(run))
 
 
@@ -130,4 +134,5 @@ def test_batch_wide_switch_planted_fails_the_check(runs, demo_dir):
     run = runs["planted"]
     export = next((run["out"]).glob("global_step_*/huggingface"))
     alone = export_val_loss(export, demo_dir, run["out"] / "val")
+    print(f"longrope planted batch-wide: trainer val/loss {_val_loss(run):.8f}, each sample alone {alone:.8f}")
     assert abs(alone - _val_loss(run)) > 1e-3 * alone, (alone, _val_loss(run))
