@@ -51,21 +51,23 @@ class PerSampleLongRope:
     def __init__(self, rotary: nn.Module, switch: int) -> None:
         self.rotary, self.switch = rotary, switch
         self.tokens: torch.Tensor | None = None
-        self._long: dict[torch.device, torch.Tensor] = {}
+        self._sets: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         rotary.forward = self.forward
 
-    def _long_inv_freq(self, device: torch.device) -> torch.Tensor:
-        # The set transformers picks for a sequence longer than S (computed where it is used: the module was built
-        # on the meta device).
-        if device not in self._long:
+    def _inv_freq(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # transformers' two sets: for a sequence of at most S tokens (what the module is built with) and for a longer
+        # one. Computed from the config where they are used, since the module was built on the meta device (and
+        # older transformers keep the short set as a plain attribute that no weight load restores).
+        if device not in self._sets:
             init = ROPE_INIT_FUNCTIONS["longrope"]
-            self._long[device] = init(self.rotary.config, device, seq_len=self.switch + 1)[0].float()
-        return self._long[device]
+            short, long = (init(self.rotary.config, device, seq_len=n)[0].float() for n in (None, self.switch + 1))
+            self._sets[device] = short, long
+        return self._sets[device]
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.tokens is not None, "PerSampleLongRope: the caller sets the tokens' sets before the forward"
-        short = self.rotary.original_inv_freq.to(device=x.device, dtype=torch.float)
-        inv = torch.where(self.tokens[..., None], self._long_inv_freq(x.device), short)  # [b, s, d/2]
+        short, long = self._inv_freq(x.device)
+        inv = torch.where(self.tokens[..., None], long, short)  # [b, s, d/2]
         freqs = position_ids[..., None].float() * inv  # the product transformers computes, per token
         emb = torch.cat((freqs, freqs), dim=-1)
         scale = self.rotary.attention_scaling
