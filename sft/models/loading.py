@@ -120,9 +120,8 @@ class CausalLMWithLoss(nn.Module):
         self.softcap = softcap  # final-logit soft-capping, applied chunk by chunk in the loss
         self.routing = routing  # MoE: router aux loss and metrics (sft/models/moe.py)
         self.recurrent = False  # packed recurrent mixers (sft/models/recurrent/): no per-layer masks at all
-        self.long_rope: PerSampleLongRope | None = (
-            None  # longrope's frequency set per sample (sft/models/rope_switch.py)
-        )
+        # longrope's frequency set per sample (sft/models/rope_switch.py)
+        self.long_rope: PerSampleLongRope | None = None
         self.logit_multiplier = 1.0  # set from the family table: (h * m) @ W.T == m * logits
         # Multimodal checkpoints: the tensors outside the language model, kept unchanged (sft/models/multimodal.py).
         self.frozen: FrozenPart | None = None
@@ -312,7 +311,7 @@ def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig, vision: bool =
     model.recurrent = mixers > 0
     if not vision and switch_length(hf_config) is not None:  # (with images the config checks refuse long rows)
         model.long_rope = install_per_sample_longrope(lm.get_decoder(), hf_config)
-        if model.long_rope is None:  # never the batch-wide switch in silence
+        if model.long_rope is None and cfg.data.max_length > switch_length(hf_config):  # never batch-wide in silence
             raise ValueError(
                 f"model_type={hf_config.model_type}: its longrope rotary module is not where sft patches it "
                 "(decoder.rotary_emb); set data.max_length<=" + str(switch_length(hf_config))
