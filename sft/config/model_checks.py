@@ -26,7 +26,7 @@ from sft.models.loading import load_hf_config
 from sft.models.multimodal import build_text_only, is_multimodal, model_class_name, weight_files
 from sft.models.probe import probe_reason
 from sft.models.recurrent.install import sp_reason
-from sft.models.rope_switch import switch_length
+from sft.models.rope_switch import longrope_switch, switch_length
 from sft.models.vision import vision_reason
 from sft.ops.patch import check_liger
 from sft.parallel.distributed import resolve_device_type
@@ -340,9 +340,7 @@ def _check_rope_switch(p: Path, cfg: SFTConfig, hf_config: PretrainedConfig, ima
         if kind == "longrope":
             if switch_length(text) is not None and not images:
                 continue
-            switch = rope.get("original_max_position_embeddings") or getattr(
-                text, "original_max_position_embeddings", 0
-            )
+            switch = longrope_switch(rope, text) or 0
         elif kind == "dynamic":
             switch = text.max_position_embeddings
         else:

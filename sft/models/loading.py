@@ -309,18 +309,16 @@ def build_meta_model(hf_config: PretrainedConfig, cfg: SFTConfig, vision: bool =
     model = CausalLMWithLoss(lm, fused_loss=fused, softcap=final_softcap(hf_config), routing=routing)
     model.logit_multiplier = logit_multiplier(hf_config)
     model.recurrent = mixers > 0
-    if not vision and switch_length(hf_config) is not None:  # (with images the config checks refuse long rows)
-        model.long_rope = install_per_sample_longrope(lm.get_decoder(), hf_config)
-        if model.long_rope is None and cfg.data.max_length > switch_length(hf_config):  # never batch-wide in silence
+    switch = None if vision else switch_length(hf_config)  # (with images the config checks refuse long rows)
+    if switch is not None:
+        model.long_rope = install_per_sample_longrope(lm.get_decoder(), switch)
+        if model.long_rope is None and cfg.data.max_length > switch:  # never the batch-wide switch in silence
             raise ValueError(
                 f"model_type={hf_config.model_type}: its longrope rotary module is not where sft patches it "
-                "(decoder.rotary_emb); set data.max_length<=" + str(switch_length(hf_config))
+                f"(decoder.rotary_emb); set data.max_length<={switch}"
             )
-    if model.long_rope is not None:
-        logger.info(
-            "rotary: longrope, each sample at the frequencies it has alone (long past %d tokens)",
-            model.long_rope.switch,
-        )
+        if model.long_rope is not None:
+            logger.info("rotary: longrope, each sample at the frequencies it has alone (long past %d tokens)", switch)
     model.frozen = frozen
     if vision:
         model.vision = vision_family(full_config)

@@ -17,14 +17,17 @@ from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 
+def longrope_switch(rope: dict, text_config: PretrainedConfig) -> int | None:
+    """S of one longrope parameter set: its own `original_max_position_embeddings`, else the config's."""
+    return rope.get("original_max_position_embeddings") or getattr(
+        text_config, "original_max_position_embeddings", None
+    )
+
+
 def switch_length(text_config: PretrainedConfig) -> int | None:
     """S of a model-wide longrope (None: another rotary, or one keyed by layer type, which sft does not patch)."""
     params = getattr(text_config, "rope_parameters", None) or {}
-    if params.get("rope_type") != "longrope":
-        return None
-    return params.get("original_max_position_embeddings") or getattr(
-        text_config, "original_max_position_embeddings", None
-    )
+    return longrope_switch(params, text_config) if params.get("rope_type") == "longrope" else None
 
 
 def long_tokens(
@@ -74,10 +77,9 @@ class PerSampleLongRope:
         return (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
 
 
-def install_per_sample_longrope(decoder: nn.Module, text_config: PretrainedConfig) -> PerSampleLongRope | None:
-    """Patch the decoder's rotary module when it is a model-wide longrope; None when there is nothing to patch."""
-    switch = switch_length(text_config)
+def install_per_sample_longrope(decoder: nn.Module, switch: int) -> PerSampleLongRope | None:
+    """Patch the decoder's rotary module, a model-wide longrope switching at `switch`; None where there is none."""
     rotary = getattr(decoder, "rotary_emb", None)
-    if switch is None or rotary is None or getattr(rotary, "rope_type", None) != "longrope":
+    if rotary is None or getattr(rotary, "rope_type", None) != "longrope":
         return None
     return PerSampleLongRope(rotary, switch)
