@@ -74,6 +74,38 @@ def test_sp_ranks_cut_their_slice_out_of_the_rows_flags(tmp_path):
     assert whole.tolist() == _expected_flags([12, 41, 40, 7, 60])
 
 
+def test_patched_rotary_equals_transformers_on_each_sample_alone_with_partial_rotary():
+    """Phi-4-mini's shape of longrope: rotary on 3/4 of the head, factors that differ per frequency. The patched module
+    on a packed row gives each sample exactly the cos/sin that transformers' own module gives it alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sft.models.rope_switch import install_per_sample_longrope
+
+    half = int(16 * 0.75) // 2
+    rope = dict(
+        ROPE,
+        original_max_position_embeddings=16,
+        partial_rotary_factor=0.75,
+        short_factor=[1.0 + 0.1 * i for i in range(half)],
+        long_factor=[3.0 + 0.2 * i for i in range(half)],
+    )
+    cfg = AutoConfig.for_model(
+        "phi3",
+        **dict(COMMON, hidden_size=64, head_dim=16, vocab_size=50, pad_token_id=0, rope_parameters=rope),
+        original_max_position_embeddings=16,
+    )
+    decoder = AutoModelForCausalLM.from_config(cfg).model
+    x = torch.zeros(1, 1, 64)
+    alone = {n: decoder.rotary_emb(x, torch.arange(n)[None]) for n in (10, 30)}  # transformers' own, before the patch
+    assert (alone[30][0][0, :10] - alone[10][0][0]).abs().max() > 0.1  # the two sets differ
+    patch = install_per_sample_longrope(decoder, 16)
+    cu = torch.tensor([0, 10, 40], dtype=torch.int32)
+    patch.tokens = long_tokens(16, torch.zeros(1, 40, dtype=torch.long), None, cu, None)
+    cos, sin = decoder.rotary_emb(x, torch.cat([torch.arange(10), torch.arange(30)])[None])
+    assert torch.equal(cos[0, :10], alone[10][0][0]) and torch.equal(sin[0, :10], alone[10][1][0])
+    assert torch.equal(cos[0, 10:], alone[30][0][0]) and torch.equal(sin[0, 10:], alone[30][1][0])
+
+
 @pytest.fixture(scope="module")
 def phi3(demo_dir: Path, tmp_path_factory) -> Path:
     return write_family_model(
