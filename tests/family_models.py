@@ -116,6 +116,49 @@ EXTRA: dict[str, dict] = {
         v_head_dim=6,
         aux_loss_alpha=0.5,
     ),
+    # MLA under softmax routers, group-limited choice (2 groups, 1 kept), shared experts, a dense first layer.
+    "deepseek_v2": dict(
+        MOE,
+        num_key_value_heads=4,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        topk_method="group_limited_greedy",
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_nope_head_dim=4,
+        qk_rope_head_dim=8,
+        v_head_dim=6,
+        aux_loss_alpha=0.5,
+    ),
+    # GLM-4.7-Flash: MLA (no q low-rank) under GLM-4.5's sigmoid routers with a score-correction bias.
+    "glm4_moe_lite": dict(
+        MOE,
+        num_key_value_heads=4,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        q_lora_rank=None,
+        kv_lora_rank=16,
+        qk_nope_head_dim=4,
+        qk_rope_head_dim=8,
+        v_head_dim=6,
+    ),
+    "dots1": dict(MOE, n_routed_experts=4, n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1),
+    "olmoe": dict(MOE, num_experts=4),  # q/k norms over all heads
+    # A dense first layer, then softmax routers whose choice adds a per-expert bias (randomised below), shared expert.
+    "ernie4_5_moe": dict(
+        moe_num_experts=4,
+        moe_k=2,
+        moe_intermediate_size=32,
+        moe_num_shared_experts=1,
+        moe_layer_start_index=1,
+        router_aux_loss_coef=0.5,
+    ),
     # Not in the table: trained because sft's packing probe (sft/models/probe.py) measures it exact; windows, qk-norm.
     "exaone4": dict(layer_types=LAYERS2, sliding_window=WINDOW),
 }
@@ -142,8 +185,10 @@ def write_family_model(demo_model: Path, out: Path, model_type: str, **overrides
     cfg = AutoConfig.for_model(model_type, **kw)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    for name, buf in model.named_buffers():
-        if name.endswith("e_score_correction_bias"):  # zero at init: make it change which experts are chosen
-            buf.copy_(torch.randn(buf.shape) * 0.3)
+    # Zero at init: make it change which experts are chosen (a buffer, or ERNIE 4.5's frozen parameter).
+    for name, buf in [*model.named_buffers(), *model.named_parameters()]:
+        if name.endswith("e_score_correction_bias"):
+            with torch.no_grad():
+                buf.copy_(torch.randn(buf.shape) * 0.3)
     model.save_pretrained(out)
     return out

@@ -82,6 +82,11 @@ _HYBRID_MOE = dict(liger=False, mlp="none", rms_norm="offset", recurrent=_GDN)
 # Sigmoid routers with a score-correction bias and shared experts: the router returns its chosen experts.
 _DEEPSEEK_MOE = MoESpec(experts_keys=("n_routed_experts",), coef_key="aux_loss_alpha", scores="sigmoid")
 _GLM_MOE = MoESpec(experts_keys=("n_routed_experts",), scores="sigmoid")
+# Softmax routers over `n_routed_experts` (greedy or group-limited) with shared experts: DeepSeek-V2. Its released
+# config.json keeps the coefficient as `aux_loss_alpha` (transformers' class does not declare it; absent: no aux loss).
+_DEEPSEEK_V2_MOE = MoESpec(experts_keys=("n_routed_experts",), coef_key="aux_loss_alpha")
+# ERNIE 4.5: softmax router whose choice adds a learned per-expert bias (`moe_statics`); k is `moe_k`.
+_ERNIE_MOE = MoESpec(experts_keys=("moe_num_experts",), top_k_key="moe_k")
 _MINIMAX_MOE = MoESpec(experts_keys=("num_local_experts", "num_experts"), scores="sigmoid")
 # Gemma 4's router returns probabilities (its MoE block runs beside the dense MLP); no aux loss in its config.
 _GEMMA4_MOE = MoESpec(
@@ -165,6 +170,12 @@ FAMILIES: dict[str, Family] = {
     "minimax_m2": Family("MiniMax-M2", moe=_MINIMAX_MOE, liger=False),
     # MLA: query/key heads (nope + rope) wider than value heads (sft/models/attention/varlen.py).
     "deepseek_v3": Family("DeepSeek-V3 / V3.1", moe=_DEEPSEEK_MOE, liger=False),
+    "deepseek_v2": Family("DeepSeek-V2 / V2-Lite", moe=_DEEPSEEK_V2_MOE, liger=False),
+    # MLA attention under GLM-4.5's sigmoid routers (GLM-4.7-Flash).
+    "glm4_moe_lite": Family("GLM-4.7-Flash", moe=_GLM_MOE, liger=False),
+    "dots1": Family("dots.llm1", moe=_GLM_MOE, liger=False),
+    "olmoe": Family("OLMoE", moe=_QWEN_MOE, liger=False, mlp="none"),
+    "ernie4_5_moe": Family("ERNIE 4.5 MoE", moe=_ERNIE_MOE, liger=False, mlp="none"),
 }
 
 # Experts chosen per token: set with a count key below in most configs; alone, still a router.
