@@ -53,6 +53,38 @@ FAMILIES = {
         ),
         "probs",
     ),
+    "olmoe": (dict(num_experts=E, num_experts_per_tok=K), "softmax"),
+    # softmax routers whose choice adds a per-expert bias (a frozen parameter, randomised below)
+    "ernie4_5_moe": (dict(moe_num_experts=E, moe_k=K, moe_layer_start_index=0, moe_num_shared_experts=1), "softmax"),
+    # MLA models: softmax with group-limited choice (DeepSeek-V2), biased sigmoid (GLM-4.7-Flash)
+    "deepseek_v2": (
+        dict(
+            _GROUPED,
+            topk_method="group_limited_greedy",
+            first_k_dense_replace=0,
+            num_key_value_heads=4,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_nope_head_dim=4,
+            qk_rope_head_dim=8,
+            v_head_dim=8,
+        ),
+        "softmax",
+    ),
+    "glm4_moe_lite": (
+        dict(
+            _GROUPED,
+            mlp_layer_types=["sparse", "sparse"],
+            num_key_value_heads=4,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_nope_head_dim=4,
+            qk_rope_head_dim=8,
+            v_head_dim=8,
+        ),
+        "sigmoid",
+    ),
+    "dots1": (dict(_GROUPED, first_k_dense_replace=0), "sigmoid"),
 }
 
 
@@ -75,9 +107,10 @@ def _model(model_type: str):
     cfg = AutoConfig.for_model(model_type, **dict(base, **FAMILIES[model_type][0]))
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    for name, buf in lm.named_buffers():
+    for name, buf in [*lm.named_buffers(), *lm.named_parameters()]:
         if name.endswith("e_score_correction_bias"):  # zero at init: make it change which experts are chosen
-            buf.copy_(torch.randn(buf.shape) * 0.5)
+            with torch.no_grad():
+                buf.copy_(torch.randn(buf.shape) * 0.5)
     return lm
 
 
@@ -155,20 +188,37 @@ def test_aux_loss_value_and_gradient_match_reference(lengths, model_type):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("model_type", ["deepseek_v3", "glm4_moe"])
-def test_a_moe_config_whose_layers_are_all_dense_builds_as_dense(demo_dir, tmp_path, model_type):
-    """DeepSeek-V3 and GLM-4.5 keep their first `first_k_dense_replace` layers dense (3 in DeepSeek-V3's config class):
-    a model with no more layers than that has no router, and builds as a dense model (the build raised "no router
-    modules found"); one sparse layer more and it routes again."""
+@pytest.mark.parametrize(
+    "model_type,dense_key",
+    [
+        ("deepseek_v3", "first_k_dense_replace"),
+        ("glm4_moe", "first_k_dense_replace"),
+        ("deepseek_v2", "first_k_dense_replace"),
+        ("dots1", "first_k_dense_replace"),
+        ("glm4_moe_lite", "mlp_layer_types"),
+        ("ernie4_5_moe", "moe_layer_start_index"),
+    ],
+)
+def test_a_moe_config_whose_layers_are_all_dense_builds_as_dense(demo_dir, tmp_path, model_type, dense_key):
+    """DeepSeek-V3 and GLM-4.5 keep their first `first_k_dense_replace` layers dense (3 in DeepSeek-V3's config class),
+    GLM-4.7-Flash lists each layer's kind, ERNIE 4.5 names the first MoE layer: a model whose layers are all dense has
+    no router, and builds as a dense model (the build raised "no router modules found"); one sparse layer more and it
+    routes again. The router count of the built model is the independent check of sft's rule (`sparse_layer`)."""
     from conftest import base_overrides
     from family_models import write_family_model
 
     from sft.cli import compose
+    from sft.models.families import sparse_layer
     from sft.models.loading import build_meta_model
 
     for dense, routes in ((2, False), (1, True)):
-        folder = write_family_model(demo_dir / "model", tmp_path / f"{dense}", model_type, first_k_dense_replace=dense)
+        value = ["dense"] * dense + ["sparse"] * (2 - dense) if dense_key == "mlp_layer_types" else dense
+        folder = write_family_model(demo_dir / "model", tmp_path / f"{dense}", model_type, **{dense_key: value})
         hf_config = AutoConfig.from_pretrained(folder)
         cfg = compose(base_overrides(demo_dir, tmp_path / "out") + [f"model.partial_pretrain={folder}"])
         assert (moe_spec(hf_config) is not None) == routes
         assert (build_meta_model(hf_config, cfg).routing is not None) == routes
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(hf_config)
+        routers = sum(type(m).__name__.lower().endswith("topkrouter") for m in lm.modules())
+        assert routers == sum(sparse_layer(hf_config, i) for i in range(hf_config.num_hidden_layers)) == 2 - dense

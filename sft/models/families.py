@@ -359,8 +359,16 @@ def moe_spec(hf_config: Any) -> MoESpec | None:
 
 def sparse_layer(hf_config: Any, i: int) -> bool:
     """Whether decoder layer i of an MoE config routes its tokens, as transformers builds it: Qwen-MoE keeps
-    `mlp_only_layers` dense and routes every `decoder_sparse_step`-th layer; DeepSeek-V3 and GLM-4.5 keep the first
-    `first_k_dense_replace` layers dense; the other families route every layer."""
+    `mlp_only_layers` dense and routes every `decoder_sparse_step`-th layer; DeepSeek-V2/V3, GLM-4.5 and dots.llm1
+    keep the first `first_k_dense_replace` layers dense; GLM-4.7-Flash lists `mlp_layer_types`; ERNIE 4.5 routes
+    every `moe_layer_interval`-th layer from `moe_layer_start_index` to `moe_layer_end_index`; the other families
+    route every layer."""
+    kinds = getattr(hf_config, "mlp_layer_types", None)
+    if kinds is not None:
+        return kinds[i] == "sparse"
+    if getattr(hf_config, "moe_layer_interval", None) is not None:
+        interval, start = hf_config.moe_layer_interval, hf_config.moe_layer_start_index
+        return (i + 1) % interval == 0 and start <= i <= hf_config.moe_layer_end_index
     if i in (getattr(hf_config, "mlp_only_layers", None) or []) or i < (
         getattr(hf_config, "first_k_dense_replace", 0) or 0
     ):
