@@ -32,6 +32,16 @@ HYBRIDS: dict[str, dict] = {
     "qwen3_5_moe_text": dict(GDN, **MOE, shared_expert_intermediate_size=16),
     "qwen3_next": dict(GDN, **MOE, shared_expert_intermediate_size=16, decoder_sparse_step=1, mlp_only_layers=[]),
     "lfm2": dict(num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"], conv_L_cache=3, conv_bias=True),
+    # LFM2 with a dense first layer, then sigmoid routers whose choice adds a per-expert bias (randomised below).
+    "lfm2_moe": dict(
+        MOE,
+        num_hidden_layers=3,
+        layer_types=["conv", "full_attention", "conv"],
+        conv_L_cache=3,
+        conv_bias=True,
+        num_dense_layers=1,
+        use_expert_bias=True,
+    ),
     # Mamba-2 with 2 B/C groups split over SP ranks; an MoE block with a sigmoid router; NoPE attention.
     "nemotron_h": dict(
         num_hidden_layers=4,
@@ -106,5 +116,8 @@ def write_hybrid_model(demo_model: Path, out: Path, model_type: str, **overrides
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kw), dtype=torch.float32)
     slow_decays(model)
+    for name, buf in model.named_buffers():
+        if name.endswith("expert_bias"):  # zero at init: make it change which experts are chosen
+            buf.copy_(torch.randn(buf.shape) * 0.3)
     model.save_pretrained(out)
     return out

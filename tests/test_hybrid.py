@@ -124,7 +124,7 @@ def test_rows_pack_several_samples_and_sp_cuts_inside_one(runs):
 def test_router_metrics_where_the_model_routes(runs):
     """MoE hybrids log the router aux loss (compared across modes above); dense ones and Nemotron-H without an MoE
     layer do not."""
-    for t in ("qwen3_5_moe_text", "qwen3_next", "nemotron_h", "granitemoehybrid"):
+    for t in ("qwen3_5_moe_text", "qwen3_next", "nemotron_h", "granitemoehybrid", "lfm2_moe"):
         assert all(1.0 <= m["train/aux_loss"] < 4.0 for m in _steps(runs["padded"][t])), t
     for t in ("qwen3_5_text", "lfm2", "falcon_h1"):
         assert "train/aux_loss" not in _steps(runs["padded"][t])[0], t

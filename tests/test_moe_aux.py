@@ -85,6 +85,10 @@ FAMILIES = {
         "sigmoid",
     ),
     "dots1": (dict(_GROUPED, first_k_dense_replace=0), "sigmoid"),
+    "lfm2_moe": (
+        dict(num_experts=E, num_experts_per_tok=K, num_dense_layers=0, layer_types=["conv", "full_attention"]),
+        "sigmoid",
+    ),
 }
 
 
@@ -108,7 +112,7 @@ def _model(model_type: str):
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     for name, buf in [*lm.named_buffers(), *lm.named_parameters()]:
-        if name.endswith("e_score_correction_bias"):  # zero at init: make it change which experts are chosen
+        if name.endswith(("e_score_correction_bias", "expert_bias")):  # zero at init: make the choice differ
             with torch.no_grad():
                 buf.copy_(torch.randn(buf.shape) * 0.5)
     return lm
@@ -155,7 +159,11 @@ def test_aux_loss_value_and_gradient_match_reference(lengths, model_type):
     lm = _model(model_type)
     gen = torch.Generator().manual_seed(1)
     samples = [torch.randint(0, 64, (n,), generator=gen) for n in lengths]
-    routers = [p for n, p in lm.named_parameters() if n.endswith(("mlp.gate.weight", "router.proj.weight"))]
+    routers = [
+        p
+        for n, p in lm.named_parameters()
+        if n.endswith(("mlp.gate.weight", "router.proj.weight", "feed_forward.gate.weight"))
+    ]
     assert len(routers) == 2
 
     ref_loss, ref_aux = _reference(lm, samples)
@@ -197,6 +205,7 @@ def test_aux_loss_value_and_gradient_match_reference(lengths, model_type):
         ("dots1", "first_k_dense_replace"),
         ("glm4_moe_lite", "mlp_layer_types"),
         ("ernie4_5_moe", "moe_layer_start_index"),
+        ("lfm2_moe", "num_dense_layers"),
     ],
 )
 def test_a_moe_config_whose_layers_are_all_dense_builds_as_dense(demo_dir, tmp_path, model_type, dense_key):
@@ -213,7 +222,10 @@ def test_a_moe_config_whose_layers_are_all_dense_builds_as_dense(demo_dir, tmp_p
 
     for dense, routes in ((2, False), (1, True)):
         value = ["dense"] * dense + ["sparse"] * (2 - dense) if dense_key == "mlp_layer_types" else dense
-        folder = write_family_model(demo_dir / "model", tmp_path / f"{dense}", model_type, **{dense_key: value})
+        kinds = {"layer_types": ["conv", "full_attention"]} if model_type == "lfm2_moe" else {}  # LFM2 needs its list
+        folder = write_family_model(
+            demo_dir / "model", tmp_path / f"{dense}", model_type, **kinds, **{dense_key: value}
+        )
         hf_config = AutoConfig.from_pretrained(folder)
         cfg = compose(base_overrides(demo_dir, tmp_path / "out") + [f"model.partial_pretrain={folder}"])
         assert (moe_spec(hf_config) is not None) == routes

@@ -79,6 +79,7 @@ _LOCAL_MOE = MoESpec(experts_keys=("num_local_experts",))
 # Hybrid families (sft/models/recurrent/): Gated DeltaNet, Mamba-2 and short-convolution mixers beside attention.
 _GDN = RecurrentSpec("gated_delta", "gateddeltanet", "linear_num_key_heads")
 _HYBRID_MOE = dict(liger=False, mlp="none", rms_norm="offset", recurrent=_GDN)
+_SHORT_CONV = RecurrentSpec("short_conv", "shortconv", "hidden_size")
 # Sigmoid routers with a score-correction bias and shared experts: the router returns its chosen experts.
 _DEEPSEEK_MOE = MoESpec(experts_keys=("n_routed_experts",), coef_key="aux_loss_alpha", scores="sigmoid")
 _GLM_MOE = MoESpec(experts_keys=("n_routed_experts",), scores="sigmoid")
@@ -138,7 +139,11 @@ FAMILIES: dict[str, Family] = {
     "qwen3_5_text": Family("Qwen3.5 (text)", liger=False, rms_norm="offset", recurrent=_GDN),
     "qwen3_5_moe_text": Family("Qwen3.5-MoE (text)", moe=_QWEN2_MOE, **_HYBRID_MOE),
     "qwen3_next": Family("Qwen3-Next", moe=_QWEN2_MOE, **_HYBRID_MOE),
-    "lfm2": Family("LFM2", liger=False, recurrent=RecurrentSpec("short_conv", "shortconv", "hidden_size")),
+    "lfm2": Family("LFM2", liger=False, recurrent=_SHORT_CONV),
+    # LFM2's layers with a sigmoid router (its choice adds `expert_bias`, a buffer) after `num_dense_layers` dense ones.
+    "lfm2_moe": Family(
+        "LFM2-MoE", liger=False, mlp="none", moe=MoESpec(("num_experts",), scores="sigmoid"), recurrent=_SHORT_CONV
+    ),
     "nemotron_h": Family(
         "Nemotron-H",
         mlp_matrices=2,
@@ -360,7 +365,7 @@ def moe_spec(hf_config: Any) -> MoESpec | None:
 def sparse_layer(hf_config: Any, i: int) -> bool:
     """Whether decoder layer i of an MoE config routes its tokens, as transformers builds it: Qwen-MoE keeps
     `mlp_only_layers` dense and routes every `decoder_sparse_step`-th layer; DeepSeek-V2/V3, GLM-4.5 and dots.llm1
-    keep the first `first_k_dense_replace` layers dense; GLM-4.7-Flash lists `mlp_layer_types`; ERNIE 4.5 routes
+    keep the first `first_k_dense_replace` layers dense, LFM2-MoE the first `num_dense_layers`; GLM-4.7-Flash lists `mlp_layer_types`; ERNIE 4.5 routes
     every `moe_layer_interval`-th layer from `moe_layer_start_index` to `moe_layer_end_index`; the other families
     route every layer."""
     kinds = getattr(hf_config, "mlp_layer_types", None)
@@ -369,9 +374,8 @@ def sparse_layer(hf_config: Any, i: int) -> bool:
     if getattr(hf_config, "moe_layer_interval", None) is not None:
         interval, start = hf_config.moe_layer_interval, hf_config.moe_layer_start_index
         return (i + 1) % interval == 0 and start <= i <= hf_config.moe_layer_end_index
-    if i in (getattr(hf_config, "mlp_only_layers", None) or []) or i < (
-        getattr(hf_config, "first_k_dense_replace", 0) or 0
-    ):
+    first_dense = getattr(hf_config, "first_k_dense_replace", None) or getattr(hf_config, "num_dense_layers", 0)
+    if i in (getattr(hf_config, "mlp_only_layers", None) or []) or i < (first_dense or 0):
         return False
     step = getattr(hf_config, "decoder_sparse_step", None) or 1
     return (i + 1) % step == 0
