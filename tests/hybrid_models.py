@@ -30,6 +30,8 @@ MAMBA = dict(mamba_n_heads=4, mamba_n_groups=1, mamba_d_state=8, mamba_chunk_siz
 HYBRIDS: dict[str, dict] = {
     "qwen3_5_text": GDN,
     "qwen3_5_moe_text": dict(GDN, **MOE, shared_expert_intermediate_size=16),
+    # OLMo Hybrid: separate projections, beta scaled to [0, 2]; its forward needs as many key as value heads.
+    "olmo_hybrid": dict(GDN, linear_num_key_heads=4, linear_num_value_heads=4, linear_allow_neg_eigval=True),
     "qwen3_next": dict(GDN, **MOE, shared_expert_intermediate_size=16, decoder_sparse_step=1, mlp_only_layers=[]),
     "lfm2": dict(num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"], conv_L_cache=3, conv_bias=True),
     # LFM2 with a dense first layer, then sigmoid routers whose choice adds a per-expert bias (randomised below).

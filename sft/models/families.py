@@ -137,6 +137,8 @@ FAMILIES: dict[str, Family] = {
     "qwen2_vl_text": Family("Qwen2-VL (text model)", sliding_window=True, liger=False),
     "qwen2_5_vl_text": Family("Qwen2.5-VL (text model)", sliding_window=True, liger=False),
     "qwen3_5_text": Family("Qwen3.5 (text)", liger=False, rms_norm="offset", recurrent=_GDN),
+    # Gated DeltaNet with its own q/k/v/a/b/g projections and, when `linear_allow_neg_eigval`, beta in [0, 2].
+    "olmo_hybrid": Family("OLMo Hybrid", liger=False, recurrent=_GDN),
     "qwen3_5_moe_text": Family("Qwen3.5-MoE (text)", moe=_QWEN2_MOE, **_HYBRID_MOE),
     "qwen3_next": Family("Qwen3-Next", moe=_QWEN2_MOE, **_HYBRID_MOE),
     "lfm2": Family("LFM2", liger=False, recurrent=_SHORT_CONV),

@@ -71,14 +71,23 @@ def _gdn_project(m: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     if hasattr(m, "in_proj_qkvz"):  # Qwen3-Next: q, k, v, z interleaved per key head; b, a per key head
         q, k, v, z, b, a = m.fix_query_key_value_ordering(m.in_proj_qkvz(x[None]), m.in_proj_ba(x[None]))
         return q[0], k[0], v[0], z[0], b[0], a[0]
-    qkv = m.in_proj_qkv(x)  # Qwen3.5: separate projections
-    q, k, v = qkv.split([m.key_dim, m.key_dim, m.value_dim], dim=-1)
     hk, hv = (t, m.num_k_heads, m.head_k_dim), (t, m.num_v_heads, m.head_v_dim)
+    if hasattr(m, "q_proj"):  # OLMo Hybrid: one projection each, the output gate is g_proj
+        return (
+            m.q_proj(x).view(hk),
+            m.k_proj(x).view(hk),
+            m.v_proj(x).view(hv),
+            m.g_proj(x).view(hv),
+            m.b_proj(x),
+            m.a_proj(x),
+        )
+    qkv = m.in_proj_qkv(x)  # Qwen3.5: q, k, v in one projection, z, b and a in their own
+    q, k, v = qkv.split([m.key_dim, m.key_dim, m.value_dim], dim=-1)
     return q.view(hk), k.view(hk), v.view(hv), m.in_proj_z(x).view(hv), m.in_proj_b(x), m.in_proj_a(x)
 
 
 def gated_delta_forward(m: nn.Module, hidden: torch.Tensor, row: PackedRow, group) -> torch.Tensor:
-    """Gated DeltaNet (Qwen3.5, Qwen3-Next) on a packed row: `[1, t, hidden]` -> `[1, t, hidden]`."""
+    """Gated DeltaNet (Qwen3.5, Qwen3-Next, OLMo Hybrid) on a packed row: `[1, t, hidden]` -> `[1, t, hidden]`."""
     x = hidden[0]
     t = x.shape[0]
     dk, dv = m.head_k_dim, m.head_v_dim
@@ -103,10 +112,13 @@ def gated_delta_forward(m: nn.Module, hidden: torch.Tensor, row: PackedRow, grou
     q, k, v = mixed.split([qk_width, qk_width, (vh.stop - vh.start) * dv], dim=-1)
     q, k, v = q.view(n, -1, dk), k.view(n, -1, dk), v.view(n, -1, dv)
     beta = vba[..., dv].sigmoid()
+    if getattr(m, "allow_neg_eigval", False):  # OLMo Hybrid's option: beta in [0, 2], as its own forward scales it
+        beta = beta * 2.0
     g = -m.A_log[vh].float().exp() * F.softplus(vba[..., dv + 1].float() + m.dt_bias[vh])
     out = _to_seq(gated_delta_rule(q, k, v, g, beta, row), group)  # [T, H/sp, dv] -> [t, H, dv]
-    out = m.norm(out.reshape(-1, dv), z.reshape(-1, dv)).reshape(1, t, -1)
-    return m.out_proj(out)
+    norm, out_proj = (m.o_norm, m.o_proj) if hasattr(m, "o_proj") else (m.norm, m.out_proj)
+    out = norm(out.reshape(-1, dv), z.reshape(-1, dv)).reshape(1, t, -1)
+    return out_proj(out)
 
 
 def short_conv_forward(m: nn.Module, hidden: torch.Tensor, row: PackedRow, group) -> torch.Tensor:
