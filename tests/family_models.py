@@ -159,6 +159,22 @@ EXTRA: dict[str, dict] = {
         moe_layer_start_index=1,
         router_aux_loss_coef=0.5,
     ),
+    # Biased sigmoid routers over `num_experts` after dense first layers, shared experts; windowed and global layers.
+    "exaone_moe": dict(
+        MOE,
+        num_experts=4,
+        num_shared_experts=1,
+        mlp_layer_types=["dense", "sparse"],
+        layer_types=LAYERS2,
+        sliding_window=WINDOW,
+        n_group=2,
+        topk_group=1,
+    ),
+    "afmoe": dict(
+        MOE, num_experts=4, num_shared_experts=1, num_dense_layers=1, layer_types=LAYERS2, sliding_window=WINDOW
+    ),
+    "hy_v3": dict(MOE, num_experts=4, num_shared_experts=1, mlp_layer_types=["dense", "sparse"]),
+    "solar_open": dict(MOE, n_routed_experts=4, n_shared_experts=1, n_group=2, topk_group=1),
     # Not in the table: trained because sft's packing probe (sft/models/probe.py) measures it exact; windows, qk-norm.
     "exaone4": dict(layer_types=LAYERS2, sliding_window=WINDOW),
 }
@@ -185,9 +201,10 @@ def write_family_model(demo_model: Path, out: Path, model_type: str, **overrides
     cfg = AutoConfig.for_model(model_type, **kw)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    # Zero at init: make it change which experts are chosen (a buffer, or ERNIE 4.5's frozen parameter).
+    # Zero at init: make it change which experts are chosen (a buffer, or ERNIE 4.5's frozen parameter), and give
+    # AFMoE's zero-initialised router weights values, so that tokens route differently.
     for name, buf in [*model.named_buffers(), *model.named_parameters()]:
-        if name.endswith("e_score_correction_bias"):
+        if name.endswith(("e_score_correction_bias", "expert_bias", "router.gate.weight")):
             with torch.no_grad():
                 buf.copy_(torch.randn(buf.shape) * 0.3)
     model.save_pretrained(out)

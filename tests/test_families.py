@@ -111,7 +111,18 @@ def test_rows_pack_samples_and_sp_cuts_inside_one(runs):
 
 def test_moe_metrics_logged(runs):
     moe = ("qwen3_moe", "mixtral", "gpt_oss", "qwen2_moe", "gemma4_text", "glm4_moe", "minimax_m2", "deepseek_v3")
-    for t in (*moe, "deepseek_v2", "glm4_moe_lite", "dots1", "olmoe", "ernie4_5_moe"):
+    new = (
+        "deepseek_v2",
+        "glm4_moe_lite",
+        "dots1",
+        "olmoe",
+        "ernie4_5_moe",
+        "exaone_moe",
+        "afmoe",
+        "hy_v3",
+        "solar_open",
+    )
+    for t in (*moe, *new):
         for m in _steps(runs["padded"][t]):
             # 2 of 4 experts per token: a balanced router gives aux = top_k = 2 and max load 1.0.
             assert 1.0 < m["train/aux_loss"] < 4.0 and 1.0 <= m["train/moe_max_load"] <= 2.0, (t, m)
@@ -170,7 +181,7 @@ def test_family_table_rows():
         ("falcon", {"final_logit_softcapping": 30.0}, "not in sft's table of tested families and its config"),
         ("helium", {"num_experts": 4}, "mixture-of-experts routing.* needs a row"),
         # Routers that the packing probe passes (its forward is exact) but whose aux loss sft would not apply.
-        ("afmoe", {}, r"config.num_experts=64 \(mixture-of-experts routing\) needs a row"),
+        ("laguna", {}, r"config.num_experts=256 \(mixture-of-experts routing\) needs a row"),
         ("aria_text", {}, r"config.moe_num_experts=8 \(mixture-of-experts"),
         ("helium", {"num_experts_per_tok": 2}, r"config.num_experts_per_tok=2 \(mixture-of-experts"),
         ("deepseek_v3", {"final_logit_softcapping": 30.0}, "final-logit soft-capping"),

@@ -22,6 +22,7 @@ E, K, COEF = 4, 2, 0.7
 
 
 _QWEN = dict(num_experts=E, num_experts_per_tok=K, mlp_only_layers=[], decoder_sparse_step=1)
+_SIGMOID = dict(num_experts=E, num_experts_per_tok=K, num_shared_experts=1)
 _GROUPED = dict(n_routed_experts=E, num_experts_per_tok=K, n_shared_experts=1, n_group=2, topk_group=1)
 # Per family: config keys, and how the router turns logits into the aux loss's P ("probs": it returns them).
 FAMILIES = {
@@ -85,6 +86,10 @@ FAMILIES = {
         "sigmoid",
     ),
     "dots1": (dict(_GROUPED, first_k_dense_replace=0), "sigmoid"),
+    "exaone_moe": (dict(_SIGMOID, n_group=2, topk_group=1, mlp_layer_types=["sparse", "sparse"]), "sigmoid"),
+    "afmoe": (dict(_SIGMOID, num_dense_layers=0), "sigmoid"),
+    "hy_v3": (dict(_SIGMOID, mlp_layer_types=["sparse", "sparse"]), "sigmoid"),
+    "solar_open": (dict(_GROUPED), "sigmoid"),
     "lfm2_moe": (
         dict(num_experts=E, num_experts_per_tok=K, num_dense_layers=0, layer_types=["conv", "full_attention"]),
         "sigmoid",
@@ -112,7 +117,7 @@ def _model(model_type: str):
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     for name, buf in [*lm.named_buffers(), *lm.named_parameters()]:
-        if name.endswith(("e_score_correction_bias", "expert_bias")):  # zero at init: make the choice differ
+        if name.endswith(("e_score_correction_bias", "expert_bias", "router.gate.weight")):  # zero at init
             with torch.no_grad():
                 buf.copy_(torch.randn(buf.shape) * 0.5)
     return lm
@@ -159,11 +164,8 @@ def test_aux_loss_value_and_gradient_match_reference(lengths, model_type):
     lm = _model(model_type)
     gen = torch.Generator().manual_seed(1)
     samples = [torch.randint(0, 64, (n,), generator=gen) for n in lengths]
-    routers = [
-        p
-        for n, p in lm.named_parameters()
-        if n.endswith(("mlp.gate.weight", "router.proj.weight", "feed_forward.gate.weight"))
-    ]
+    names = ("mlp.gate.weight", "router.proj.weight", "feed_forward.gate.weight", "router.gate.weight")
+    routers = [p for n, p in lm.named_parameters() if n.endswith(names)]
     assert len(routers) == 2
 
     ref_loss, ref_aux = _reference(lm, samples)
@@ -206,6 +208,9 @@ def test_aux_loss_value_and_gradient_match_reference(lengths, model_type):
         ("glm4_moe_lite", "mlp_layer_types"),
         ("ernie4_5_moe", "moe_layer_start_index"),
         ("lfm2_moe", "num_dense_layers"),
+        ("afmoe", "num_dense_layers"),
+        ("exaone_moe", "mlp_layer_types"),
+        ("hy_v3", "mlp_layer_types"),
     ],
 )
 def test_a_moe_config_whose_layers_are_all_dense_builds_as_dense(demo_dir, tmp_path, model_type, dense_key):
@@ -232,5 +237,5 @@ def test_a_moe_config_whose_layers_are_all_dense_builds_as_dense(demo_dir, tmp_p
         assert (build_meta_model(hf_config, cfg).routing is not None) == routes
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(hf_config)
-        routers = sum(type(m).__name__.lower().endswith("topkrouter") for m in lm.modules())
+        routers = sum(type(m).__name__.lower().endswith(("topkrouter", "tokenchoicerouter")) for m in lm.modules())
         assert routers == sum(sparse_layer(hf_config, i) for i in range(hf_config.num_hidden_layers)) == 2 - dense

@@ -83,6 +83,7 @@ _SHORT_CONV = RecurrentSpec("short_conv", "shortconv", "hidden_size")
 # Sigmoid routers with a score-correction bias and shared experts: the router returns its chosen experts.
 _DEEPSEEK_MOE = MoESpec(experts_keys=("n_routed_experts",), coef_key="aux_loss_alpha", scores="sigmoid")
 _GLM_MOE = MoESpec(experts_keys=("n_routed_experts",), scores="sigmoid")
+_SIGMOID_MOE = MoESpec(experts_keys=("num_experts",), scores="sigmoid")
 # Softmax routers over `n_routed_experts` (greedy or group-limited) with shared experts: DeepSeek-V2. Its released
 # config.json keeps the coefficient as `aux_loss_alpha` (transformers' class does not declare it; absent: no aux loss).
 _DEEPSEEK_V2_MOE = MoESpec(experts_keys=("n_routed_experts",), coef_key="aux_loss_alpha")
@@ -143,9 +144,7 @@ FAMILIES: dict[str, Family] = {
     "qwen3_next": Family("Qwen3-Next", moe=_QWEN2_MOE, **_HYBRID_MOE),
     "lfm2": Family("LFM2", liger=False, recurrent=_SHORT_CONV),
     # LFM2's layers with a sigmoid router (its choice adds `expert_bias`, a buffer) after `num_dense_layers` dense ones.
-    "lfm2_moe": Family(
-        "LFM2-MoE", liger=False, mlp="none", moe=MoESpec(("num_experts",), scores="sigmoid"), recurrent=_SHORT_CONV
-    ),
+    "lfm2_moe": Family("LFM2-MoE", liger=False, mlp="none", moe=_SIGMOID_MOE, recurrent=_SHORT_CONV),
     "nemotron_h": Family(
         "Nemotron-H",
         mlp_matrices=2,
@@ -183,6 +182,16 @@ FAMILIES: dict[str, Family] = {
     "dots1": Family("dots.llm1", moe=_GLM_MOE, liger=False),
     "olmoe": Family("OLMoE", moe=_QWEN_MOE, liger=False, mlp="none"),
     "ernie4_5_moe": Family("ERNIE 4.5 MoE", moe=_ERNIE_MOE, liger=False, mlp="none"),
+    # Sigmoid routers whose choice adds a per-expert bias, over `num_experts`, with shared experts.
+    "exaone_moe": Family("K-EXAONE (EXAONE MoE)", sliding_window=True, moe=_SIGMOID_MOE, liger=False),
+    "afmoe": Family(
+        "Arcee Trinity (AFMoE)",
+        sliding_window=True,
+        moe=MoESpec(("num_experts",), scores="sigmoid", router_suffix="tokenchoicerouter"),
+        liger=False,
+    ),
+    "hy_v3": Family("Hy3 (Tencent Hunyuan 3)", moe=_SIGMOID_MOE, liger=False),
+    "solar_open": Family("Solar Open", moe=_GLM_MOE, liger=False),
 }
 
 # Experts chosen per token: set with a count key below in most configs; alone, still a router.
