@@ -77,6 +77,8 @@ HYBRIDS: dict[str, dict] = {
         attention_multiplier=0.3,
         position_embedding_type="rope",
     ),
+    # Mamba-2 layers with attention at one index, a plain gated MLP in every layer.
+    "bamba": dict(MAMBA, num_hidden_layers=3, attn_layer_indices=[1], mamba_d_head=16),
     # Mamba-2 beside attention in every layer, gated group norm, muP multipliers on the projections.
     "falcon_h1": dict(
         MAMBA,

@@ -72,10 +72,15 @@ def matmul_params(hf_config: Any) -> int:
     routed = int(getattr(cfg, spec.top_k_key)) * 3 * hidden * width + hidden * num_experts(cfg, spec)
     if spec.shared_expert_key is not None and getattr(cfg, spec.shared_expert_key, None):
         routed += 3 * hidden * int(getattr(cfg, spec.shared_expert_key)) + hidden  # shared expert + its gate
-    # GLM-4.5 / DeepSeek-V3 style: n_shared_experts always-on experts of the routed experts' width, no gate.
-    routed += 3 * hidden * width * int(getattr(cfg, "n_shared_experts", None) or 0)
+    # GLM-4.5 / DeepSeek-V3 style: always-on experts of the routed experts' width, no gate (the count's key differs).
+    shared = next((getattr(cfg, k) for k in _SHARED_EXPERTS_KEYS if getattr(cfg, k, None)), 0)
+    routed += 3 * hidden * width * int(shared)
     sparse = sum(sparse_layer(cfg, i) for i in range(layers))
     return layers * attn + sparse * routed + (layers - sparse) * mlp + cfg.vocab_size * hidden
+
+
+# Config keys of the number of always-on shared experts (DeepSeek/GLM/dots, EXAONE/AFMoE/Hy3, ERNIE 4.5).
+_SHARED_EXPERTS_KEYS = ("n_shared_experts", "num_shared_experts", "moe_num_shared_experts")
 
 
 def flops_reason(hf_config: Any) -> str | None:
@@ -94,6 +99,8 @@ def flops_reason(hf_config: Any) -> str | None:
         return f"{model_type}'s multi-head latent attention"
     if model_type == "gemma4_text":
         return "Gemma 4's per-layer inputs, double-wide MLPs and MoE block beside the MLP"
+    if model_type == "afmoe":
+        return "AFMoE's gated attention (an output-gate projection per layer)"
     return None
 
 

@@ -161,6 +161,10 @@ FAMILIES: dict[str, Family] = {
         moe=_LOCAL_MOE,
         recurrent=RecurrentSpec("mamba2", "mambalayer", "mamba_n_heads", "mamba_n_groups"),
     ),
+    # Mamba-2 layers, attention at `attn_layer_indices` (IBM Bamba).
+    "bamba": Family(
+        "Bamba", liger=False, recurrent=RecurrentSpec("mamba2", "bambamixer", "mamba_n_heads", "mamba_n_groups")
+    ),
     "falcon_h1": Family(
         "Falcon-H1",
         logit_scale=("lm_head_multiplier", 1),
