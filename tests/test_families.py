@@ -122,6 +122,7 @@ def test_moe_metrics_logged(runs):
         "hy_v3",
         "solar_open",
     )
+    new += ("sarvam_moe", "sarvam_mla", "param2moe", "flex_olmo", "granitemoe")
     for t in (*moe, *new):
         for m in _steps(runs["padded"][t]):
             # 2 of 4 experts per token: a balanced router gives aux = top_k = 2 and max load 1.0.

@@ -90,6 +90,11 @@ FAMILIES = {
     "afmoe": (dict(_SIGMOID, num_dense_layers=0), "sigmoid"),
     "hy_v3": (dict(_SIGMOID, mlp_layer_types=["sparse", "sparse"]), "sigmoid"),
     "solar_open": (dict(_GROUPED), "sigmoid"),
+    "flex_olmo": (dict(num_experts=E, num_experts_per_tok=K), "softmax"),
+    # softmax over the top-k logits (for the aux loss's P, the softmax over all of them); its logit scaling is the
+    # trainer's (the family tests), not this test's
+    "granitemoe": (dict(num_local_experts=E, num_experts_per_tok=K, logits_scaling=1.0), "softmax"),
+    "sarvam_moe": (dict(_GROUPED, first_k_dense_replace=0), "sigmoid"),
     "lfm2_moe": (
         dict(num_experts=E, num_experts_per_tok=K, num_dense_layers=0, layer_types=["conv", "full_attention"]),
         "sigmoid",
@@ -164,7 +169,13 @@ def test_aux_loss_value_and_gradient_match_reference(lengths, model_type):
     lm = _model(model_type)
     gen = torch.Generator().manual_seed(1)
     samples = [torch.randint(0, 64, (n,), generator=gen) for n in lengths]
-    names = ("mlp.gate.weight", "router.proj.weight", "feed_forward.gate.weight", "router.gate.weight")
+    names = (
+        "mlp.gate.weight",
+        "router.proj.weight",
+        "feed_forward.gate.weight",
+        "router.gate.weight",
+        "moe.router.weight",
+    )
     routers = [p for n, p in lm.named_parameters() if n.endswith(names)]
     assert len(routers) == 2
 

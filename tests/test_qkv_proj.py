@@ -20,7 +20,7 @@ import sft.ops.qkv_proj as qp
 # Layers whose attention has q, k and v projections, where not all layers do: Phi-3 has one qkv_proj already,
 # DeepSeek-V3's MLA projects through low-rank latents, and of the tiny Gemma 4's three layers only the first
 # has all three (the global layer reuses k as v, the last reuses another layer's k and v).
-JOINED = {"phi3": 0, "deepseek_v3": 0, "deepseek_v2": 0, "glm4_moe_lite": 0, "gemma4_text": 1}
+JOINED = {"phi3": 0, "deepseek_v3": 0, "deepseek_v2": 0, "glm4_moe_lite": 0, "sarvam_mla": 0, "gemma4_text": 1}
 
 
 def _tiny(model_type: str) -> nn.Module:

@@ -196,6 +196,11 @@ FAMILIES: dict[str, Family] = {
     ),
     "hy_v3": Family("Hy3 (Tencent Hunyuan 3)", moe=_SIGMOID_MOE, liger=False),
     "solar_open": Family("Solar Open", moe=_GLM_MOE, liger=False),
+    "sarvam_moe": Family("Sarvam MoE", moe=_GLM_MOE, liger=False),
+    "sarvam_mla": Family("Sarvam MoE with MLA", moe=_GLM_MOE, liger=False),
+    "param2moe": Family("Param-2 MoE", moe=_GLM_MOE, liger=False),
+    "flex_olmo": Family("FlexOlmo", moe=_QWEN_MOE, liger=False, mlp="none"),
+    "granitemoe": Family("Granite 3 MoE", logit_scale=("logits_scaling", -1), moe=_LOCAL_MOE, liger=False, mlp="none"),
 }
 
 # Experts chosen per token: set with a count key below in most configs; alone, still a router.
