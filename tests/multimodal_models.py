@@ -23,6 +23,8 @@ VISION = dict(
     hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
 )
 GEMMA4_TEXT = EXTRA.get("gemma4_text", {})
+GLM_ROPE = dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5, mrope_section=[2, 1, 1])
+GLM_VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=14)
 WRAPPERS: dict[str, dict] = {
     # Gemma 3: sliding and full layers; the files use the older layout (language_model.model.*, vision_tower.*).
     "gemma3": dict(
@@ -117,8 +119,36 @@ WRAPPERS: dict[str, dict] = {
         ),
         tie_word_embeddings=False,
     ),
+    # GLM-4.1V / 4.6V-Flash: GLM-4 layers under multimodal RoPE over half of each 16-wide head (sections 2, 1, 1);
+    # its attention takes the head width from hidden_size / heads, so 2 heads of 16 (and 2 KV heads).
+    "glm4v": dict(
+        text_config=dict(
+            TEXT,
+            model_type="glm4v_text",
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=16,
+            rope_parameters=GLM_ROPE,
+        ),
+        vision_config=dict(GLM_VISION, model_type="glm4v_vision"),
+        tie_word_embeddings=False,
+    ),
+    # GLM-4.5V / 4.6V: GLM-4.5's routed layers under multimodal RoPE over half of each 16-wide head (sections 2, 1, 1).
+    "glm4v_moe": dict(
+        text_config=dict(
+            TEXT,
+            **EXTRA["glm4_moe"],
+            model_type="glm4v_moe_text",
+            head_dim=16,
+            rope_parameters=GLM_ROPE,
+        ),
+        vision_config=dict(GLM_VISION, model_type="glm4v_moe_vision"),
+        tie_word_embeddings=False,
+    ),
 }
 VISION_DTYPE = {
+    "glm4v": torch.bfloat16,
+    "glm4v_moe": torch.bfloat16,
     "gemma3": torch.bfloat16,
     "qwen3_vl": torch.float32,
     "mistral3": torch.bfloat16,

@@ -35,10 +35,11 @@ from sft.models.loading import build_meta_model, load_hf_config
 from sft.models.multimodal import FROZEN_FILE
 from sft.parallel.distributed import WorldInfo
 
-# Trained padded and with remove-padding + sp=2: Gemma 3, Qwen3-VL, and Gemma 4 (its text model: per-layer
+# Trained padded and with remove-padding + sp=2: Gemma 3, Qwen3-VL, GLM-4.1V and GLM-4.5V (partial multimodal RoPE),
+# and Gemma 4 (its text model: per-layer
 # embeddings, shared KV, an MoE block, final soft-capping) while its row is in the table, else Mistral 3.
 # Mistral 3 trains with LoRA (remove-padding, one process) and goes through sft.merge.
-EQUIV = ("gemma3", "qwen3_vl") + (("gemma4",) if "gemma4_text" in FAMILIES else ("mistral3",))
+EQUIV = ("gemma3", "qwen3_vl", "glm4v", "glm4v_moe") + (("gemma4",) if "gemma4_text" in FAMILIES else ("mistral3",))
 TYPES = (*EQUIV, "mistral3") if "mistral3" not in EQUIV else EQUIV
 ONE = WorldInfo(rank=0, local_rank=0, world_size=1, local_world_size=1)
 ALL_CONTENTS = 'trainer.checkpoint.save_contents=["model","optimizer","extra","hf_model"]'
@@ -106,9 +107,19 @@ def test_sp2_remove_padding_matches_padded(runs):
             if b["train/loss"] != pytest.approx(a["train/loss"], rel=1e-5):
                 bad.append(f"{t} step {a['step']}: {a['train/loss']} vs {b['train/loss']}")
         for k, w in ref["weights"].items():
-            if not torch.allclose(got["weights"][k], w, rtol=1e-4, atol=5e-5):
-                bad.append(f"{t} {k}: max diff {(got['weights'][k] - w).abs().max():.3g}")
+            g, w = _effective(t, k, got["weights"][k]), _effective(t, k, w)
+            if not torch.allclose(g, w, rtol=1e-4, atol=5e-5):
+                bad.append(f"{t} {k}: max diff {(g - w).abs().max():.3g}")
     assert not bad, "\n".join(bad[:20])
+
+
+def _effective(model_type: str, name: str, w: torch.Tensor) -> torch.Tensor:
+    """The entries of `w` that can change the output. GLM-4.1V and GLM-4.5V rotate half of each 16-wide head: the key bias on
+    the other half adds one constant to all scores of a query, which softmax ignores, so its true gradient is 0 and
+    Adam turns float noise into lr-sized steps that differ between layouts (tests/test_families.py, GLM-4)."""
+    if model_type.startswith("glm4v") and name.endswith("self_attn.k_proj.bias"):
+        return w.view(-1, 16)[:, :8]
+    return w
 
 
 def test_vision_side_outside_model_and_optimizer(runs, mm_dirs):

@@ -135,6 +135,10 @@ FAMILIES: dict[str, Family] = {
     # which is plain RoPE over the token positions (the packed per-sample positions work unchanged).
     "qwen3_vl_text": Family("Qwen3-VL (text model)", liger=False),
     "qwen3_vl_moe_text": Family("Qwen3-VL-MoE (text model)", moe=_QWEN_MOE, liger=False, mlp="none"),
+    # GLM-4.1V / 4.6V-Flash and GLM-4.5V / 4.6V text models: GLM-4 and GLM-4.5 layers with multimodal RoPE (equal
+    # sections on text-only rows), rotated over `partial_rotary_factor` of each head.
+    "glm4v_text": Family("GLM-4.1V / GLM-4.6V-Flash (text model)", liger=False),
+    "glm4v_moe_text": Family("GLM-4.5V / GLM-4.6V (text model)", moe=_GLM_MOE, liger=False),
     "qwen2_vl_text": Family("Qwen2-VL (text model)", sliding_window=True, liger=False),
     "qwen2_5_vl_text": Family("Qwen2.5-VL (text model)", sliding_window=True, liger=False),
     "qwen3_5_text": Family("Qwen3.5 (text)", liger=False, rms_norm="offset", recurrent=_GDN),
