@@ -27,6 +27,10 @@ COMMON = dict(
     tie_word_embeddings=False,
 )
 MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32, router_aux_loss_coef=0.5)
+# Routed experts over `n_routed_experts` in 2 groups (1 kept), a shared expert and a dense first layer (DeepSeek style).
+GROUPED = dict(MOE, n_routed_experts=4, n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1)
+# Multi-head latent attention: q/k heads 4 + 8 wide, value heads 6 wide, as many KV heads as query heads.
+MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=4, qk_rope_head_dim=8, v_head_dim=6)
 LAYERS3 = ["sliding_attention", "full_attention", "sliding_attention"]
 LAYERS2 = ["sliding_attention", "full_attention"]
 EXTRA: dict[str, dict] = {
@@ -89,66 +93,15 @@ EXTRA: dict[str, dict] = {
     ),
     # Sigmoid routers with a score-correction bias (randomised in write_family_model), group-limited choice,
     # a shared expert and a dense first layer; partial RoPE, q/k norms, attention biases.
-    "glm4_moe": dict(
-        MOE,
-        n_routed_experts=4,
-        n_shared_experts=1,
-        n_group=2,
-        topk_group=1,
-        first_k_dense_replace=1,
-        use_qk_norm=True,
-        attention_bias=True,
-    ),
+    "glm4_moe": dict(GROUPED, use_qk_norm=True, attention_bias=True),
     "minimax_m2": dict(MOE, num_local_experts=4, rotary_dim=4),  # q/k norms over all heads, partial RoPE
     # MLA: q/k heads 4 + 8 wide, value heads 6 wide; low-rank q and kv, interleaved RoPE; aux loss from aux_loss_alpha.
-    "deepseek_v3": dict(
-        MOE,
-        num_key_value_heads=4,
-        n_routed_experts=4,
-        n_shared_experts=1,
-        n_group=2,
-        topk_group=1,
-        first_k_dense_replace=1,
-        q_lora_rank=16,
-        kv_lora_rank=16,
-        qk_nope_head_dim=4,
-        qk_rope_head_dim=8,
-        v_head_dim=6,
-        aux_loss_alpha=0.5,
-    ),
+    "deepseek_v3": dict(GROUPED, **MLA, q_lora_rank=16, aux_loss_alpha=0.5),
     # MLA under softmax routers, group-limited choice (2 groups, 1 kept), shared experts, a dense first layer.
-    "deepseek_v2": dict(
-        MOE,
-        num_key_value_heads=4,
-        n_routed_experts=4,
-        n_shared_experts=1,
-        topk_method="group_limited_greedy",
-        n_group=2,
-        topk_group=1,
-        first_k_dense_replace=1,
-        q_lora_rank=16,
-        kv_lora_rank=16,
-        qk_nope_head_dim=4,
-        qk_rope_head_dim=8,
-        v_head_dim=6,
-        aux_loss_alpha=0.5,
-    ),
+    "deepseek_v2": dict(GROUPED, **MLA, topk_method="group_limited_greedy", q_lora_rank=16, aux_loss_alpha=0.5),
     # GLM-4.7-Flash: MLA (no q low-rank) under GLM-4.5's sigmoid routers with a score-correction bias.
-    "glm4_moe_lite": dict(
-        MOE,
-        num_key_value_heads=4,
-        n_routed_experts=4,
-        n_shared_experts=1,
-        n_group=2,
-        topk_group=1,
-        first_k_dense_replace=1,
-        q_lora_rank=None,
-        kv_lora_rank=16,
-        qk_nope_head_dim=4,
-        qk_rope_head_dim=8,
-        v_head_dim=6,
-    ),
-    "dots1": dict(MOE, n_routed_experts=4, n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1),
+    "glm4_moe_lite": dict(GROUPED, **MLA, q_lora_rank=None),
+    "dots1": GROUPED,
     "olmoe": dict(MOE, num_experts=4),  # q/k norms over all heads
     # A dense first layer, then softmax routers whose choice adds a per-expert bias (randomised below), shared expert.
     "ernie4_5_moe": dict(
@@ -175,22 +128,9 @@ EXTRA: dict[str, dict] = {
     ),
     "hy_v3": dict(MOE, num_experts=4, num_shared_experts=1, mlp_layer_types=["dense", "sparse"]),
     "solar_open": dict(MOE, n_routed_experts=4, n_shared_experts=1, n_group=2, topk_group=1),
-    "sarvam_moe": dict(MOE, n_routed_experts=4, n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1),
-    "sarvam_mla": dict(
-        MOE,
-        num_key_value_heads=4,
-        n_routed_experts=4,
-        n_shared_experts=1,
-        n_group=2,
-        topk_group=1,
-        first_k_dense_replace=1,
-        q_lora_rank=None,
-        kv_lora_rank=16,
-        qk_nope_head_dim=4,
-        qk_rope_head_dim=8,
-        v_head_dim=6,
-    ),
-    "param2moe": dict(MOE, n_routed_experts=4, n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1),
+    "sarvam_moe": GROUPED,
+    "sarvam_mla": dict(GROUPED, **MLA, q_lora_rank=None),
+    "param2moe": GROUPED,
     "flex_olmo": dict(MOE, num_experts=4),
     "granitemoe": dict(MOE, num_local_experts=4, logits_scaling=4.0, attention_multiplier=0.3),
     # Not in the table: trained because sft's packing probe (sft/models/probe.py) measures it exact; windows, qk-norm.
@@ -227,3 +167,10 @@ def write_family_model(demo_model: Path, out: Path, model_type: str, **overrides
                 buf.copy_(torch.randn(buf.shape) * 0.3)
     model.save_pretrained(out)
     return out
+
+
+def rotated_part(w: torch.Tensor, head_dim: int, rotated: int) -> torch.Tensor:
+    """The entries of a key bias `w` on the rotated dims of each head. With partial RoPE the bias on the other dims
+    adds one constant to all scores of a query, which softmax ignores: its true gradient is 0, and Adam turns float
+    noise into ~lr-sized steps that differ between layouts (and change nothing)."""
+    return w.view(-1, head_dim)[:, :rotated]

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import base_overrides, export_val_loss, two_steps
 from distributed_helper import run_ranks
-from family_models import COMMON, FAMILY_TYPES, PROBED_TYPES, write_family_model
+from family_models import COMMON, FAMILY_TYPES, PROBED_TYPES, rotated_part, write_family_model
 from family_workers import train_many
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -91,13 +91,9 @@ def test_family_equivalence(runs, mode):
 
 
 def _effective(model_type: str, name: str, w: torch.Tensor) -> torch.Tensor:
-    """The entries of `w` that can change the model's output. GLM-4 rotates only the first half of each head
-    (partial_rotary_factor 0.5): the key bias on the other half adds one constant to all scores of a query,
-    which softmax ignores, so its true gradient is 0 and Adam turns float noise into ~lr-sized steps that
-    differ between modes (and change nothing)."""
+    """The entries of `w` that can change the model's output: GLM-4 rotates the first half of each head only."""
     if model_type == "glm4" and name.endswith("self_attn.k_proj.bias"):
-        d = COMMON["head_dim"]
-        return w.view(-1, d)[:, : d // 2]
+        return rotated_part(w, COMMON["head_dim"], COMMON["head_dim"] // 2)
     return w
 
 

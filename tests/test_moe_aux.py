@@ -23,6 +23,10 @@ E, K, COEF = 4, 2, 0.7
 
 _QWEN = dict(num_experts=E, num_experts_per_tok=K, mlp_only_layers=[], decoder_sparse_step=1)
 _SIGMOID = dict(num_experts=E, num_experts_per_tok=K, num_shared_experts=1)
+# Multi-head latent attention, no low-rank q: q/k heads 4 + 8 wide, value heads 8 wide.
+_MLA = dict(
+    num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=4, qk_rope_head_dim=8, v_head_dim=8
+)
 _GROUPED = dict(n_routed_experts=E, num_experts_per_tok=K, n_shared_experts=1, n_group=2, topk_group=1)
 # Per family: config keys, and how the router turns logits into the aux loss's P ("probs": it returns them).
 FAMILIES = {
@@ -35,12 +39,7 @@ FAMILIES = {
         dict(
             _GROUPED,
             first_k_dense_replace=0,
-            num_key_value_heads=4,
-            kv_lora_rank=16,
-            q_lora_rank=None,
-            qk_nope_head_dim=4,
-            qk_rope_head_dim=8,
-            v_head_dim=8,
+            **_MLA,
         ),
         "sigmoid",
     ),
@@ -63,12 +62,7 @@ FAMILIES = {
             _GROUPED,
             topk_method="group_limited_greedy",
             first_k_dense_replace=0,
-            num_key_value_heads=4,
-            kv_lora_rank=16,
-            q_lora_rank=None,
-            qk_nope_head_dim=4,
-            qk_rope_head_dim=8,
-            v_head_dim=8,
+            **_MLA,
         ),
         "softmax",
     ),
@@ -76,12 +70,7 @@ FAMILIES = {
         dict(
             _GROUPED,
             mlp_layer_types=["sparse", "sparse"],
-            num_key_value_heads=4,
-            kv_lora_rank=16,
-            q_lora_rank=None,
-            qk_nope_head_dim=4,
-            qk_rope_head_dim=8,
-            v_head_dim=8,
+            **_MLA,
         ),
         "sigmoid",
     ),

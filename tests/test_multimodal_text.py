@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from conftest import base_overrides, two_steps
 from distributed_helper import run_ranks
+from family_models import rotated_part
 from multimodal_models import PROCESSOR_FILE, VISION_DTYPE, write_multimodal_model
 from multimodal_workers import train_jobs
 from safetensors import safe_open
@@ -114,11 +115,9 @@ def test_sp2_remove_padding_matches_padded(runs):
 
 
 def _effective(model_type: str, name: str, w: torch.Tensor) -> torch.Tensor:
-    """The entries of `w` that can change the output. GLM-4.1V and GLM-4.5V rotate half of each 16-wide head: the key bias on
-    the other half adds one constant to all scores of a query, which softmax ignores, so its true gradient is 0 and
-    Adam turns float noise into lr-sized steps that differ between layouts (tests/test_families.py, GLM-4)."""
+    """The entries of `w` that can change the output: GLM-4.1V and GLM-4.5V rotate half of each 16-wide head."""
     if model_type.startswith("glm4v") and name.endswith("self_attn.k_proj.bias"):
-        return w.view(-1, 16)[:, :8]
+        return rotated_part(w, 16, 8)
     return w
 
 

@@ -87,7 +87,7 @@ def flops_reason(hf_config: Any) -> str | None:
     """Why the formulas here do not count this model's FLOPs (None: they do), so that no MFU is reported rather
     than a wrong one: recurrent mixers (hybrids) and multi-head latent attention have matmuls of other shapes, and a
     model type outside the family table (sft/models/probe.py) may have any."""
-    from sft.models.families import FAMILIES, recurrent_spec
+    from sft.models.families import FAMILIES, no_mfu_reason, recurrent_spec
 
     cfg = _text_config(hf_config)
     model_type = getattr(cfg, "model_type", None)
@@ -97,11 +97,7 @@ def flops_reason(hf_config: Any) -> str | None:
         return f"{model_type}'s recurrent layers"
     if getattr(cfg, "kv_lora_rank", None):
         return f"{model_type}'s multi-head latent attention"
-    if model_type == "gemma4_text":
-        return "Gemma 4's per-layer inputs, double-wide MLPs and MoE block beside the MLP"
-    if model_type == "afmoe":
-        return "AFMoE's gated attention (an output-gate projection per layer)"
-    return None
+    return no_mfu_reason(model_type)
 
 
 def _attn_flops_unit(hf_config: Any) -> int:

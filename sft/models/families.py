@@ -71,6 +71,8 @@ class Family:
     # normalised x, Gemma) stays on Liger's kernel, which has the offset that PyTorch's lacks.
     rms_norm: str = "weight"
     recurrent: RecurrentSpec | None = None  # hybrid families: their linear-attention / SSM / conv layers
+    # Why sft's FLOP formula (sft/loop/flops.py) does not count this family's matmuls, so no MFU is reported.
+    no_mfu: str | None = None
 
 
 _QWEN_MOE = MoESpec(experts_keys=("num_experts", "num_local_experts"))
@@ -178,7 +180,12 @@ FAMILIES: dict[str, Family] = {
     # Per-layer head widths and KV heads (global layers), shared KV layers, K = V layers, per-layer embeddings,
     # optional MoE block beside the MLP; attention scale 1 with q/k/v norms. Liger has no Gemma 4 kernels.
     "gemma4_text": Family(
-        "Gemma 4 (text)", sliding_window=True, final_softcap_key="final_logit_softcapping", moe=_GEMMA4_MOE, liger=False
+        "Gemma 4 (text)",
+        sliding_window=True,
+        final_softcap_key="final_logit_softcapping",
+        moe=_GEMMA4_MOE,
+        liger=False,
+        no_mfu="Gemma 4's per-layer inputs, double-wide MLPs and MoE block beside the MLP",
     ),
     "glm4_moe": Family("GLM-4.5 / GLM-4.6", moe=_GLM_MOE, liger=False),
     "minimax_m2": Family("MiniMax-M2", moe=_MINIMAX_MOE, liger=False),
@@ -197,6 +204,7 @@ FAMILIES: dict[str, Family] = {
         sliding_window=True,
         moe=MoESpec(("num_experts",), scores="sigmoid", router_suffix="tokenchoicerouter"),
         liger=False,
+        no_mfu="AFMoE's gated attention (an output-gate projection per layer)",
     ),
     "hy_v3": Family("Hy3 (Tencent Hunyuan 3)", moe=_SIGMOID_MOE, liger=False),
     "solar_open": Family("Solar Open", moe=_GLM_MOE, liger=False),
@@ -387,11 +395,12 @@ def moe_spec(hf_config: Any) -> MoESpec | None:
 
 
 def sparse_layer(hf_config: Any, i: int) -> bool:
-    """Whether decoder layer i of an MoE config routes its tokens, as transformers builds it: Qwen-MoE keeps
-    `mlp_only_layers` dense and routes every `decoder_sparse_step`-th layer; DeepSeek-V2/V3, GLM-4.5 and dots.llm1
-    keep the first `first_k_dense_replace` layers dense, LFM2-MoE the first `num_dense_layers`; GLM-4.7-Flash lists `mlp_layer_types`; ERNIE 4.5 routes
-    every `moe_layer_interval`-th layer from `moe_layer_start_index` to `moe_layer_end_index`; the other families
-    route every layer."""
+    """Whether decoder layer i of an MoE config routes its tokens, as transformers builds it:
+    - `mlp_layer_types` lists each layer's kind (GLM-4.7-Flash, K-EXAONE, Hy3);
+    - ERNIE 4.5 routes every `moe_layer_interval`-th layer from `moe_layer_start_index` to `moe_layer_end_index`;
+    - DeepSeek-V2/V3, GLM-4.5 and dots.llm1 keep the first `first_k_dense_replace` layers dense, LFM2-MoE and AFMoE
+      the first `num_dense_layers`; Qwen-MoE keeps `mlp_only_layers` dense and routes every `decoder_sparse_step`-th;
+    - the other families route every layer."""
     kinds = getattr(hf_config, "mlp_layer_types", None)
     if kinds is not None:
         return kinds[i] == "sparse"
@@ -403,6 +412,12 @@ def sparse_layer(hf_config: Any, i: int) -> bool:
         return False
     step = getattr(hf_config, "decoder_sparse_step", None) or 1
     return (i + 1) % step == 0
+
+
+def no_mfu_reason(model_type: str | None) -> str | None:
+    """The row's reason that sft's FLOP formula does not hold for this family (None: it holds, or no row)."""
+    fam = FAMILIES.get(model_type)
+    return None if fam is None else fam.no_mfu
 
 
 def recurrent_spec(model_type: str | None) -> RecurrentSpec | None:
